@@ -1,0 +1,91 @@
+"""
+Causal scaled dot-product attention, written to be read. This file is the specification:
+every kernel in `kernels/` is tested against it, and `reference.explain` prints its steps.
+
+    out = softmax(mask(q @ k^T * scale)) @ v
+
+Shapes (torch SDPA's layout):
+    q    (B, Hq,  Tq, D)   B batch, Hq query heads, Tq query positions, D head dim
+    k, v (B, Hkv, Tk, D)   Hq must be a multiple of Hkv: each k/v head serves Hq // Hkv
+                           consecutive query heads (grouped-query; Hkv = 1 is multi-query)
+
+Causal alignment is bottom-right: query i sees key j only when j <= i + (Tk - Tq), so Tq new
+queries after a cached prefix see the whole prefix. A query that sees no key (possible when
+Tq > Tk) returns zeros, and its log-sum-exp is -inf.
+
+Low-precision inputs are computed in float32 and the result is rounded back to the input's
+dtype; float64 inputs are computed in float64 (the tests' ground truth). `upcast=False` computes
+in the input's own dtype instead: that is the error a low precision makes by itself, the
+yardstick the tests hold kernels to (as FlashAttention's tests do).
+"""
+
+import math
+
+import torch
+
+
+def compute_dtype(dtype, upcast=True):
+    """float64 stays float64 (the truth); lower precisions are computed in float32 if upcast."""
+    return torch.float64 if dtype == torch.float64 else torch.float32 if upcast else dtype
+
+
+def expand_kv(k, num_q_heads):
+    """Repeat each k/v head for the query heads it serves (grouped-query attention)."""
+    group = num_q_heads // k.shape[1]                      # query heads per k/v head
+    return k.repeat_interleave(group, dim=1)               # (B, Hq, Tk, D)
+
+
+def scores(q, k, scale):
+    """How well each query matches each key: dot products, scaled so their variance stays ~1."""
+    return q @ k.transpose(-2, -1) * scale                 # (B, Hq, Tq, D) @ (B, Hq, D, Tk) -> (B, Hq, Tq, Tk)
+
+
+def causal_mask(Tq, Tk, device=None):
+    """True where query i may see key j: j <= i + (Tk - Tq), a bottom-right lower triangle."""
+    i = torch.arange(Tq, device=device)[:, None]           # (Tq, 1) query positions
+    j = torch.arange(Tk, device=device)[None, :]           # (1, Tk) key positions
+    return j <= i + (Tk - Tq)                              # (Tq, Tk) bool
+
+
+def apply_mask(s, visible):
+    """Hidden keys get -inf, so exp() turns them into exactly zero weight."""
+    return s.masked_fill(~visible, float("-inf"))          # (B, Hq, Tq, Tk)
+
+
+def softmax(s):
+    """Each row's scores become weights that are >= 0 and sum to 1 (rows with no key: all 0)."""
+    m = s.amax(dim=-1, keepdim=True)                       # (B, Hq, Tq, 1) row max, subtracted so exp() cannot overflow
+    m = m.masked_fill(m == float("-inf"), 0.0)             # (B, Hq, Tq, 1) a row with no key: avoid -inf - -inf = nan
+    e = torch.exp(s - m)                                   # (B, Hq, Tq, Tk)
+    total = e.sum(dim=-1, keepdim=True)                    # (B, Hq, Tq, 1)
+    return e / total.masked_fill(total == 0, 1.0)          # (B, Hq, Tq, Tk) an empty row stays 0, not 0/0
+
+
+def weighted_sum(weights, v):
+    """Each query's output is the average of the values, weighted by attention."""
+    return weights @ v                                     # (B, Hq, Tq, Tk) @ (B, Hq, Tk, D) -> (B, Hq, Tq, D)
+
+
+def masked_scores(q, k, causal=True, scale=None, upcast=True):
+    """The first steps: upcast, expand grouped k heads, score, mask."""
+    dt = compute_dtype(q.dtype, upcast)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    q, k = q.to(dt), expand_kv(k.to(dt), q.shape[1])       # (B, Hq, Tq, D), (B, Hq, Tk, D)
+    s = scores(q, k, scale)                                # (B, Hq, Tq, Tk)
+    if causal:
+        s = apply_mask(s, causal_mask(q.shape[2], k.shape[2], q.device))
+    return s                                               # (B, Hq, Tq, Tk)
+
+
+def attention(q, k, v, causal=True, scale=None, upcast=True):
+    """softmax(mask(q @ k^T * scale)) @ v, with grouped-query heads and bottom-right causal mask."""
+    w = softmax(masked_scores(q, k, causal, scale, upcast))  # (B, Hq, Tq, Tk)
+    v = expand_kv(v.to(w.dtype), q.shape[1])               # (B, Hq, Tk, D)
+    return weighted_sum(w, v).to(q.dtype)                  # (B, Hq, Tq, D)
+
+
+def logsumexp(q, k, causal=True, scale=None):
+    """log(sum_j exp(s_ij)) per query row, natural log: the softmax's normaliser, which kernels
+    store for their backward pass. float32 (float64 for float64 inputs), -inf for empty rows."""
+    s = masked_scores(q, k, causal, scale)                 # (B, Hq, Tq, Tk)
+    return torch.logsumexp(s, dim=-1)                      # (B, Hq, Tq)
