@@ -1,0 +1,84 @@
+"""
+The one input check every kernel's launcher calls, and where the kernels may run.
+
+Kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter, which must be
+switched on (TRITON_INTERPRET=1) before `kernels` is imported: `triton.jit` reads it when
+each kernel is defined.
+"""
+
+import math
+import os
+import numbers
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def _dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def last_dim_contiguous(t):
+    """Kernels take any strides but need unit stride along D (vector loads); copy otherwise."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def check_device(t, name):
+    if t.is_cuda:
+        return
+    if t.device.type == "cpu" and INTERPRET:
+        return
+    if t.device.type == "cpu":
+        raise ValueError(
+            f"{name} is a CPU tensor, but the Triton kernels run on a CUDA GPU. To run them on the CPU "
+            "(slowly) use Triton's interpreter: set TRITON_INTERPRET=1 in the environment before "
+            "`kernels` is imported."
+        )
+    raise ValueError(f"{name} is on device {t.device}; the kernels accept CUDA tensors (or CPU tensors "
+                     "under TRITON_INTERPRET=1)")
+
+
+def check_inputs(q, k, v, scale):
+    """Validate q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D) and the scale; return them ready for a
+    kernel: last dimension contiguous (other strides are passed to the kernel, so a (B, T, H, D)
+    tensor transposed to (B, H, T, D) is not copied) and the scale as a float."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dimensions (B, H, T, D), got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {_dtype_name(t.dtype)}; supported: float16, bfloat16, float32")
+        if 0 in t.shape:
+            raise ValueError(f"{name} has an empty dimension, shape {tuple(t.shape)}; B, H, T and D must be >= 1")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got q {_dtype_name(q.dtype)}, "
+                        f"k {_dtype_name(k.dtype)}, v {_dtype_name(v.dtype)}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got q on {q.device}, k on {k.device}, v on {v.device}")
+    check_device(q, "q")
+
+    (B, Hq, Tq, D), (Bk, Hkv, Tk, Dk) = q.shape, k.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape (B, Hkv, Tk, D), got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if Bk != B:
+        raise ValueError(f"q and k must have the same batch size, got q B={B}, k B={Bk}")
+    if Dk != D:
+        raise ValueError(f"q and k must have the same head dim, got q D={D}, k D={Dk}")
+    if Hq % Hkv != 0:
+        raise ValueError(f"q's head count must be a multiple of k's (grouped-query attention), "
+                         f"got Hq={Hq}, Hkv={Hkv}")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"head dim D={D} is not supported; accepted: 1 to {MAX_HEAD_DIM}")
+
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    elif not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be finite and > 0, got {scale}")
+    return last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v), float(scale)

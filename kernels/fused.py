@@ -1,0 +1,376 @@
+"""
+Fused attention: the reference's four steps in one Triton kernel, whole rows on chip.
+
+For a block of BLOCK_M query rows, one program
+    1. loads the whole K of its head, [ROW, D] with ROW = Tk rounded up to a power of two,
+    2. computes every score of those rows at once, S = Q K^T * scale, [BLOCK_M, ROW] fp32,
+    3. masks what a row may not see (causal, and the padding past Tk) with -inf,
+    4. takes an exact softmax over the whole row (max, exp, sum: no online rescaling),
+    5. multiplies by V and writes O and each row's log-sum-exp.
+The Tq x Tk score matrix never touches GPU memory. The price is the row length: K, V and the
+score tile must fit on chip, so Tk is limited (see `max_seqlen`); beyond it use
+`flash_attention`, which tiles the keys.
+
+Backward (dq, dk, dv), with the forward's log-sum-exp L to recompute P = exp(S - L):
+    dq          whole rows again: dP = dO V^T,                        one program per query block
+                delta_i = sum_j P_ij dP_ij (= sum_d dO_id O_id), stored,
+                dS = P * (dP - delta), dQ = dS K * scale
+    dk, dv      one key block, looping over query blocks and over the  one program per key block
+                query heads that share this k/v head: dV += P^T dO,
+                dK += dS^T Q * scale
+No atomics: gradients are bitwise identical run to run, and a shared k/v head's gradient is
+summed over its query heads inside the kernel, never by expanding K and V in memory.
+
+Precision: fp16 / bf16 / fp32 inputs, fp32 accumulation and softmax. fp32 inputs use IEEE fp32
+dots (not tf32), so they give fp32-accurate results. Under Triton's interpreter, bf16 dot
+operands are upcast to fp32, because the interpreter multiplies bf16 bit patterns as integers
+(triton-lang/triton#11584); on a GPU they stay bf16.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.checks import INTERPRET, check_inputs, last_dim_contiguous
+
+LOG2E = 1.4426950408889634  # 1/ln(2): exp(x) = exp2(x * LOG2E)
+LN2 = 0.6931471805599453    # ln(2): back from log2 to natural log
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # The interpreter multiplies bf16 operands as raw bits (triton-lang/triton#11584): upcast there.
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fused_fwd(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    Hq, Tq, Tk, GROUP, num_m_blocks,
+    qk_scale,  # scale * log2(e): the softmax runs in base 2
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, ROW: tl.constexpr,
+    CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # One flat grid axis (no 65 535 limit on B * H); the query blocks of one head are adjacent so
+    # they share K and V in L2, and the longest causal rows start first.
+    pid = tl.program_id(0)
+    bh = pid // num_m_blocks
+    m_block = num_m_blocks - 1 - pid % num_m_blocks
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    h_kv = h // GROUP
+
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows of this program
+    offs_n = tl.arange(0, ROW)                          # every key
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Tq
+    d_ok = offs_d < HEAD_DIM
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)       # [BLOCK_M, BLOCK_D]
+    kt_ptrs = K + b * stride_kb + h_kv * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
+    kt = tl.load(kt_ptrs, mask=(offs_n < Tk)[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, ROW] K^T
+
+    # -- scores of whole rows, base-2 logits
+    s = _dot(q, kt, PRECISION, UPCAST) * qk_scale                               # [BLOCK_M, ROW] fp32
+    visible = (offs_n < Tk)[None, :]
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))   # bottom-right alignment
+    s = tl.where(visible, s, float("-inf"))
+
+    # -- exact softmax over the row; a row that sees no key has max -inf: use 0 so exp2 gives 0, not nan
+    m = tl.max(s, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    p = tl.math.exp2(s - m[:, None])                                            # [BLOCK_M, ROW] fp32
+    l = tl.sum(p, 1)
+
+    # -- weights @ V, divided by the row sum once at the end
+    v_ptrs = V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    v = tl.load(v_ptrs, mask=(offs_n < Tk)[:, None] & d_ok[None, :], other=0.0)  # [ROW, BLOCK_D]
+    acc = _dot(p.to(v.dtype), v, PRECISION, UPCAST)                              # [BLOCK_M, BLOCK_D] fp32
+    l_safe = tl.where(l == 0.0, 1.0, l)                                         # empty row: 0 / 1 = 0
+    o = acc / l_safe[:, None]
+
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    lse = tl.where(l == 0.0, float("-inf"), (m + tl.math.log2(l_safe)) * 0.6931471805599453)  # ln(2)
+    tl.store(LSE + (b * Hq + h) * Tq + offs_m, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _fused_bwd_dq(
+    Q, K, V, DO, DQ, LSE, DELTA,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    Hq, Tq, Tk, GROUP, num_m_blocks,
+    scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, ROW: tl.constexpr,
+    CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = pid // num_m_blocks
+    m_block = num_m_blocks - 1 - pid % num_m_blocks
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    h_kv = h // GROUP
+
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, ROW)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Tq
+    d_ok = offs_d < HEAD_DIM
+    qd_mask = row_ok[:, None] & d_ok[None, :]
+    kd_mask = (offs_n < Tk)[:, None] & d_ok[None, :]
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=qd_mask, other=0.0)                                        # [BLOCK_M, BLOCK_D]
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                 mask=qd_mask, other=0.0)                                       # [BLOCK_M, BLOCK_D]
+    k = tl.load(K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                mask=kd_mask, other=0.0)                                        # [ROW, BLOCK_D]
+    v = tl.load(V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                mask=kd_mask, other=0.0)                                        # [ROW, BLOCK_D]
+    lse = tl.load(LSE + (b * Hq + h) * Tq + offs_m, mask=row_ok, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634        # base 2; empty rows: all s are -inf
+
+    # -- recompute P for whole rows from the saved log-sum-exp
+    s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale                    # [BLOCK_M, ROW] fp32
+    visible = (offs_n < Tk)[None, :]
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))
+    p = tl.math.exp2(tl.where(visible, s, float("-inf")) - lse[:, None])      # [BLOCK_M, ROW] fp32
+
+    # -- delta = rowsum(P * dP), which equals rowsum(dO * O) but uses fp32 P rather than the O
+    #    rounded to the input dtype: dP - delta cancels, so that rounding would show in dS.
+    #    The dk/dv kernel, launched next, reads it.
+    dp = _dot(do, tl.trans(v), PRECISION, UPCAST)                             # [BLOCK_M, ROW] fp32
+    delta = tl.sum(p * dp, 1)
+    tl.store(DELTA + (b * Hq + h) * Tq + offs_m, delta, mask=row_ok)
+    # -- dS = P * (dP - delta); dQ = dS K * scale
+    ds = p * (dp - delta[:, None])
+    dq = _dot(ds.to(k.dtype), k, PRECISION, UPCAST) * scale                    # [BLOCK_M, BLOCK_D] fp32
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+@triton.jit
+def _bwd_dkdv(
+    Q, K, V, DO, DK, DV, LSE, DELTA,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+    Hq, Hkv, Tq, Tk, GROUP, num_n_blocks,
+    scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = pid // num_n_blocks
+    n_block = pid % num_n_blocks
+    b = (bh // Hkv).to(tl.int64)
+    h_kv = (bh % Hkv).to(tl.int64)
+
+    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)  # keys of this program
+    offs_d = tl.arange(0, BLOCK_D)
+    key_ok = offs_n < Tk
+    d_ok = offs_d < HEAD_DIM
+    kd_mask = key_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                mask=kd_mask, other=0.0)                                        # [BLOCK_N, BLOCK_D]
+    v = tl.load(V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                mask=kd_mask, other=0.0)                                        # [BLOCK_N, BLOCK_D]
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Causal: query i sees key j when i >= j - (Tk - Tq), so earlier query blocks see none of ours.
+    m_start = 0
+    if CAUSAL:
+        m_start = tl.maximum(n_block * BLOCK_N - (Tk - Tq), 0) // BLOCK_M * BLOCK_M
+    for g in range(GROUP):  # every query head served by this k/v head: the GQA sum stays on chip
+        h = h_kv * GROUP + g
+        for start in range(m_start, Tq, BLOCK_M):
+            offs_m = start + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < Tq
+            qd_mask = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                        mask=qd_mask, other=0.0)                                # [BLOCK_M, BLOCK_D]
+            do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
+                         + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+            lse = tl.load(LSE + (b * Hq + h) * Tq + offs_m, mask=row_ok, other=0.0)
+            lse = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634
+            delta = tl.load(DELTA + (b * Hq + h) * Tq + offs_m, mask=row_ok, other=0.0)
+
+            # -- P^T for this tile, [BLOCK_N, BLOCK_M]: keys along rows, queries along columns
+            st = _dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale
+            visible = key_ok[:, None] & row_ok[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[:, None] <= offs_m[None, :] + (Tk - Tq))
+            pt = tl.math.exp2(tl.where(visible, st, float("-inf")) - lse[None, :])
+            # -- dV += P^T dO;  dS^T = P^T * (V dO^T - delta);  dK += dS^T Q
+            dv += _dot(pt.to(do.dtype), do, PRECISION, UPCAST)
+            dpt = _dot(v, tl.trans(do), PRECISION, UPCAST)
+            dst = pt * (dpt - delta[None, :])
+            dk += _dot(dst.to(q.dtype), q, PRECISION, UPCAST)
+
+    tl.store(DK + b * stride_dkb + h_kv * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
+             (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
+    tl.store(DV + b * stride_dvb + h_kv * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=kd_mask)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _pow2(n, least=16):
+    return max(least, triton.next_power_of_2(n))
+
+
+def max_seqlen(head_dim, dtype):
+    """The longest key row (Tk) the fused kernel keeps on chip for this head dim and dtype.
+
+    Rule, not yet measured on hardware: the K tile [ROW, D] (and later V's, same size) stays
+    within 128 KiB of shared memory (an H100 gives a block 227 KiB), and ROW <= 1024 so the fp32
+    score tile [BLOCK_M, ROW] stays in registers. fp16 / bf16: D <= 64 -> 1024, D <= 128 -> 512,
+    D <= 256 -> 256; fp32 halves the first two (D <= 32 -> 1024, D <= 64 -> 512, ...).
+    """
+    elem = torch.empty((), dtype=dtype).element_size()
+    return min(1024, (128 * 1024) // (_pow2(head_dim) * elem))
+
+
+def _fwd_block_m(Tq, row):
+    if INTERPRET:  # few large programs: the interpreter's cost is per program and per op
+        return min(64, _pow2(Tq))
+    # GPU: keep the [BLOCK_M, ROW] fp32 score tile near 8K elements (32 KiB of registers)
+    return max(16, min(128, 8192 // row, _pow2(Tq)))
+
+
+def _num_warps(row):
+    return 4 if row <= 256 else 8
+
+
+def _precision(dtype):
+    """(input_precision, upcast) for tl.dot: IEEE fp32 for fp32 inputs, and the interpreter's
+    bf16 workaround computes in fp32 too."""
+    upcast = INTERPRET and dtype == torch.bfloat16
+    return ("ieee" if dtype == torch.float32 or upcast else "tf32"), upcast
+
+
+def _strides(*tensors):
+    return [s for t in tensors for s in t.stride()]
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _forward(q, k, v, causal, scale):
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    limit = max_seqlen(D, q.dtype)
+    if Tk > limit:
+        raise ValueError(
+            f"fused_attention keeps whole rows on chip: with head dim {D} and {str(q.dtype)[6:]} it "
+            f"takes at most {limit} keys, got Tk={Tk}. Use flash_attention, which tiles the keys "
+            "and runs at any length."
+        )
+    row = _pow2(Tk)
+    block_m = _fwd_block_m(Tq, row)
+    num_m_blocks = triton.cdiv(Tq, block_m)
+    o = torch.empty_like(q)
+    lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
+    precision, upcast = _precision(q.dtype)
+    _fused_fwd[(B * Hq * num_m_blocks,)](
+        q, k, v, o, lse, *_strides(q, k, v, o),
+        Hq, Tq, Tk, Hq // Hkv, num_m_blocks, scale * LOG2E,
+        HEAD_DIM=D, BLOCK_D=_pow2(D), BLOCK_M=block_m, ROW=row,
+        CAUSAL=causal, PRECISION=precision, UPCAST=upcast, num_warps=_num_warps(row),
+    )
+    return o, lse
+
+
+def _backward(q, k, v, o, lse, do, causal, scale):
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    do = last_dim_contiguous(do)
+    row, block_d = _pow2(Tk), _pow2(D)
+    precision, upcast = _precision(q.dtype)
+    meta = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=causal, PRECISION=precision, UPCAST=upcast)
+
+    block_m = _fwd_block_m(Tq, row)
+    num_m_blocks = triton.cdiv(Tq, block_m)
+    dq, delta = torch.empty_like(q), torch.empty_like(lse)
+    _fused_bwd_dq[(B * Hq * num_m_blocks,)](
+        q, k, v, do, dq, lse, delta, *_strides(q, k, v, do, dq),
+        Hq, Tq, Tk, Hq // Hkv, num_m_blocks, scale, scale * LOG2E,
+        BLOCK_M=block_m, ROW=row, num_warps=_num_warps(row), **meta,
+    )
+
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    block_n = 64 if INTERPRET else 32
+    num_n_blocks = triton.cdiv(Tk, block_n)
+    _bwd_dkdv[(B * Hkv * num_n_blocks,)](
+        q, k, v, do, dk, dv, lse, delta, *_strides(q, k, v, do, dk, dv),
+        Hq, Hkv, Tq, Tk, Hq // Hkv, num_n_blocks, scale, scale * LOG2E,
+        BLOCK_M=64 if INTERPRET else 32, BLOCK_N=block_n, num_warps=4, **meta,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class FusedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale):
+        o, lse = _forward(q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.scale = causal, scale
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def fused_attention(q, k, v, causal=True, scale=None, return_lse=False):
+    """Causal (by default) scaled dot-product attention in one kernel, whole rows on chip.
+
+    q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D) with Hq % Hkv == 0; the semantics of
+    `reference.attention` (bottom-right causal alignment, zeros for rows that see no key).
+    Tk is limited to `max_seqlen(D, dtype)`; beyond it use `flash_attention`.
+    With `return_lse`, also returns each row's log-sum-exp (natural log, fp32, (B, Hq, Tq)).
+    """
+    q, k, v, scale = check_inputs(q, k, v, scale)
+    o, lse = FusedAttention.apply(q, k, v, bool(causal), scale)
+    return (o, lse) if return_lse else o
