@@ -1,0 +1,65 @@
+"""The one place for what the tests run: shapes, dtypes, layouts and the tolerance rule's numbers."""
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels import fused_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class Shape:
+    B: int
+    Hq: int
+    Hkv: int
+    Tq: int
+    Tk: int
+    D: int
+
+    def __str__(self):
+        return f"B{self.B}-H{self.Hq}:{self.Hkv}-T{self.Tq}x{self.Tk}-D{self.D}"
+
+
+# Run under the interpreter on every machine. Lengths miss every block size; Tq > Tk leaves the
+# first causal rows with no key; Hq:Hkv covers multi-head (equal), grouped 4:1 and multi-query.
+CPU_SHAPES = [
+    Shape(1, 1, 1, 1, 1, 16),       # a single token
+    Shape(2, 2, 2, 2, 2, 32),
+    Shape(2, 4, 1, 17, 17, 64),     # multi-query
+    Shape(1, 4, 4, 64, 64, 80),
+    Shape(1, 8, 2, 97, 97, 96),     # grouped-query 4:1
+    Shape(1, 2, 2, 128, 128, 128),
+    Shape(1, 4, 1, 255, 255, 32),
+    Shape(1, 2, 2, 97, 40, 64),     # Tq > Tk: 57 causal rows see no key
+    Shape(1, 4, 2, 17, 128, 80),    # Tq < Tk: new queries after a cached prefix
+    Shape(2, 4, 4, 1, 97, 16),      # one new token
+    Shape(1, 4, 1, 255, 64, 96),
+    Shape(1, 2, 2, 8, 8, 4),        # the seed example's head: C = 16 over 4 heads
+]
+
+# Too slow for the interpreter, or bf16 without its workaround: on a GPU only.
+GPU_SHAPES = [
+    Shape(2, 4, 2, 1025, 1024, 64),
+    Shape(1, 8, 1, 1024, 1024, 16),
+    Shape(2, 4, 4, 255, 256, 256),
+    Shape(1, 2, 2, 512, 512, 128),
+    Shape(64, 16, 16, 128, 128, 64),  # many programs at once: shakes out races
+    Shape(3, 4, 4, 2000, 400, 96),
+]
+
+# Every public kernel with the signature kernel(q, k, v, causal=True, scale=None, return_lse=False).
+KERNELS = [fused_attention]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# "contiguous": (B, H, T, D); "bthd": a (B, T, H, D) tensor transposed (strided, no copy);
+# "d-strided": D is not the unit-stride dimension (the input check copies it).
+LAYOUTS = ["contiguous", "bthd", "d-strided"]
+
+# The rule: max |kernel - truth| <= FACTOR * max |low-precision reference - truth| + FLOOR,
+# truth being the reference in float64 on the same (rounded) inputs.
+FACTOR = 2.0
+GRAD_FACTOR = 3.0
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
