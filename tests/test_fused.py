@@ -3,24 +3,25 @@
 import pytest
 import torch
 
+import reference
 from cases import CPU_SHAPES, DTYPES, GPU_SHAPES, LAYOUTS, Shape
 from kernels import fused_attention
 from kernels.fused import max_seqlen
 from rule import check_against_reference, make_qkv, seed_of
 
 
+@pytest.mark.parametrize("layout", LAYOUTS[:2])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=str)
-def test_matches_reference(poison, shape, dtype, causal):
-    q, k, v, do = make_qkv(shape, dtype, "contiguous", seed_of(shape, dtype, causal))
+def test_matches_reference(poison, shape, dtype, causal, layout):
+    q, k, v, do = make_qkv(shape, dtype, layout, seed_of(shape, dtype, causal, layout))
     check_against_reference(fused_attention, q, k, v, do, causal)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS[1:])
 @pytest.mark.parametrize("shape", [Shape(2, 4, 2, 97, 97, 80), Shape(1, 2, 1, 17, 40, 32)], ids=str)
-def test_strided_layouts(poison, shape, layout):
-    q, k, v, do = make_qkv(shape, torch.float16, layout, seed_of(shape, layout))
+def test_head_dim_not_unit_stride(poison, shape):
+    q, k, v, do = make_qkv(shape, torch.float16, "d-strided", seed_of(shape, "d-strided"))
     check_against_reference(fused_attention, q, k, v, do, causal=True)
 
 
@@ -60,7 +61,6 @@ def test_upstream_gradient_with_zero_strides():
     q, k, v, _ = make_qkv(Shape(1, 2, 2, 17, 17, 32), torch.float32, seed=seed_of("sum"))
     fused_attention(q, k, v).sum().backward()
     ref = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    import reference
     reference.attention(*ref).sum().backward()
     for x, r in zip((q, k, v), ref):
         torch.testing.assert_close(x.grad, r.grad, atol=1e-5, rtol=1e-5)
