@@ -78,6 +78,8 @@ def check_against_reference(kernel, q, k, v, do, causal=True, scale=None, backwa
     leaves_low = [x.detach().clone().requires_grad_() for x in (q, k, v)]
     truth = reference.attention(*leaves64, causal=causal, scale=scale)
     low = reference.attention(*leaves_low, causal=causal, scale=scale, upcast=False)
+    if not torch.isfinite(low).all():  # scores beyond the dtype's range: yardstick is rounding alone
+        low = reference.attention(*leaves_low, causal=causal, scale=scale)
     assert_close("out", o, truth, low, FACTOR, floor)
 
     lse_truth = reference.logsumexp(*leaves64[:2], causal=causal, scale=scale)
