@@ -50,6 +50,26 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, input_precision=PRECISION)
 
 
+@triton.jit
+def _head_and_query_block(num_m_blocks, Hq, GROUP):
+    # One flat grid axis (no 65 535 limit on B * H); the query blocks of one head are adjacent so
+    # they share K and V in L2, and the longest causal rows start first.
+    pid = tl.program_id(0)
+    bh = pid // num_m_blocks
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    return b, h, h // GROUP, num_m_blocks - 1 - pid % num_m_blocks
+
+
+@triton.jit
+def _mask_scores(s, offs_m, offs_n, Tq, Tk, CAUSAL: tl.constexpr):
+    # -inf where query offs_m may not see key offs_n: past Tk, or (causal) beyond i + Tk - Tq
+    visible = (offs_n < Tk)[None, :]
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))  # bottom-right alignment
+    return tl.where(visible, s, float("-inf"))
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -66,15 +86,7 @@ def _fused_fwd(
     BLOCK_M: tl.constexpr, ROW: tl.constexpr,
     CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    # One flat grid axis (no 65 535 limit on B * H); the query blocks of one head are adjacent so
-    # they share K and V in L2, and the longest causal rows start first.
-    pid = tl.program_id(0)
-    bh = pid // num_m_blocks
-    m_block = num_m_blocks - 1 - pid % num_m_blocks
-    b = (bh // Hq).to(tl.int64)
-    h = (bh % Hq).to(tl.int64)
-    h_kv = h // GROUP
-
+    b, h, h_kv, m_block = _head_and_query_block(num_m_blocks, Hq, GROUP)
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows of this program
     offs_n = tl.arange(0, ROW)                          # every key
     offs_d = tl.arange(0, BLOCK_D)
@@ -89,10 +101,7 @@ def _fused_fwd(
 
     # -- scores of whole rows, base-2 logits
     s = _dot(q, kt, PRECISION, UPCAST) * qk_scale                               # [BLOCK_M, ROW] fp32
-    visible = (offs_n < Tk)[None, :]
-    if CAUSAL:
-        visible = visible & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))   # bottom-right alignment
-    s = tl.where(visible, s, float("-inf"))
+    s = _mask_scores(s, offs_m, offs_n, Tq, Tk, CAUSAL)
 
     # -- exact softmax over the row; a row that sees no key has max -inf: use 0 so exp2 gives 0, not nan
     m = tl.max(s, 1)
@@ -130,13 +139,7 @@ def _fused_bwd_dq(
     BLOCK_M: tl.constexpr, ROW: tl.constexpr,
     CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = pid // num_m_blocks
-    m_block = num_m_blocks - 1 - pid % num_m_blocks
-    b = (bh // Hq).to(tl.int64)
-    h = (bh % Hq).to(tl.int64)
-    h_kv = h // GROUP
-
+    b, h, h_kv, m_block = _head_and_query_block(num_m_blocks, Hq, GROUP)
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, ROW)
     offs_d = tl.arange(0, BLOCK_D)
@@ -159,10 +162,7 @@ def _fused_bwd_dq(
 
     # -- recompute P for whole rows from the saved log-sum-exp
     s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale                    # [BLOCK_M, ROW] fp32
-    visible = (offs_n < Tk)[None, :]
-    if CAUSAL:
-        visible = visible & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))
-    p = tl.math.exp2(tl.where(visible, s, float("-inf")) - lse[:, None])      # [BLOCK_M, ROW] fp32
+    p = tl.math.exp2(_mask_scores(s, offs_m, offs_n, Tq, Tk, CAUSAL) - lse[:, None])  # [BLOCK_M, ROW] fp32
 
     # -- delta = rowsum(P * dP), which equals rowsum(dO * O) but uses fp32 P rather than the O
     #    rounded to the input dtype: dP - delta cancels, so that rounding would show in dS.
