@@ -35,8 +35,8 @@ import triton.language as tl
 
 from kernels.checks import INTERPRET, check_inputs, last_dim_contiguous
 
-LOG2E = 1.4426950408889634  # 1/ln(2): exp(x) = exp2(x * LOG2E)
-LN2 = 0.6931471805599453    # ln(2): back from log2 to natural log
+LOG2E = 1.4426950408889634  # 1/ln(2): exp(x) = exp2(x * LOG2E); kernels spell it out, as globals
+                            # other than constexpr cannot be read inside @triton.jit
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -256,26 +256,35 @@ def _pow2(n, least=16):
 
 
 def max_seqlen(head_dim, dtype):
-    """The longest key row (Tk) the fused kernel keeps on chip for this head dim and dtype.
+    """The longest key row (Tk) the fused kernels keep on chip for this head dim and dtype.
 
-    Rule, not yet measured on hardware: the K tile [ROW, D] (and later V's, same size) stays
-    within 128 KiB of shared memory (an H100 gives a block 227 KiB), and ROW <= 1024 so the fp32
-    score tile [BLOCK_M, ROW] stays in registers. fp16 / bf16: D <= 64 -> 1024, D <= 128 -> 512,
-    D <= 256 -> 256; fp32 halves the first two (D <= 32 -> 1024, D <= 64 -> 512, ...).
+    The K and V tiles of a whole row, [ROW, D], live in shared memory, which an H100 gives a block
+    227 KiB of: 16-bit tiles of up to 64K elements fit, fp32 tiles (IEEE dots stage more) of up
+    to 16K elements, and ROW stays <= 1024. Measured at compile time for sm_90 by
+    `python -m benchmarks.onchip`; rows past about 256 keys also spill registers (slower, not
+    wrong). fp16 / bf16: D <= 64 -> 1024, D <= 128 -> 512, D <= 256 -> 256; fp32: D <= 16 ->
+    1024, D <= 32 -> 512, D <= 64 -> 256, D <= 128 -> 128, D <= 256 -> 64.
     """
-    elem = torch.empty((), dtype=dtype).element_size()
-    return min(1024, (128 * 1024) // (_pow2(head_dim) * elem))
+    budget = 64 * 1024 if dtype.itemsize == 2 else 16 * 1024
+    return min(1024, budget // _pow2(head_dim))
 
 
-def _fwd_block_m(Tq, row):
+def row_config(Tq, row, head_dim, dtype):
+    """(BLOCK_M, num_warps) of the whole-row kernels, forward and dq, for ROW keys."""
     if INTERPRET:  # few large programs: the interpreter's cost is per program and per op
-        return min(64, _pow2(Tq))
-    # GPU: keep the [BLOCK_M, ROW] fp32 score tile near 8K elements (32 KiB of registers)
-    return max(16, min(128, 8192 // row, _pow2(Tq)))
+        return min(64, _pow2(Tq)), 4
+    if row <= 128 and dtype.itemsize == 2:  # short rows: more query rows share each K and V load
+        block_m, warps = (128, 8) if _pow2(head_dim) <= 32 else (64, 4)
+    else:  # long rows, and fp32 (IEEE dots hold more in registers): the [16, ROW] score tile
+        block_m, warps = 16, 4
+    return min(block_m, _pow2(Tq)), warps
 
 
-def _num_warps(row):
-    return 4 if row <= 256 else 8
+def dkdv_config(head_dim, dtype):
+    """(BLOCK_M, BLOCK_N, num_warps) of the dk/dv kernel."""
+    if INTERPRET:
+        return 64, 64, 4
+    return (64, 64, 8) if dtype.itemsize == 2 and head_dim <= 64 else (32, 32, 8)
 
 
 def _precision(dtype):
@@ -303,7 +312,7 @@ def _forward(q, k, v, causal, scale):
             "and runs at any length."
         )
     row = _pow2(Tk)
-    block_m = _fwd_block_m(Tq, row)
+    block_m, num_warps = row_config(Tq, row, D, q.dtype)
     num_m_blocks = triton.cdiv(Tq, block_m)
     o = torch.empty_like(q)
     lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
@@ -312,12 +321,12 @@ def _forward(q, k, v, causal, scale):
         q, k, v, o, lse, *_strides(q, k, v, o),
         Hq, Tq, Tk, Hq // Hkv, num_m_blocks, scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=_pow2(D), BLOCK_M=block_m, ROW=row,
-        CAUSAL=causal, PRECISION=precision, UPCAST=upcast, num_warps=_num_warps(row),
+        CAUSAL=causal, PRECISION=precision, UPCAST=upcast, num_warps=num_warps,
     )
     return o, lse
 
 
-def _backward(q, k, v, o, lse, do, causal, scale):
+def _backward(q, k, v, lse, do, causal, scale):
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     do = last_dim_contiguous(do)
@@ -325,22 +334,22 @@ def _backward(q, k, v, o, lse, do, causal, scale):
     precision, upcast = _precision(q.dtype)
     meta = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=causal, PRECISION=precision, UPCAST=upcast)
 
-    block_m = _fwd_block_m(Tq, row)
+    block_m, num_warps = row_config(Tq, row, D, q.dtype)
     num_m_blocks = triton.cdiv(Tq, block_m)
     dq, delta = torch.empty_like(q), torch.empty_like(lse)
     _fused_bwd_dq[(B * Hq * num_m_blocks,)](
         q, k, v, do, dq, lse, delta, *_strides(q, k, v, do, dq),
         Hq, Tq, Tk, Hq // Hkv, num_m_blocks, scale, scale * LOG2E,
-        BLOCK_M=block_m, ROW=row, num_warps=_num_warps(row), **meta,
+        BLOCK_M=block_m, ROW=row, num_warps=num_warps, **meta,
     )
 
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    block_n = 64 if INTERPRET else 32
+    block_m, block_n, num_warps = dkdv_config(D, q.dtype)
     num_n_blocks = triton.cdiv(Tk, block_n)
     _bwd_dkdv[(B * Hkv * num_n_blocks,)](
         q, k, v, do, dk, dv, lse, delta, *_strides(q, k, v, do, dk, dv),
         Hq, Hkv, Tq, Tk, Hq // Hkv, num_n_blocks, scale, scale * LOG2E,
-        BLOCK_M=64 if INTERPRET else 32, BLOCK_N=block_n, num_warps=4, **meta,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **meta,
     )
     return dq, dk, dv
 
@@ -352,15 +361,15 @@ class FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale):
         o, lse = _forward(q, k, v, causal, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.save_for_backward(q, k, v, lse)  # not o: the backward gets delta from P and dP
         ctx.causal, ctx.scale = causal, scale
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.causal, ctx.scale)
+        q, k, v, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, lse, do, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None
 
 
