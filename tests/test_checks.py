@@ -50,7 +50,7 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("what, args, scale, error, words", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_is_refused_clearly(kernel, what, args, scale, error, words):
     with pytest.raises(error, match=words):
