@@ -1,0 +1,14 @@
+"""The README's main command runs end to end (on small shapes here)."""
+
+from benchmarks import demo
+
+
+def test_demo_prints_every_kernel_shape_and_dtype(monkeypatch, capsys):
+    monkeypatch.setattr(demo, "SHAPES", [(4, 4, 8, 4), (1, 1, 255, 128)])
+    demo.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fused ")]
+    assert len(rows) == 6
+    assert "refused: with head dim 128 and float32 it takes at most 128 keys" in rows[3]
+    for row in rows[:3] + rows[4:]:
+        out_err, ref_err = (float(x) for x in row.split()[-5:-3])
+        assert out_err <= 2 * ref_err + 0.02
