@@ -73,15 +73,16 @@ def compile_for_h100(kernel, dtype, head_dim, num_warps, **blocks):
     return compiled.metadata.shared, int(regs), int(stack)
 
 
-def describe(kernel, cand):
+def describe(kernel, cand, row):
+    """A candidate's printable name and the block constexprs it compiles with."""
     if kernel == "dkdv":
         return "BLOCK_M {}, BLOCK_N {}, {} warps".format(*cand), dict(BLOCK_M=cand[0], BLOCK_N=cand[1])
-    return "BLOCK_M {}, {} warps".format(*cand), {}
+    return "BLOCK_M {}, {} warps".format(*cand), dict(BLOCK_M=cand[0], ROW=row)
 
 
 def report(kernel, dtype, D, row, cand, result):
     shared, regs, stack = result
-    name, _ = describe(kernel, cand)
+    name, _ = describe(kernel, cand, row)
     flag = "  OVER THE SHARED-MEMORY LIMIT" if shared > SHARED_LIMIT else ""
     print(f"{kernel:6} {str(dtype)[6:]:9} {D:4} {row:>5}  {name}: {shared // 1024} KiB shared, {regs} regs, "
           f"{stack} B spilled{flag}", flush=True)
@@ -98,8 +99,7 @@ def search(kernel, dtype, D, row):
     spills least."""
     fits = []
     for cand in DKDV_CANDIDATES if kernel == "dkdv" else ROW_CANDIDATES:
-        blocks = describe(kernel, cand)[1] or dict(BLOCK_M=cand[0], ROW=row)
-        result = compile_for_h100(kernel, dtype, D, cand[-1], **blocks)
+        result = compile_for_h100(kernel, dtype, D, cand[-1], **describe(kernel, cand, row)[1])
         if result[0] <= SHARED_LIMIT:
             fits.append((result[2], cand, result))
             if result[2] == 0:
@@ -134,8 +134,7 @@ def main():
                         search(kernel, dtype, D, row)
                         continue
                     cand = launcher_config(kernel, dtype, D, row)
-                    blocks = describe(kernel, cand)[1] or dict(BLOCK_M=cand[0], ROW=row)
-                    result = compile_for_h100(kernel, dtype, D, cand[-1], **blocks)
+                    result = compile_for_h100(kernel, dtype, D, cand[-1], **describe(kernel, cand, row)[1])
                     report(kernel, dtype, D, row, cand, result)
                     over |= result[0] > SHARED_LIMIT
     raise SystemExit(1 if over else 0)
