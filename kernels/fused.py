@@ -11,13 +11,15 @@ The Tq x Tk score matrix never touches GPU memory. The price is the row length: 
 score tile must fit on chip, so Tk is limited (see `max_seqlen`); beyond it use
 `flash_attention`, which tiles the keys.
 
-Backward (dq, dk, dv), with the forward's log-sum-exp L to recompute P = exp(S - L):
-    dq          whole rows again: dP = dO V^T,                        one program per query block
-                delta_i = sum_j P_ij dP_ij (= sum_d dO_id O_id), stored,
-                dS = P * (dP - delta), dQ = dS K * scale
-    dk, dv      one key block, looping over query blocks and over the  one program per key block
-                query heads that share this k/v head: dV += P^T dO,
-                dK += dS^T Q * scale
+Backward (dq, dk, dv):
+    dq          whole rows again: P = softmax of the row, recomputed   one program per query block
+                exactly; dP = dO V^T; delta_i = sum_j P_ij dP_ij
+                (= sum_d dO_id O_id), stored; dS = P * (dP - delta);
+                dQ = dS K * scale
+    dk, dv      the flash kernel's (`kernels.flash.dkdv`), with P = exp(S - L) from the forward's
+                log-sum-exp L: one key block, looping over query blocks and over the query heads
+                that share this k/v head: dV += P^T dO, dK += dS^T Q * scale
+                                                                 one program per key block
 No atomics: gradients are bitwise identical run to run, and a shared k/v head's gradient is
 summed over its query heads inside the kernel, never by expanding K and V in memory.
 
@@ -27,48 +29,13 @@ operands are upcast to fp32, because the interpreter multiplies bf16 bit pattern
 (triton-lang/triton#11584); on a GPU they stay bf16.
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from kernels.checks import INTERPRET, check_inputs, last_dim_contiguous
-
-LOG2E = 1.4426950408889634  # 1/ln(2): exp(x) = exp2(x * LOG2E); kernels spell it out, as globals
-                            # other than constexpr cannot be read inside @triton.jit
-
-# ----------------------------------------------------------------------------- helpers
-
-
-@triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # The interpreter multiplies bf16 operands as raw bits (triton-lang/triton#11584): upcast there.
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
-def _head_and_query_block(num_m_blocks, Hq, GROUP):
-    # One flat grid axis (no 65 535 limit on B * H); the query blocks of one head are adjacent so
-    # they share K and V in L2, and the longest causal rows start first.
-    pid = tl.program_id(0)
-    bh = pid // num_m_blocks
-    b = (bh // Hq).to(tl.int64)
-    h = (bh % Hq).to(tl.int64)
-    return b, h, h // GROUP, num_m_blocks - 1 - pid % num_m_blocks
-
-
-@triton.jit
-def _mask_scores(s, offs_m, offs_n, Tq, Tk, CAUSAL: tl.constexpr):
-    # -inf where query offs_m may not see key offs_n: past Tk, or (causal) beyond i + Tk - Tq
-    visible = (offs_n < Tk)[None, :]
-    if CAUSAL:
-        visible = visible & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))  # bottom-right alignment
-    return tl.where(visible, s, float("-inf"))
-
+from kernels.common import LOG2E, dot, head_and_query_block, mask_scores, pow2, precision, strides
+from kernels.flash import dkdv
 
 # ----------------------------------------------------------------------------- forward
 
@@ -86,7 +53,7 @@ def _fused_fwd(
     BLOCK_M: tl.constexpr, ROW: tl.constexpr,
     CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    b, h, h_kv, m_block = _head_and_query_block(num_m_blocks, Hq, GROUP)
+    b, h, h_kv, m_block = head_and_query_block(num_m_blocks, Hq, GROUP)
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows of this program
     offs_n = tl.arange(0, ROW)                          # every key
     offs_d = tl.arange(0, BLOCK_D)
@@ -100,8 +67,8 @@ def _fused_fwd(
     kt = tl.load(kt_ptrs, mask=(offs_n < Tk)[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, ROW] K^T
 
     # -- scores of whole rows, base-2 logits
-    s = _dot(q, kt, PRECISION, UPCAST) * qk_scale                               # [BLOCK_M, ROW] fp32
-    s = _mask_scores(s, offs_m, offs_n, Tq, Tk, CAUSAL)
+    s = dot(q, kt, PRECISION, UPCAST) * qk_scale                               # [BLOCK_M, ROW] fp32
+    s = mask_scores(s, offs_m, offs_n, Tq, Tk, CAUSAL)
 
     # -- exact softmax over the row; a row that sees no key has max -inf: use 0 so exp2 gives 0, not nan
     m = tl.max(s, 1)
@@ -112,7 +79,7 @@ def _fused_fwd(
     # -- weights @ V, divided by the row sum once at the end
     v_ptrs = V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
     v = tl.load(v_ptrs, mask=(offs_n < Tk)[:, None] & d_ok[None, :], other=0.0)  # [ROW, BLOCK_D]
-    acc = _dot(p.to(v.dtype), v, PRECISION, UPCAST)                              # [BLOCK_M, BLOCK_D] fp32
+    acc = dot(p.to(v.dtype), v, PRECISION, UPCAST)                              # [BLOCK_M, BLOCK_D] fp32
     l_safe = tl.where(l == 0.0, 1.0, l)                                         # empty row: 0 / 1 = 0
     o = acc / l_safe[:, None]
 
@@ -127,7 +94,7 @@ def _fused_fwd(
 
 @triton.jit
 def _fused_bwd_dq(
-    Q, K, V, DO, DQ, LSE, DELTA,
+    Q, K, V, DO, DQ, DELTA,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -139,7 +106,7 @@ def _fused_bwd_dq(
     BLOCK_M: tl.constexpr, ROW: tl.constexpr,
     CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    b, h, h_kv, m_block = _head_and_query_block(num_m_blocks, Hq, GROUP)
+    b, h, h_kv, m_block = head_and_query_block(num_m_blocks, Hq, GROUP)
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, ROW)
     offs_d = tl.arange(0, BLOCK_D)
@@ -157,102 +124,32 @@ def _fused_bwd_dq(
                 mask=kd_mask, other=0.0)                                        # [ROW, BLOCK_D]
     v = tl.load(V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
                 mask=kd_mask, other=0.0)                                        # [ROW, BLOCK_D]
-    lse = tl.load(LSE + (b * Hq + h) * Tq + offs_m, mask=row_ok, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634        # base 2; empty rows: all s are -inf
+    # -- recompute P as an exact softmax of the whole row, not from the saved log-sum-exp: then
+    #    each row of P sums to 1 to rounding, as the reference's does. dS = P * (dP - delta) is
+    #    a small difference of large terms where one key dominates a row, so P from the LSE,
+    #    off by a row-wide factor of about |S| x 1e-7, would show in dS when scores are large.
+    s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale                    # [BLOCK_M, ROW] fp32
+    s = mask_scores(s, offs_m, offs_n, Tq, Tk, CAUSAL)
+    m = tl.max(s, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)                                  # a row that sees no key
+    p = tl.math.exp2(s - m[:, None])
+    l = tl.sum(p, 1)
+    p = p / tl.where(l == 0.0, 1.0, l)[:, None]                               # [BLOCK_M, ROW] fp32
 
-    # -- recompute P for whole rows from the saved log-sum-exp
-    s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale                    # [BLOCK_M, ROW] fp32
-    p = tl.math.exp2(_mask_scores(s, offs_m, offs_n, Tq, Tk, CAUSAL) - lse[:, None])  # [BLOCK_M, ROW] fp32
-
-    # -- delta = rowsum(P * dP), which equals rowsum(dO * O) but uses fp32 P rather than the O
-    #    rounded to the input dtype: dP - delta cancels, so that rounding would show in dS.
-    #    The dk/dv kernel, launched next, reads it.
-    dp = _dot(do, tl.trans(v), PRECISION, UPCAST)                             # [BLOCK_M, ROW] fp32
+    # -- delta = rowsum(P * dP), which equals rowsum(dO * O) but uses this fp32 P rather than the
+    #    O rounded to the input dtype, for the same reason. The dk/dv kernel, launched next,
+    #    reads it.
+    dp = dot(do, tl.trans(v), PRECISION, UPCAST)                             # [BLOCK_M, ROW] fp32
     delta = tl.sum(p * dp, 1)
     tl.store(DELTA + (b * Hq + h) * Tq + offs_m, delta, mask=row_ok)
     # -- dS = P * (dP - delta); dQ = dS K * scale
     ds = p * (dp - delta[:, None])
-    dq = _dot(ds.to(k.dtype), k, PRECISION, UPCAST) * scale                    # [BLOCK_M, BLOCK_D] fp32
+    dq = dot(ds.to(k.dtype), k, PRECISION, UPCAST) * scale                    # [BLOCK_M, BLOCK_D] fp32
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=qd_mask)
 
 
-@triton.jit
-def _bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE, DELTA,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
-    stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_dob, stride_doh, stride_dot, stride_dod,
-    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
-    Hq, Hkv, Tq, Tk, GROUP, num_n_blocks,
-    scale, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    bh = pid // num_n_blocks
-    n_block = pid % num_n_blocks
-    b = (bh // Hkv).to(tl.int64)
-    h_kv = (bh % Hkv).to(tl.int64)
-
-    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)  # keys of this program
-    offs_d = tl.arange(0, BLOCK_D)
-    key_ok = offs_n < Tk
-    d_ok = offs_d < HEAD_DIM
-    kd_mask = key_ok[:, None] & d_ok[None, :]
-    keys = offs_n.to(tl.int64)  # T * stride_t may pass 2**31
-    k = tl.load(K + b * stride_kb + h_kv * stride_kh + keys[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                mask=kd_mask, other=0.0)                                        # [BLOCK_N, BLOCK_D]
-    v = tl.load(V + b * stride_vb + h_kv * stride_vh + keys[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                mask=kd_mask, other=0.0)                                        # [BLOCK_N, BLOCK_D]
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-
-    # Causal: query i sees key j when i >= j - (Tk - Tq), so earlier query blocks see none of ours.
-    m_start = 0
-    if CAUSAL:
-        m_start = tl.maximum(n_block * BLOCK_N - (Tk - Tq), 0) // BLOCK_M * BLOCK_M
-    for g in range(GROUP):  # every query head served by this k/v head: the GQA sum stays on chip
-        h = h_kv * GROUP + g
-        for start in range(m_start, Tq, BLOCK_M):
-            offs_m = start + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < Tq
-            qd_mask = row_ok[:, None] & d_ok[None, :]
-            rows = offs_m.to(tl.int64)
-            q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                        mask=qd_mask, other=0.0)                                # [BLOCK_M, BLOCK_D]
-            do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot
-                         + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
-            lse = tl.load(LSE + (b * Hq + h) * Tq + offs_m, mask=row_ok, other=0.0)
-            lse = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634
-            delta = tl.load(DELTA + (b * Hq + h) * Tq + offs_m, mask=row_ok, other=0.0)
-
-            # -- P^T for this tile, [BLOCK_N, BLOCK_M]: keys along rows, queries along columns
-            st = _dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale
-            visible = key_ok[:, None] & row_ok[None, :]
-            if CAUSAL:
-                visible = visible & (offs_n[:, None] <= offs_m[None, :] + (Tk - Tq))
-            pt = tl.math.exp2(tl.where(visible, st, float("-inf")) - lse[None, :])
-            # -- dV += P^T dO;  dS^T = P^T * (V dO^T - delta);  dK += dS^T Q
-            dv += _dot(pt.to(do.dtype), do, PRECISION, UPCAST)
-            dpt = _dot(v, tl.trans(do), PRECISION, UPCAST)
-            dst = pt * (dpt - delta[None, :])
-            dk += _dot(dst.to(q.dtype), q, PRECISION, UPCAST)
-
-    tl.store(DK + b * stride_dkb + h_kv * stride_dkh + keys[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
-             (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
-    tl.store(DV + b * stride_dvb + h_kv * stride_dvh + keys[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=kd_mask)
-
-
 # ----------------------------------------------------------------------------- config
-
-
-def _pow2(n, least=16):
-    return max(least, triton.next_power_of_2(n))
 
 
 def max_seqlen(head_dim, dtype):
@@ -266,36 +163,18 @@ def max_seqlen(head_dim, dtype):
     1024, D <= 32 -> 512, D <= 64 -> 256, D <= 128 -> 128, D <= 256 -> 64.
     """
     budget = 64 * 1024 if dtype.itemsize == 2 else 16 * 1024
-    return min(1024, budget // _pow2(head_dim))
+    return min(1024, budget // pow2(head_dim))
 
 
 def row_config(Tq, row, head_dim, dtype):
     """(BLOCK_M, num_warps) of the whole-row kernels, forward and dq, for ROW keys."""
     if INTERPRET:  # few large programs: the interpreter's cost is per program and per op
-        return min(64, _pow2(Tq)), 4
+        return min(64, pow2(Tq)), 4
     if row <= 128 and dtype.itemsize == 2:  # short rows: more query rows share each K and V load
-        block_m, warps = (128, 8) if _pow2(head_dim) <= 32 else (64, 4)
+        block_m, warps = (128, 8) if pow2(head_dim) <= 32 else (64, 4)
     else:  # long rows, and fp32 (IEEE dots hold more in registers): the [16, ROW] score tile
         block_m, warps = 16, 4
-    return min(block_m, _pow2(Tq)), warps
-
-
-def dkdv_config(head_dim, dtype):
-    """(BLOCK_M, BLOCK_N, num_warps) of the dk/dv kernel."""
-    if INTERPRET:
-        return 64, 64, 4
-    return (64, 64, 8) if dtype.itemsize == 2 and head_dim <= 64 else (32, 32, 8)
-
-
-def _precision(dtype):
-    """(input_precision, upcast) for tl.dot: IEEE fp32 for fp32 inputs, and the interpreter's
-    bf16 workaround computes in fp32 too."""
-    upcast = INTERPRET and dtype == torch.bfloat16
-    return ("ieee" if dtype == torch.float32 or upcast else "tf32"), upcast
-
-
-def _strides(*tensors):
-    return [s for t in tensors for s in t.stride()]
+    return min(block_m, pow2(Tq)), warps
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -311,17 +190,17 @@ def _forward(q, k, v, causal, scale):
             f"takes at most {limit} keys, got Tk={Tk}. Use flash_attention, which tiles the keys "
             "and runs at any length."
         )
-    row = _pow2(Tk)
+    row = pow2(Tk)
     block_m, num_warps = row_config(Tq, row, D, q.dtype)
     num_m_blocks = triton.cdiv(Tq, block_m)
     o = torch.empty_like(q)
     lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
-    precision, upcast = _precision(q.dtype)
+    dot_precision, upcast = precision(q.dtype)
     _fused_fwd[(B * Hq * num_m_blocks,)](
-        q, k, v, o, lse, *_strides(q, k, v, o),
+        q, k, v, o, lse, *strides(q, k, v, o),
         Hq, Tq, Tk, Hq // Hkv, num_m_blocks, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_D=_pow2(D), BLOCK_M=block_m, ROW=row,
-        CAUSAL=causal, PRECISION=precision, UPCAST=upcast, num_warps=num_warps,
+        HEAD_DIM=D, BLOCK_D=pow2(D), BLOCK_M=block_m, ROW=row,
+        CAUSAL=causal, PRECISION=dot_precision, UPCAST=upcast, num_warps=num_warps,
     )
     return o, lse
 
@@ -330,27 +209,18 @@ def _backward(q, k, v, lse, do, causal, scale):
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     do = last_dim_contiguous(do)
-    row, block_d = _pow2(Tk), _pow2(D)
-    precision, upcast = _precision(q.dtype)
-    meta = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=causal, PRECISION=precision, UPCAST=upcast)
-
+    row = pow2(Tk)
+    dot_precision, upcast = precision(q.dtype)
     block_m, num_warps = row_config(Tq, row, D, q.dtype)
     num_m_blocks = triton.cdiv(Tq, block_m)
     dq, delta = torch.empty_like(q), torch.empty_like(lse)
     _fused_bwd_dq[(B * Hq * num_m_blocks,)](
-        q, k, v, do, dq, lse, delta, *_strides(q, k, v, do, dq),
+        q, k, v, do, dq, delta, *strides(q, k, v, do, dq),
         Hq, Tq, Tk, Hq // Hkv, num_m_blocks, scale, scale * LOG2E,
-        BLOCK_M=block_m, ROW=row, num_warps=num_warps, **meta,
+        HEAD_DIM=D, BLOCK_D=pow2(D), BLOCK_M=block_m, ROW=row,
+        CAUSAL=causal, PRECISION=dot_precision, UPCAST=upcast, num_warps=num_warps,
     )
-
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    block_m, block_n, num_warps = dkdv_config(D, q.dtype)
-    num_n_blocks = triton.cdiv(Tk, block_n)
-    _bwd_dkdv[(B * Hkv * num_n_blocks,)](
-        q, k, v, do, dk, dv, lse, delta, *_strides(q, k, v, do, dk, dv),
-        Hq, Hkv, Tq, Tk, Hq // Hkv, num_n_blocks, scale, scale * LOG2E,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **meta,
-    )
+    dk, dv = dkdv(q, k, v, do, lse, delta, causal, scale)  # the flash kernel's: tiles, no row limit
     return dq, dk, dv
 
 

@@ -1,0 +1,62 @@
+"""
+What the fused and flash kernel files share: small `@triton.jit` helpers and launch helpers.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.checks import INTERPRET
+
+LOG2E = 1.4426950408889634  # 1/ln(2): exp(x) = exp2(x * LOG2E); kernels spell constants out, as
+                            # globals other than constexpr cannot be read inside @triton.jit
+
+# ----------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # The interpreter multiplies bf16 operands as raw bits (triton-lang/triton#11584): upcast there.
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def head_and_query_block(num_m_blocks, Hq, GROUP):
+    # One flat grid axis (no 65 535 limit on B * H); the query blocks of one head are adjacent so
+    # they share K and V in L2, and the longest causal rows start first.
+    pid = tl.program_id(0)
+    bh = pid // num_m_blocks
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    return b, h, h // GROUP, num_m_blocks - 1 - pid % num_m_blocks
+
+
+@triton.jit
+def mask_scores(s, offs_m, offs_n, Tq, Tk, CAUSAL: tl.constexpr):
+    # -inf where query offs_m may not see key offs_n: past Tk, or (causal) beyond i + Tk - Tq
+    visible = (offs_n < Tk)[None, :]
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))  # bottom-right alignment
+    return tl.where(visible, s, float("-inf"))
+
+
+# ----------------------------------------------------------------------------- launch helpers
+
+
+def pow2(n, least=16):
+    """n rounded up to a power of two, at least `least` (tl.dot needs 16 along every side)."""
+    return max(least, triton.next_power_of_2(n))
+
+
+def precision(dtype):
+    """(input_precision, upcast) for tl.dot: IEEE fp32 for fp32 inputs, and the interpreter's
+    bf16 workaround computes in fp32 too."""
+    upcast = INTERPRET and dtype == torch.bfloat16
+    return ("ieee" if dtype == torch.float32 or upcast else "tf32"), upcast
+
+
+def strides(*tensors):
+    return [s for t in tensors for s in t.stride()]
