@@ -1,0 +1,45 @@
+"""
+`attention`, the entry point most users call: it runs the kernel asked for, or picks one by shape.
+"""
+
+import reference
+from kernels.checks import check_inputs
+from kernels.flash import flash_attention
+from kernels.fused import fused_attention, max_seqlen
+
+IMPLS = ("auto", "reference", "fused", "flash")
+
+
+def choose_impl(head_dim, Tk, dtype):
+    """The kernel `impl="auto"` runs for this head dim, key length and dtype.
+
+    Until it is measured on a GPU, the rule follows what fits on chip: the fused kernel keeps a
+    whole row of keys in registers, and compiling it for an H100 (`python -m benchmarks.onchip`)
+    shows no register spills for 16-bit rows up to 256 keys at D <= 64, nor for fp32 rows up to
+    128 keys at D <= 32. There "auto" runs fused (one pass, exact softmax); everywhere else it
+    runs flash, which has no length limit.
+    """
+    if dtype.itemsize == 2:
+        short = Tk <= 256 and head_dim <= 64
+    else:
+        short = Tk <= 128 and head_dim <= 32
+    return "fused" if short and Tk <= max_seqlen(head_dim, dtype) else "flash"
+
+
+def attention(q, k, v, causal=True, scale=None, impl="auto"):
+    """Causal (by default) scaled dot-product attention with the semantics of
+    `reference.attention`: q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D) with Hq % Hkv == 0.
+
+    impl: "auto" picks "fused" or "flash" by shape (see `choose_impl`); "reference" runs the
+    naive PyTorch reference (any device and dtype, memory quadratic in T); "fused" and "flash"
+    force a kernel.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
+    if impl == "auto":
+        q, k, v, scale = check_inputs(q, k, v, scale)  # the shapes must be sound before choosing by them
+        impl = choose_impl(q.shape[-1], k.shape[-2], q.dtype)
+    if impl == "reference":
+        return reference.attention(q, k, v, causal=causal, scale=scale)
+    kernel = fused_attention if impl == "fused" else flash_attention
+    return kernel(q, k, v, causal=causal, scale=scale)

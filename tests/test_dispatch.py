@@ -1,0 +1,65 @@
+"""kernels.attention runs the implementation asked for, and "auto" follows its documented rule."""
+
+import pytest
+import torch
+
+import kernels.dispatch
+import reference
+from cases import Shape
+from kernels import attention, choose_impl
+from kernels.fused import max_seqlen
+from rule import make_qkv, seed_of
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Replace each implementation with a spy that records its name and runs the real one."""
+    seen = []
+    for name, attr, module in (("reference", "attention", kernels.dispatch.reference),
+                               ("fused", "fused_attention", kernels.dispatch),
+                               ("flash", "flash_attention", kernels.dispatch)):
+        real = getattr(module, attr)
+
+        def spy(*args, _name=name, _real=real, **kwargs):
+            seen.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, attr, spy)
+    return seen
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused", "flash"])
+def test_impl_runs_what_it_names(calls, impl):
+    q, k, v, _ = make_qkv(Shape(1, 4, 2, 40, 97, 32), torch.float32, seed=seed_of("impl", impl))
+    out = attention(q, k, v, causal=True, scale=0.2, impl=impl)
+    assert calls == [impl]
+    torch.testing.assert_close(out, reference.attention(q, k, v, causal=True, scale=0.2), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("D, Tk, dtype, expected", [
+    (64, 256, torch.float16, "fused"), (64, 257, torch.bfloat16, "flash"), (80, 128, torch.float16, "flash"),
+    (32, 128, torch.float32, "fused"), (32, 129, torch.float32, "flash"), (4, 8, torch.float32, "fused"),
+])
+def test_auto_rule(D, Tk, dtype, expected):
+    assert choose_impl(D, Tk, dtype) == expected
+
+
+@pytest.mark.parametrize("Tk", [17, 300])
+def test_auto_runs_the_rule_s_choice(calls, Tk):
+    q, k, v, do = make_qkv(Shape(1, 2, 2, 17, Tk, 64), torch.float16, seed=seed_of("auto", Tk))
+    attention(q, k, v).backward(do)
+    assert calls == [choose_impl(64, Tk, torch.float16)]
+
+
+def test_auto_never_picks_fused_beyond_its_row_limit():
+    for dtype in (torch.float16, torch.float32):
+        for D in (1, 16, 32, 64, 96, 128, 256):
+            for Tk in (1, 64, 128, 256, 512, 1024, 4096):
+                if choose_impl(D, Tk, dtype) == "fused":
+                    assert Tk <= max_seqlen(D, dtype)
+
+
+def test_unknown_impl_is_refused():
+    q, k, v, _ = make_qkv(Shape(1, 1, 1, 4, 4, 16), torch.float32)
+    with pytest.raises(ValueError, match="impl must be one of 'auto', 'reference', 'fused', 'flash'; got 'triton'"):
+        attention(q, k, v, impl="triton")
