@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import fused_attention
+from kernels import flash_attention, fused_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -51,7 +51,7 @@ GPU_SHAPES = [
 ]
 
 # Every public kernel with the signature kernel(q, k, v, causal=True, scale=None, return_lse=False).
-KERNELS = [fused_attention]
+KERNELS = [fused_attention, flash_attention]
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -6,6 +6,7 @@ import torch
 
 import kernels.checks
 from cases import DEVICE, KERNELS
+from kernels import attention
 from kernels.checks import check_inputs
 
 
@@ -50,7 +51,7 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("kernel", KERNELS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("kernel", KERNELS + [attention], ids=lambda f: f.__name__)  # attention: impl="auto"
 @pytest.mark.parametrize("what, args, scale, error, words", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_is_refused_clearly(kernel, what, args, scale, error, words):
     with pytest.raises(error, match=words):
