@@ -1,18 +1,23 @@
 """
-What fits on chip: compile the fused kernels ahead of time for an H100 (sm_90) on any machine,
-no GPU needed, and read each configuration's shared memory, registers and spills.
+What fits on chip: compile the kernels ahead of time for an H100 (sm_90) on any machine, no GPU
+needed, and read each configuration's shared memory, registers and spills.
 
-    python -m benchmarks.onchip                     # the launcher's own configs, up to max_seqlen
-    python -m benchmarks.onchip --search --kernel fwd --dtype float16 --head-dims 64
+    python -m benchmarks.onchip                     # every kernel's configs, see below
+    python -m benchmarks.onchip --kernel flash-fwd --dtype bfloat16 --head-dims 128
+    python -m benchmarks.onchip --search --kernel fused-fwd --dtype float16 --head-dims 64
 
-By default it compiles, for each kernel, dtype, head dim and row length ROW (Tk rounded up to a
-power of two) up to `max_seqlen`, the block sizes `kernels/fused.py` would launch, and flags
-any that needs more than the 227 KiB of shared memory an H100 gives a block (such a launch
-fails); it exits 1 if one does. `--search` instead tries the candidate block sizes in order and
-prints the first that fits with no register spills, or else the one that spills least: that is
-how `max_seqlen`, `row_config` and `dkdv_config` were chosen. Needs Triton's CUDA backend (the
-Linux wheel ships its ptxas and cuobjdump); TRITON_INTERPRET must be unset. Compiling takes a
-few seconds a configuration, longer when it spills.
+By default it compiles, for each kernel, dtype and head dim:
+  - fused-fwd, fused-dq: the block sizes `kernels/fused.py` would launch for each row length
+    ROW (Tk rounded up to a power of two) up to `max_seqlen`;
+  - flash-fwd, flash-dq, flash-dkdv: the autotuning candidates of `kernels/flash.py` for that
+    dtype and head dim (`--limit N`: only the first N of them);
+and flags any that needs more than the 227 KiB of shared memory an H100 gives a block (such a
+launch fails); it exits 1 if one does. `--search` instead tries candidate block sizes for the
+fused kernels in order and prints the first that fits with no register spills, or else the one
+that spills least: that is how `max_seqlen` and `row_config` were chosen; for the flash kernels
+it compiles every (BLOCK_M, BLOCK_N, warps), which is how `flash.CANDIDATES` were chosen. Needs Triton's CUDA
+backend (the Linux wheel ships its ptxas and cuobjdump); TRITON_INTERPRET must be unset.
+Compiling takes a few seconds a configuration, longer when it spills.
 """
 
 import argparse
@@ -26,30 +31,31 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import fused
+from kernels import common, flash, fused
 
 H100 = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on an H100
-# --search candidates, in order of preference: (BLOCK_M, num_warps) for the whole-row kernels,
-# (BLOCK_M, BLOCK_N, num_warps) for dk/dv
+# --search candidates for the whole-row kernels, in order of preference: (BLOCK_M, num_warps)
 ROW_CANDIDATES = [(128, 8), (64, 4), (64, 8), (32, 2), (32, 4), (16, 1), (16, 2), (16, 4)]
-DKDV_CANDIDATES = [(64, 64, 8), (32, 64, 4), (32, 64, 8), (32, 32, 4), (32, 32, 8), (16, 32, 4), (16, 16, 2)]
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-KERNELS = {
-    "fwd": (fused._fused_fwd, ("Q", "K", "V", "O")),
-    "dq": (fused._fused_bwd_dq, ("Q", "K", "V", "DO", "DQ")),
-    "dkdv": (fused._bwd_dkdv, ("Q", "K", "V", "DO", "DK", "DV")),
+KERNELS = {  # name: (kernel, its pointers to q-dtype tensors)
+    "fused-fwd": (fused._fused_fwd, ("Q", "K", "V", "O")),
+    "fused-dq": (fused._fused_bwd_dq, ("Q", "K", "V", "DO", "DQ")),
+    "flash-fwd": (flash._flash_fwd, ("Q", "K", "V", "O")),
+    "flash-dq": (flash._flash_bwd_dq, ("Q", "K", "V", "DO", "DQ")),
+    "flash-dkdv": (flash._flash_bwd_dkdv, ("Q", "K", "V", "DO", "DK", "DV")),
 }
 
 
-def compile_for_h100(kernel, dtype, head_dim, num_warps, **blocks):
-    """Compile a fused kernel for sm_90 with the given block constexprs (BLOCK_M and ROW, or
-    BLOCK_M and BLOCK_N for dkdv); return (shared bytes, registers, stack bytes per thread),
-    stack being where registers spill."""
+def compile_for_h100(kernel, dtype, head_dim, blocks, num_warps, num_stages=3):
+    """Compile a kernel for sm_90 with the given block constexprs (BLOCK_M and ROW for the fused
+    kernels, BLOCK_M and BLOCK_N for flash); return (shared bytes, registers, stack bytes per
+    thread), stack being where registers spill."""
     fn, pointers = KERNELS[kernel]
-    precision, _ = fused._precision(dtype)
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=fused._pow2(head_dim), CAUSAL=True, PRECISION=precision,
-                      UPCAST=False, **blocks)
+    dot_precision, _ = common.precision(dtype)
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=common.pow2(head_dim), CAUSAL=True, **blocks)
+    if "PRECISION" in fn.arg_names:
+        constexprs.update(PRECISION=dot_precision, UPCAST=False)
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -63,7 +69,7 @@ def compile_for_h100(kernel, dtype, head_dim, num_warps, **blocks):
         else:
             signature[name] = "i32"
     compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=H100,
-                              options={"num_warps": num_warps})
+                              options={"num_warps": num_warps, "num_stages": num_stages})
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -73,42 +79,58 @@ def compile_for_h100(kernel, dtype, head_dim, num_warps, **blocks):
     return compiled.metadata.shared, int(regs), int(stack)
 
 
-def describe(kernel, cand, row):
-    """A candidate's printable name and the block constexprs it compiles with."""
-    if kernel == "dkdv":
-        return "BLOCK_M {}, BLOCK_N {}, {} warps".format(*cand), dict(BLOCK_M=cand[0], BLOCK_N=cand[1])
-    return "BLOCK_M {}, {} warps".format(*cand), dict(BLOCK_M=cand[0], ROW=row)
-
-
-def report(kernel, dtype, D, row, cand, result):
+def report(kernel, dtype, D, row, name, result, note=""):
     shared, regs, stack = result
-    name, _ = describe(kernel, cand, row)
     flag = "  OVER THE SHARED-MEMORY LIMIT" if shared > SHARED_LIMIT else ""
-    print(f"{kernel:6} {str(dtype)[6:]:9} {D:4} {row:>5}  {name}: {shared // 1024} KiB shared, {regs} regs, "
-          f"{stack} B spilled{flag}", flush=True)
+    print(f"{kernel:10} {str(dtype)[6:]:9} {D:4} {row:>5}  {name}: {shared // 1024} KiB shared, {regs} regs, "
+          f"{stack} B spilled{note}{flag}", flush=True)
+    return shared > SHARED_LIMIT
 
 
-def launcher_config(kernel, dtype, D, row):
-    if kernel == "dkdv":
-        return fused.dkdv_config(D, dtype)
-    return fused.row_config(4096, row, D, dtype)
+def row_candidate(block_m, num_warps, row):
+    return f"BLOCK_M {block_m}, {num_warps} warps", dict(BLOCK_M=block_m, ROW=row), num_warps
 
 
 def search(kernel, dtype, D, row):
-    """The first candidate within the shared-memory limit that spills nothing, else the one that
-    spills least."""
+    """The first whole-row candidate within the shared-memory limit that spills nothing, else the
+    one that spills least."""
     fits = []
-    for cand in DKDV_CANDIDATES if kernel == "dkdv" else ROW_CANDIDATES:
-        result = compile_for_h100(kernel, dtype, D, cand[-1], **describe(kernel, cand, row)[1])
+    for cand in ROW_CANDIDATES:
+        name, blocks, num_warps = row_candidate(*cand, row)
+        result = compile_for_h100(kernel, dtype, D, blocks, num_warps)
         if result[0] <= SHARED_LIMIT:
-            fits.append((result[2], cand, result))
+            fits.append((result[2], name, result))
             if result[2] == 0:
                 break
     if not fits:
-        print(f"{kernel:6} {str(dtype)[6:]:9} {D:4} {row:>5}  nothing fits in 227 KiB of shared memory")
+        print(f"{kernel:10} {str(dtype)[6:]:9} {D:4} {row:>5}  nothing fits in 227 KiB of shared memory")
         return
-    _, cand, result = min(fits, key=lambda f: f[0])
-    report(kernel, dtype, D, row, cand, result)
+    _, name, result = min(fits, key=lambda f: f[0])
+    report(kernel, dtype, D, row, name, result)
+
+
+def check_fused(kernel, dtype, D, rows):
+    """The launcher's own config for each row length."""
+    over = False
+    for row in rows:
+        name, blocks, num_warps = row_candidate(*fused.row_config(4096, row, D, dtype), row)
+        over |= report(kernel, dtype, D, row, name, compile_for_h100(kernel, dtype, D, blocks, num_warps))
+    return over
+
+
+def check_flash(kernel, dtype, D, limit, every=False):
+    """The autotuning candidates for this dtype and head dim (the first `limit`); with `every`,
+    every (BLOCK_M, BLOCK_N, warps) with 2 stages instead, to choose candidates from."""
+    if every:
+        cands = [(m, n, w, 2) for m in (16, 32, 64, 128) for n in (32, 64, 128) for w in (4, 8)]
+    else:
+        cands = flash.candidates(kernel.split("-")[1], dtype.itemsize, common.pow2(D))[:limit]
+    over = False
+    for m, n, w, s in cands:
+        name = f"BLOCK_M {m}, BLOCK_N {n}, {w} warps, {s} stages"
+        result = compile_for_h100(kernel, dtype, D, dict(BLOCK_M=m, BLOCK_N=n), w, s)
+        over |= report(kernel, dtype, D, "-", name, result)
+    return over
 
 
 def main():
@@ -116,27 +138,29 @@ def main():
     p.add_argument("--kernel", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     p.add_argument("--dtype", nargs="+", default=["float16", "float32"], choices=["float16", "bfloat16", "float32"])
     p.add_argument("--head-dims", nargs="+", type=int, default=[16, 32, 64, 128, 256])
-    p.add_argument("--rows", nargs="+", type=int, help="row lengths (default: 128, 256 and max_seqlen)")
-    p.add_argument("--search", action="store_true", help="search candidate block sizes instead")
+    p.add_argument("--rows", nargs="+", type=int, help="fused row lengths (default: 128, 256 and max_seqlen)")
+    p.add_argument("--limit", type=int, default=None, help="flash: compile only the first N kept candidates")
+    p.add_argument("--search", action="store_true", help="fused: search candidate block sizes instead; "
+                   "flash: compile every (BLOCK_M, BLOCK_N, warps) with 2 stages")
     args = p.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: this compiles for the GPU")
 
     over = False
-    print(f"{'kernel':6} {'dtype':9} {'D':>4} {'ROW':>5}  config: shared memory, registers, bytes spilled per thread")
+    print(f"{'kernel':10} {'dtype':9} {'D':>4} {'ROW':>5}  config: shared memory, registers, bytes spilled per thread")
     for kernel in args.kernel:
         for dtype in (getattr(torch, d) for d in args.dtype):
             for D in args.head_dims:
+                if kernel.startswith("flash"):
+                    over |= check_flash(kernel, dtype, D, args.limit, every=args.search)
+                    continue
                 limit = fused.max_seqlen(D, dtype)
                 rows = args.rows or sorted({r for r in (128, 256, limit) if r <= limit})
-                for row in rows if kernel != "dkdv" else ["-"]:
-                    if args.search:
+                if args.search:
+                    for row in rows:
                         search(kernel, dtype, D, row)
-                        continue
-                    cand = launcher_config(kernel, dtype, D, row)
-                    result = compile_for_h100(kernel, dtype, D, cand[-1], **describe(kernel, cand, row)[1])
-                    report(kernel, dtype, D, row, cand, result)
-                    over |= result[0] > SHARED_LIMIT
+                else:
+                    over |= check_fused(kernel, dtype, D, rows)
     raise SystemExit(1 if over else 0)
 
 
