@@ -17,9 +17,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before `kernels` is imported
 
 import reference  # noqa: E402
-from kernels import fused_attention  # noqa: E402
+from kernels import flash_attention, fused_attention  # noqa: E402
 
-KERNELS = {"fused": fused_attention}
+KERNELS = {"fused": fused_attention, "flash": flash_attention}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (B, H, T, D): the project's founding example (C = 16 over 4 heads), then model-like heads
 SHAPES = [(4, 4, 8, 4), (2, 4, 97, 64), (1, 8, 255, 128)]
