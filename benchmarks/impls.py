@@ -1,0 +1,71 @@
+"""
+The implementations the sweep and the profiler run, by name, each as f(q, k, v, causal) -> out:
+the reference (eager PyTorch), the fused and flash kernels, and torch's own
+`scaled_dot_product_attention` with one backend forced through `torch.nn.attention.sdpa_kernel`.
+
+Importing this module turns Triton's interpreter on when there is no CUDA GPU, so that the
+kernels run on the CPU; it must come before anything else imports `kernels`.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+import reference  # noqa: E402
+from kernels import flash_attention, fused_attention  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SDPA_BACKENDS = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+
+
+def _sdpa(backend):
+    def run(q, k, v, causal):
+        # Tq == Tk in the sweep, where SDPA's top-left causal alignment equals our bottom-right one
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return run
+
+
+IMPLS = {
+    "reference": lambda q, k, v, causal: reference.attention(q, k, v, causal=causal),
+    "fused": lambda q, k, v, causal: fused_attention(q, k, v, causal=causal),
+    "flash": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal),
+    **{f"sdpa-{name}": _sdpa(backend) for name, backend in SDPA_BACKENDS.items()},
+}
+
+
+def is_sdpa(name):
+    return name.startswith("sdpa-")
+
+
+def refusal(error):
+    """Whether an exception means "this implementation does not take this shape" (recorded as
+    unsupported) rather than a bug: SDPA's "No available kernel", the fused kernel's row limit."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return False
+    return isinstance(error, (ValueError, NotImplementedError)) or (
+        isinstance(error, RuntimeError) and ("No available kernel" in str(error) or "No viable backend" in str(error)))
+
+
+def make_call(impl, B, H, T, D, dtype, causal, mode, seed):
+    """A no-argument function that runs `impl` once in `mode` ("fwd", "bwd" or "fwd+bwd") on
+    fresh random (B, H, T, D) inputs (never zeros), and the tensors whose .grad to clear between
+    calls. For "bwd" the forward runs here, once, and each call runs the backward only."""
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    q, k, v, do = (torch.randn(B, H, T, D, generator=g, device=DEVICE, dtype=dtype) for _ in range(4))
+    fn = IMPLS[impl]
+    if mode == "fwd":
+        return (lambda: fn(q, k, v, causal)), None
+    for x in (q, k, v):
+        x.requires_grad_()
+    if mode == "fwd+bwd":
+        return (lambda: fn(q, k, v, causal).backward(do)), [q, k, v]
+    out = fn(q, k, v, causal)
+    return (lambda: out.backward(do, retain_graph=True)), [q, k, v]
