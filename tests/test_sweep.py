@@ -1,0 +1,103 @@
+"""The benchmark sweep and the profiler run end to end on tiny shapes (under the interpreter
+without a GPU): CSV, table, plots, memory growth, refusals."""
+
+import csv
+import json
+
+import pytest
+
+from benchmarks import profile, sweep
+from benchmarks.measure import flops, min_bytes
+
+
+def run(tmp_path, *argv):
+    with pytest.raises(SystemExit) as done:
+        sweep.main(["--out", str(tmp_path), *argv])
+    rows = list(csv.DictReader(open(tmp_path / "sweep.csv")))
+    return done.value.code, rows
+
+
+def test_seed_preset_writes_csv_table_and_plots(tmp_path, capsys):
+    code, rows = run(tmp_path, "--preset", "seed", "--causal", "yes", "--mode", "fwd+bwd")
+    assert code == 0
+    assert list(rows[0]) == sweep.CSV_FIELDS
+    by_impl = {r["impl"]: r for r in rows}
+    assert set(by_impl) == set(sweep.IMPLS)
+    for impl in ("reference", "fused", "flash", "sdpa-math"):
+        r = by_impl[impl]
+        assert r["status"] == "ok", r
+        assert (r["B"], r["T"], r["C"], r["H"], r["D"]) == ("4", "8", "16", "4", "4")
+        assert float(r["ms_p20"]) <= float(r["ms_p50"]) <= float(r["ms_p80"])
+        ms = float(r["ms_p50"])
+        assert float(r["tflops"]) == pytest.approx(flops(4, 4, 8, 8, 4, True, "fwd+bwd") / ms * 1e-9, rel=1e-4)
+        assert float(r["gbps"]) == pytest.approx(min_bytes(4, 4, 8, 8, 4, 2, "fwd+bwd") / ms * 1e-6, rel=1e-4)
+        assert float(r["peak_mib"]) > 0 and float(r["vs_best_sdpa"]) > 0
+    assert by_impl["sdpa-cudnn"]["status"].startswith("unsupported") or by_impl["sdpa-cudnn"]["status"] == "ok"
+    out = capsys.readouterr().out
+    assert "x SDPA" in out and "flash" in out
+    if sweep.DEVICE == "cpu":
+        assert "say nothing about GPU speed" in out
+    for png in ("tflops.png", "memory.png"):
+        image = pytest.importorskip("matplotlib.image").imread(tmp_path / png)
+        assert image.shape[0] > 200 and image.std() > 0.01  # drawn, not blank
+    assert (tmp_path / "log.txt").read_text().count("\n") > len(rows)
+
+
+def test_memory_grows_quadratically_for_the_reference_and_linearly_for_flash(tmp_path):
+    code, rows = run(tmp_path, "-B", "1", "-T", "128", "256", "-C", "32", "-H", "2", "--impl", "reference", "flash",
+                     "--mode", "fwd", "--causal", "yes", "--no-plots")
+    assert code == 0
+    peak = {(r["impl"], int(r["T"])): float(r["peak_mib"]) for r in rows}
+    assert peak["reference", 256] / peak["reference", 128] > 3.5      # T^2
+    assert peak["flash", 256] / peak["flash", 128] == pytest.approx(2, rel=0.05)  # T
+
+
+def test_a_shape_an_impl_refuses_is_recorded_and_the_sweep_goes_on(tmp_path):
+    code, rows = run(tmp_path, "-T", "2000", "-C", "64", "-H", "2", "--impl", "fused", "--mode", "fwd",
+                     "--causal", "yes", "--no-plots")
+    assert code == 0
+    assert rows[0]["status"].startswith("unsupported: fused_attention keeps whole rows on chip")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["-C", "16", "-H", "3"], r"H=3 does not divide C=16.*one of \[1, 2, 4, 8, 16\]"),
+    (["-C", "1024", "-H", "2"], "head dim D=512; the kernels take D up to 256"),
+    (["--tokens", "64", "-B", "2"], "either -B/--batch or --tokens"),
+    (["--preset", "seed", "-T", "64"], "either --preset or shape flags"),
+])
+def test_bad_shapes_are_refused_clearly(tmp_path, argv, words):
+    with pytest.raises(SystemExit, match=words):
+        sweep.main(["--out", str(tmp_path), *argv])
+
+
+def test_flop_count_is_the_standard_one():
+    assert flops(2, 3, 5, 7, 11, False, "fwd") == 4 * 2 * 3 * 5 * 7 * 11
+    assert flops(2, 3, 5, 7, 11, True, "fwd") == 2 * 2 * 3 * 5 * 7 * 11
+    assert flops(2, 3, 5, 7, 11, True, "bwd") == 2.5 * flops(2, 3, 5, 7, 11, True, "fwd")
+    assert flops(2, 3, 5, 7, 11, True, "fwd+bwd") == 3.5 * flops(2, 3, 5, 7, 11, True, "fwd")
+
+
+def test_profile_writes_a_chrome_trace_and_a_summary(tmp_path, capsys):
+    trace = tmp_path / "trace.json"
+    profile.main(["--impl", "flash", "--mode", "fwd+bwd", "-B", "1", "-T", "32", "-C", "32", "-H", "2",
+                  "--warmup", "1", "--iters", "2", "--out", str(trace)])
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert sum(e.get("name") == "flash/fwd+bwd" for e in events) == 2  # one range per iteration
+    assert "flash/fwd+bwd" in capsys.readouterr().out
+
+
+def test_profile_prints_the_ncu_command(capsys):
+    profile.main(["--impl", "flash", "--mode", "bwd", "-T", "512", "--ncu"])
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("ncu --nvtx --nvtx-include profiled/ -k regex:_flash_bwd_dkdv --launch-count 1")
+    assert "-m benchmarks.profile --impl flash --mode bwd" in line and "-T 512" in line and "--no-trace" in line
+
+
+def test_a_failing_impl_is_recorded_and_fails_the_run(tmp_path, monkeypatch):
+    def broken(q, k, v, causal):
+        raise RuntimeError("illegal memory access")
+    monkeypatch.setitem(sweep.IMPLS, "flash", broken)
+    code, rows = run(tmp_path, "--preset", "seed", "--impl", "flash", "sdpa-math", "--mode", "fwd",
+                     "--causal", "yes", "--no-plots")
+    assert code == 1
+    assert [r["status"] for r in rows] == ["error: RuntimeError: illegal memory access", "ok"]
