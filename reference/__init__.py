@@ -1,4 +1,6 @@
-"""The readable specification of causal attention; see `reference/naive.py`."""
+"""The readable specification of causal attention (`reference/naive.py`), the flash kernel's
+tiled forward written the same way (`reference/tiled.py`), and `python -m reference.explain`,
+which prints every step."""
 
 from reference.naive import (
     apply_mask,
