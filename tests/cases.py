@@ -48,6 +48,8 @@ GPU_SHAPES = [
     Shape(64, 16, 16, 128, 128, 64),  # many programs at once: shakes out races
     Shape(1100, 64, 8, 3, 3, 16),     # B * H > 65 535 programs along one grid axis
     Shape(3, 4, 4, 2000, 400, 96),
+    Shape(3, 4, 1, 1, 1, 64),         # T = 1: Triton specialises sizes equal to 1
+    Shape(2, 8, 2, 1, 4097, 128),     # decoding one token against a long cache
 ]
 
 # Every public kernel with the signature kernel(q, k, v, causal=True, scale=None, return_lse=False).
