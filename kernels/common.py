@@ -2,6 +2,8 @@
 What the fused and flash kernel files share: small `@triton.jit` helpers and launch helpers.
 """
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -56,6 +58,12 @@ def precision(dtype):
     bf16 workaround computes in fp32 too."""
     upcast = INTERPRET and dtype == torch.bfloat16
     return ("ieee" if dtype == torch.float32 or upcast else "tf32"), upcast
+
+
+def on_device(t):
+    """Triton launches on the current CUDA device and stream: make them t's (a tensor on a
+    second GPU would otherwise run on the first one's)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def strides(*tensors):

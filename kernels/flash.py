@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from kernels.checks import INTERPRET, check_inputs, last_dim_contiguous
-from kernels.common import LOG2E, dot, head_and_query_block, mask_scores, pow2, precision, strides
+from kernels.common import LOG2E, dot, head_and_query_block, mask_scores, on_device, pow2, precision, strides
 
 # ----------------------------------------------------------------------------- forward
 
@@ -486,7 +486,8 @@ def _backward(q, k, v, o, lse, do, causal, scale):
 class FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale):
-        o, lse = _forward(q, k, v, causal, scale)
+        with on_device(q):
+            o, lse = _forward(q, k, v, causal, scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.scale = causal, scale
         ctx.mark_non_differentiable(lse)
@@ -495,7 +496,8 @@ class FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.causal, ctx.scale)
+        with on_device(q):
+            dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None
 
 

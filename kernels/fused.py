@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from kernels.checks import INTERPRET, check_inputs, last_dim_contiguous
-from kernels.common import LOG2E, dot, head_and_query_block, mask_scores, pow2, precision, strides
+from kernels.common import LOG2E, dot, head_and_query_block, mask_scores, on_device, pow2, precision, strides
 from kernels.flash import dkdv
 
 # ----------------------------------------------------------------------------- forward
@@ -230,7 +230,8 @@ def _backward(q, k, v, lse, do, causal, scale):
 class FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale):
-        o, lse = _forward(q, k, v, causal, scale)
+        with on_device(q):
+            o, lse = _forward(q, k, v, causal, scale)
         ctx.save_for_backward(q, k, v, lse)  # not o: the backward gets delta from P and dP
         ctx.causal, ctx.scale = causal, scale
         ctx.mark_non_differentiable(lse)
@@ -239,7 +240,8 @@ class FusedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, lse, do, ctx.causal, ctx.scale)
+        with on_device(q):
+            dq, dk, dv = _backward(q, k, v, lse, do, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None
 
 
