@@ -60,6 +60,14 @@ def precision(dtype):
     return ("ieee" if dtype == torch.float32 or upcast else "tf32"), upcast
 
 
+def meta(q, causal):
+    """The constexprs every kernel takes from q and the mask: head dim, its padded block, causal,
+    and tl.dot's precision (see `precision`)."""
+    dot_precision, upcast = precision(q.dtype)
+    D = q.shape[-1]
+    return dict(HEAD_DIM=D, BLOCK_D=pow2(D), CAUSAL=causal, PRECISION=dot_precision, UPCAST=upcast)
+
+
 def on_device(t):
     """Triton launches on the current CUDA device and stream: make them t's (a tensor on a
     second GPU would otherwise run on the first one's)."""

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from kernels.checks import INTERPRET, check_inputs, last_dim_contiguous
-from kernels.common import LOG2E, dot, head_and_query_block, mask_scores, on_device, pow2, precision, strides
+from kernels.common import LOG2E, dot, head_and_query_block, mask_scores, meta, on_device, pow2, strides
 
 # ----------------------------------------------------------------------------- forward
 
@@ -434,12 +434,11 @@ def _forward(q, k, v, causal, scale):
     Hkv, Tk = k.shape[1], k.shape[2]
     o = torch.empty_like(q)
     lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
-    dot_precision, upcast = precision(q.dtype)
     grid = lambda meta: (B * Hq * triton.cdiv(Tq, meta["BLOCK_M"]),)
     _launch["fwd"][grid](
         q, k, v, o, lse, *strides(q, k, v, o),
         Hq, Tq, Tk, Hq // Hkv, scale * LOG2E, t_bucket(Tq), t_bucket(Tk),
-        HEAD_DIM=D, BLOCK_D=pow2(D), CAUSAL=causal, PRECISION=dot_precision, UPCAST=upcast, **_blocks("fwd"),
+        **meta(q, causal), **_blocks("fwd"),
     )
     return o, lse
 
@@ -449,12 +448,11 @@ def dkdv(q, k, v, do, lse, delta, causal, scale):
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    dot_precision, upcast = precision(q.dtype)
     grid = lambda meta: (B * Hkv * triton.cdiv(Tk, meta["BLOCK_N"]),)
     _launch["dkdv"][grid](
         q, k, v, do, dk, dv, lse, delta, *strides(q, k, v, do, dk, dv),
         Hq, Hkv, Tq, Tk, Hq // Hkv, scale, scale * LOG2E, t_bucket(Tq), t_bucket(Tk),
-        HEAD_DIM=D, BLOCK_D=pow2(D), CAUSAL=causal, PRECISION=dot_precision, UPCAST=upcast, **_blocks("dkdv"),
+        **meta(q, causal), **_blocks("dkdv"),
     )
     return dk, dv
 
@@ -463,8 +461,6 @@ def _backward(q, k, v, o, lse, do, causal, scale):
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     do = last_dim_contiguous(do)
-    dot_precision, upcast = precision(q.dtype)
-
     delta = torch.empty_like(lse)
     _flash_bwd_delta[(B * Hq * triton.cdiv(Tq, DELTA_BLOCK_M),)](
         o, do, delta, *strides(o, do), Hq, Tq, HEAD_DIM=D, BLOCK_D=pow2(D), BLOCK_M=DELTA_BLOCK_M,
@@ -475,7 +471,7 @@ def _backward(q, k, v, o, lse, do, causal, scale):
     _launch["dq"][grid](
         q, k, v, do, dq, lse, delta, *strides(q, k, v, do, dq),
         Hq, Tq, Tk, Hq // Hkv, scale, scale * LOG2E, t_bucket(Tq), t_bucket(Tk),
-        HEAD_DIM=D, BLOCK_D=pow2(D), CAUSAL=causal, PRECISION=dot_precision, UPCAST=upcast, **_blocks("dq"),
+        **meta(q, causal), **_blocks("dq"),
     )
     return dq, dk, dv
 

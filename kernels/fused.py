@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from kernels.checks import INTERPRET, check_inputs, last_dim_contiguous
-from kernels.common import LOG2E, dot, head_and_query_block, mask_scores, on_device, pow2, precision, strides
+from kernels.common import LOG2E, dot, head_and_query_block, mask_scores, meta, on_device, pow2, strides
 from kernels.flash import dkdv
 
 # ----------------------------------------------------------------------------- forward
@@ -195,12 +195,10 @@ def _forward(q, k, v, causal, scale):
     num_m_blocks = triton.cdiv(Tq, block_m)
     o = torch.empty_like(q)
     lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
-    dot_precision, upcast = precision(q.dtype)
     _fused_fwd[(B * Hq * num_m_blocks,)](
         q, k, v, o, lse, *strides(q, k, v, o),
         Hq, Tq, Tk, Hq // Hkv, num_m_blocks, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_D=pow2(D), BLOCK_M=block_m, ROW=row,
-        CAUSAL=causal, PRECISION=dot_precision, UPCAST=upcast, num_warps=num_warps,
+        BLOCK_M=block_m, ROW=row, num_warps=num_warps, **meta(q, causal),
     )
     return o, lse
 
@@ -210,15 +208,13 @@ def _backward(q, k, v, lse, do, causal, scale):
     Hkv, Tk = k.shape[1], k.shape[2]
     do = last_dim_contiguous(do)
     row = pow2(Tk)
-    dot_precision, upcast = precision(q.dtype)
     block_m, num_warps = row_config(Tq, row, D, q.dtype)
     num_m_blocks = triton.cdiv(Tq, block_m)
     dq, delta = torch.empty_like(q), torch.empty_like(lse)
     _fused_bwd_dq[(B * Hq * num_m_blocks,)](
         q, k, v, do, dq, delta, *strides(q, k, v, do, dq),
         Hq, Tq, Tk, Hq // Hkv, num_m_blocks, scale, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_D=pow2(D), BLOCK_M=block_m, ROW=row,
-        CAUSAL=causal, PRECISION=dot_precision, UPCAST=upcast, num_warps=num_warps,
+        BLOCK_M=block_m, ROW=row, num_warps=num_warps, **meta(q, causal),
     )
     dk, dv = dkdv(q, k, v, do, lse, delta, causal, scale)  # the flash kernel's: tiles, no row limit
     return dq, dk, dv
