@@ -59,13 +59,13 @@ def refusal(error):
 
 def make_call(impl, B, H, T, D, dtype, causal, mode, seed):
     """A no-argument function that runs `impl` once in `mode` ("fwd", "bwd" or "fwd+bwd") on
-    fresh random (B, H, T, D) inputs (never zeros), and the tensors whose .grad to clear between
-    calls. For "bwd" the forward runs here, once, and each call runs the backward only."""
+    fresh random (B, H, T, D) inputs (never zeros). For "bwd" the forward runs here, once, and
+    each call runs the backward only; each call starts from cleared gradients."""
     g = torch.Generator(DEVICE).manual_seed(seed)
     q, k, v, do = (torch.randn(B, H, T, D, generator=g, device=DEVICE, dtype=dtype) for _ in range(4))
     fn = IMPLS[impl]
     if mode == "fwd":
-        return (lambda: fn(q, k, v, causal)), None
+        return lambda: fn(q, k, v, causal)
     for x in (q, k, v):
         x.requires_grad_()
     out = fn(q, k, v, causal) if mode == "bwd" else None
@@ -77,4 +77,4 @@ def make_call(impl, B, H, T, D, dtype, causal, mode, seed):
             out.backward(do, retain_graph=True)
         else:
             fn(q, k, v, causal).backward(do)
-    return call, [q, k, v]
+    return call

@@ -41,22 +41,14 @@ def min_bytes(B, H, Tq, Tk, D, itemsize, mode):
     return {"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward}[mode]
 
 
-def _clear(tensors):
-    for x in tensors or ():
-        x.grad = None
-
-
-def time_ms(fn, grad_to_none=None):
+def time_ms(fn):
     """(p20, p50, p80) milliseconds of fn()."""
     if DEVICE == "cuda":
         import triton.testing
-        return tuple(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none,
-                                             quantiles=list(QUANTILES)))
-    _clear(grad_to_none)
+        return tuple(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=list(QUANTILES)))
     fn()  # warm-up
     times = []
     for _ in range(CPU_REPEATS):
-        _clear(grad_to_none)
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
@@ -95,9 +87,8 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def peak_mib(fn, grad_to_none=None):
+def peak_mib(fn):
     """Peak MiB allocated during one call of fn beyond what was allocated before it."""
-    _clear(grad_to_none)
     if DEVICE == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -96,7 +96,7 @@ def main(argv=None):
     B, T, H, D = args.batch, args.seqlen, args.heads, args.width // args.heads
     print(f"{args.impl} {args.mode}: B={B} H={H} T={T} D={D} {args.dtype} causal={args.causal} on "
           f"{torch.cuda.get_device_name() if gpu else 'the CPU (Triton interpreter: not GPU timings)'}")
-    call, grads = make_call(args.impl, B, H, T, D, DTYPES[args.dtype], args.causal == "yes", args.mode, seed=0)
+    call = make_call(args.impl, B, H, T, D, DTYPES[args.dtype], args.causal == "yes", args.mode, seed=0)
     with nvtx_range("warmup"):
         for _ in range(args.warmup):
             call()
@@ -106,8 +106,6 @@ def main(argv=None):
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
         with torch.profiler.profile(activities=activities) as prof, nvtx_range(RANGE):
             for i in range(args.iters):
-                for x in grads or ():
-                    x.grad = None
                 with nvtx_range(f"iter {i}"), torch.profiler.record_function(f"{args.impl}/{args.mode}"):
                     call()
             sync()

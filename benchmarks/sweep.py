@@ -68,8 +68,8 @@ def shapes_from(args):
                              "would take hours); on the CPU use --preset seed or --preset scaling")
         return CPU_SCALING if (DEVICE == "cpu" and preset == "scaling") else PRESETS[preset]
     if args.preset:
-        raise SystemExit(f"give either --preset or shape flags (-B, -T, -C, -H, --tokens), not both: "
-                         f"the flags replace the preset's shapes")
+        raise SystemExit("give either --preset or shape flags (-B, -T, -C, -H, --tokens), not both: "
+                         "the flags replace the preset's shapes")
     if args.tokens and args.batch:
         raise SystemExit("give either -B/--batch or --tokens (which sets B = tokens // T), not both")
     shapes = []
@@ -98,9 +98,9 @@ def check_shape(B, T, C, H):
 def run_row(impl, B, H, T, D, dtype, causal, mode, seed):
     """(status, (p20, p50, p80) ms, peak MiB) of one implementation on one shape and mode."""
     try:
-        call, grads = make_call(impl, B, H, T, D, dtype, causal, mode, seed)
-        ms = time_ms(call, grads)     # first: a GPU's autotuning happens in its warm-up
-        peak = peak_mib(call, grads)
+        call = make_call(impl, B, H, T, D, dtype, causal, mode, seed)
+        ms = time_ms(call)     # first: a GPU's autotuning happens in its warm-up
+        peak = peak_mib(call)
         return "ok", ms, peak
     except Exception as e:  # noqa: BLE001  recorded, and the sweep goes on
         if DEVICE == "cuda" and isinstance(e, torch.cuda.OutOfMemoryError):
@@ -110,7 +110,7 @@ def run_row(impl, B, H, T, D, dtype, causal, mode, seed):
             return f"unsupported: {first_line}", None, None
         return f"error: {type(e).__name__}: {first_line}", None, None
     finally:
-        call = grads = None
+        call = None
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
 

@@ -6,7 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import reference
-from cases import DEVICE, Shape
+from cases import Shape
 from kernels import flash, flash_attention
 from kernels.checks import INTERPRET
 from kernels.fused import max_seqlen
