@@ -76,3 +76,32 @@ def on_device(t):
 
 def strides(*tensors):
     return [s for t in tensors for s in t.stride()]
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+def launch(kernel):
+    """How a custom op's body launches a kernel: through `wrap_triton` on a GPU, so that
+    torch.compile sees the kernel inside the op; under the interpreter, the kernel itself."""
+    return kernel if INTERPRET else torch.library.wrap_triton(kernel)
+
+
+def kernel_op(name, fake):
+    """Register the decorated launcher as the torch op `attention_kernels::<name>`.
+
+    On a GPU it is a `triton_op`: torch.compile traces through it into the Triton kernels, and
+    the launcher itself, run on fake tensors, gives the output shapes. Under the interpreter it
+    is an opaque `custom_op` with `fake` for the shapes, since the interpreter would run the
+    kernel on torch.compile's fake tensors, which hold no data (torch.compile still compiles
+    around it without a graph break). Either way the op has no aliasing or mutation, so
+    `torch.library.opcheck` holds it to the full custom-op contract.
+    """
+    def register(fn):
+        qualname = f"attention_kernels::{name}"
+        if not INTERPRET:
+            return torch.library.triton_op(qualname, fn, mutates_args=())
+        op = torch.library.custom_op(qualname, fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+    return register

@@ -36,10 +36,12 @@ fp32 accumulation, IEEE fp32 dots for fp32 inputs, bf16 dots upcast under the in
 
 import torch
 import triton
+from torch import Tensor
 import triton.language as tl
 
 from kernels.checks import INTERPRET, check_inputs, last_dim_contiguous
-from kernels.common import LOG2E, dot, head_and_query_block, mask_scores, meta, on_device, pow2, strides
+from kernels.common import (LOG2E, dot, head_and_query_block, kernel_op, launch, mask_scores, meta, on_device, pow2,
+                            strides)
 
 # ----------------------------------------------------------------------------- forward
 
@@ -429,17 +431,23 @@ def _blocks(kernel):
 # ----------------------------------------------------------------------------- launchers
 
 
-def _forward(q, k, v, causal, scale):
+def _forward_shapes(q, k, v, causal, scale):
+    B, Hq, Tq, D = q.shape
+    return torch.empty_like(q), torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
+
+
+@kernel_op("flash_forward", fake=_forward_shapes)
+def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    o = torch.empty_like(q)
-    lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
+    o, lse = _forward_shapes(q, k, v, causal, scale)
     grid = lambda meta: (B * Hq * triton.cdiv(Tq, meta["BLOCK_M"]),)
-    _launch["fwd"][grid](
-        q, k, v, o, lse, *strides(q, k, v, o),
-        Hq, Tq, Tk, Hq // Hkv, scale * LOG2E, t_bucket(Tq), t_bucket(Tk),
-        **meta(q, causal), **_blocks("fwd"),
-    )
+    with on_device(q):
+        launch(_launch["fwd"])[grid](
+            q, k, v, o, lse, *strides(q, k, v, o),
+            Hq, Tq, Tk, Hq // Hkv, scale * LOG2E, t_bucket(Tq), t_bucket(Tk),
+            **meta(q, causal), **_blocks("fwd"),
+        )
     return o, lse
 
 
@@ -449,7 +457,7 @@ def dkdv(q, k, v, do, lse, delta, causal, scale):
     Hkv, Tk = k.shape[1], k.shape[2]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     grid = lambda meta: (B * Hkv * triton.cdiv(Tk, meta["BLOCK_N"]),)
-    _launch["dkdv"][grid](
+    launch(_launch["dkdv"])[grid](
         q, k, v, do, dk, dv, lse, delta, *strides(q, k, v, do, dk, dv),
         Hq, Hkv, Tq, Tk, Hq // Hkv, scale, scale * LOG2E, t_bucket(Tq), t_bucket(Tk),
         **meta(q, causal), **_blocks("dkdv"),
@@ -457,44 +465,50 @@ def dkdv(q, k, v, do, lse, delta, causal, scale):
     return dk, dv
 
 
-def _backward(q, k, v, o, lse, do, causal, scale):
+def _gradient_shapes(q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@kernel_op("flash_backward", fake=_gradient_shapes)
+def _backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, causal: bool,
+              scale: float) -> tuple[Tensor, Tensor, Tensor]:
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     do = last_dim_contiguous(do)
     delta = torch.empty_like(lse)
-    _flash_bwd_delta[(B * Hq * triton.cdiv(Tq, DELTA_BLOCK_M),)](
-        o, do, delta, *strides(o, do), Hq, Tq, HEAD_DIM=D, BLOCK_D=pow2(D), BLOCK_M=DELTA_BLOCK_M,
-    )
-    dk, dv = dkdv(q, k, v, do, lse, delta, causal, scale)
-    dq = torch.empty_like(q)
-    grid = lambda meta: (B * Hq * triton.cdiv(Tq, meta["BLOCK_M"]),)
-    _launch["dq"][grid](
-        q, k, v, do, dq, lse, delta, *strides(q, k, v, do, dq),
-        Hq, Tq, Tk, Hq // Hkv, scale, scale * LOG2E, t_bucket(Tq), t_bucket(Tk),
-        **meta(q, causal), **_blocks("dq"),
-    )
+    with on_device(q):
+        launch(_flash_bwd_delta)[(B * Hq * triton.cdiv(Tq, DELTA_BLOCK_M),)](
+            o, do, delta, *strides(o, do), Hq, Tq, HEAD_DIM=D, BLOCK_D=pow2(D), BLOCK_M=DELTA_BLOCK_M,
+        )
+        dk, dv = dkdv(q, k, v, do, lse, delta, causal, scale)
+        dq = torch.empty_like(q)
+        grid = lambda meta: (B * Hq * triton.cdiv(Tq, meta["BLOCK_M"]),)
+        launch(_launch["dq"])[grid](
+            q, k, v, do, dq, lse, delta, *strides(q, k, v, do, dq),
+            Hq, Tq, Tk, Hq // Hkv, scale, scale * LOG2E, t_bucket(Tq), t_bucket(Tk),
+            **meta(q, causal), **_blocks("dq"),
+        )
     return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------- autograd
 
 
-class FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal, scale):
-        with on_device(q):
-            o, lse = _forward(q, k, v, causal, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.scale = causal, scale
-        ctx.mark_non_differentiable(lse)
-        return o, lse
+def _save(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.mark_non_differentiable(lse)
 
-    @staticmethod
-    def backward(ctx, do, dlse):
-        q, k, v, o, lse = ctx.saved_tensors
-        with on_device(q):
-            dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
+
+def _gradients(ctx, do, dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_forward.register_autograd(_gradients, setup_context=_save)
 
 
 # ----------------------------------------------------------------------------- public
@@ -509,5 +523,5 @@ def flash_attention(q, k, v, causal=True, scale=None, return_lse=False):
     With `return_lse`, also returns each row's log-sum-exp (natural log, fp32, (B, Hq, Tq)).
     """
     q, k, v, scale = check_inputs(q, k, v, scale)
-    o, lse = FlashAttention.apply(q, k, v, bool(causal), scale)
+    o, lse = _forward(q, k, v, bool(causal), scale)
     return (o, lse) if return_lse else o

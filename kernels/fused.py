@@ -31,10 +31,12 @@ operands are upcast to fp32, because the interpreter multiplies bf16 bit pattern
 
 import torch
 import triton
+from torch import Tensor
 import triton.language as tl
 
 from kernels.checks import INTERPRET, check_inputs, last_dim_contiguous
-from kernels.common import LOG2E, dot, head_and_query_block, mask_scores, meta, on_device, pow2, strides
+from kernels.common import (LOG2E, dot, head_and_query_block, kernel_op, launch, mask_scores, meta, on_device, pow2,
+                            strides)
 from kernels.flash import dkdv
 
 # ----------------------------------------------------------------------------- forward
@@ -166,6 +168,17 @@ def max_seqlen(head_dim, dtype):
     return min(1024, budget // pow2(head_dim))
 
 
+def check_row(k, dtype):
+    D, Tk = k.shape[-1], k.shape[-2]
+    limit = max_seqlen(D, dtype)
+    if Tk > limit:
+        raise ValueError(
+            f"fused_attention keeps whole rows on chip: with head dim {D} and {str(dtype)[6:]} it "
+            f"takes at most {limit} keys, got Tk={Tk}. Use flash_attention, which tiles the keys "
+            "and runs at any length."
+        )
+
+
 def row_config(Tq, row, head_dim, dtype):
     """(BLOCK_M, num_warps) of the whole-row kernels, forward and dq, for ROW keys."""
     if INTERPRET:  # few large programs: the interpreter's cost is per program and per op
@@ -180,30 +193,35 @@ def row_config(Tq, row, head_dim, dtype):
 # ----------------------------------------------------------------------------- launchers
 
 
-def _forward(q, k, v, causal, scale):
+def _forward_shapes(q, k, v, causal, scale):
+    B, Hq, Tq, D = q.shape
+    return torch.empty_like(q), torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
+
+
+@kernel_op("fused_forward", fake=_forward_shapes)
+def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    limit = max_seqlen(D, q.dtype)
-    if Tk > limit:
-        raise ValueError(
-            f"fused_attention keeps whole rows on chip: with head dim {D} and {str(q.dtype)[6:]} it "
-            f"takes at most {limit} keys, got Tk={Tk}. Use flash_attention, which tiles the keys "
-            "and runs at any length."
-        )
     row = pow2(Tk)
     block_m, num_warps = row_config(Tq, row, D, q.dtype)
     num_m_blocks = triton.cdiv(Tq, block_m)
-    o = torch.empty_like(q)
-    lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
-    _fused_fwd[(B * Hq * num_m_blocks,)](
-        q, k, v, o, lse, *strides(q, k, v, o),
-        Hq, Tq, Tk, Hq // Hkv, num_m_blocks, scale * LOG2E,
-        BLOCK_M=block_m, ROW=row, num_warps=num_warps, **meta(q, causal),
-    )
+    o, lse = _forward_shapes(q, k, v, causal, scale)
+    with on_device(q):
+        launch(_fused_fwd)[(B * Hq * num_m_blocks,)](
+            q, k, v, o, lse, *strides(q, k, v, o),
+            Hq, Tq, Tk, Hq // Hkv, num_m_blocks, scale * LOG2E,
+            BLOCK_M=block_m, ROW=row, num_warps=num_warps, **meta(q, causal),
+        )
     return o, lse
 
 
-def _backward(q, k, v, lse, do, causal, scale):
+def _gradient_shapes(q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@kernel_op("fused_backward", fake=_gradient_shapes)
+def _backward(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, do: Tensor, causal: bool,
+              scale: float) -> tuple[Tensor, Tensor, Tensor]:
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     do = last_dim_contiguous(do)
@@ -211,34 +229,33 @@ def _backward(q, k, v, lse, do, causal, scale):
     block_m, num_warps = row_config(Tq, row, D, q.dtype)
     num_m_blocks = triton.cdiv(Tq, block_m)
     dq, delta = torch.empty_like(q), torch.empty_like(lse)
-    _fused_bwd_dq[(B * Hq * num_m_blocks,)](
-        q, k, v, do, dq, delta, *strides(q, k, v, do, dq),
-        Hq, Tq, Tk, Hq // Hkv, num_m_blocks, scale, scale * LOG2E,
-        BLOCK_M=block_m, ROW=row, num_warps=num_warps, **meta(q, causal),
-    )
-    dk, dv = dkdv(q, k, v, do, lse, delta, causal, scale)  # the flash kernel's: tiles, no row limit
+    with on_device(q):
+        launch(_fused_bwd_dq)[(B * Hq * num_m_blocks,)](
+            q, k, v, do, dq, delta, *strides(q, k, v, do, dq),
+            Hq, Tq, Tk, Hq // Hkv, num_m_blocks, scale, scale * LOG2E,
+            BLOCK_M=block_m, ROW=row, num_warps=num_warps, **meta(q, causal),
+        )
+        dk, dv = dkdv(q, k, v, do, lse, delta, causal, scale)  # the flash kernel's: tiles, no row limit
     return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------- autograd
 
 
-class FusedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal, scale):
-        with on_device(q):
-            o, lse = _forward(q, k, v, causal, scale)
-        ctx.save_for_backward(q, k, v, lse)  # not o: the backward gets delta from P and dP
-        ctx.causal, ctx.scale = causal, scale
-        ctx.mark_non_differentiable(lse)
-        return o, lse
+def _save(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    ctx.save_for_backward(q, k, v, output[1])  # the lse; not o: the backward gets delta from P and dP
+    ctx.causal, ctx.scale = causal, scale
+    ctx.mark_non_differentiable(output[1])
 
-    @staticmethod
-    def backward(ctx, do, dlse):
-        q, k, v, lse = ctx.saved_tensors
-        with on_device(q):
-            dq, dk, dv = _backward(q, k, v, lse, do, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
+
+def _gradients(ctx, do, dlse):
+    q, k, v, lse = ctx.saved_tensors
+    dq, dk, dv = _backward(q, k, v, lse, do, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_forward.register_autograd(_gradients, setup_context=_save)
 
 
 # ----------------------------------------------------------------------------- public
@@ -253,5 +270,6 @@ def fused_attention(q, k, v, causal=True, scale=None, return_lse=False):
     With `return_lse`, also returns each row's log-sum-exp (natural log, fp32, (B, Hq, Tq)).
     """
     q, k, v, scale = check_inputs(q, k, v, scale)
-    o, lse = FusedAttention.apply(q, k, v, bool(causal), scale)
+    check_row(k, q.dtype)
+    o, lse = _forward(q, k, v, bool(causal), scale)
     return (o, lse) if return_lse else o

@@ -1,0 +1,99 @@
+"""The kernels as torch custom ops: opcheck's contract, and torch.compile(fullgraph=True).
+
+On the CPU the ops are opaque custom ops (the interpreter cannot run a kernel on torch.compile's
+fake tensors), so compiling there shows no graph breaks and the right answer; on a GPU they are
+triton_ops, and the `gpu` tests check that Inductor's generated code launches our kernels itself.
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from cases import DEVICE, Shape
+from kernels import CausalSelfAttention, attention, flash_attention, fused_attention
+from rule import make_qkv, seed_of
+
+OPS = torch.ops.attention_kernels
+SHAPE = Shape(2, 4, 2, 19, 23, 16)  # grouped heads, Tq != Tk, lengths that miss the blocks
+
+
+def opcheck_args(layout):
+    q, k, v, do = make_qkv(SHAPE, torch.float32, layout=layout, seed=seed_of("opcheck", layout))
+    o, lse = OPS.flash_forward(q.detach(), k.detach(), v.detach(), True, 0.3)
+    return q, k, v, do, o, lse
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "bthd"])
+def test_opcheck(layout):
+    q, k, v, do, o, lse = opcheck_args(layout)
+    d = [x.detach() for x in (q, k, v)]
+    cases = [
+        (OPS.flash_forward.default, (q, k, v, True, 0.3)),
+        (OPS.fused_forward.default, (q, k, v, False, 0.3)),
+        (OPS.flash_backward.default, (*d, o, lse, do, True, 0.3)),
+        (OPS.fused_backward.default, (*d, lse, do, True, 0.3)),
+    ]
+    for op, args in cases:
+        results = torch.library.opcheck(op, args)
+        assert set(results.values()) == {"SUCCESS"}, (op, results)
+
+
+class TinyBlock(nn.Module):
+    def __init__(self, impl):
+        super().__init__()
+        self.ln = nn.LayerNorm(32)
+        self.attn = CausalSelfAttention(32, 4, n_kv_head=2, impl=impl)
+
+    def forward(self, x):
+        return x + self.attn(self.ln(x))
+
+
+def compiled_matches_eager(model, x, backend, dynamic=None):
+    torch._dynamo.reset()
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend=backend, dynamic=dynamic)  # fullgraph: no breaks
+    got = compiled(x)
+    got.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    want = model(x)
+    want.sum().backward()
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    for g, p in zip(grads, model.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-4), (g - p.grad).abs().max()
+
+
+@pytest.mark.parametrize("impl", ["flash", "fused"])
+def test_model_compiles_without_graph_breaks(impl):
+    torch.manual_seed(seed_of("compile", impl))
+    model = TinyBlock(impl).to(DEVICE)
+    x = torch.randn(2, 11, 32, device=DEVICE)
+    compiled_matches_eager(model, x, backend="aot_eager")
+
+
+def test_model_compiles_with_inductor_and_dynamic_shapes():
+    torch.manual_seed(seed_of("inductor"))
+    model = TinyBlock("auto").to(DEVICE)
+    compiled_matches_eager(model, torch.randn(2, 11, 32, device=DEVICE), backend="inductor")
+    compiled_matches_eager(model, torch.randn(3, 7, 32, device=DEVICE), backend="aot_eager", dynamic=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kernel, name", [(flash_attention, "_flash_fwd"), (fused_attention, "_fused_fwd")])
+def test_inductor_launches_the_kernels_itself(kernel, name, dtype):
+    from torch._inductor.utils import run_and_get_code
+    q, k, v, _ = make_qkv(Shape(2, 8, 2, 128, 128, 64), dtype, seed=seed_of("inductor-code", name))
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, k, v: kernel(q, k, v) * 2, fullgraph=True)
+    out, code = run_and_get_code(fn, q, k, v)
+    assert name in "\n".join(code), "the triton_op was not traced into: Inductor calls it as an opaque op"
+    assert torch.allclose(out, attention(q, k, v, impl="reference") * 2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_model_compiles_with_dynamic_shapes():
+    torch.manual_seed(seed_of("gpu-dynamic"))
+    model = TinyBlock("flash").to(DEVICE)
+    for B, T in ((2, 100), (3, 257)):
+        compiled_matches_eager(model, torch.randn(B, T, 32, device=DEVICE), backend="inductor", dynamic=True)
