@@ -1,0 +1,137 @@
+"""
+torch's `scaled_dot_product_attention` on the kernels: the same signature and semantics, and a
+context manager that makes unchanged model code use it.
+
+    from kernels import patch_sdpa
+    with patch_sdpa() as calls:      # F.scaled_dot_product_attention now runs the kernels
+        loss = model(x).sum()
+    print(calls)                     # "12 calls: 10 on the kernels, 2 fell back to torch (2 attn_mask given)"
+
+What runs on the kernels: 4-D (B, H, T, D) inputs of one float16 / bfloat16 / float32 dtype on a
+CUDA device (or the CPU under the interpreter), head dim <= 256, is_causal or not, any scale > 0,
+and grouped-query heads when enable_gqa=True. torch's `is_causal` aligns the mask top-left
+(query i sees keys 0..i) while the kernels' `causal` aligns it bottom-right; the two agree when
+Tq == Tk, and otherwise the call is rewritten so the kernels compute torch's answer (see
+`_on_kernels`). Everything else falls back to torch's own function, which also raises torch's
+own errors: a tensor attn_mask, dropout_p > 0, other ranks or devices, float64, and so on.
+"""
+
+import collections
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kernels.checks import INTERPRET, MAX_HEAD_DIM, SUPPORTED_DTYPES
+from kernels.dispatch import IMPLS, attention
+
+_torch_sdpa = F.scaled_dot_product_attention  # taken at import, before any patch
+
+
+class SdpaCalls:
+    """What `scaled_dot_product_attention` did: calls on the kernels, and fallbacks by reason."""
+
+    def __init__(self):
+        self.kernel = 0
+        self.fallback = collections.Counter()
+
+    def __repr__(self):
+        total = self.kernel + sum(self.fallback.values())
+        why = ", ".join(f"{n} {reason}" for reason, n in self.fallback.most_common())
+        return (f"{total} calls: {self.kernel} on the kernels, {sum(self.fallback.values())} fell back to "
+                f"torch" + (f" ({why})" if why else ""))
+
+
+def _refusal(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
+    """Why the kernels cannot run this call, or None when they can."""
+    if attn_mask is not None:
+        return "attn_mask given"
+    if dropout_p > 0:
+        return "dropout_p > 0"
+    tensors = (query, key, value)
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return "inputs not tensors"
+    if any(t.dim() != 4 for t in tensors):
+        return "inputs not 4-D (B, H, T, D)"
+    for t in tensors:
+        if t.dtype not in SUPPORTED_DTYPES:
+            return f"dtype {str(t.dtype)[6:]}"
+    if not query.dtype == key.dtype == value.dtype:
+        return "dtypes differ"
+    if not all(t.is_cuda or (INTERPRET and t.device.type == "cpu") for t in tensors):
+        return f"device {query.device.type}"
+    if not query.device == key.device == value.device:
+        return "devices differ"
+    if any(0 in t.shape for t in tensors):
+        return "an empty dimension"
+    (B, Hq, Tq, D), (Bk, Hkv, Tk, Dk) = query.shape, key.shape
+    if key.shape != value.shape or Bk != B or Dk != D:
+        return "shapes differ (value head dim or batch)"
+    if D > MAX_HEAD_DIM:
+        return f"head dim {D} > {MAX_HEAD_DIM}"
+    if Hq != Hkv and not (enable_gqa and Hq % Hkv == 0):
+        return "head counts differ without enable_gqa"
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        return "scale <= 0"
+    return None
+
+
+def _on_kernels(query, key, value, is_causal, scale, impl):
+    Tq, Tk = query.shape[-2], key.shape[-2]
+    if not is_causal or Tq == Tk:
+        return attention(query, key, value, causal=is_causal, scale=scale, impl=impl)
+    if Tq < Tk:  # top-left: row i sees keys 0..i, so keys from Tq on are seen by no row
+        return attention(query, key[:, :, :Tq], value[:, :, :Tq], causal=True, scale=scale, impl=impl)
+    # Tq > Tk: rows below Tk see keys 0..i (a square causal block); the rows after see every key
+    head = attention(query[:, :, :Tk], key, value, causal=True, scale=scale, impl=impl)     # (B, H, Tk, D)
+    tail = attention(query[:, :, Tk:], key, value, causal=False, scale=scale, impl=impl)   # (B, H, Tq - Tk, D)
+    return torch.cat([head, tail], dim=2)                                                  # (B, H, Tq, D)
+
+
+def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, impl, calls):
+    why = _refusal(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
+    if why is not None:
+        if calls is not None:
+            calls.fallback[why] += 1
+        return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                           scale=scale, enable_gqa=enable_gqa)
+    if calls is not None:
+        calls.kernel += 1
+    return _on_kernels(query, key, value, is_causal, scale, impl)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False):
+    """`torch.nn.functional.scaled_dot_product_attention`, run on the kernels (chosen by shape,
+    as `attention(impl="auto")`) where they support the call, and by torch otherwise.
+
+    Semantics are torch's, including `is_causal`'s top-left alignment when Tq != Tk (which the
+    kernels' own `causal` does not share) and the error for differing head counts without
+    `enable_gqa`. See the module docstring for what falls back.
+    """
+    return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, "auto", None)
+
+
+@contextlib.contextmanager
+def patch_sdpa(impl="auto"):
+    """Within the block, `torch.nn.functional.scaled_dot_product_attention` is this module's
+    drop-in, running kernel `impl` ("auto", "fused", "flash" or "reference"). Yields an
+    `SdpaCalls` record that counts the calls run on the kernels and those that fell back, by
+    reason; print it afterwards. Code that looks the function up when called (`F.scaled_dot_
+    product_attention(...)`, as nanoGPT and Hugging Face's "sdpa" do) is patched; a name bound
+    before the block (`from torch.nn.functional import scaled_dot_product_attention`) is not.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
+    calls = SdpaCalls()
+
+    def patched(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, impl, calls)
+
+    previous = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = patched
+    try:
+        yield calls
+    finally:
+        F.scaled_dot_product_attention = previous

@@ -1,0 +1,126 @@
+"""kernels.CausalSelfAttention loads nanoGPT's attention weights unchanged and computes what
+nanoGPT computes; swap_attention replaces nanoGPT's modules in place."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cases import DEVICE, FACTOR, FLOOR, GRAD_FACTOR
+from kernels import CausalSelfAttention, swap_attention
+from rule import assert_close, seed_of
+
+
+class NanoGPTAttention(nn.Module):
+    """nanoGPT's CausalSelfAttention (model.py), as its state dict and forward are: `flash` uses
+    torch's SDPA; otherwise the manual path with the causal mask kept as the buffer "bias"."""
+
+    def __init__(self, n_embd, n_head, bias=True, block_size=64, flash=True):
+        super().__init__()
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.attn_dropout, self.resid_dropout = nn.Dropout(0.0), nn.Dropout(0.0)
+        self.n_head, self.n_embd, self.dropout, self.flash = n_head, n_embd, 0.0, flash
+        if not flash:
+            self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size))
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if self.flash:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / k.size(-1) ** 0.5)
+            att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+            y = F.softmax(att, dim=-1) @ v
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+def inputs(B, T, C, seed):
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    x = torch.randn(B, T, C, generator=g, device=DEVICE).requires_grad_()
+    return x, torch.randn(B, T, C, generator=g, device=DEVICE)
+
+
+def check_module(ours, theirs, x, dy):
+    """Ours in float32 against theirs in float64 (truth) and float32 (low): output, input
+    gradient and every parameter's gradient, under the project's rule."""
+    floor = FLOOR[torch.float32]
+    theirs64 = copy.deepcopy(theirs).double()
+    x64 = x.detach().double().requires_grad_()
+    xl = x.detach().clone().requires_grad_()
+    got, truth, low = ours(x), theirs64(x64), theirs(xl)
+    assert_close("y", got, truth, low, FACTOR, floor)
+    got.backward(dy)
+    truth.backward(dy.double())
+    low.backward(dy)
+    assert_close("dx", x.grad, x64.grad, xl.grad, GRAD_FACTOR, floor)
+    for (name, p), p64, pl in zip(ours.named_parameters(), theirs64.parameters(), theirs.parameters()):
+        assert_close(f"d{name}", p.grad, p64.grad, pl.grad, GRAD_FACTOR, floor)
+
+
+@pytest.mark.parametrize("impl", ["flash", "fused", "auto"])
+@pytest.mark.parametrize("flash_path", [True, False], ids=["nanogpt-sdpa", "nanogpt-manual"])
+def test_loads_nanogpt_weights_and_matches_it(impl, flash_path):
+    torch.manual_seed(seed_of(impl, flash_path))
+    theirs = NanoGPTAttention(48, 3, flash=flash_path).to(DEVICE)   # D = 16
+    ours = CausalSelfAttention(48, 3, impl=impl).to(DEVICE)
+    ours.load_state_dict(theirs.state_dict())  # strict: same names and shapes (the mask buffer dropped)
+    check_module(ours, theirs, *inputs(2, 13, 48, seed_of("x", impl, flash_path)))
+
+
+def test_swap_replaces_every_nanogpt_attention_in_place():
+    torch.manual_seed(seed_of("swap"))
+    model = nn.Sequential(*(nn.Sequential(nn.LayerNorm(32), NanoGPTAttention(32, 2, bias=False, flash=False))
+                            for _ in range(3))).to(DEVICE).eval()
+    x, _ = inputs(2, 9, 32, seed_of("swap x"))
+    before = model(x).detach()
+    assert swap_attention(model, impl="flash") == 3
+    swapped = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
+    assert len(swapped) == 3 and not any(isinstance(m, NanoGPTAttention) for m in model.modules())
+    assert all(m.impl == "flash" and not m.training and m.c_attn.bias is None for m in swapped)
+    after = model(x)
+    assert torch.allclose(after, before, atol=1e-5), (after - before).abs().max()
+    assert swap_attention(model, impl="fused") == 3 and all(m.impl == "fused" for m in swapped)
+
+
+def test_grouped_query_variant_matches_the_reference():
+    torch.manual_seed(seed_of("gqa"))
+    ours = CausalSelfAttention(64, 4, n_kv_head=1, impl="flash").to(DEVICE)   # multi-query, D = 16
+    assert ours.c_attn.out_features == 64 + 2 * 16
+    truth, low = copy.deepcopy(ours).double(), copy.deepcopy(ours)
+    truth.impl, low.impl = "reference", "sdpa"
+    x, dy = inputs(2, 19, 64, seed_of("gqa x"))
+    got, want, base = ours(x), truth(x.detach().double()), low(x.detach())
+    assert_close("y", got, want, base, FACTOR, FLOOR[torch.float32])
+    got.backward(dy)  # the backward runs through the shared k/v head
+
+
+def test_training_with_dropout_runs_torch_sdpa_with_dropout():
+    torch.manual_seed(seed_of("dropout"))
+    ours = CausalSelfAttention(32, 2, dropout=0.5, impl="flash").to(DEVICE).train()
+    torch_path = copy.deepcopy(ours)
+    torch_path.impl = "sdpa"
+    x, _ = inputs(2, 8, 32, seed_of("dropout x"))
+    torch.manual_seed(3)
+    got = ours(x)
+    torch.manual_seed(3)
+    assert torch.equal(got, torch_path(x))
+    ours.eval(), torch_path.eval()
+    assert torch.allclose(ours(x), torch_path(x), atol=1e-5)  # eval: no dropout, the kernels run
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_embd=30, n_head=4), "multiple of n_head"),
+    (dict(n_embd=32, n_head=4, n_kv_head=3), "multiple of n_kv_head"),
+    (dict(n_embd=32, n_head=4, impl="cuda"), "impl must be one of"),
+])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CausalSelfAttention(**kwargs)

@@ -1,0 +1,101 @@
+"""kernels.scaled_dot_product_attention has torch's semantics, and patch_sdpa routes unchanged
+code through it. The truth here is torch's own SDPA in float64: the drop-in's spec is torch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cases import DEVICE, FACTOR, FLOOR, GRAD_FACTOR, Shape
+from kernels import patch_sdpa, scaled_dot_product_attention
+from rule import assert_close, make_qkv, seed_of
+
+TORCH_SDPA = F.scaled_dot_product_attention
+
+# Tq < Tk and Tq > Tk are where torch's top-left causal alignment differs from the kernels'.
+SHAPES = [Shape(2, 4, 4, 17, 17, 32), Shape(1, 4, 2, 9, 40, 16), Shape(1, 2, 2, 40, 9, 64), Shape(1, 2, 1, 1, 33, 80)]
+
+
+def check_like_torch(q, k, v, do, **kwargs):
+    """The drop-in's output and gradients against torch's SDPA in float64, held to the rule."""
+    out = scaled_dot_product_attention(q, k, v, **kwargs)
+    out.backward(do)
+    leaves64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    leaves_low = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    truth, low = TORCH_SDPA(*leaves64, **kwargs), TORCH_SDPA(*leaves_low, **kwargs)
+    truth.backward(do.double())
+    low.backward(do)
+    floor = FLOOR[q.dtype]
+    assert_close("out", out, truth, low, FACTOR, floor)
+    for name, x, x64, xl in zip(("dq", "dk", "dv"), (q, k, v), leaves64, leaves_low):
+        assert_close(name, x.grad, x64.grad, xl.grad, GRAD_FACTOR, floor)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_matches_torch(shape, is_causal, poison):
+    q, k, v, do = make_qkv(shape, torch.float32, seed=seed_of(shape, is_causal))
+    check_like_torch(q, k, v, do, is_causal=is_causal, enable_gqa=shape.Hq != shape.Hkv)
+
+
+def test_scale_and_transposed_layout(poison):
+    shape = Shape(2, 4, 4, 24, 24, 32)
+    q, k, v, do = make_qkv(shape, torch.float32, layout="bthd", seed=seed_of("scale"))
+    check_like_torch(q, k, v, do, is_causal=True, scale=0.3)
+
+
+def test_unchanged_code_runs_on_the_kernels_inside_patch():
+    def model_code(q, k, v):  # what nanoGPT and Hugging Face's "sdpa" path do
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    q, k, v, _ = make_qkv(Shape(1, 2, 2, 20, 20, 16), torch.float32, seed=seed_of("patch"))
+    with patch_sdpa(impl="flash") as calls:
+        got = model_code(q, k, v)
+        model_code(q, k, v)
+    assert calls.kernel == 2 and not calls.fallback, calls
+    assert F.scaled_dot_product_attention is TORCH_SDPA  # restored
+    assert_close("out", got, model_code(q.double(), k.double(), v.double()), model_code(q, k, v), FACTOR,
+                 FLOOR[torch.float32])
+
+
+def test_fallbacks_are_torch_and_counted():
+    q, k, v, _ = make_qkv(Shape(1, 2, 2, 12, 12, 16), torch.float32, seed=seed_of("fallback"))
+    mask = torch.rand(12, 12, generator=torch.Generator(DEVICE).manual_seed(1), device=DEVICE) > 0.3
+    with patch_sdpa() as calls:
+        masked = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        torch.manual_seed(5)
+        dropped = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+        F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+        F.scaled_dot_product_attention(q, k, v)
+    assert calls.kernel == 1, calls
+    assert calls.fallback == {"attn_mask given": 1, "dropout_p > 0": 1, "dtype float64": 1}, calls
+    assert "3 fell back to torch" in repr(calls)
+    assert torch.equal(masked, TORCH_SDPA(q, k, v, attn_mask=mask))
+    torch.manual_seed(5)
+    assert torch.equal(dropped, TORCH_SDPA(q, k, v, dropout_p=0.5))
+
+
+def test_torch_errors_stay_torch_errors():
+    q = torch.randn(1, 4, 8, 16, device=DEVICE)
+    kv = torch.randn(1, 2, 8, 16, device=DEVICE)
+    with pytest.raises(RuntimeError) as theirs:
+        TORCH_SDPA(q, kv, kv)
+    with pytest.raises(RuntimeError) as ours:  # different head counts need enable_gqa=True in torch
+        scaled_dot_product_attention(q, kv, kv)
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_patch_is_undone_on_error_and_rejects_bad_impl():
+    with pytest.raises(KeyError):
+        with patch_sdpa():
+            raise KeyError("inside")
+    assert F.scaled_dot_product_attention is TORCH_SDPA
+    with pytest.raises(ValueError, match="impl must be one of"):
+        with patch_sdpa(impl="triton"):
+            pass
+
+
+def test_compiles_without_graph_breaks():
+    q, k, v, do = make_qkv(Shape(1, 4, 2, 16, 16, 32), torch.float32, seed=seed_of("compile"))
+    fn = lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    assert torch.allclose(compiled(q, k, v), fn(q, k, v), atol=1e-6)
