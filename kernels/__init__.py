@@ -9,6 +9,7 @@ In models:
     scaled_dot_product_attention(query, key, value, ...)        torch's function, on the kernels
     patch_sdpa()                                                makes F.scaled_dot_product_attention it
     CausalSelfAttention(n_embd, n_head, ..., impl="flash")      nanoGPT's module; swap_attention(model)
+    register_transformers(name="attention_kernels")            Hugging Face's attn_implementation
 
 The kernels are also the torch ops `torch.ops.attention_kernels.{flash,fused}_{forward,backward}`,
 which torch.compile compiles without graph breaks. Run on CUDA tensors on a GPU, or on CPU
@@ -18,8 +19,9 @@ tensors under Triton's interpreter: set TRITON_INTERPRET=1 before importing this
 from kernels.dispatch import attention, choose_impl
 from kernels.flash import flash_attention
 from kernels.fused import fused_attention
+from kernels.hf import register_transformers
 from kernels.module import CausalSelfAttention, swap_attention
 from kernels.sdpa import patch_sdpa, scaled_dot_product_attention
 
 __all__ = ["attention", "choose_impl", "flash_attention", "fused_attention", "scaled_dot_product_attention",
-           "patch_sdpa", "CausalSelfAttention", "swap_attention"]
+           "patch_sdpa", "CausalSelfAttention", "swap_attention", "register_transformers"]

@@ -1,0 +1,353 @@
+"""kernels.hf: transformers models run the kernels through `attn_implementation`, match eager
+attention under the project's rule, and fall back to SDPA, never losing a mask, where the kernels
+cannot reproduce it exactly. Truth: the same weights in float64 with eager attention (its softmax in
+float64 too); yardstick: transformers' eager attention in float32."""
+
+import copy
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers")
+
+from transformers import (AttentionInterface, AutoModelForCausalLM, DynamicCache, GPT2Config,  # noqa: E402
+                          LlamaConfig, MistralConfig, StaticCache)
+from transformers.masking_utils import (AttentionMaskInterface, causal_mask_function, eager_mask,  # noqa: E402
+                                        sdpa_mask, sliding_window_causal_mask_function)
+
+from cases import DEVICE, FACTOR, FLOOR, GRAD_FACTOR  # noqa: E402
+from kernels.hf import CALLS, kernel_attention_forward, kernel_mask, register_transformers  # noqa: E402
+from rule import assert_close, seed_of  # noqa: E402
+
+IMPLS = ["fused", "flash"]
+T = 12          # short: the interpreter is slow
+VOCAB = 100
+LAYERS = 2
+
+
+def llama():
+    """Grouped-query: 4 query heads share 2 k/v heads; head dim 16."""
+    return LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=LAYERS,
+                       intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=64)
+
+
+def gpt2():
+    """Layer l scales its scores by 1/(sqrt(D) (l + 1)): a scale that is not the default."""
+    return GPT2Config(n_embd=64, n_head=4, n_layer=LAYERS, vocab_size=VOCAB, n_positions=64, resid_pdrop=0.0,
+                      embd_pdrop=0.0, attn_pdrop=0.0, scale_attn_by_inverse_layer_idx=True, bos_token_id=0,
+                      eos_token_id=0)
+
+
+def mistral(sliding_window):
+    return MistralConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=LAYERS,
+                         intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=64,
+                         sliding_window=sliding_window)
+
+
+CONFIGS = {"llama": llama, "gpt2": gpt2}
+
+
+def eager_in_input_dtype(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' eager attention, with the softmax in the input's dtype: Llama's and Mistral's
+    eager attention take it in float32 whatever the input, which a float64 truth must not (and
+    their padded rows, which see no key, then turn into nan and spread)."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = (x.repeat_interleave(groups, dim=1) for x in (key, value))             # (B, Hq, Tk, D)
+    scores = query @ key.transpose(-1, -2) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if attention_mask is not None:
+        scores = scores + attention_mask                                                # (B, Hq, Tq, Tk)
+    out = scores.softmax(-1) @ value                                                    # (B, Hq, Tq, D)
+    return out.transpose(1, 2).contiguous(), None                                       # (B, Tq, Hq, D)
+
+
+AttentionInterface.register("eager_in_input_dtype", eager_in_input_dtype)
+AttentionMaskInterface.register("eager_in_input_dtype", eager_mask)
+
+
+@pytest.fixture(scope="module")
+def names():
+    """One registered implementation name per impl ("flash" may not be in a name: transformers would
+    take it for FlashAttention)."""
+    return {impl: register_transformers(f"attention_kernels_{n}", impl) for n, impl in enumerate(("auto", *IMPLS))}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def build(config, attn, seed):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=attn).to(DEVICE).eval()
+
+
+def eager_copies(model):
+    """The same weights under eager attention: float64 (the truth, softmax in float64 too) and
+    transformers' own eager in float32 (the yardstick)."""
+    copies = []
+    for attn, dtype in (("eager_in_input_dtype", torch.float64), ("eager", torch.float32)):
+        m = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), attn_implementation=attn)
+        m.load_state_dict(model.state_dict())
+        copies.append(m.to(DEVICE, dtype).eval())
+    return copies
+
+
+def draw_inputs(padding, seed, B=2):
+    """Token ids, a 2D attention mask (long, 1 = token) and labels. Each row is padded by its own
+    random amount on the side asked for."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(VOCAB, (B, T), generator=g)
+    labels = torch.randint(VOCAB, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    for b, pad in enumerate(torch.randint(1, T // 2, (B,), generator=g).tolist()):
+        if padding == "left":
+            mask[b, :pad] = 0
+        elif padding == "right":
+            mask[b, T - pad:] = 0
+    return ids.to(DEVICE), mask.to(DEVICE), labels.to(DEVICE)
+
+
+def counted(fn, *args, **kwargs):
+    """fn's result and what it added to kernels.hf.CALLS."""
+    before = CALLS.copy()
+    return fn(*args, **kwargs), CALLS - before
+
+
+def loss_and_grads(model, ids, mask, labels, **kwargs):
+    """Logits at the tokens the mask keeps, and every parameter's gradient of a cross-entropy over
+    those tokens only (padded rows differ by design: eager averages, the kernels give zeros)."""
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs).logits  # (B, T, VOCAB)
+    keep = torch.ones_like(ids, dtype=torch.bool) if mask is None or mask.ndim != 2 else mask.bool()
+    F.cross_entropy(logits[keep], labels[keep]).backward()
+    return logits[keep], {n: p.grad for n, p in model.named_parameters()}
+
+
+def assert_matches_eager(model, ids, mask, labels, **kwargs):
+    """Logits and all parameter gradients against eager attention under the rule; returns what the
+    forward added to CALLS."""
+    truth, low = eager_copies(model)
+    (got, grads), calls = counted(loss_and_grads, model, ids, mask, labels, **kwargs)
+    want, want_grads = loss_and_grads(truth, ids, mask, labels, **kwargs)
+    base, base_grads = loss_and_grads(low, ids, mask, labels, **kwargs)
+    floor = FLOOR[torch.float32]
+    assert_close("logits", got, want, base, FACTOR, floor)
+    assert grads.keys() == want_grads.keys()
+    for name, grad in grads.items():
+        assert grad is not None, f"no gradient reached {name}"
+        assert_close(f"grad of {name}", grad, want_grads[name], base_grads[name], GRAD_FACTOR, floor)
+    return calls
+
+
+# ----------------------------------------------------------------------------- on the kernels
+
+
+# Every model with every padding, and every kernel with every padding (the glue does not depend on
+# the kernel, and the kernels have their own tests: the full product would only cost time).
+MATCH_CASES = [("llama", "fused", "none"), ("llama", "flash", "left"), ("llama", "fused", "right"),
+               ("gpt2", "flash", "none"), ("gpt2", "fused", "left"), ("gpt2", "flash", "right")]
+
+
+@pytest.mark.parametrize("model_name, impl, padding", MATCH_CASES)
+def test_matches_eager(poison, names, model_name, impl, padding):
+    model = build(CONFIGS[model_name](), names[impl], seed=seed_of("model", model_name, impl, padding))
+    ids, mask, labels = draw_inputs(padding, seed_of("inputs", model_name, impl, padding))
+    calls = assert_matches_eager(model, ids, mask, labels)
+    assert calls == {"kernels": LAYERS}
+
+
+@pytest.mark.parametrize("model_name", CONFIGS)
+def test_every_way_to_ask_runs_the_kernels(names, tmp_path, model_name):
+    """set_attn_implementation on an eager model, from_config and from_pretrained."""
+    name, config = names["auto"], CONFIGS[model_name]()
+    eager = build(config, "eager", seed=seed_of("ask", model_name))
+    ids, mask, _ = draw_inputs("left", seed_of("ask inputs", model_name))
+    truth, low = eager_copies(eager)
+    want, base = (m(input_ids=ids, attention_mask=mask).logits[mask.bool()] for m in (truth, low))
+
+    switched = copy.deepcopy(eager)
+    switched.set_attn_implementation(name)
+    from_config = build(config, name, seed=seed_of("ask", model_name))  # same seed: same weights
+    eager.save_pretrained(tmp_path)
+    from_pretrained = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=name).to(DEVICE).eval()
+    for how, model in (("set_attn_implementation", switched), ("from_config", from_config),
+                       ("from_pretrained", from_pretrained)):
+        assert model.config._attn_implementation == name, how
+        logits, calls = counted(lambda: model(input_ids=ids, attention_mask=mask).logits)
+        assert calls == {"kernels": LAYERS}, how
+        assert_close(f"logits ({how})", logits[mask.bool()], want, base, FACTOR, FLOOR[torch.float32])
+
+
+def test_cached_decoding_matches_eager(names):
+    """A left-padded prompt, then a chunk of 3 tokens and one token against a DynamicCache: the
+    queries sit after the cached keys, where bottom-right alignment is what makes it right."""
+    model = build(llama(), names["auto"], seed=seed_of("decode"))
+    truth, low = eager_copies(model)
+    ids, mask, _ = draw_inputs("left", seed_of("decode inputs"))
+    caches = {m: DynamicCache(config=m.config) for m in (model, truth, low)}
+    for lo, hi in [(0, 8), (8, 11), (11, 12)]:  # prefill, a chunk, one token
+        logits, calls = {}, {}
+        for m in (model, truth, low):
+            logits[m], calls[m] = counted(lambda: m(input_ids=ids[:, lo:hi], attention_mask=mask[:, :hi],
+                                                    cache=caches[m], use_cache=True).logits)
+        assert calls[model] == {"kernels": LAYERS}
+        keep = mask[:, lo:hi].bool()
+        assert_close(f"logits of tokens {lo}:{hi}", logits[model][keep], logits[truth][keep], logits[low][keep],
+                     FACTOR, FLOOR[torch.float32])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_padded_batch_rows(poison, causal):
+    """The per-sequence path on its own, with fewer queries than keys: valid query rows match SDPA
+    with the padding mask, forward and backward; padded rows, and a sequence with no valid key at
+    all, are zeros."""
+    B, Hq, Hkv, Tq, Tk, D = 4, 4, 2, 5, 9, 16
+    g = torch.Generator().manual_seed(seed_of("rows", causal))
+    q = torch.randn(B, Hq, Tq, D, generator=g).to(DEVICE).requires_grad_()
+    k, v = (torch.randn(B, Hkv, Tk, D, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    do = torch.randn(B, Tq, Hq, D, generator=g).to(DEVICE)
+    valid = torch.zeros(B, Tk, dtype=torch.bool, device=DEVICE)
+    valid[0, 3:], valid[1, :7], valid[2, 2:6] = True, True, True   # left, right, both; row 3: none
+
+    def sdpa(q, k, v):
+        keys = torch.arange(Tk, device=DEVICE)
+        rows = torch.arange(Tq, device=DEVICE)[:, None] + (Tk - Tq)                     # (Tq, 1)
+        row_valid = valid[:, rows.squeeze(1)][:, None, :, None]                         # (B, 1, Tq, 1)
+        allowed = valid[:, None, None, :] & ((keys <= rows) if causal else True)        # (B, 1, Tq, Tk)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~row_valid, enable_gqa=True)
+        return (out * row_valid).transpose(1, 2)                                        # (B, Tq, Hq, D)
+
+    module = SimpleNamespace(is_causal=True)  # the is_causal argument overrides it
+    (out, weights), calls = counted(kernel_attention_forward, module, q, k, v, valid, impl="flash", is_causal=causal)
+    assert calls == {"kernels": 1} and weights is None
+    assert out.shape == (B, Tq, Hq, D) and out.is_contiguous()
+    assert torch.equal(out[3], torch.zeros_like(out[3]))
+    leaves64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    leaves32 = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    truth, low = sdpa(*leaves64), sdpa(*leaves32)
+    assert_close("out", out, truth, low, FACTOR, FLOOR[torch.float32])
+    for o, leaves in ((out, (q, k, v)), (truth, leaves64), (low, leaves32)):
+        o.backward(do.to(o.dtype))
+    for name, x, x64, x32 in zip(("dq", "dk", "dv"), (q, k, v), leaves64, leaves32):
+        assert_close(name, x.grad, x64.grad, x32.grad, GRAD_FACTOR, FLOOR[torch.float32])
+
+
+# ----------------------------------------------------------------------------- falling back
+
+
+@pytest.mark.parametrize("window, path", [(4, "sdpa: 4D bool mask"), (2 * T, "kernels")])
+def test_sliding_window(names, window, path):
+    """A window shorter than the sequence is masked by SDPA with transformers' own mask; one that
+    covers every key masks nothing, and the kernels run it."""
+    model = build(mistral(window), names["auto"], seed=seed_of("window", window))
+    ids, mask, labels = draw_inputs("none", seed_of("window inputs", window))
+    assert assert_matches_eager(model, ids, mask, labels) == {path: LAYERS}
+
+
+def test_user_4d_mask_falls_back(names):
+    """A custom 4D mask (two packed documents, additive float) goes to SDPA as it is."""
+    model = build(llama(), names["auto"], seed=seed_of("4d"))
+    ids, _, labels = draw_inputs("none", seed_of("4d inputs"))
+    doc = torch.arange(T, device=DEVICE) >= 5                                   # tokens 0-4, then 5-11
+    allowed = torch.ones(T, T, dtype=torch.bool, device=DEVICE).tril() & (doc[:, None] == doc[None, :])
+    mask = torch.zeros(T, T, device=DEVICE).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    mask = mask.expand(ids.shape[0], 1, T, T)                                   # (B, 1, T, T)
+    assert assert_matches_eager(model, ids, mask, labels) == {"sdpa: 4D float32 mask": LAYERS}
+
+
+def test_padding_mask_with_holes_falls_back(names):
+    model = build(llama(), names["flash"], seed=seed_of("holes"))
+    ids, mask, labels = draw_inputs("left", seed_of("holes inputs"))
+    mask[0, T - 4] = 0                                                          # a hole in row 0
+    assert assert_matches_eager(model, ids, mask, labels) == {"sdpa: padding mask with holes": LAYERS}
+
+
+def test_static_cache_falls_back(names):
+    """A StaticCache's keys run past the queries (and its offsets are tensors): SDPA, with the mask
+    transformers would otherwise have left to SDPA's top-left is_causal."""
+    model = build(llama(), names["auto"], seed=seed_of("static"))
+    truth, low = eager_copies(model)
+    ids, mask, _ = draw_inputs("none", seed_of("static inputs"))
+    logits, calls = {}, {}
+    for m in (model, truth, low):
+        cache = StaticCache(config=m.config, max_cache_len=16)
+        logits[m], calls[m] = counted(lambda: m(input_ids=ids, cache=cache, use_cache=True).logits)
+    assert calls[model] == {"sdpa: 4D bool mask": LAYERS}
+    assert_close("logits", logits[model], logits[truth], logits[low], FACTOR, FLOOR[torch.float32])
+
+
+@pytest.mark.parametrize("dtype, padded, window, path", [
+    (torch.float64, False, None, "sdpa: dtype float64"), (torch.float64, True, None, "sdpa: dtype float64"),
+    (torch.float32, False, 4, "sdpa: sliding window"), (torch.float32, True, 7, "sdpa: sliding window"),
+    (torch.float32, True, 8, "kernels"),  # a window of Tk keys masks nothing
+])
+def test_masks_reach_sdpa_spelled_out(dtype, padded, window, path):
+    """Where the kernels hand a call to SDPA, a None or 2D mask becomes the 4D mask it stands for:
+    SDPA would read None as top-left causal, and knows neither 2D padding masks nor windows. The
+    truth is transformers' own sdpa_mask for the same pattern, queries after 5 cached keys."""
+    B, Hq, Hkv, Tq, Tk, D = 2, 4, 2, 3, 8, 16
+    g = torch.Generator().manual_seed(seed_of("spelled out", dtype, padded, window))
+    q = torch.randn(B, Hq, Tq, D, generator=g, dtype=dtype).to(DEVICE)
+    k, v = (torch.randn(B, Hkv, Tk, D, generator=g, dtype=dtype).to(DEVICE) for _ in range(2))
+    padding = torch.ones(B, Tk, dtype=torch.bool, device=DEVICE)
+    padding[0, :3] = False
+    padding = padding if padded else None
+    mask_function = causal_mask_function if window is None else sliding_window_causal_mask_function(window)
+    allowed = sdpa_mask(batch_size=B, q_length=Tq, kv_length=Tk, q_offset=Tk - Tq, mask_function=mask_function,
+                        attention_mask=padding, allow_is_causal_skip=False, device=DEVICE)  # (B, 1, Tq, Tk)
+    module = SimpleNamespace(is_causal=True, num_key_value_groups=Hq // Hkv)  # what SDPA reads of a module
+    (out, _), calls = counted(kernel_attention_forward, module, q, k, v, padding, scaling=0.3, sliding_window=window)
+    assert calls == {path: 1}
+    additive = torch.zeros(allowed.shape, device=DEVICE).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    truth, low = (eager_in_input_dtype(module, q.to(t), k.to(t), v.to(t), additive.to(t), scaling=0.3)[0]
+                  for t in (torch.float64, torch.float32))
+    rows = allowed.any(-1).squeeze(1)                                             # (B, Tq): rows that see a key
+    assert_close("out", out[rows], truth[rows], low[rows], FACTOR, FLOOR[torch.float32])
+
+
+def test_mask_rules():
+    """kernel_mask gives None or the 2D padding mask only where the kernels are exact."""
+    B, Tq, Tk = 2, 3, 8
+    pad = torch.ones(B, Tk, dtype=torch.bool)
+    pad[0, :2] = False
+
+    def mask(**kw):
+        args = dict(batch_size=B, q_length=Tq, kv_length=Tk, q_offset=Tk - Tq, kv_offset=0,
+                    mask_function=causal_mask_function, attention_mask=pad, device="cpu")
+        return kernel_mask(**{**args, **kw}), sdpa_mask(**{**args, **kw, "allow_is_causal_skip": False})
+
+    got, _ = mask()
+    assert torch.equal(got, pad)
+    assert mask(attention_mask=None)[0] is None
+    assert mask(attention_mask=torch.ones(B, Tk, dtype=torch.bool))[0] is None
+    for case in (dict(mask_function=sliding_window_causal_mask_function(4), local_size=4),
+                 dict(q_offset=torch.tensor(Tk - Tq)),              # a StaticCache
+                 dict(q_offset=0),                                  # the queries do not end where the keys do
+                 dict(attention_mask=torch.ones(B, Tk + 1, dtype=torch.bool)),
+                 dict(allow_is_causal_skip=False),                  # the model adds onto the mask
+                 dict(attention_mask=None, q_offset=0)):            # sdpa_mask would skip: top-left
+        got, want = mask(**case)
+        assert got is not None and got.ndim == 4 and torch.equal(got, want), case
+
+
+# ----------------------------------------------------------------------------- errors and imports
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="impl must be one of .*'flash'.*got 'triton'"):
+        register_transformers("attention_kernels_bad", impl="triton")
+    with pytest.raises(ValueError, match="name must be"):
+        register_transformers("my_flash_kernels")
+    q = torch.randn(1, 2, 4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="'s_aux' is not supported"):
+        kernel_attention_forward(SimpleNamespace(is_causal=True), q, q, q, None, s_aux=torch.zeros(2))
+
+
+def test_importing_kernels_does_not_import_transformers():
+    code = "import sys, kernels, kernels.hf; assert 'transformers' not in sys.modules, 'imported'"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
