@@ -64,7 +64,7 @@ def meta(q, causal):
     """The constexprs every kernel takes from q and the mask: head dim, its padded block, causal,
     and tl.dot's precision (see `precision`)."""
     dot_precision, upcast = precision(q.dtype)
-    D = q.shape[-1]
+    D = int(q.shape[-1])  # constexprs: under torch.compile's dynamic shapes this specialises D
     return dict(HEAD_DIM=D, BLOCK_D=pow2(D), CAUSAL=causal, PRECISION=dot_precision, UPCAST=upcast)
 
 
@@ -81,9 +81,11 @@ def strides(*tensors):
 # ----------------------------------------------------------------------------- custom ops
 
 
-def launch(kernel):
-    """How a custom op's body launches a kernel: through `wrap_triton` on a GPU, so that
-    torch.compile sees the kernel inside the op; under the interpreter, the kernel itself."""
+def wrap_triton(kernel):
+    """How a custom op's body launches a kernel: through `torch.library.wrap_triton` on a GPU,
+    so that torch.compile sees the kernel inside the op; under the interpreter, the kernel
+    itself. Call it on a module-level name, `wrap_triton(_flash_fwd)[grid](...)`: torch finds
+    an op's kernels (for its compile cache key) by reading such calls in the op's source."""
     return kernel if INTERPRET else torch.library.wrap_triton(kernel)
 
 

@@ -40,8 +40,8 @@ from torch import Tensor
 import triton.language as tl
 
 from kernels.checks import INTERPRET, check_inputs, last_dim_contiguous
-from kernels.common import (LOG2E, dot, head_and_query_block, kernel_op, launch, mask_scores, meta, on_device, pow2,
-                            strides)
+from kernels.common import (LOG2E, dot, head_and_query_block, kernel_op, mask_scores, meta, on_device, pow2,
+                            strides, wrap_triton)
 
 # ----------------------------------------------------------------------------- forward
 
@@ -414,10 +414,10 @@ def _tuned(kernel, fn):
 
 
 if INTERPRET:  # autotuning is far too slow there: one fixed set of blocks
-    _launch = {"fwd": _flash_fwd, "dq": _flash_bwd_dq, "dkdv": _flash_bwd_dkdv}
+    _fwd_kernel, _dq_kernel, _dkdv_kernel = _flash_fwd, _flash_bwd_dq, _flash_bwd_dkdv
 else:
-    _launch = {"fwd": _tuned("fwd", _flash_fwd), "dq": _tuned("dq", _flash_bwd_dq),
-               "dkdv": _tuned("dkdv", _flash_bwd_dkdv)}
+    _fwd_kernel, _dq_kernel, _dkdv_kernel = (_tuned("fwd", _flash_fwd), _tuned("dq", _flash_bwd_dq),
+                                             _tuned("dkdv", _flash_bwd_dkdv))
 
 
 def _blocks(kernel):
@@ -443,7 +443,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tup
     o, lse = _forward_shapes(q, k, v, causal, scale)
     grid = lambda meta: (B * Hq * triton.cdiv(Tq, meta["BLOCK_M"]),)
     with on_device(q):
-        launch(_launch["fwd"])[grid](
+        wrap_triton(_fwd_kernel)[grid](
             q, k, v, o, lse, *strides(q, k, v, o),
             Hq, Tq, Tk, Hq // Hkv, scale * LOG2E, t_bucket(Tq), t_bucket(Tk),
             **meta(q, causal), **_blocks("fwd"),
@@ -457,7 +457,7 @@ def dkdv(q, k, v, do, lse, delta, causal, scale):
     Hkv, Tk = k.shape[1], k.shape[2]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     grid = lambda meta: (B * Hkv * triton.cdiv(Tk, meta["BLOCK_N"]),)
-    launch(_launch["dkdv"])[grid](
+    wrap_triton(_dkdv_kernel)[grid](
         q, k, v, do, dk, dv, lse, delta, *strides(q, k, v, do, dk, dv),
         Hq, Hkv, Tq, Tk, Hq // Hkv, scale, scale * LOG2E, t_bucket(Tq), t_bucket(Tk),
         **meta(q, causal), **_blocks("dkdv"),
@@ -477,13 +477,14 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tenso
     do = last_dim_contiguous(do)
     delta = torch.empty_like(lse)
     with on_device(q):
-        launch(_flash_bwd_delta)[(B * Hq * triton.cdiv(Tq, DELTA_BLOCK_M),)](
-            o, do, delta, *strides(o, do), Hq, Tq, HEAD_DIM=D, BLOCK_D=pow2(D), BLOCK_M=DELTA_BLOCK_M,
+        wrap_triton(_flash_bwd_delta)[(B * Hq * triton.cdiv(Tq, DELTA_BLOCK_M),)](
+            o, do, delta, *strides(o, do), Hq, Tq,
+            HEAD_DIM=meta(q, causal)["HEAD_DIM"], BLOCK_D=meta(q, causal)["BLOCK_D"], BLOCK_M=DELTA_BLOCK_M,
         )
         dk, dv = dkdv(q, k, v, do, lse, delta, causal, scale)
         dq = torch.empty_like(q)
         grid = lambda meta: (B * Hq * triton.cdiv(Tq, meta["BLOCK_M"]),)
-        launch(_launch["dq"])[grid](
+        wrap_triton(_dq_kernel)[grid](
             q, k, v, do, dq, lse, delta, *strides(q, k, v, do, dq),
             Hq, Tq, Tk, Hq // Hkv, scale, scale * LOG2E, t_bucket(Tq), t_bucket(Tk),
             **meta(q, causal), **_blocks("dq"),

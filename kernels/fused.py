@@ -35,8 +35,8 @@ from torch import Tensor
 import triton.language as tl
 
 from kernels.checks import INTERPRET, check_inputs, last_dim_contiguous
-from kernels.common import (LOG2E, dot, head_and_query_block, kernel_op, launch, mask_scores, meta, on_device, pow2,
-                            strides)
+from kernels.common import (LOG2E, dot, head_and_query_block, kernel_op, mask_scores, meta, on_device, pow2,
+                            strides, wrap_triton)
 from kernels.flash import dkdv
 
 # ----------------------------------------------------------------------------- forward
@@ -202,12 +202,12 @@ def _forward_shapes(q, k, v, causal, scale):
 def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    row = pow2(Tk)
+    row = pow2(int(Tk))  # a constexpr: under torch.compile's dynamic shapes this specialises Tk
     block_m, num_warps = row_config(Tq, row, D, q.dtype)
     num_m_blocks = triton.cdiv(Tq, block_m)
     o, lse = _forward_shapes(q, k, v, causal, scale)
     with on_device(q):
-        launch(_fused_fwd)[(B * Hq * num_m_blocks,)](
+        wrap_triton(_fused_fwd)[(B * Hq * num_m_blocks,)](
             q, k, v, o, lse, *strides(q, k, v, o),
             Hq, Tq, Tk, Hq // Hkv, num_m_blocks, scale * LOG2E,
             BLOCK_M=block_m, ROW=row, num_warps=num_warps, **meta(q, causal),
@@ -225,12 +225,12 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, do: Tensor, causal: 
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     do = last_dim_contiguous(do)
-    row = pow2(Tk)
+    row = pow2(int(Tk))  # a constexpr: under torch.compile's dynamic shapes this specialises Tk
     block_m, num_warps = row_config(Tq, row, D, q.dtype)
     num_m_blocks = triton.cdiv(Tq, block_m)
     dq, delta = torch.empty_like(q), torch.empty_like(lse)
     with on_device(q):
-        launch(_fused_bwd_dq)[(B * Hq * num_m_blocks,)](
+        wrap_triton(_fused_bwd_dq)[(B * Hq * num_m_blocks,)](
             q, k, v, do, dq, delta, *strides(q, k, v, do, dq),
             Hq, Tq, Tk, Hq // Hkv, num_m_blocks, scale, scale * LOG2E,
             BLOCK_M=block_m, ROW=row, num_warps=num_warps, **meta(q, causal),

@@ -76,26 +76,35 @@ def _is_nanogpt_attention(module):
 def swap_attention(model, impl="flash"):
     """Replace, in place, every nanoGPT-style `CausalSelfAttention` in `model` (any module with
     nanoGPT's `c_attn`, `c_proj`, `n_head` and `n_embd`) by this one running `impl`, with the same
-    weights, device, dtype and train/eval mode. Modules that already are ours get `impl` set.
-    Returns the number of modules swapped or set."""
+    weights, frozen parameters, device, dtype and train/eval mode; a module held in two places
+    becomes one new module held in both. Modules that already are ours get `impl` set. Returns
+    the number of distinct modules swapped or set. Build optimizers after swapping: the new
+    modules have new parameters."""
     if impl not in MODULE_IMPLS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, MODULE_IMPLS))}; got {impl!r}")
-    count = 0
+    if _is_nanogpt_attention(model):
+        raise ValueError("model is itself a nanoGPT attention module, which cannot be replaced in place: pass the "
+                         "model that holds it, or build CausalSelfAttention and load its state_dict")
+    done = {}  # id(old module) -> its replacement
     for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, CausalSelfAttention):
+        for name, child in list(parent._modules.items()):  # not named_children: it skips repeats
+            if id(child) in done:
+                setattr(parent, name, done[id(child)])
+            elif isinstance(child, CausalSelfAttention):
                 child.impl = impl
+                done[id(child)] = child
             elif _is_nanogpt_attention(child):
                 new = CausalSelfAttention(child.n_embd, child.n_head, bias=child.c_attn.bias is not None,
                                           dropout=float(getattr(child, "dropout", 0.0)), impl=impl)
                 new.load_state_dict(child.state_dict())
                 new.to(device=child.c_attn.weight.device, dtype=child.c_attn.weight.dtype)
+                frozen = {n for n, p in child.named_parameters() if not p.requires_grad}
+                for n, p in new.named_parameters():
+                    p.requires_grad_(n not in frozen)
                 new.train(child.training)
                 setattr(parent, name, new)
-            else:
-                continue
-            count += 1
+                done[id(child)] = new
     if isinstance(model, CausalSelfAttention):  # the model itself: nothing to replace it in
         model.impl = impl
-        count += 1
-    return count
+        done[id(model)] = model
+    return len(done)

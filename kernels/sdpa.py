@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from kernels.checks import INTERPRET, MAX_HEAD_DIM, SUPPORTED_DTYPES
 from kernels.dispatch import IMPLS, attention
+from kernels.fused import max_seqlen
 
 _torch_sdpa = F.scaled_dot_product_attention  # taken at import, before any patch
 
@@ -43,11 +44,11 @@ class SdpaCalls:
                 f"torch" + (f" ({why})" if why else ""))
 
 
-def _refusal(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
+def _refusal(query, key, value, attn_mask, dropout_p, scale, enable_gqa, impl):
     """Why the kernels cannot run this call, or None when they can."""
     if attn_mask is not None:
         return "attn_mask given"
-    if dropout_p > 0:
+    if dropout_p != 0:  # torch raises for a negative one
         return "dropout_p > 0"
     tensors = (query, key, value)
     if not all(isinstance(t, torch.Tensor) for t in tensors):
@@ -72,8 +73,10 @@ def _refusal(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
         return f"head dim {D} > {MAX_HEAD_DIM}"
     if Hq != Hkv and not (enable_gqa and Hq % Hkv == 0):
         return "head counts differ without enable_gqa"
-    if scale is not None and not (math.isfinite(scale) and scale > 0):
+    if scale is not None and (isinstance(scale, bool) or not (math.isfinite(scale) and scale > 0)):
         return "scale <= 0"
+    if impl == "fused" and Tk > max_seqlen(D, query.dtype):
+        return "Tk beyond fused's row limit"
     return None
 
 
@@ -90,7 +93,7 @@ def _on_kernels(query, key, value, is_causal, scale, impl):
 
 
 def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, impl, calls):
-    why = _refusal(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
+    why = _refusal(query, key, value, attn_mask, dropout_p, scale, enable_gqa, impl)
     if why is not None:
         if calls is not None:
             calls.fallback[why] += 1

@@ -90,6 +90,20 @@ def test_swap_replaces_every_nanogpt_attention_in_place():
     assert swap_attention(model, impl="fused") == 3 and all(m.impl == "fused" for m in swapped)
 
 
+def test_swap_keeps_sharing_and_frozen_parameters():
+    torch.manual_seed(seed_of("swap shared"))
+    shared = NanoGPTAttention(16, 2).to(DEVICE)
+    shared.c_proj.weight.requires_grad_(False)
+    model = nn.Module()
+    model.a, model.b = shared, nn.Sequential(shared)
+    model.c = shared  # one module under two names of one parent
+    assert swap_attention(model) == 1
+    assert model.a is model.b[0] is model.c and isinstance(model.a, CausalSelfAttention)
+    assert not model.a.c_proj.weight.requires_grad and model.a.c_attn.weight.requires_grad
+    with pytest.raises(ValueError, match="cannot be replaced in place"):
+        swap_attention(NanoGPTAttention(16, 2))
+
+
 def test_grouped_query_variant_matches_the_reference():
     torch.manual_seed(seed_of("gqa"))
     ours = CausalSelfAttention(64, 4, n_kv_head=1, impl="flash").to(DEVICE)   # multi-query, D = 16

@@ -5,6 +5,10 @@ fake tensors), so compiling there shows no graph breaks and the right answer; on
 triton_ops, and the `gpu` tests check that Inductor's generated code launches our kernels itself.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -36,6 +40,23 @@ def test_opcheck(layout):
     for op, args in cases:
         results = torch.library.opcheck(op, args)
         assert set(results.values()) == {"SUCCESS"}, (op, results)
+
+
+def test_gpu_ops_name_their_kernels():
+    """On a GPU the ops are triton_ops; torch reads `wrap_triton(<kernel>)` in their source to
+    know which kernels each launches (its compile cache key changes when they do). Checked in a
+    process without the interpreter, where the GPU registration happens even on a CPU machine."""
+    script = ("import kernels; from torch._library.triton import triton_ops_to_kernels as t; "
+              "print({op: sorted(k.fn.__name__ for k in ks) for op, ks in t.items() if op.startswith('attention_')})")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    found = eval(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                                check=True).stdout)
+    assert found == {
+        "attention_kernels::flash_forward": ["_flash_fwd"],
+        "attention_kernels::flash_backward": ["_flash_bwd_delta", "_flash_bwd_dkdv", "_flash_bwd_dq"],
+        "attention_kernels::fused_forward": ["_fused_fwd"],
+        "attention_kernels::fused_backward": ["_flash_bwd_dkdv", "_fused_bwd_dq"],
+    }
 
 
 class TinyBlock(nn.Module):
@@ -97,3 +118,11 @@ def test_gpu_model_compiles_with_dynamic_shapes():
     model = TinyBlock("flash").to(DEVICE)
     for B, T in ((2, 100), (3, 257)):
         compiled_matches_eager(model, torch.randn(B, T, 32, device=DEVICE), backend="inductor", dynamic=True)
+
+
+@pytest.mark.gpu
+def test_gpu_compiles_with_dynamic_head_dims():
+    fn = torch.compile(lambda q, k, v: flash_attention(q, k, v), fullgraph=True, dynamic=True)
+    for D in (80, 128):  # head dims above 64 select another autotuning table
+        q, k, v, _ = make_qkv(Shape(2, 4, 2, 97, 97, D), torch.float16, seed=seed_of("dyn-d", D))
+        assert torch.allclose(fn(q, k, v), attention(q, k, v, impl="reference"), atol=2e-2)

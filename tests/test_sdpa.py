@@ -74,6 +74,14 @@ def test_fallbacks_are_torch_and_counted():
     assert torch.equal(dropped, TORCH_SDPA(q, k, v, dropout_p=0.5))
 
 
+def test_rows_too_long_for_a_forced_fused_fall_back():
+    q, k, v, _ = make_qkv(Shape(1, 1, 1, 4, 2000, 16), torch.float32, seed=seed_of("long"))
+    with patch_sdpa(impl="fused") as calls:
+        got = F.scaled_dot_product_attention(q, k, v)
+    assert calls.fallback == {"Tk beyond fused's row limit": 1}, calls
+    assert torch.equal(got, TORCH_SDPA(q, k, v))
+
+
 def test_torch_errors_stay_torch_errors():
     q = torch.randn(1, 4, 8, 16, device=DEVICE)
     kv = torch.randn(1, 2, 8, 16, device=DEVICE)
