@@ -165,8 +165,9 @@ def fmt(x, spec):
     return (" " + format(x, spec[len(str(width)):])).rjust(width) if x is not None else " " * width
 
 
-def sweep(shapes, dtypes, causals, modes, impls, out_dir, plots=True):
-    """Run every row, write out_dir/sweep.csv, log.txt and the plots; return the rows."""
+def run_log(out_dir):
+    """Make out_dir and return say(line), which prints the line and appends it to out_dir/log.txt;
+    say.close() closes the log."""
     os.makedirs(out_dir, exist_ok=True)
     log = open(os.path.join(out_dir, "log.txt"), "w")
 
@@ -174,7 +175,13 @@ def sweep(shapes, dtypes, causals, modes, impls, out_dir, plots=True):
         print(line)
         log.write(line + "\n")
         log.flush()
+    say.close = log.close
+    return say
 
+
+def sweep(shapes, dtypes, causals, modes, impls, out_dir, plots=True):
+    """Run every row, write out_dir/sweep.csv, log.txt and the plots; return the rows."""
+    say = run_log(out_dir)
     env = environment()
     say(f"attention sweep on {env['device']}: torch {env['torch']}, triton {env['triton']}, commit {env['commit']}")
     say(" ".join(sys.argv))
@@ -234,7 +241,7 @@ def sweep(shapes, dtypes, causals, modes, impls, out_dir, plots=True):
         for path in plot(os.path.join(out_dir, "sweep.csv"), out_dir):
             say(f"wrote {path}")
     say(f"wrote {os.path.join(out_dir, 'sweep.csv')} ({len(rows)} rows) and {os.path.join(out_dir, 'log.txt')}")
-    log.close()
+    say.close()
     return rows, failed
 
 

@@ -68,7 +68,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.measure import peak_mib  # noqa: E402
-from benchmarks.sweep import environment, fmt  # noqa: E402
+from benchmarks.sweep import environment, fmt, run_log  # noqa: E402
 from kernels.module import MODULE_IMPLS, CausalSelfAttention  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "attention.txt")
@@ -293,14 +293,7 @@ def main(argv=None):
     impls = ["reference"] + [i for i in dict.fromkeys(args.impl) if i != "reference"]
 
     out = args.out or os.path.join("runs", "tinygpt-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    os.makedirs(out, exist_ok=True)
-    log = open(os.path.join(out, "log.txt"), "w")
-
-    def say(line=""):
-        print(line)
-        log.write(line + "\n")
-        log.flush()
-
+    say = run_log(out)
     text, alphabet = load_text(args.data)
     data = encode(text, alphabet)
     torch.manual_seed(args.seed)
@@ -362,7 +355,7 @@ def main(argv=None):
             + ("; sdpa, torch's own attention, is among them: at these settings rounding alone parts the "
                "runs (training is chaotic), so lower --lr or --steps" if "sdpa" in failed else ""))
     say(f"wrote {os.path.join(out, 'losses.csv')} and {os.path.join(out, 'log.txt')}")
-    log.close()
+    say.close()
     return 1 if failed else 0
 
 

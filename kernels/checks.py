@@ -82,3 +82,13 @@ def check_inputs(q, k, v, scale):
     elif not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be finite and > 0, got {scale}")
     return last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v), float(scale)
+
+
+def input_problem(q, k, v, scale=None):
+    """What `check_inputs` refuses in these inputs, as its message, or None: for callers that fall
+    back to another implementation instead of raising (the SDPA drop-in, transformers)."""
+    try:
+        check_inputs(q, k, v, scale)
+    except (TypeError, ValueError) as e:
+        return str(e)
+    return None

@@ -89,6 +89,18 @@ def wrap_triton(kernel):
     return kernel if INTERPRET else torch.library.wrap_triton(kernel)
 
 
+def forward_outputs(q, *args):
+    """The empty (out, lse) a forward op fills: out like q, lse (B, Hq, Tq) fp32. Also the ops'
+    fake implementation under the interpreter: the same shapes, strides and dtypes."""
+    B, Hq, Tq, D = q.shape
+    return torch.empty_like(q), torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
+
+
+def gradient_outputs(q, k, v, *args):
+    """The shapes of a backward op's (dq, dk, dv), for its fake implementation."""
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 def kernel_op(name, fake):
     """Register the decorated launcher as the torch op `attention_kernels::<name>`.
 

@@ -40,8 +40,8 @@ from torch import Tensor
 import triton.language as tl
 
 from kernels.checks import INTERPRET, check_inputs, last_dim_contiguous
-from kernels.common import (LOG2E, dot, head_and_query_block, kernel_op, mask_scores, meta, on_device, pow2,
-                            strides, wrap_triton)
+from kernels.common import (LOG2E, dot, forward_outputs, gradient_outputs, head_and_query_block, kernel_op,
+                            mask_scores, meta, on_device, pow2, strides, wrap_triton)
 
 # ----------------------------------------------------------------------------- forward
 
@@ -431,16 +431,11 @@ def _blocks(kernel):
 # ----------------------------------------------------------------------------- launchers
 
 
-def _forward_shapes(q, k, v, causal, scale):
-    B, Hq, Tq, D = q.shape
-    return torch.empty_like(q), torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
-
-
-@kernel_op("flash_forward", fake=_forward_shapes)
+@kernel_op("flash_forward", fake=forward_outputs)
 def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    o, lse = _forward_shapes(q, k, v, causal, scale)
+    o, lse = forward_outputs(q)
     grid = lambda meta: (B * Hq * triton.cdiv(Tq, meta["BLOCK_M"]),)
     with on_device(q):
         wrap_triton(_fwd_kernel)[grid](
@@ -465,11 +460,7 @@ def dkdv(q, k, v, do, lse, delta, causal, scale):
     return dk, dv
 
 
-def _gradient_shapes(q, k, v, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-@kernel_op("flash_backward", fake=_gradient_shapes)
+@kernel_op("flash_backward", fake=gradient_outputs)
 def _backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, causal: bool,
               scale: float) -> tuple[Tensor, Tensor, Tensor]:
     B, Hq, Tq, D = q.shape

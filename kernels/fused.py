@@ -35,8 +35,8 @@ from torch import Tensor
 import triton.language as tl
 
 from kernels.checks import INTERPRET, check_inputs, last_dim_contiguous
-from kernels.common import (LOG2E, dot, head_and_query_block, kernel_op, mask_scores, meta, on_device, pow2,
-                            strides, wrap_triton)
+from kernels.common import (LOG2E, dot, forward_outputs, gradient_outputs, head_and_query_block, kernel_op,
+                            mask_scores, meta, on_device, pow2, strides, wrap_triton)
 from kernels.flash import dkdv
 
 # ----------------------------------------------------------------------------- forward
@@ -193,19 +193,14 @@ def row_config(Tq, row, head_dim, dtype):
 # ----------------------------------------------------------------------------- launchers
 
 
-def _forward_shapes(q, k, v, causal, scale):
-    B, Hq, Tq, D = q.shape
-    return torch.empty_like(q), torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
-
-
-@kernel_op("fused_forward", fake=_forward_shapes)
+@kernel_op("fused_forward", fake=forward_outputs)
 def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     row = pow2(int(Tk))  # a constexpr: under torch.compile's dynamic shapes this specialises Tk
     block_m, num_warps = row_config(Tq, row, D, q.dtype)
     num_m_blocks = triton.cdiv(Tq, block_m)
-    o, lse = _forward_shapes(q, k, v, causal, scale)
+    o, lse = forward_outputs(q)
     with on_device(q):
         wrap_triton(_fused_fwd)[(B * Hq * num_m_blocks,)](
             q, k, v, o, lse, *strides(q, k, v, o),
@@ -215,11 +210,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tup
     return o, lse
 
 
-def _gradient_shapes(q, k, v, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-@kernel_op("fused_backward", fake=_gradient_shapes)
+@kernel_op("fused_backward", fake=gradient_outputs)
 def _backward(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, do: Tensor, causal: bool,
               scale: float) -> tuple[Tensor, Tensor, Tensor]:
     B, Hq, Tq, D = q.shape

@@ -36,7 +36,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from kernels.checks import INTERPRET, MAX_HEAD_DIM, SUPPORTED_DTYPES
+from kernels.checks import input_problem
 from kernels.dispatch import IMPLS, attention
 
 # How many attention calls ran on the kernels ("kernels") and how many went to SDPA and why
@@ -119,7 +119,7 @@ def kernel_attention_forward(module, query, key, value, attention_mask, scaling=
     if valid is not None and (valid.dtype != torch.bool or valid.shape != (B, Tk)):
         raise ValueError(f"a 2D attention mask must be the (B, Tk) = {(B, Tk)} bool padding mask that kernel_mask "
                          f"gives, got {tuple(valid.shape)} {valid.dtype}")
-    reason = _why_not_kernels(query, key, value, attention_mask, dropout, window, kwargs)
+    reason = _why_not_kernels(query, key, value, attention_mask, dropout, scaling, window, kwargs)
     if reason is None and valid is not None:
         start = valid.int().argmax(-1)                                # (B,) first valid key, 0 if none
         end = start + valid.sum(-1)                                   # (B,)
@@ -146,7 +146,7 @@ def kernel_attention_forward(module, query, key, value, attention_mask, scaling=
     return out.transpose(1, 2).contiguous(), None                     # (B, Tq, Hq, D)
 
 
-def _why_not_kernels(query, key, value, attention_mask, dropout, window, kwargs):
+def _why_not_kernels(query, key, value, attention_mask, dropout, scaling, window, kwargs):
     """Why this call must go to SDPA, or None when the kernels can run it exactly."""
     if attention_mask is not None and attention_mask.ndim != 2:
         return f"{attention_mask.ndim}D {str(attention_mask.dtype).replace('torch.', '')} mask"
@@ -156,13 +156,7 @@ def _why_not_kernels(query, key, value, attention_mask, dropout, window, kwargs)
         return "dropout"
     if kwargs.get("position_bias") is not None:
         return "position bias"
-    if query.dtype not in SUPPORTED_DTYPES or not (query.dtype == key.dtype == value.dtype):
-        return f"dtype {str(query.dtype).replace('torch.', '')}"
-    if key.shape != value.shape or query.shape[-1] > MAX_HEAD_DIM:
-        return "head dim"
-    if not (query.is_cuda or (query.device.type == "cpu" and INTERPRET)):
-        return f"device {query.device.type}"
-    return None
+    return input_problem(query, key, value, scaling)  # the kernels' own input check
 
 
 def _dense_mask(valid, Tq, Tk, causal, window, device):

@@ -7,23 +7,23 @@ context manager that makes unchanged model code use it.
         loss = model(x).sum()
     print(calls)                     # "12 calls: 10 on the kernels, 2 fell back to torch (2 attn_mask given)"
 
-What runs on the kernels: 4-D (B, H, T, D) inputs of one float16 / bfloat16 / float32 dtype on a
-CUDA device (or the CPU under the interpreter), head dim <= 256, is_causal or not, any scale > 0,
-and grouped-query heads when enable_gqa=True. torch's `is_causal` aligns the mask top-left
+What runs on the kernels: whatever passes their shared input check (`kernels.checks`): 4-D
+(B, H, T, D) inputs of one float16 / bfloat16 / float32 dtype on a CUDA device (or the CPU under
+the interpreter), head dim <= 256, any scale > 0; is_causal or not; grouped-query heads when
+enable_gqa=True. torch's `is_causal` aligns the mask top-left
 (query i sees keys 0..i) while the kernels' `causal` aligns it bottom-right; the two agree when
 Tq == Tk, and otherwise the call is rewritten so the kernels compute torch's answer (see
 `_on_kernels`). Everything else falls back to torch's own function, which also raises torch's
-own errors: a tensor attn_mask, dropout_p > 0, other ranks or devices, float64, and so on.
+own errors: a tensor attn_mask, dropout_p > 0, and inputs the check refuses (counted by its message).
 """
 
 import collections
 import contextlib
-import math
 
 import torch
 import torch.nn.functional as F
 
-from kernels.checks import INTERPRET, MAX_HEAD_DIM, SUPPORTED_DTYPES
+from kernels.checks import input_problem
 from kernels.dispatch import IMPLS, attention
 from kernels.fused import max_seqlen
 
@@ -50,31 +50,12 @@ def _refusal(query, key, value, attn_mask, dropout_p, scale, enable_gqa, impl):
         return "attn_mask given"
     if dropout_p != 0:  # torch raises for a negative one
         return "dropout_p > 0"
-    tensors = (query, key, value)
-    if not all(isinstance(t, torch.Tensor) for t in tensors):
-        return "inputs not tensors"
-    if any(t.dim() != 4 for t in tensors):
-        return "inputs not 4-D (B, H, T, D)"
-    for t in tensors:
-        if t.dtype not in SUPPORTED_DTYPES:
-            return f"dtype {str(t.dtype)[6:]}"
-    if not query.dtype == key.dtype == value.dtype:
-        return "dtypes differ"
-    if not all(t.is_cuda or (INTERPRET and t.device.type == "cpu") for t in tensors):
-        return f"device {query.device.type}"
-    if not query.device == key.device == value.device:
-        return "devices differ"
-    if any(0 in t.shape for t in tensors):
-        return "an empty dimension"
-    (B, Hq, Tq, D), (Bk, Hkv, Tk, Dk) = query.shape, key.shape
-    if key.shape != value.shape or Bk != B or Dk != D:
-        return "shapes differ (value head dim or batch)"
-    if D > MAX_HEAD_DIM:
-        return f"head dim {D} > {MAX_HEAD_DIM}"
-    if Hq != Hkv and not (enable_gqa and Hq % Hkv == 0):
+    problem = input_problem(query, key, value, scale)  # the kernels' own input check
+    if problem is not None:
+        return problem
+    Hq, Hkv, Tk, D = query.shape[1], key.shape[1], key.shape[2], query.shape[3]
+    if Hq != Hkv and not enable_gqa:
         return "head counts differ without enable_gqa"
-    if scale is not None and (isinstance(scale, bool) or not (math.isfinite(scale) and scale > 0)):
-        return "scale <= 0"
     if impl == "fused" and Tk > max_seqlen(D, query.dtype):
         return "Tk beyond fused's row limit"
     return None

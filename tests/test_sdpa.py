@@ -67,7 +67,7 @@ def test_fallbacks_are_torch_and_counted():
         F.scaled_dot_product_attention(q.double(), k.double(), v.double())
         F.scaled_dot_product_attention(q, k, v)
     assert calls.kernel == 1, calls
-    assert calls.fallback == {"attn_mask given": 1, "dropout_p > 0": 1, "dtype float64": 1}, calls
+    assert calls.fallback == {"attn_mask given": 1, "dropout_p > 0": 1, "q has dtype float64; supported: float16, bfloat16, float32": 1}, calls
     assert "3 fell back to torch" in repr(calls)
     assert torch.equal(masked, TORCH_SDPA(q, k, v, attn_mask=mask))
     torch.manual_seed(5)
