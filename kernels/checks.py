@@ -84,6 +84,28 @@ def check_inputs(q, k, v, scale):
     return last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v), float(scale)
 
 
+def _is_int(x):
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def window_bounds(window, causal):
+    """Check a sliding window (left, right) and return it as two ints, -1 for an unbounded side:
+    query i sees key j when i - left <= j - (Tk - Tq) <= i + right. None is (-1, -1), no window;
+    causal means right = 0, so with causal=True right must be 0 or -1 and becomes 0."""
+    if window is None:
+        left, right = -1, -1
+    elif isinstance(window, (tuple, list)) and len(window) == 2 and all(_is_int(w) and w >= -1 for w in window):
+        left, right = int(window[0]), int(window[1])
+    else:
+        raise ValueError(f"window must be None or (left, right), two ints >= -1 (-1: unbounded), got {window!r}")
+    if causal:
+        if right > 0:
+            raise ValueError(f"window={window!r} has right={right} > 0, but causal=True means right = 0; "
+                             "pass causal=False for a window that looks ahead")
+        right = 0
+    return left, right
+
+
 def input_problem(q, k, v, scale=None):
     """What `check_inputs` refuses in these inputs, as its message, or None: for callers that fall
     back to another implementation instead of raising (the SDPA drop-in, transformers)."""

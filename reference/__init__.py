@@ -6,12 +6,16 @@ from reference.naive import (
     apply_mask,
     attention,
     causal_mask,
+    decode_attention,
     expand_kv,
     logsumexp,
     masked_scores,
     scores,
     softmax,
+    varlen_attention,
+    varlen_logsumexp,
     weighted_sum,
+    window_mask,
 )
 
 __all__ = [
@@ -24,4 +28,8 @@ __all__ = [
     "weighted_sum",
     "expand_kv",
     "masked_scores",
+    "window_mask",
+    "varlen_attention",
+    "varlen_logsumexp",
+    "decode_attention",
 ]

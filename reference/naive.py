@@ -13,6 +13,12 @@ Causal alignment is bottom-right: query i sees key j only when j <= i + (Tk - Tq
 queries after a cached prefix see the whole prefix. A query that sees no key (possible when
 Tq > Tk) returns zeros, and its log-sum-exp is -inf.
 
+A sliding window (left, right) narrows that to i - left <= j - (Tk - Tq) <= i + right: at most
+`left` keys before the query's diagonal and `right` after it; -1 leaves a side unbounded, and
+causal means right = 0 (FlashAttention's `window_size`). The packed, variable-length batch
+(`varlen_attention`) and decoding against a KV cache (`decode_attention`) are this same
+attention, run one sequence at a time.
+
 Low-precision inputs are computed in float32 and the result is rounded back to the input's
 dtype; float64 inputs are computed in float64 (the tests' ground truth). `upcast=False` computes
 in the input's own dtype instead: that is the error a low precision makes by itself, the
@@ -47,6 +53,19 @@ def causal_mask(Tq, Tk, device=None):
     return j <= i + (Tk - Tq)                              # (Tq, Tk) bool
 
 
+def window_mask(Tq, Tk, left=-1, right=-1, device=None):
+    """True where key j lies within the window around query i's diagonal j = i + (Tk - Tq)."""
+    i = torch.arange(Tq, device=device)[:, None]           # (Tq, 1) query positions
+    j = torch.arange(Tk, device=device)[None, :]           # (1, Tk) key positions
+    past = j - (i + Tk - Tq)                               # (Tq, Tk) how far key j lies past query i's diagonal
+    visible = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
+    if left >= 0:
+        visible &= past >= -left                           # at most `left` keys before the diagonal
+    if right >= 0:
+        visible &= past <= right                           # at most `right` keys after it
+    return visible                                         # (Tq, Tk) bool
+
+
 def apply_mask(s, visible):
     """Hidden keys get -inf, so exp() turns them into exactly zero weight."""
     return s.masked_fill(~visible, float("-inf"))          # (B, Hq, Tq, Tk)
@@ -66,26 +85,68 @@ def weighted_sum(weights, v):
     return weights @ v                                     # (B, Hq, Tq, Tk) @ (B, Hq, Tk, D) -> (B, Hq, Tq, D)
 
 
-def masked_scores(q, k, causal=True, scale=None, upcast=True):
+def masked_scores(q, k, causal=True, scale=None, upcast=True, window=(-1, -1)):
     """The first steps: upcast, expand grouped k heads, score, mask."""
     dt = compute_dtype(q.dtype, upcast)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     q, k = q.to(dt), expand_kv(k.to(dt), q.shape[1])       # (B, Hq, Tq, D), (B, Hq, Tk, D)
     s = scores(q, k, scale)                                # (B, Hq, Tq, Tk)
-    if causal:
-        s = apply_mask(s, causal_mask(q.shape[2], k.shape[2], q.device))
+    Tq, Tk = q.shape[2], k.shape[2]
+    left, right = window
+    if left >= 0 or right >= 0:
+        s = apply_mask(s, window_mask(Tq, Tk, left, 0 if causal else right, q.device))
+    elif causal:
+        s = apply_mask(s, causal_mask(Tq, Tk, q.device))
     return s                                               # (B, Hq, Tq, Tk)
 
 
-def attention(q, k, v, causal=True, scale=None, upcast=True):
+def attention(q, k, v, causal=True, scale=None, upcast=True, window=(-1, -1)):
     """softmax(mask(q @ k^T * scale)) @ v, with grouped-query heads and bottom-right causal mask."""
-    w = softmax(masked_scores(q, k, causal, scale, upcast))  # (B, Hq, Tq, Tk)
+    if k.shape[2] == 0:                                    # no keys at all (an empty sequence): every row is empty
+        return torch.zeros_like(q) + 0 * v.sum()           # (B, Hq, Tq, D), still connected to v for autograd
+    w = softmax(masked_scores(q, k, causal, scale, upcast, window))  # (B, Hq, Tq, Tk)
     v = expand_kv(v.to(w.dtype), q.shape[1])               # (B, Hq, Tk, D)
     return weighted_sum(w, v).to(q.dtype)                  # (B, Hq, Tq, D)
 
 
-def logsumexp(q, k, causal=True, scale=None):
+def logsumexp(q, k, causal=True, scale=None, window=(-1, -1)):
     """log(sum_j exp(s_ij)) per query row, natural log: the softmax's normaliser, which kernels
     store for their backward pass. float32 (float64 for float64 inputs), -inf for empty rows."""
-    s = masked_scores(q, k, causal, scale)                 # (B, Hq, Tq, Tk)
+    s = masked_scores(q, k, causal, scale, window=window)  # (B, Hq, Tq, Tk)
     return torch.logsumexp(s, dim=-1)                      # (B, Hq, Tq)
+
+
+def _one_sequence(fn, q, k, v):
+    """Run fn on one packed sequence, q (Tq, Hq, D) and k, v (Tk, Hkv, D), as a batch of one."""
+    as_batch = lambda x: x.transpose(0, 1)[None]           # (T, H, D) -> (1, H, T, D)
+    return fn(as_batch(q), as_batch(k), as_batch(v))[0].transpose(0, 1)  # (Tq, Hq, ...)
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, scale=None, upcast=True, window=(-1, -1)):
+    """Attention over a packed batch of sequences of different lengths, none seeing another:
+    q (total_q, Hq, D) and k, v (total_k, Hkv, D) hold the sequences one after another, and
+    sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q (of k and v: cu_seqlens_k)."""
+    fn = lambda q, k, v: attention(q, k, v, causal, scale, upcast, window)
+    out = [_one_sequence(fn, q[q0:q1], k[k0:k1], v[k0:k1])  # (Tq_b, Hq, D)
+           for q0, q1, k0, k1 in zip(cu_seqlens_q.tolist(), cu_seqlens_q[1:].tolist(),
+                                     cu_seqlens_k.tolist(), cu_seqlens_k[1:].tolist())]
+    return torch.cat(out)                                  # (total_q, Hq, D)
+
+
+def varlen_logsumexp(q, k, cu_seqlens_q, cu_seqlens_k, causal=True, scale=None, window=(-1, -1)):
+    """`logsumexp` of each packed sequence, laid out (Hq, total_q) as the varlen kernel stores it."""
+    fn = lambda q, k, v: logsumexp(q, k, causal, scale, window)[..., None]
+    out = [_one_sequence(fn, q[q0:q1], k[k0:k1], k[k0:k1])[..., 0]  # (Tq_b, Hq)
+           for q0, q1, k0, k1 in zip(cu_seqlens_q.tolist(), cu_seqlens_q[1:].tolist(),
+                                     cu_seqlens_k.tolist(), cu_seqlens_k[1:].tolist())]
+    return torch.cat(out).transpose(0, 1)                  # (Hq, total_q)
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, window=(-1, -1)):
+    """Tq new tokens per sequence attending to a KV cache: q (B, Hq, Tq, D); k_cache, v_cache
+    (B, Hkv, Tmax, D), of which sequence b's first cache_seqlens[b] positions are valid, the new
+    tokens' own keys included (they are the last Tq). Causal: each new token sees the cache
+    before it and itself."""
+    out = [attention(q[b:b + 1], k_cache[b:b + 1, :, :L], v_cache[b:b + 1, :, :L], True, scale, window=window)
+           for b, L in enumerate(cache_seqlens.tolist())]  # B x (1, Hq, Tq, D)
+    return torch.cat(out)                                  # (B, Hq, Tq, D)

@@ -1,0 +1,241 @@
+"""
+Decoding against a KV cache, split along the cache (flash-decoding).
+
+While generating, each sequence brings Tq new tokens (usually 1) and attends to everything in its
+cache. One program per query block, as in `kernels/flash.py`, would give a GPU only B * H programs
+of a few rows each: most of its SMs idle while each program walks the whole cache alone. Instead
+(Dao, Haziza, Massa, Sizov, "Flash-Decoding for long-context inference", 2023):
+
+    split       one program per (sequence, k/v head, split): its share of the cache's valid keys,
+                for every query row that reads this k/v head, [BLOCK_M] rows = the GROUP query
+                heads x Tq new tokens (K and V are read once for all the heads that share them).
+                An online softmax over its keys gives a partial output O_s (already divided by
+                its own sum) and log-sum-exp L_s, fp32, into a small (rows, splits) buffer.
+    merge       one program per query row: L = log(sum_s exp(L_s)), O = sum_s exp(L_s - L) O_s.
+                A split that saw no key has L_s = -inf and weight 0; a row that saw none is 0.
+
+The cache is (B, Hkv, Tmax, D), sequence b's first cache_seqlens[b] positions valid, the new
+tokens' own keys and values among them (the last Tq): the caller writes them into the cache
+first, as KV-cache code does. New token t sits at position p = cache_seqlens[b] - Tq + t and sees
+keys j <= p (causal, bottom-right, as in `reference.attention`), and with a window (left, 0)
+only j >= p - left. Keys outside the window are not read: a split covers
+[max(L - Tq - left, 0), L) only.
+
+`num_splits=None` picks `default_num_splits`: as many splits as it takes to give every SM one
+program, but none shorter than MIN_SPLIT_KEYS keys, and at most MAX_SPLITS. Decoding reads the
+whole cache once and does little arithmetic per byte: it is memory-bound, so its measure is GB/s
+against the device's copy bandwidth (`python -m benchmarks.inference`).
+
+Inference only: no backward (use `flash_attention` to train). Precision as in `kernels/flash.py`.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.checks import INTERPRET, check_inputs, window_bounds
+from kernels.common import LOG2E, dot, meta, on_device, pow2, strides, wrap_triton
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _decode_split(
+    Q, K, V, SEQLENS, O_PART, LSE_PART,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    Hkv, Tq, GROUP,
+    left,      # the window's left bound, or (unbounded) more than any cache length
+    qk_scale,  # scale * log2(e): the softmax runs in base 2
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # -- which sequence, k/v head, rows and split; the splits of one head are adjacent (L2)
+    rows_total = GROUP * Tq
+    pid = tl.program_id(0)
+    split = pid % NUM_SPLITS
+    m_block = pid // NUM_SPLITS % tl.cdiv(rows_total, BLOCK_M)
+    bh = pid // NUM_SPLITS // tl.cdiv(rows_total, BLOCK_M)
+    b = (bh // Hkv).to(tl.int64)
+    h_kv = (bh % Hkv).to(tl.int64)
+
+    # -- the rows: query head h_kv * GROUP + g, new token t; row r = g * Tq + t
+    r = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = r < rows_total
+    t = r % Tq
+    h = h_kv * GROUP + r // Tq
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + t[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)                # [BLOCK_M, BLOCK_D], registers
+
+    # -- this split's keys: an equal share, whole blocks, of the keys any row may see
+    L = tl.load(SEQLENS + b)
+    pos = L - Tq + t                                                               # [BLOCK_M] each row's position
+    lo = tl.maximum(L - Tq - left, 0)
+    per_split = tl.cdiv(tl.cdiv(L - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * per_split
+    stop = tl.minimum(start + per_split, L)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)                    # running max, base 2
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                                  # running sum
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)                         # running weights @ V
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_vb + h_kv * stride_vh
+    for n0 in range(start, stop, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        keys = offs_n.to(tl.int64)
+        kv_mask = (offs_n < stop)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + keys[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + keys[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+
+        # -- scores, masked: past this split, after the row's own position, before its window
+        s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale                   # [BLOCK_M, BLOCK_N] fp32
+        past = offs_n[None, :] - pos[:, None]
+        visible = (offs_n < stop)[None, :] & (past >= -left)
+        if CAUSAL:
+            visible = visible & (past <= 0)
+        s = tl.where(visible, s, float("-inf"))
+        # -- online softmax, as in flash's forward (a row with no key yet keeps m = -inf)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, UPCAST)
+        m_i = m_new
+
+    # -- the split's partial result: O_s = acc / l (0 when it saw no key), L_s base 2 (-inf then)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    row = (b * GROUP * Hkv + h) * Tq + t                                           # [BLOCK_M] (b, h, t) flattened
+    part = row * NUM_SPLITS + split
+    tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None],
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE_PART + part, tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe)), mask=row_ok)
+
+
+@triton.jit
+def _decode_merge(
+    O_PART, LSE_PART, O, LSE,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    Hq, Tq,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)                                            # (b * Hq + h) * Tq + t
+    t = row % Tq
+    h = row // Tq % Hq
+    b = row // Tq // Hq
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < NUM_SPLITS
+    d_ok = offs_d < HEAD_DIM
+
+    # -- weights exp(L_s - max L): 0 for splits that saw no key; all 0 when the row saw none
+    lse = tl.load(LSE_PART + row * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))  # [BLOCK_S] base 2
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse - m)
+    total = tl.sum(w, 0)
+    o_part = tl.load(O_PART + (row * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                     mask=s_ok[:, None] & d_ok[None, :], other=0.0)                # [BLOCK_S, BLOCK_D] fp32
+    total_safe = tl.where(total == 0.0, 1.0, total)
+    o = tl.sum(w[:, None] * o_part, 0) / total_safe
+    tl.store(O + b * stride_ob + h * stride_oh + t * stride_ot + offs_d * stride_od,
+             o.to(O.dtype.element_ty), mask=d_ok)
+    tl.store(LSE + row, tl.where(total == 0.0, float("-inf"), (m + tl.math.log2(total_safe)) * 0.6931471805599453))
+
+
+# ----------------------------------------------------------------------------- config
+
+MIN_SPLIT_KEYS = 256  # a split shorter than this spends more on its launch share and merge than it saves
+MAX_SPLITS = 64
+INTERPRETER_SMS = 4   # the interpreter has no SMs; pretend a few, so that num_splits=None splits there too
+
+
+def sm_count(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_SMS
+
+
+def blocks(rows, block_d, itemsize):
+    """(BLOCK_M, BLOCK_N): every row of a k/v head in one block up to 64 (tl.dot needs 16), and
+    key blocks of 32 under the interpreter (so tests cross several), else 64 (32 for wide rows)."""
+    block_m = min(pow2(rows), 64)
+    block_n = 32 if INTERPRET or block_d * itemsize > 256 else 64
+    return block_m, block_n
+
+
+def default_num_splits(B, Hkv, row_blocks, keys, device):
+    """The rule for num_splits=None: ceil(SMs / (B * Hkv * row_blocks)) splits, enough for one
+    program per SM, but no more than keys / MIN_SPLIT_KEYS (rounded up) and MAX_SPLITS; at least 1.
+    `keys` is the most keys a row may read: Tmax, or left + Tq with a window."""
+    programs = B * Hkv * row_blocks
+    return max(1, min(triton.cdiv(sm_count(device), programs), triton.cdiv(keys, MIN_SPLIT_KEYS), MAX_SPLITS))
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+def _check_seqlens(cache_seqlens, B, Tmax, device):
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"cache_seqlens must be a torch.Tensor of int32, got {type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (B,):
+        raise ValueError(f"cache_seqlens must be an int32 tensor of shape (B,) = ({B},), got "
+                         f"{str(cache_seqlens.dtype).replace('torch.', '')} of shape {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != device:
+        raise ValueError(f"cache_seqlens must be on q's device {device}, got {cache_seqlens.device}")
+    lengths = cache_seqlens.tolist()  # one host read: a length past Tmax would read outside the cache
+    bad = [(b, L) for b, L in enumerate(lengths) if not 0 <= L <= Tmax]
+    if bad:
+        raise ValueError(f"cache_seqlens must lie in [0, Tmax = {Tmax}] (the cache's length), got "
+                         + ", ".join(f"{L} for sequence {b}" for b, L in bad[:4]))
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=None, window=None,
+                     return_lse=False):
+    """Attention of Tq new tokens per sequence to a KV cache, the cache split across programs.
+
+    q (B, Hq, Tq, D), Tq the new tokens (1 to 16 is the usual; any works); k_cache, v_cache
+    (B, Hkv, Tmax, D), Hq % Hkv == 0, any strides; cache_seqlens int32 (B,): sequence b's valid
+    cache length, the new tokens' keys included (they are its last Tq). Equal to
+    `reference.decode_attention`: causal, each new token sees the cache up to itself. `window`
+    (left, 0) limits it to the `left` keys before it. num_splits: how many programs share one
+    cache (None: `default_num_splits`). With `return_lse`, also each row's log-sum-exp, (B, Hq, Tq)
+    fp32 natural log. No backward.
+    """
+    q, k_cache, v_cache, scale = check_inputs(q, k_cache, v_cache, scale)
+    B, Hq, Tq, D = q.shape
+    Hkv, Tmax = k_cache.shape[1], k_cache.shape[2]
+    _check_seqlens(cache_seqlens, B, Tmax, q.device)
+    left, _ = window_bounds(window, causal=True)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+        raise RuntimeError("decode_attention has no backward (it is for inference); call it under "
+                           "torch.no_grad(), or use flash_attention to train")
+    rows = Hq // Hkv * Tq
+    block_m, block_n = blocks(rows, pow2(D), q.element_size())
+    row_blocks = triton.cdiv(rows, block_m)
+    if num_splits is None:
+        num_splits = default_num_splits(B, Hkv, row_blocks, Tmax if left < 0 else min(Tmax, left + Tq), q.device)
+    elif isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
+
+    o_part = torch.empty((B * Hq * Tq, num_splits, D), device=q.device, dtype=torch.float32)
+    lse_part = torch.empty((B * Hq * Tq, num_splits), device=q.device, dtype=torch.float32)
+    o = torch.empty_like(q)
+    lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
+    m = meta(q, True)
+    with on_device(q):
+        wrap_triton(_decode_split)[(B * Hkv * row_blocks * num_splits,)](
+            q, k_cache, v_cache, cache_seqlens, o_part, lse_part, *strides(q, k_cache, v_cache),
+            Hkv, Tq, Hq // Hkv, left if left >= 0 else Tmax + Tq, scale * LOG2E,
+            NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **m,
+        )
+        wrap_triton(_decode_merge)[(B * Hq * Tq,)](
+            o_part, lse_part, o, lse, *strides(o), Hq, Tq,
+            NUM_SPLITS=num_splits, BLOCK_S=pow2(num_splits, least=2),
+            HEAD_DIM=m["HEAD_DIM"], BLOCK_D=m["BLOCK_D"], num_warps=4,
+        )
+    return (o, lse) if return_lse else o
