@@ -3,6 +3,8 @@
     attention(q, k, v, causal=True, scale=None, impl="auto")   picks fused or flash by shape
     flash_attention(q, k, v, ...)                               tiled: any length, backward
     fused_attention(q, k, v, ...)                               whole rows on chip: short rows
+    flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, ...)  packed sequences of any lengths
+    decode_attention(q, k_cache, v_cache, cache_seqlens, ...)   new tokens against a KV cache (split-KV)
 
 In models:
 
@@ -16,6 +18,7 @@ which torch.compile compiles without graph breaks. Run on CUDA tensors on a GPU,
 tensors under Triton's interpreter: set TRITON_INTERPRET=1 before importing this package.
 """
 
+from kernels.decode import decode_attention
 from kernels.dispatch import attention, choose_impl
 from kernels.flash import flash_attention
 from kernels.fused import fused_attention
@@ -23,5 +26,6 @@ from kernels.hf import register_transformers
 from kernels.module import CausalSelfAttention, swap_attention
 from kernels.sdpa import patch_sdpa, scaled_dot_product_attention
 
-__all__ = ["attention", "choose_impl", "flash_attention", "fused_attention", "scaled_dot_product_attention",
+__all__ = ["attention", "choose_impl", "flash_attention", "decode_attention",
+           "fused_attention", "scaled_dot_product_attention",
            "patch_sdpa", "CausalSelfAttention", "swap_attention", "register_transformers"]
