@@ -10,7 +10,10 @@ By default it compiles, for each kernel, dtype and head dim:
   - fused-fwd, fused-dq: the block sizes `kernels/fused.py` would launch for each row length
     ROW (Tk rounded up to a power of two) up to `max_seqlen`;
   - flash-fwd, flash-dq, flash-dkdv: the autotuning candidates of `kernels/flash.py` for that
-    dtype and head dim (`--limit N`: only the first N of them);
+    dtype and head dim (`--limit N`: only the first N of them), for (B, H, T, D) tensors and,
+    with `--varlen`, for packed ones too;
+  - decode-split, decode-merge: the blocks `kernels/decode.py` launches for one new token with
+    4:1 grouped heads, 4 splits;
 and flags any that needs more than the 227 KiB of shared memory an H100 gives a block (such a
 launch fails); it exits 1 if one does. `--search` instead tries candidate block sizes for the
 fused kernels in order and prints the first that fits with no register spills, or else the one
@@ -31,7 +34,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import common, flash, fused
+from kernels import common, decode, flash, fused
 
 H100 = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on an H100
@@ -44,26 +47,30 @@ KERNELS = {  # name: (kernel, its pointers to q-dtype tensors)
     "flash-fwd": (flash._flash_fwd, ("Q", "K", "V", "O")),
     "flash-dq": (flash._flash_bwd_dq, ("Q", "K", "V", "DO", "DQ")),
     "flash-dkdv": (flash._flash_bwd_dkdv, ("Q", "K", "V", "DO", "DK", "DV")),
+    "decode-split": (decode._decode_split, ("Q", "K", "V")),
+    "decode-merge": (decode._decode_merge, ("O",)),
 }
 
 
-def compile_for_h100(kernel, dtype, head_dim, blocks, num_warps, num_stages=3):
+def compile_for_h100(kernel, dtype, head_dim, blocks, num_warps, num_stages=3, varlen=False):
     """Compile a kernel for sm_90 with the given block constexprs (BLOCK_M and ROW for the fused
-    kernels, BLOCK_M and BLOCK_N for flash); return (shared bytes, registers, stack bytes per
-    thread), stack being where registers spill."""
+    kernels, BLOCK_M and BLOCK_N for flash and decode); return (shared bytes, registers, stack
+    bytes per thread), stack being where registers spill."""
     fn, pointers = KERNELS[kernel]
     dot_precision, _ = common.precision(dtype)
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=common.pow2(head_dim), CAUSAL=True, **blocks)
-    if "PRECISION" in fn.arg_names:
-        constexprs.update(PRECISION=dot_precision, UPCAST=False)
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=common.pow2(head_dim), CAUSAL=True, VARLEN=varlen,
+                      PRECISION=dot_precision, UPCAST=False, **blocks)
+    constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
         elif name in pointers:
             signature[name] = "*" + TRITON_TYPES[dtype]
-        elif name in ("LSE", "DELTA"):
+        elif name in ("LSE", "DELTA", "O_PART", "LSE_PART"):
             signature[name] = "*fp32"
+        elif name in ("CU_Q", "CU_K", "SEQLENS"):
+            signature[name] = "*i32"
         elif name in ("scale", "qk_scale"):
             signature[name] = "fp32"
         else:
@@ -118,7 +125,7 @@ def check_fused(kernel, dtype, D, rows):
     return over
 
 
-def check_flash(kernel, dtype, D, limit, every=False):
+def check_flash(kernel, dtype, D, limit, every=False, varlen=False):
     """The autotuning candidates for this dtype and head dim (the first `limit`); with `every`,
     every (BLOCK_M, BLOCK_N, warps) with 2 stages instead, to choose candidates from."""
     if every:
@@ -127,10 +134,19 @@ def check_flash(kernel, dtype, D, limit, every=False):
         cands = flash.candidates(kernel.split("-")[1], dtype.itemsize, common.pow2(D))[:limit]
     over = False
     for m, n, w, s in cands:
-        name = f"BLOCK_M {m}, BLOCK_N {n}, {w} warps, {s} stages"
-        result = compile_for_h100(kernel, dtype, D, dict(BLOCK_M=m, BLOCK_N=n), w, s)
-        over |= report(kernel, dtype, D, "-", name, result)
+        for packed in (False, True) if varlen else (False,):
+            name = f"BLOCK_M {m}, BLOCK_N {n}, {w} warps, {s} stages{', packed' if packed else ''}"
+            result = compile_for_h100(kernel, dtype, D, dict(BLOCK_M=m, BLOCK_N=n), w, s, varlen=packed)
+            over |= report(kernel, dtype, D, "-", name, result)
     return over
+
+
+def check_decode(kernel, dtype, D):
+    """The blocks decode_attention launches for one new token with 4 query heads per k/v head."""
+    block_m, block_n = decode.blocks(4, common.pow2(D), dtype.itemsize)
+    blocks = dict(NUM_SPLITS=4, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=4)
+    result = compile_for_h100(kernel, dtype, D, blocks, num_warps=4)
+    return report(kernel, dtype, D, "-", f"BLOCK_M {block_m}, BLOCK_N {block_n}, 4 splits", result)
 
 
 def main():
@@ -140,6 +156,7 @@ def main():
     p.add_argument("--head-dims", nargs="+", type=int, default=[16, 32, 64, 128, 256])
     p.add_argument("--rows", nargs="+", type=int, help="fused row lengths (default: 128, 256 and max_seqlen)")
     p.add_argument("--limit", type=int, default=None, help="flash: compile only the first N kept candidates")
+    p.add_argument("--varlen", action="store_true", help="flash: also compile the packed (varlen) variant")
     p.add_argument("--search", action="store_true", help="fused: search candidate block sizes instead; "
                    "flash: compile every (BLOCK_M, BLOCK_N, warps) with 2 stages")
     args = p.parse_args()
@@ -152,7 +169,10 @@ def main():
         for dtype in (getattr(torch, d) for d in args.dtype):
             for D in args.head_dims:
                 if kernel.startswith("flash"):
-                    over |= check_flash(kernel, dtype, D, args.limit, every=args.search)
+                    over |= check_flash(kernel, dtype, D, args.limit, every=args.search, varlen=args.varlen)
+                    continue
+                if kernel.startswith("decode"):
+                    over |= check_decode(kernel, dtype, D)
                     continue
                 limit = fused.max_seqlen(D, dtype)
                 rows = args.rows or sorted({r for r in (128, 256, limit) if r <= limit})

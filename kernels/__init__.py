@@ -20,12 +20,12 @@ tensors under Triton's interpreter: set TRITON_INTERPRET=1 before importing this
 
 from kernels.decode import decode_attention
 from kernels.dispatch import attention, choose_impl
-from kernels.flash import flash_attention
+from kernels.flash import flash_attention, flash_attention_varlen
 from kernels.fused import fused_attention
 from kernels.hf import register_transformers
 from kernels.module import CausalSelfAttention, swap_attention
 from kernels.sdpa import patch_sdpa, scaled_dot_product_attention
 
-__all__ = ["attention", "choose_impl", "flash_attention", "decode_attention",
+__all__ = ["attention", "choose_impl", "flash_attention", "flash_attention_varlen", "decode_attention",
            "fused_attention", "scaled_dot_product_attention",
            "patch_sdpa", "CausalSelfAttention", "swap_attention", "register_transformers"]

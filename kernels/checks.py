@@ -84,6 +84,46 @@ def check_inputs(q, k, v, scale):
     return last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v), float(scale)
 
 
+def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale):
+    """Validate a packed batch: q (total_q, Hq, D), k and v (total_k, Hkv, D) as `check_inputs`
+    does, and cu_seqlens_q, cu_seqlens_k (int32 (B + 1,) offsets: 0 first, non-decreasing, ending
+    at total_q, total_k) with max_seqlen_q, max_seqlen_k (at least the longest length). The
+    offsets are read on the host. Returns q, k, v, cu_seqlens_q, cu_seqlens_k, scale ready for
+    the kernels."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if isinstance(t, torch.Tensor) and t.dim() != 3:
+            raise ValueError(f"{name} must have 3 dimensions (total_tokens, H, D), the packed layout, "
+                             f"got shape {tuple(t.shape)}")
+    if isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape (total_k, Hkv, D), got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    as_batch = lambda t: t.transpose(0, 1)[None] if isinstance(t, torch.Tensor) else t  # (1, H, total, D)
+    q, k, v, scale = check_inputs(as_batch(q), as_batch(k), as_batch(v), scale)
+    q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))                           # (total, H, D)
+
+    pairs = (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q), ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k))
+    for name, cu, _, _ in pairs:
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of int32 offsets, got {type(cu).__name__}")
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"{name} must be a 1-D int32 tensor of B + 1 >= 2 offsets, got "
+                             f"{_dtype_name(cu.dtype)} of shape {tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {cu.device}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must hold the same number of sequences, got "
+                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+    offsets = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()  # the one host read
+    for (name, _, total, longest), values in zip(pairs, offsets):
+        if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
+            raise ValueError(f"{name} must start at 0, never decrease and end at the packed length {total}, "
+                             f"got {values[:8]}{' ...' if len(values) > 8 else ''}")
+        lengths = [b - a for a, b in zip(values, values[1:])]
+        max_name = name.replace("cu_seqlens", "max_seqlen")
+        if not _is_int(longest) or longest < max(lengths):
+            raise ValueError(f"{max_name} must be an int >= the longest sequence, {max(lengths)}, got {longest!r}")
+    return q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), scale
+
+
 def _is_int(x):
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 

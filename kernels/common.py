@@ -37,11 +37,12 @@ def head_and_query_block(num_m_blocks, Hq, GROUP):
 
 
 @triton.jit
-def mask_scores(s, offs_m, offs_n, Tq, Tk, CAUSAL: tl.constexpr):
-    # -inf where query offs_m may not see key offs_n: past Tk, or (causal) beyond i + Tk - Tq
-    visible = (offs_n < Tk)[None, :]
-    if CAUSAL:
-        visible = visible & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))  # bottom-right alignment
+def mask_scores(s, offs_m, offs_n, Tq, Tk, left, right):
+    # -inf where query offs_m may not see key offs_n: past Tk, or outside the window around the
+    # query's diagonal key i + Tk - Tq (bottom-right alignment); an unbounded side is passed as a
+    # bound wider than any distance (see `window_args`)
+    past = offs_n[None, :] - (offs_m[:, None] + (Tk - Tq))  # how far each key lies past the diagonal
+    visible = (offs_n < Tk)[None, :] & (past >= -left) & (past <= right)
     return tl.where(visible, s, float("-inf"))
 
 
@@ -60,12 +61,19 @@ def precision(dtype):
     return ("ieee" if dtype == torch.float32 or upcast else "tf32"), upcast
 
 
-def meta(q, causal):
-    """The constexprs every kernel takes from q and the mask: head dim, its padded block, causal,
-    and tl.dot's precision (see `precision`)."""
+def meta(q):
+    """The constexprs every kernel takes from q: head dim, its padded block, and tl.dot's
+    precision (see `precision`)."""
     dot_precision, upcast = precision(q.dtype)
     D = int(q.shape[-1])  # constexprs: under torch.compile's dynamic shapes this specialises D
-    return dict(HEAD_DIM=D, BLOCK_D=pow2(D), CAUSAL=causal, PRECISION=dot_precision, UPCAST=upcast)
+    return dict(HEAD_DIM=D, BLOCK_D=pow2(D), PRECISION=dot_precision, UPCAST=upcast)
+
+
+def window_args(left, right, Tq, Tk):
+    """A window (left, right), -1 for an unbounded side, as the kernels take it: an unbounded
+    side becomes Tq + Tk, wider than any query-key distance, so one comparison serves both."""
+    unbounded = Tq + Tk
+    return (left if left >= 0 else unbounded), (right if right >= 0 else unbounded)
 
 
 def on_device(t):

@@ -45,12 +45,12 @@ def _decode_split(
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
-    Hkv, Tq, GROUP,
+    Hkv, Tq, Tmax, GROUP,
     left,      # the window's left bound, or (unbounded) more than any cache length
     qk_scale,  # scale * log2(e): the softmax runs in base 2
     NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # -- which sequence, k/v head, rows and split; the splits of one head are adjacent (L2)
     rows_total = GROUP * Tq
@@ -72,7 +72,7 @@ def _decode_split(
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)                # [BLOCK_M, BLOCK_D], registers
 
     # -- this split's keys: an equal share, whole blocks, of the keys any row may see
-    L = tl.load(SEQLENS + b)
+    L = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), Tmax)  # unchecked lengths never read outside the cache
     pos = L - Tq + t                                                               # [BLOCK_M] each row's position
     lo = tl.maximum(L - Tq - left, 0)
     per_split = tl.cdiv(tl.cdiv(L - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
@@ -94,9 +94,7 @@ def _decode_split(
         # -- scores, masked: past this split, after the row's own position, before its window
         s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale                   # [BLOCK_M, BLOCK_N] fp32
         past = offs_n[None, :] - pos[:, None]
-        visible = (offs_n < stop)[None, :] & (past >= -left)
-        if CAUSAL:
-            visible = visible & (past <= 0)
+        visible = (offs_n < stop)[None, :] & (past >= -left) & (past <= 0)
         s = tl.where(visible, s, float("-inf"))
         # -- online softmax, as in flash's forward (a row with no key yet keeps m = -inf)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -179,7 +177,7 @@ def default_num_splits(B, Hkv, row_blocks, keys, device):
 # ----------------------------------------------------------------------------- launcher
 
 
-def _check_seqlens(cache_seqlens, B, Tmax, device):
+def _check_seqlens(cache_seqlens, B, Tmax, device, read_values):
     if not isinstance(cache_seqlens, torch.Tensor):
         raise TypeError(f"cache_seqlens must be a torch.Tensor of int32, got {type(cache_seqlens).__name__}")
     if cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (B,):
@@ -187,6 +185,8 @@ def _check_seqlens(cache_seqlens, B, Tmax, device):
                          f"{str(cache_seqlens.dtype).replace('torch.', '')} of shape {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != device:
         raise ValueError(f"cache_seqlens must be on q's device {device}, got {cache_seqlens.device}")
+    if not read_values:
+        return
     lengths = cache_seqlens.tolist()  # one host read: a length past Tmax would read outside the cache
     bad = [(b, L) for b, L in enumerate(lengths) if not 0 <= L <= Tmax]
     if bad:
@@ -195,7 +195,7 @@ def _check_seqlens(cache_seqlens, B, Tmax, device):
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=None, window=None,
-                     return_lse=False):
+                     return_lse=False, check_seqlens=True):
     """Attention of Tq new tokens per sequence to a KV cache, the cache split across programs.
 
     q (B, Hq, Tq, D), Tq the new tokens (1 to 16 is the usual; any works); k_cache, v_cache
@@ -205,11 +205,17 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=
     (left, 0) limits it to the `left` keys before it. num_splits: how many programs share one
     cache (None: `default_num_splits`). With `return_lse`, also each row's log-sum-exp, (B, Hq, Tq)
     fp32 natural log. No backward.
+
+    Checking that every length lies in [0, Tmax] reads cache_seqlens on the host: a sync per
+    call, which also rules out capturing the call in a CUDA graph. `check_seqlens=False` skips
+    that read (its shape, dtype and device are still checked); the kernel then clamps each
+    length into [0, Tmax], so it never reads outside the cache, but an out-of-range length is
+    the caller's bug, not an error.
     """
     q, k_cache, v_cache, scale = check_inputs(q, k_cache, v_cache, scale)
     B, Hq, Tq, D = q.shape
     Hkv, Tmax = k_cache.shape[1], k_cache.shape[2]
-    _check_seqlens(cache_seqlens, B, Tmax, q.device)
+    _check_seqlens(cache_seqlens, B, Tmax, q.device, check_seqlens)
     left, _ = window_bounds(window, causal=True)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
         raise RuntimeError("decode_attention has no backward (it is for inference); call it under "
@@ -226,11 +232,11 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=
     lse_part = torch.empty((B * Hq * Tq, num_splits), device=q.device, dtype=torch.float32)
     o = torch.empty_like(q)
     lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
-    m = meta(q, True)
+    m = meta(q)
     with on_device(q):
         wrap_triton(_decode_split)[(B * Hkv * row_blocks * num_splits,)](
             q, k_cache, v_cache, cache_seqlens, o_part, lse_part, *strides(q, k_cache, v_cache),
-            Hkv, Tq, Hq // Hkv, left if left >= 0 else Tmax + Tq, scale * LOG2E,
+            Hkv, Tq, Tmax, Hq // Hkv, left if left >= 0 else Tmax + Tq, scale * LOG2E,
             NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **m,
         )
         wrap_triton(_decode_merge)[(B * Hq * Tq,)](

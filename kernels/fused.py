@@ -70,7 +70,7 @@ def _fused_fwd(
 
     # -- scores of whole rows, base-2 logits
     s = dot(q, kt, PRECISION, UPCAST) * qk_scale                               # [BLOCK_M, ROW] fp32
-    s = mask_scores(s, offs_m, offs_n, Tq, Tk, CAUSAL)
+    s = mask_scores(s, offs_m, offs_n, Tq, Tk, Tq + Tk, 0 if CAUSAL else Tq + Tk)
 
     # -- exact softmax over the row; a row that sees no key has max -inf: use 0 so exp2 gives 0, not nan
     m = tl.max(s, 1)
@@ -131,7 +131,7 @@ def _fused_bwd_dq(
     #    a small difference of large terms where one key dominates a row, so P from the LSE,
     #    off by a row-wide factor of about |S| x 1e-7, would show in dS when scores are large.
     s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale                    # [BLOCK_M, ROW] fp32
-    s = mask_scores(s, offs_m, offs_n, Tq, Tk, CAUSAL)
+    s = mask_scores(s, offs_m, offs_n, Tq, Tk, Tq + Tk, 0 if CAUSAL else Tq + Tk)
     m = tl.max(s, 1)
     m = tl.where(m == float("-inf"), 0.0, m)                                  # a row that sees no key
     p = tl.math.exp2(s - m[:, None])
@@ -205,7 +205,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tup
         wrap_triton(_fused_fwd)[(B * Hq * num_m_blocks,)](
             q, k, v, o, lse, *strides(q, k, v, o),
             Hq, Tq, Tk, Hq // Hkv, num_m_blocks, scale * LOG2E,
-            BLOCK_M=block_m, ROW=row, num_warps=num_warps, **meta(q, causal),
+            BLOCK_M=block_m, ROW=row, num_warps=num_warps, CAUSAL=causal, **meta(q),
         )
     return o, lse
 
@@ -224,9 +224,9 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, do: Tensor, causal: 
         wrap_triton(_fused_bwd_dq)[(B * Hq * num_m_blocks,)](
             q, k, v, do, dq, delta, *strides(q, k, v, do, dq),
             Hq, Tq, Tk, Hq // Hkv, num_m_blocks, scale, scale * LOG2E,
-            BLOCK_M=block_m, ROW=row, num_warps=num_warps, **meta(q, causal),
+            BLOCK_M=block_m, ROW=row, num_warps=num_warps, CAUSAL=causal, **meta(q),
         )
-        dk, dv = dkdv(q, k, v, do, lse, delta, causal, scale)  # the flash kernel's: tiles, no row limit
+        dk, dv = dkdv(q, k, v, do, lse, delta, (-1, 0 if causal else -1), scale)  # the flash kernel's: tiles, no row limit
     return dq, dk, dv
 
 

@@ -52,6 +52,44 @@ GPU_SHAPES = [
     Shape(2, 8, 2, 1, 4097, 128),     # decoding one token against a long cache
 ]
 
+# Sliding windows (left, right) on flash_attention, run under the interpreter: (shape, causal, window).
+# Narrower than a block, wider than T, width 0 (the diagonal alone), one side unbounded, Tq != Tk.
+WINDOW_CASES = [
+    (Shape(1, 2, 1, 97, 40, 32), True, (8, 0)),       # Tq > Tk: the first rows see nothing
+    (Shape(1, 4, 2, 40, 97, 80), True, (16, -1)),     # right -1 under causal is right 0
+    (Shape(1, 2, 2, 113, 203, 64), True, (0, 0)),     # width 0: each query sees one key
+    (Shape(1, 2, 2, 100, 100, 16), False, (7, 3)),    # looks ahead too
+    (Shape(1, 2, 2, 70, 70, 16), False, (500, 500)),  # wider than T: no mask at all
+    (Shape(1, 2, 2, 70, 70, 16), True, (500, 0)),     # wider than T: plain causal
+    (Shape(1, 2, 2, 64, 130, 96), False, (-1, 5)),    # right only
+    (Shape(2, 4, 1, 1, 97, 16), True, (10, 0)),       # one new token, a window into its cache
+]
+
+# Packed variable-length batches: (lengths of q's sequences, of k's, Hq, Hkv, D, causal, window).
+# Lengths 0 and 1, Tq != Tk per sequence, lengths that miss every block, grouped heads.
+VARLEN_CASES = [
+    ((5, 0, 1, 70, 33), (5, 0, 1, 70, 33), 4, 2, 16, True, None),
+    ((3, 17, 0, 40), (10, 17, 5, 33), 2, 2, 32, True, None),    # a sequence with keys, no queries
+    ((3, 17, 0, 40), (10, 17, 5, 33), 2, 1, 32, False, None),
+    ((64, 1, 97), (64, 1, 97), 8, 2, 80, True, (8, 0)),
+    ((1, 1, 1, 1), (1, 1, 1, 1), 2, 2, 16, True, None),
+    ((129,), (129,), 2, 2, 96, False, (3, 7)),
+    ((20, 30), (0, 30), 2, 2, 16, True, None),                   # a sequence with queries, no keys
+]
+
+# Decoding against a cache: (B, Hq, Hkv, Tq new tokens, Tmax, D, cache lengths, num_splits, window).
+# Lengths that are not block multiples, 0, shorter than Tq; split counts that do not divide them,
+# more splits than key blocks, None (the rule); more query rows than one block holds.
+DECODE_CASES = [
+    (3, 4, 2, 1, 100, 16, (0, 37, 100), 3, None),
+    (2, 8, 2, 5, 70, 80, (5, 70), 4, (10, 0)),
+    (2, 2, 2, 3, 40, 32, (2, 40), None, (0, 0)),      # sequence 0 holds fewer keys than new tokens
+    (1, 1, 1, 1, 1, 16, (1,), 7, None),               # 7 splits of one key
+    (2, 4, 1, 16, 130, 96, (130, 77), 5, None),       # 16 new tokens, multi-query: 64 rows a program
+    (1, 16, 1, 8, 64, 64, (50,), 2, None),            # 128 rows: two row blocks
+    (2, 4, 4, 1, 300, 16, (300, 299), None, (-1, 0)),
+]
+
 # Every public kernel with the signature kernel(q, k, v, causal=True, scale=None, return_lse=False).
 KERNELS = [fused_attention, flash_attention]
 

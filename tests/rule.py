@@ -67,30 +67,59 @@ def assert_close(name, got, truth, low, factor, floor):
         )
 
 
-def check_against_reference(kernel, q, k, v, do, causal=True, scale=None, backward=True):
-    """Run `kernel(q, k, v, causal=, scale=, return_lse=True)` forward (and backward with upstream
-    gradient `do`) and hold its output, log-sum-exp and gradients to the rule."""
+def check_against_reference(kernel, q, k, v, do, causal=True, scale=None, backward=True, window=None):
+    """Run `kernel(q, k, v, causal=, scale=, return_lse=True)` (and `window=` when given) forward
+    (and backward with upstream gradient `do`) and hold its output, log-sum-exp and gradients to
+    the rule, against `reference.attention`."""
+    w = {} if window is None else {"window": window}
+    o, lse = kernel(q, k, v, causal=causal, scale=scale, return_lse=True, **w)
+    spec = lambda q, k, v, upcast=True: reference.attention(q, k, v, causal, scale, upcast, **w)
+    spec_lse = lambda q, k: reference.logsumexp(q, k, causal, scale, **w)
+    hold_to_rule(o, lse, (q, k, v), do if backward else None, spec, spec_lse)
+
+
+def hold_to_rule(o, lse, inputs, do, spec, spec_lse):
+    """Compare a kernel's output o and log-sum-exp lse, computed from `inputs` (q, k, v), with
+    the specification `spec(q, k, v, upcast=)` and `spec_lse(q, k)` run in float64 (the truth) and
+    in the inputs' own precision (the yardstick); with `do`, also the gradients of q, k and v,
+    after o.backward(do)."""
+    q = inputs[0]
     floor = FLOOR[q.dtype]
-    o, lse = kernel(q, k, v, causal=causal, scale=scale, return_lse=True)
     assert o.dtype == q.dtype and lse.dtype == torch.float32
 
-    leaves64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    leaves_low = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    truth = reference.attention(*leaves64, causal=causal, scale=scale)
-    low = reference.attention(*leaves_low, causal=causal, scale=scale, upcast=False)
+    leaves64 = [x.detach().double().requires_grad_() for x in inputs]
+    leaves_low = [x.detach().clone().requires_grad_() for x in inputs]
+    truth = spec(*leaves64)
+    low = spec(*leaves_low, upcast=False)
     if not torch.isfinite(low).all():  # scores beyond the dtype's range: yardstick is rounding alone
-        low = reference.attention(*leaves_low, causal=causal, scale=scale)
+        low = spec(*leaves_low)
     assert_close("out", o, truth, low, FACTOR, floor)
 
-    lse_truth = reference.logsumexp(*leaves64[:2], causal=causal, scale=scale)
-    lse_fp32 = reference.logsumexp(q.detach(), k.detach(), causal=causal, scale=scale)
+    lse_truth = spec_lse(*leaves64[:2])
+    lse_fp32 = spec_lse(*(x.detach() for x in inputs[:2]))
     assert_close("lse", lse, lse_truth, lse_fp32, FACTOR, FLOOR[torch.float32])
 
-    if not backward:
+    if do is None:
         return
     o.backward(do)
     truth.backward(do.double())
     low.backward(do)
-    for name, x, x64, xl in zip(("dq", "dk", "dv"), (q, k, v), leaves64, leaves_low):
+    for name, x, x64, xl in zip(("dq", "dk", "dv"), inputs, leaves64, leaves_low):
         assert x.grad.dtype == x.dtype
         assert_close(name, x.grad, x64.grad, xl.grad, GRAD_FACTOR, floor)
+
+
+def make_packed(lengths_q, lengths_k, Hq, Hkv, D, dtype, seed=0, strided=False):
+    """A packed batch: q (total_q, Hq, D), k and v (total_k, Hkv, D) leaf tensors, the upstream
+    gradient, and int32 cu_seqlens for both. `strided`: rows are not adjacent in memory (the
+    tensors are (H, total, D) storage transposed)."""
+    g = torch.Generator(DEVICE).manual_seed(seed)
+
+    def rand(total, H):
+        x = torch.randn((H, total, D) if strided else (total, H, D), generator=g, device=DEVICE, dtype=dtype)
+        return (x.transpose(0, 1) if strided else x).detach().requires_grad_()
+
+    q, k, v = rand(sum(lengths_q), Hq), rand(sum(lengths_k), Hkv), rand(sum(lengths_k), Hkv)
+    do = torch.randn(q.shape, generator=g, device=DEVICE, dtype=dtype)
+    offsets = lambda lengths: torch.tensor([0, *lengths], device=DEVICE).cumsum(0).to(torch.int32)
+    return q, k, v, do, offsets(lengths_q), offsets(lengths_k)

@@ -23,8 +23,18 @@ SHAPE = Shape(2, 4, 2, 19, 23, 16)  # grouped heads, Tq != Tk, lengths that miss
 
 def opcheck_args(layout):
     q, k, v, do = make_qkv(SHAPE, torch.float32, layout=layout, seed=seed_of("opcheck", layout))
-    o, lse = OPS.flash_forward(q.detach(), k.detach(), v.detach(), True, 0.3)
+    o, lse = OPS.flash_forward(q.detach(), k.detach(), v.detach(), -1, 0, 0.3)
     return q, k, v, do, o, lse
+
+
+def packed_args(seed):
+    """A packed batch of lengths (5, 0, 14) for q and (9, 3, 11) for k, v: (total, H, D) tensors."""
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    q, do = (torch.randn(19, 4, 16, generator=g, device=DEVICE) for _ in range(2))
+    k, v = (torch.randn(23, 2, 16, generator=g, device=DEVICE) for _ in range(2))
+    cu_q = torch.tensor([0, 5, 5, 19], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 9, 12, 23], dtype=torch.int32, device=DEVICE)
+    return q, k, v, do, cu_q, cu_k
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "bthd"])
@@ -32,10 +42,20 @@ def test_opcheck(layout):
     q, k, v, do, o, lse = opcheck_args(layout)
     d = [x.detach() for x in (q, k, v)]
     cases = [
-        (OPS.flash_forward.default, (q, k, v, True, 0.3)),
+        (OPS.flash_forward.default, (q, k, v, -1, 0, 0.3)),
+        (OPS.flash_forward.default, (q, k, v, 3, 2, 0.3)),  # a window
         (OPS.fused_forward.default, (q, k, v, False, 0.3)),
-        (OPS.flash_backward.default, (*d, o, lse, do, True, 0.3)),
+        (OPS.flash_backward.default, (*d, o, lse, do, -1, 0, 0.3)),
         (OPS.fused_backward.default, (*d, lse, do, True, 0.3)),
+    ]
+    pq, pk, pv, pdo, cu_q, cu_k = packed_args(seed_of("opcheck packed", layout))
+    if layout == "bthd":  # (H, total, D) storage: strided rows
+        pq, pk, pv = (x.transpose(0, 1).contiguous().transpose(0, 1) for x in (pq, pk, pv))
+    packed = (cu_q, cu_k, 14, 11, -1, 0, 0.3)
+    po, plse = OPS.flash_varlen_forward(pq, pk, pv, *packed)
+    cases += [
+        (OPS.flash_varlen_forward.default, (pq.requires_grad_(), pk.requires_grad_(), pv.requires_grad_(), *packed)),
+        (OPS.flash_varlen_backward.default, (pq.detach(), pk.detach(), pv.detach(), po, plse, pdo, *packed)),
     ]
     for op, args in cases:
         results = torch.library.opcheck(op, args)
@@ -54,6 +74,8 @@ def test_gpu_ops_name_their_kernels():
     assert found == {
         "attention_kernels::flash_forward": ["_flash_fwd"],
         "attention_kernels::flash_backward": ["_flash_bwd_delta", "_flash_bwd_dkdv", "_flash_bwd_dq"],
+        "attention_kernels::flash_varlen_forward": ["_flash_fwd"],
+        "attention_kernels::flash_varlen_backward": ["_flash_bwd_delta", "_flash_bwd_dkdv", "_flash_bwd_dq"],
         "attention_kernels::fused_forward": ["_fused_fwd"],
         "attention_kernels::fused_backward": ["_flash_bwd_dkdv", "_fused_bwd_dq"],
     }

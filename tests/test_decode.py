@@ -1,0 +1,104 @@
+"""Decoding against a KV cache: decode_attention (split-KV with a log-sum-exp merge) against
+`reference.decode_attention`, its num_splits rule, and its input checks."""
+
+import pytest
+import torch
+
+import reference
+from cases import DECODE_CASES, DEVICE, Shape
+from kernels import decode, decode_attention
+from rule import hold_to_rule, make_qkv, seed_of
+
+
+def decode_inputs(B, Hq, Hkv, Tq, Tmax, D, lengths, dtype, seed):
+    q, k_cache, v_cache, _ = make_qkv(Shape(B, Hq, Hkv, Tq, Tmax, D), dtype, "bthd", seed)
+    lengths = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    return q.detach(), k_cache.detach(), v_cache.detach(), lengths
+
+
+def decode_logsumexp(q, k_cache, cache_seqlens, window):
+    """Each new token's log-sum-exp over the keys it sees, per sequence, as the reference has it."""
+    return torch.cat([reference.logsumexp(q[b:b + 1], k_cache[b:b + 1, :, :L], True, window=window)
+                      for b, L in enumerate(cache_seqlens.tolist())])  # (B, Hq, Tq)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=str)
+def test_decode_matches_reference(poison, case, dtype):
+    *sizes, lengths, num_splits, window = case
+    q, k_cache, v_cache, seqlens = decode_inputs(*sizes, lengths, dtype, seed_of("decode", case, dtype))
+    o, lse = decode_attention(q, k_cache, v_cache, seqlens, num_splits=num_splits, window=window, return_lse=True)
+    w = window or (-1, -1)
+    spec = lambda q, k, v, upcast=True: reference.decode_attention(q, k, v, seqlens, window=w) if upcast else \
+        torch.cat([reference.attention(q[b:b + 1], k[b:b + 1, :, :L], v[b:b + 1, :, :L], True, upcast=False, window=w)
+                   for b, L in enumerate(seqlens.tolist())])
+    hold_to_rule(o, lse, (q, k_cache, v_cache), None, spec, lambda q, k: decode_logsumexp(q, k, seqlens, w))
+
+
+def test_every_split_count_agrees(poison):
+    # 1 to 12 splits of 77 valid keys (several leave splits empty): the merge makes them agree
+    q, k_cache, v_cache, seqlens = decode_inputs(2, 4, 2, 2, 90, 32, (77, 13), torch.float32, seed_of("splits"))
+    truth = reference.decode_attention(q.double(), k_cache.double(), v_cache.double(), seqlens)
+    for num_splits in range(1, 13):
+        o = decode_attention(q, k_cache, v_cache, seqlens, num_splits=num_splits)
+        err = (o.double() - truth).abs().max().item()
+        assert err < 1e-5, f"num_splits={num_splits}: max error {err:.3g}"
+
+
+def test_decode_equals_flash_on_the_valid_cache(poison):
+    # One sequence, the whole cache valid: decoding is flash_attention on the same tensors
+    from kernels import flash_attention
+    q, k_cache, v_cache, seqlens = decode_inputs(1, 4, 1, 3, 50, 16, (50,), torch.float32, seed_of("vs flash"))
+    torch.testing.assert_close(decode_attention(q, k_cache, v_cache, seqlens, num_splits=3),
+                               flash_attention(q, k_cache, v_cache), rtol=0, atol=2e-6)
+
+
+def test_num_splits_rule():
+    cpu = torch.device("cpu")  # the interpreter's stand-in: decode.INTERPRETER_SMS SMs
+    sms = decode.INTERPRETER_SMS
+    # one sequence, one k/v head, a long cache: a split per SM
+    assert decode.default_num_splits(1, 1, 1, 1 << 16, cpu) == sms
+    # as many programs as SMs without splitting: no split
+    assert decode.default_num_splits(sms, 1, 1, 1 << 16, cpu) == 1
+    # a short cache: no split shorter than MIN_SPLIT_KEYS
+    assert decode.default_num_splits(1, 1, 1, decode.MIN_SPLIT_KEYS + 1, cpu) == 2
+    assert decode.default_num_splits(1, 1, 1, 10, cpu) == 1
+
+
+def bad_input(**change):
+    q, k_cache, v_cache, seqlens = decode_inputs(2, 2, 1, 1, 8, 16, (3, 8), torch.float32, 0)
+    args = {**dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=seqlens), **change}
+    return lambda: decode_attention(**args)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (dict(cache_seqlens=torch.tensor([3, 8])), ValueError, "int32 tensor of shape \\(B,\\) = \\(2,\\), got int64"),
+    (dict(cache_seqlens=torch.tensor([3], dtype=torch.int32)), ValueError, "of shape \\(1,\\)"),
+    (dict(cache_seqlens=[3, 8]), TypeError, "must be a torch.Tensor"),
+    (dict(cache_seqlens=torch.tensor([3, 9], dtype=torch.int32)), ValueError, "\\[0, Tmax = 8\\].*9 for sequence 1"),
+    (dict(cache_seqlens=torch.tensor([-1, 8], dtype=torch.int32)), ValueError, "-1 for sequence 0"),
+    (dict(num_splits=0), ValueError, "num_splits must be None or an int >= 1"),
+    (dict(num_splits=2.0), ValueError, "num_splits must be None or an int >= 1"),
+    (dict(window=(4, 1)), ValueError, "causal=True means right = 0"),
+])
+def test_bad_decode_inputs_are_refused(change, error, message):
+    if "cache_seqlens" in change and isinstance(change["cache_seqlens"], torch.Tensor):
+        change["cache_seqlens"] = change["cache_seqlens"].to(DEVICE)
+    with pytest.raises(error, match=message):
+        bad_input(**change)()
+
+
+def test_unchecked_lengths_stay_inside_the_cache(poison):
+    # check_seqlens=False: no host read; a length past Tmax is clamped to Tmax, never read beyond
+    q, k_cache, v_cache, seqlens = decode_inputs(2, 2, 1, 1, 8, 16, (3, 8), torch.float32, 0)
+    long = torch.tensor([3, 1000], dtype=torch.int32, device=DEVICE)
+    torch.testing.assert_close(decode_attention(q, k_cache, v_cache, long, check_seqlens=False),
+                               decode_attention(q, k_cache, v_cache, seqlens), rtol=0, atol=0)
+
+
+def test_decode_refuses_to_run_where_gradients_are_expected():
+    q, k_cache, v_cache, seqlens = decode_inputs(1, 1, 1, 1, 4, 16, (4,), torch.float32, 0)
+    with pytest.raises(RuntimeError, match="no backward"):
+        decode_attention(q.requires_grad_(), k_cache, v_cache, seqlens)
+    with torch.no_grad():
+        decode_attention(q, k_cache, v_cache, seqlens)

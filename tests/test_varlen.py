@@ -1,0 +1,74 @@
+"""Packed variable-length batches on the flash kernel: flash_attention_varlen against
+`reference.varlen_attention`, forward and backward, and its input checks."""
+
+import pytest
+import torch
+
+import reference
+from cases import DEVICE, VARLEN_CASES
+from kernels import flash_attention_varlen
+from rule import hold_to_rule, make_packed, seed_of
+
+
+def check_varlen(lengths_q, lengths_k, Hq, Hkv, D, causal, window, dtype, strided=False):
+    q, k, v, do, cu_q, cu_k = make_packed(lengths_q, lengths_k, Hq, Hkv, D, dtype,
+                                          seed_of("varlen", lengths_q, lengths_k, Hq, D, dtype), strided)
+    o, lse = flash_attention_varlen(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), causal,
+                                    return_lse=True, window=window)
+    w = {} if window is None else {"window": window}
+    spec = lambda q, k, v, upcast=True: reference.varlen_attention(q, k, v, cu_q, cu_k, causal, upcast=upcast, **w)
+    spec_lse = lambda q, k: reference.varlen_logsumexp(q, k, cu_q, cu_k, causal, **w)
+    hold_to_rule(o, lse, (q, k, v), do, spec, spec_lse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=str)
+def test_varlen_matches_reference(poison, case, dtype):
+    check_varlen(*case, dtype)
+
+
+def test_varlen_strided_rows(poison):
+    # (H, total, D) storage: rows are not adjacent, and the kernel reads them in place
+    check_varlen((7, 0, 45), (7, 3, 45), 4, 2, 32, True, None, torch.float32, strided=True)
+
+
+def test_varlen_equals_one_call_per_sequence(poison):
+    # The packed call and separate calls on each sequence give the same numbers
+    from kernels import flash_attention
+    lengths = (9, 33, 1)
+    q, k, v, _, cu, _ = make_packed(lengths, lengths, 2, 1, 16, torch.float32, seed_of("separate"))
+    o = flash_attention_varlen(q, k, v, cu, cu, 33, 33)
+    for a, b in zip(cu.tolist(), cu[1:].tolist()):
+        one = lambda x: x[a:b].transpose(0, 1)[None]  # (1, H, T, D)
+        torch.testing.assert_close(o[a:b], flash_attention(one(q), one(k), one(v))[0].transpose(0, 1),
+                                   rtol=0, atol=1e-6)
+
+
+def packed():
+    q, k, v, _, cu, _ = make_packed((3, 5), (3, 5), 2, 2, 16, torch.float32)
+    return q.detach(), k.detach(), v.detach(), cu
+
+
+I32 = dict(dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: {**a, "cu_seqlens_q": a["cu_seqlens_q"].long()}, "cu_seqlens_q must be a 1-D int32 tensor"),
+    (lambda a: {**a, "cu_seqlens_k": a["cu_seqlens_k"][None]}, "cu_seqlens_k must be a 1-D int32 tensor"),
+    (lambda a: {**a, "cu_seqlens_q": torch.tensor([0], **I32)}, "B \\+ 1 >= 2 offsets"),
+    (lambda a: {**a, "cu_seqlens_q": [0, 3, 8]}, "must be a torch.Tensor"),
+    (lambda a: {**a, "cu_seqlens_q": torch.tensor([0, 6, 5], **I32)}, "never decrease"),
+    (lambda a: {**a, "cu_seqlens_k": torch.tensor([0, 3, 7], **I32)}, "end at the packed length 8"),
+    (lambda a: {**a, "cu_seqlens_k": torch.tensor([1, 3, 8], **I32)}, "start at 0"),
+    (lambda a: {**a, "cu_seqlens_k": torch.tensor([0, 8], **I32)}, "the same number of sequences"),
+    (lambda a: {**a, "max_seqlen_q": 4}, "max_seqlen_q must be an int >= the longest sequence, 5"),
+    (lambda a: {**a, "max_seqlen_k": 5.0}, "max_seqlen_k must be an int"),
+    (lambda a: {**a, "q": a["q"][None]}, "q must have 3 dimensions \\(total_tokens, H, D\\)"),
+    (lambda a: {**a, "v": a["v"][:, :1]}, "k and v must have the same shape"),
+    (lambda a: {**a, "q": a["q"].double()}, "q has dtype float64"),
+])
+def test_bad_packed_inputs_are_refused(change, message):
+    q, k, v, cu = packed()
+    args = dict(q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=5, max_seqlen_k=5)
+    with pytest.raises((ValueError, TypeError), match=message):
+        flash_attention_varlen(**change(args))

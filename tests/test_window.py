@@ -1,0 +1,65 @@
+"""Sliding-window attention on the flash kernel: window=(left, right) against the reference, at
+any block sizes, with its errors; and a fixed window's cost growing linearly in T."""
+
+import time
+
+import pytest
+import torch
+
+from cases import WINDOW_CASES, Shape
+from kernels import flash, flash_attention
+from kernels.checks import INTERPRET
+from rule import check_against_reference, make_qkv, seed_of
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape, causal, window", WINDOW_CASES, ids=str)
+def test_window_matches_reference(poison, shape, causal, window, dtype):
+    q, k, v, do = make_qkv(shape, dtype, "bthd", seed_of("window", shape, causal, window, dtype))
+    check_against_reference(flash_attention, q, k, v, do, causal, window=window)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="on a GPU the blocks are autotuned, not set")
+@pytest.mark.parametrize("causal, window", [(True, (20, 0)), (False, (9, 30))], ids=str)
+@pytest.mark.parametrize("blocks", [((16, 16), (16, 16)), ((16, 64), (64, 16)), ((64, 16), (16, 64))], ids=str)
+def test_window_at_any_block_sizes(poison, monkeypatch, blocks, causal, window):
+    # Blocks skipped before and after the window, masked at both of its edges, whole inside it
+    monkeypatch.setitem(flash.INTERPRETER_BLOCKS, "fwd", blocks[0])
+    monkeypatch.setitem(flash.INTERPRETER_BLOCKS, "dq", blocks[0])
+    monkeypatch.setitem(flash.INTERPRETER_BLOCKS, "dkdv", blocks[1])
+    shape = Shape(1, 2, 1, 150, 173, 32)
+    q, k, v, do = make_qkv(shape, torch.float32, seed=seed_of("window blocks", blocks, window))
+    check_against_reference(flash_attention, q, k, v, do, causal, window=window)
+
+
+@pytest.mark.parametrize("window, causal, message", [
+    ((4, 2), True, "causal=True means right = 0"),
+    ((-2, 0), True, "two ints >= -1"),
+    ((4,), True, "(left, right)"),
+    ((1.5, 0), True, "two ints"),
+    ((True, 0), True, "two ints"),
+    ("4,0", False, "(left, right)"),
+])
+def test_bad_windows_are_refused(window, causal, message):
+    q, k, v, _ = make_qkv(Shape(1, 1, 1, 4, 4, 16), torch.float32)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        flash_attention(q, k, v, causal, window=window)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="timed under the interpreter, where time counts the work done; "
+                    "on a GPU, `python -m benchmarks.inference --part window` measures it")
+def test_windowed_cost_is_linear_in_T():
+    # A window of 32 keys: 4x the length, about 4x the time (key blocks outside the window are
+    # skipped). Were they only masked, the causal triangle would make it about 10x here.
+    def seconds(T):
+        q = torch.randn(1, 1, T, 16)
+        best = float("inf")
+        for _ in range(2):
+            start = time.perf_counter()
+            flash_attention(q, q, q, window=(32, 0))
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    seconds(512)  # warm-up
+    ratio = seconds(2048) / seconds(512)
+    assert ratio < 6, f"4x the length took {ratio:.1f}x the time with a fixed window (linear: 4x)"
