@@ -14,7 +14,11 @@ impl "reference" (eager PyTorch, the baseline, always run), "fused", "flash" or 
 own scaled_dot_product_attention). No dropout, so every run is deterministic. It trains with
 AdamW at a constant learning rate (after a linear warm-up in the gpu preset, as nanoGPT does) on
 `data/attention.txt`, a few KB of prose about attention (any text file with --data), and then
-samples text, one plain forward over the cropped context per character (no KV cache).
+samples text, one plain forward over the cropped context per character. Last it generates up to
+the block size twice, with a KV cache and without (`generate`), and checks that the two give the
+same characters from the same logits, to rounding: the cache holds each layer's keys and values,
+the prompt runs once (prefill) and then each new character alone, its attention
+`kernels.decode_attention` against the cache.
 
 Presets (B sequences of T characters, width C, heads, layers):
     seed   B 4, T 8, C 16, 1 head of 16, 1 layer, fp32, lr 1e-3, 200 steps: the project's founding
@@ -35,7 +39,15 @@ in losses.csv (step, impl, loss):
     peak MiB       memory one training step allocates beyond what exists before it (weights and
                    optimizer state): `benchmarks.measure.peak_mib`, i.e.
                    torch.cuda.max_memory_allocated on a GPU, live tensor storage on the CPU.
-It exits 1 if any impl's loss leaves the reference's by more than TOLERANCE nats at any step.
+and, for generation (T - 1 characters after "\n", greedy, fp32 whatever --dtype):
+    same tokens    yes when generation with the KV cache gives the tokens it gives without
+    max |dlogit|   the largest difference between the logits each character was chosen from,
+                   with the cache and without
+    cached tok/s   new characters per second with the cache, and without it (on a GPU the second
+    uncached tok/s of two runs: the first compiles the kernels)
+It exits 1 if any impl's loss leaves the reference's by more than TOLERANCE nats at any step, or if
+any impl's generation with the cache gives other tokens than without, or logits more than
+LOGITS_TOLERANCE apart.
 
 Why those bounds: two correct attentions round differently, and training amplifies the
 difference. Measured on the seed preset's shape with 2 heads of 8, fp32, the worst seed (with its
@@ -49,6 +61,14 @@ bf16 rounds 2^16 times coarser: over 100 steps flash parts by 2e-2 (4 seeds), sd
 seeds), and by 300 steps two correct runs differ by 0.2 on a 32-character batch. The bf16 bound,
 5e-2, holds for about 100 seed-preset steps; for the gpu preset it is a guess until measured on a
 GPU. When sdpa, torch's own attention, fails too, blame the settings, not a kernel.
+
+Generation compares logits as well as tokens because the seed preset's model, near a unigram
+model after 200 steps, hardly looks at its context: its greedy characters stay the same under a
+cache that drops the newest key, its logits move by 6e-3 (by 1.5e-2 after 7 steps; adding 1 to
+the attention output moves them by 8e-2). With a correct cache they differ by 5e-7 (reference,
+sdpa) and 7e-7 (fused, flash), in fp32: hence LOGITS_TOLERANCE, 1e-4, in between; for the gpu
+preset a guess until measured on a GPU. Generation runs in fp32 whatever --dtype: the check is of
+the cache, and in bf16, which rounds 2^16 times coarser, a bound on the logits would be a guess.
 """
 
 import argparse
@@ -67,8 +87,10 @@ from benchmarks.impls import DEVICE  # first: sets up the interpreter on a CPU
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import reference  # noqa: E402
 from benchmarks.measure import peak_mib  # noqa: E402
 from benchmarks.sweep import environment, fmt, run_log  # noqa: E402
+from kernels import decode_attention, flash_attention  # noqa: E402
 from kernels.module import MODULE_IMPLS, CausalSelfAttention  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "attention.txt")
@@ -76,6 +98,7 @@ IMPLS = ("reference", "fused", "flash", "sdpa")
 WARMUP = 5       # untimed steps; the last one is measured for memory (autotuning and AdamW state exist by then)
 FINAL_STEPS = 10  # "final loss" averages this many last steps
 TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2}  # largest |loss - reference's loss| in nats at any step; see the docstring
+LOGITS_TOLERANCE = 1e-4  # largest |logit with the KV cache - without| in generation (fp32); see the docstring
 CPU_NOTE = ("NOTE: no CUDA GPU, so the kernels run under Triton's CPU interpreter (numpy). Tokens/s "
             "says nothing about GPU speed; the losses and samples are what to compare.")
 
@@ -112,18 +135,68 @@ class MLP(nn.Module):
         return self.c_proj(F.gelu(self.c_fc(x)))        # through (B, T, 4C)
 
 
+class KVCache:
+    """One layer's keys and values of every token generated so far, so that each new token computes
+    only its own: k and v (B, H, Tmax, D), allocated once at the first write (in the keys' dtype),
+    of which the first `length` positions are filled."""
+
+    def __init__(self, Tmax):
+        self.Tmax, self.length = Tmax, 0
+        self.k = self.v = None
+
+    def append(self, k, v):
+        """Write k, v (B, H, T, D) at the next T positions; return the whole cache (k, v)."""
+        B, H, T, D = k.shape
+        if self.length + T > self.Tmax:
+            raise ValueError(f"the KV cache holds {self.Tmax} positions, {self.length} filled: {T} more do not fit")
+        if self.k is None:
+            self.k = k.new_zeros(B, H, self.Tmax, D)                     # (B, H, Tmax, D)
+            self.v = v.new_zeros(B, H, self.Tmax, D)
+        self.k[:, :, self.length:self.length + T] = k
+        self.v[:, :, self.length:self.length + T] = v
+        self.length += T
+        return self.k, self.v
+
+
+class CachedSelfAttention(CausalSelfAttention):
+    """`kernels.module.CausalSelfAttention` (nanoGPT's, the attention step by `impl`) with a KV
+    cache for generation. Given a cache, x holds only the tokens after the cached ones; their k
+    and v are written into the cache first. The prompt (the cache empty) attends to itself, causal;
+    each later token attends to the cache up to and including itself. Impl "reference" does both
+    with the reference (PyTorch); every other impl with the kernels: `flash_attention` for the
+    prompt, `decode_attention` for the tokens after it."""
+
+    def forward(self, x, cache=None):
+        if cache is None:
+            return super().forward(x)
+        B, T, C = x.shape                                                  # (B, T, C): the tokens after the cache
+        q, k, v = self.c_attn(x).split(C, dim=2)                           # (B, T, C) x 3
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        prefill = cache.length == 0                                        # the prompt: the cache still empty
+        k_cache, v_cache = cache.append(k, v)                              # (B, H, Tmax, D) each, these T included
+        if prefill:  # the prompt attends to itself
+            attend = reference.attention if self.impl == "reference" else flash_attention
+            y = attend(q, k, v, causal=True)                               # (B, H, T, D)
+        else:  # token t of T, at position length - T + t, sees the cache up to its own position
+            lengths = torch.full((B,), cache.length, dtype=torch.int32, device=x.device)  # (B,) valid positions
+            decode = reference.decode_attention if self.impl == "reference" else decode_attention
+            y = decode(q, k_cache, v_cache, lengths)                       # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)                             # (B, T, C): heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
 class Block(nn.Module):
     """One transformer block, pre-LayerNorm as in GPT-2: attention then MLP, each added back."""
 
     def __init__(self, cfg, impl):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.C, bias=False)
-        self.attn = CausalSelfAttention(cfg.C, cfg.heads, bias=False, dropout=0.0, impl=impl)
+        self.attn = CachedSelfAttention(cfg.C, cfg.heads, bias=False, dropout=0.0, impl=impl)
         self.ln_2 = nn.LayerNorm(cfg.C, bias=False)
         self.mlp = MLP(cfg.C)
 
-    def forward(self, x):            # (B, T, C)
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache=None):  # (B, T, C); cache: this block's KVCache when generating with one
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -145,11 +218,14 @@ class TinyGPT(nn.Module):
                 std = 0.02 / math.sqrt(2 * cfg.layers) if name.endswith("c_proj.weight") else 0.02
                 nn.init.normal_(p, mean=0.0, std=std)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, caches=None):
+        """idx (B, T) character ids; with `caches` (one KVCache per block) the T characters after
+        those cached, at the positions after theirs. Positions stop at the block size self.T."""
         B, T = idx.shape                                                   # (B, T) character ids
-        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))   # (B, T, C)
-        for block in self.h:
-            x = block(x)                                                   # (B, T, C)
+        start = caches[0].length if caches else 0
+        x = self.wte(idx) + self.wpe(torch.arange(start, start + T, device=idx.device))  # (B, T, C)
+        for block, cache in zip(self.h, caches or [None] * len(self.h)):
+            x = block(x, cache)                                            # (B, T, C)
         logits = self.lm_head(self.ln_f(x))                                # (B, T, vocab)
         if targets is None:
             return logits, None
@@ -242,6 +318,53 @@ def sample(model, alphabet, length, seed=0, dtype="fp32", start="\n"):
     return "".join(alphabet[i] for i in idx[0, len(start):].tolist())
 
 
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, use_cache=False, greedy=False, temperature=1.0, seed=0,
+             return_logits=False):
+    """idx (B, t) followed by max_new_tokens more characters, (B, t + max_new_tokens): each the
+    argmax of the logits (greedy) or drawn from softmax(logits / temperature) with a generator
+    seeded by `seed`; with `return_logits`, also the logits each was chosen from, fp32
+    (B, max_new_tokens, vocab). Without the cache each step reruns the model over the whole
+    sequence; with it the prompt runs once and then each new token alone against the cache
+    (CachedSelfAttention). Both give the same tokens, from logits equal to rounding.
+
+    The position embeddings are learned for the block size T only, so t + max_new_tokens may not
+    exceed it (`sample` crops the context instead, which a cache cannot: every key would move)."""
+    B, t = idx.shape
+    if t + max_new_tokens > model.T:
+        raise ValueError(f"a prompt of {t} tokens and max_new_tokens={max_new_tokens} make {t + max_new_tokens} "
+                         f"positions, more than the model's block size T={model.T} (its position embeddings are "
+                         f"learned for {model.T} positions): ask for at most {max(model.T - t, 0)} new tokens")
+    training = model.training
+    model.eval()
+    g = torch.Generator(idx.device).manual_seed(seed)
+    caches = [KVCache(model.T) for _ in model.h] if use_cache else None
+    new, steps = idx, []                                               # (B, t): what the cache lacks
+    for _ in range(max_new_tokens):
+        logits, _ = model(new, caches=caches) if use_cache else model(idx)  # (B, t or 1, vocab)
+        logits = logits[:, -1].float()                                 # (B, vocab): the next token's
+        if greedy:
+            new = logits.argmax(dim=-1, keepdim=True)                  # (B, 1)
+        else:
+            new = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=g)  # (B, 1)
+        idx = torch.cat([idx, new], dim=1)                             # (B, t + 1)
+        steps.append(logits)
+    model.train(training)
+    return (idx, torch.stack(steps, dim=1)) if return_logits else idx  # logits (B, max_new_tokens, vocab)
+
+
+def time_generation(model, idx, max_new_tokens, use_cache):
+    """(tokens, logits, new tokens per second) of greedy `generate`; on a GPU timed on a second
+    run, the first having compiled the kernels (the interpreter compiles nothing)."""
+    if DEVICE == "cuda":
+        generate(model, idx, max_new_tokens, use_cache, greedy=True)
+        synchronize()
+    start = time.perf_counter()
+    tokens, logits = generate(model, idx, max_new_tokens, use_cache, greedy=True, return_logits=True)
+    synchronize()
+    return tokens, logits, idx.shape[0] * max_new_tokens / (time.perf_counter() - start)
+
+
 def max_deviation(losses, baseline):
     """The largest |loss - baseline| at the same step."""
     return max(abs(a - b) for a, b in zip(losses, baseline))
@@ -318,7 +441,13 @@ def main(argv=None):
             start = time.perf_counter()
             model, losses, tokens_per_s, peak = train(impl, cfg, len(alphabet), init, data, offsets)
             text_out = sample(model, alphabet, args.sample, args.seed, cfg.dtype)
-            runs[impl] = dict(losses=losses, tokens_per_s=tokens_per_s, peak=peak, sample=text_out)
+            prompt = encode("\n", alphabet).to(DEVICE)[None]                # (1, 1)
+            cached, cached_logits, cached_per_s = time_generation(model, prompt, cfg.T - 1, use_cache=True)
+            uncached, uncached_logits, uncached_per_s = time_generation(model, prompt, cfg.T - 1, use_cache=False)
+            runs[impl] = dict(losses=losses, tokens_per_s=tokens_per_s, peak=peak, sample=text_out,
+                              same=torch.equal(cached, uncached),
+                              dlogits=(cached_logits - uncached_logits).abs().max().item(),
+                              cached_per_s=cached_per_s, uncached_per_s=uncached_per_s)
             say(f"{impl}: loss {losses[0]:.4f} -> {losses[-1]:.4f} in {time.perf_counter() - start:.1f} s")
     finally:
         torch.set_num_threads(threads)
@@ -344,19 +473,32 @@ def main(argv=None):
         f"step, bound {tolerance:g} nats for {cfg.dtype}")
     say(f"tokens/s: after {WARMUP} warm-up steps; peak MiB: one training step beyond weights and optimizer state")
     say()
+    say(f"{'impl':11}{'same tokens':>12}{'max |dlogit|':>14}{'cached tok/s':>14}{'uncached tok/s':>16}")
+    for impl, run in runs.items():
+        say(f"{impl:11}{'yes' if run['same'] else 'no':>12}{fmt(run['dlogits'], '14.2e')}"
+            f"{fmt(run['cached_per_s'], '14.0f')}{fmt(run['uncached_per_s'], '16.0f')}")
+    say(f"generation: {cfg.T - 1} characters after \"\\n\" up to the block size T={cfg.T}, greedy, fp32"
+        f"{', each way timed on its second run' if DEVICE == 'cuda' else ''}")
+    say("cached: the prompt once, then each character alone against a KV cache (kernels.decode_attention; "
+        "the reference's own for the reference); uncached: the whole sequence every step")
+    say()
     for impl, run in runs.items():
         say(f"--- {impl} samples {args.sample} characters:")
         say(run["sample"])
     say()
     if DEVICE == "cpu":
         say(CPU_NOTE)
+    differ = [impl for impl, run in runs.items() if not run["same"] or run["dlogits"] > LOGITS_TOLERANCE]
+    if differ:
+        say(f"FAILED: {', '.join(differ)} generated with the KV cache other tokens, or logits more than "
+            f"{LOGITS_TOLERANCE:g} apart, than without it")
     if failed:
         say(f"FAILED: {', '.join(failed)} left the reference's loss by more than {tolerance:g} nats ({cfg.dtype})"
             + ("; sdpa, torch's own attention, is among them: at these settings rounding alone parts the "
                "runs (training is chaotic), so lower --lr or --steps" if "sdpa" in failed else ""))
     say(f"wrote {os.path.join(out, 'losses.csv')} and {os.path.join(out, 'log.txt')}")
     say.close()
-    return 1 if failed else 0
+    return 1 if failed or differ else 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""The tiny GPT trains the same, step for step, whichever attention runs it; the command writes its
-log and losses and fails when an impl's loss curve leaves the reference's."""
+"""The tiny GPT trains the same, step for step, whichever attention runs it; it generates the same
+tokens with a KV cache as without; the command writes its log and losses and fails when an impl's
+loss curve leaves the reference's or its cached generation parts from the uncached one."""
 
 import csv
+import re
 
 import pytest
 import torch
@@ -78,6 +80,8 @@ def test_cli_writes_log_and_losses(tmp_path, capsys):
     assert "B=4 T=8 C=16 heads=1 (D=16)" in log and "max |dloss|" in log and "FAILED" not in log
     for impl in tinygpt.IMPLS:
         assert f"--- {impl} samples 10 characters:" in log
+        assert re.search(rf"^{impl} +yes +\S+ +\S+ +\S+$", log, re.M), f"{impl}'s generation row: same tokens"
+    assert "same tokens  max |dlogit|  cached tok/s  uncached tok/s" in log
 
 
 def test_cli_fails_when_a_kernel_leaks_the_future(tmp_path, monkeypatch):
@@ -108,3 +112,78 @@ def test_bad_settings_are_refused_clearly(tmp_path, argv, words):
 def test_the_gpu_preset_is_refused_on_the_cpu(tmp_path):
     with pytest.raises(SystemExit, match="the gpu preset needs a GPU"):
         tinygpt.main(["--preset", "gpu", "--out", str(tmp_path)])
+
+
+
+# ----------------------------------------------------------------------------- generation with a KV cache
+
+VOCAB = 13
+SMALL = tinygpt.Config(T=32, C=16, heads=2, layers=2)  # block size 32, two heads of 8
+
+
+@pytest.fixture(scope="module")
+def small_init():
+    """Random weights of a 2-layer GPT, drawn wider than nanoGPT's init (std 0.02) so that its
+    attention is sharp and its logits far apart: a key or position off by one changes the tokens
+    (at std 0.02, a cache that drops the newest key changed 1 token of 64, in one mode of two)."""
+    torch.manual_seed(0)
+    model = tinygpt.TinyGPT(VOCAB, SMALL, "reference")
+    for p in model.parameters():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.5)
+    return model.state_dict()
+
+
+def small_gpt(impl, init):
+    model = tinygpt.TinyGPT(VOCAB, SMALL, impl).to(tinygpt.DEVICE)
+    model.load_state_dict(init)
+    return model
+
+
+# flash: the prompt through kernels.flash_attention, each token after it through kernels.decode_attention;
+# reference: both through the reference
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("impl", ["flash", "reference"])
+def test_generation_with_the_cache_equals_generation_without(small_init, impl, greedy):
+    model = small_gpt(impl, small_init)
+    prompt = torch.tensor([[1, 2, 3], [7, 7, 0]], device=tinygpt.DEVICE)  # (B=2, t=3)
+    n = SMALL.T - prompt.shape[1]                                          # up to the block size
+    (cached, cached_logits), (uncached, uncached_logits) = (
+        tinygpt.generate(model, prompt, n, use_cache=use_cache, greedy=greedy, seed=3, return_logits=True)
+        for use_cache in (True, False))
+    assert cached.shape == (2, SMALL.T) and torch.equal(cached[:, :3], prompt)
+    assert cached_logits.shape == (2, n, VOCAB)
+    differ = (cached != uncached).nonzero().tolist()
+    assert not differ, (f"with the cache, sequence {differ[0][0]} parts from generation without it at position "
+                        f"{differ[0][1]} ({len(differ)} of {cached.numel()} tokens differ):\n"
+                        f"{cached.tolist()}\nvs\n{uncached.tolist()}")
+    dlogits = (cached_logits - uncached_logits).abs()
+    worst = divmod(int(dlogits.argmax()), n * VOCAB)
+    assert dlogits.max() <= tinygpt.LOGITS_TOLERANCE, (
+        f"logits with the cache differ from those without by {dlogits.max():.2e} "
+        f"(sequence {worst[0]}, new token {worst[1] // VOCAB})")
+    assert len(set(uncached[:, 3:].flatten().tolist())) > 2  # not one repeated token: the test can tell
+    assert model.training  # generate restores the mode it found
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_past_the_block_size_is_refused(small_init, use_cache):
+    model = small_gpt("reference", small_init)
+    prompt = torch.zeros((1, 3), dtype=torch.long, device=tinygpt.DEVICE)
+    with pytest.raises(ValueError, match=r"3 tokens and max_new_tokens=30 make 33 positions, more than the "
+                                         r"model's block size T=32 .* at most 29 new tokens"):
+        tinygpt.generate(model, prompt, 30, use_cache=use_cache)
+
+
+def test_cli_fails_when_the_cache_drops_the_newest_key(tmp_path, monkeypatch):
+    real = tinygpt.decode_attention
+
+    def stale(q, k_cache, v_cache, cache_seqlens, **kwargs):  # the new token's own key not counted
+        return real(q, k_cache, v_cache, cache_seqlens - 1, **kwargs)
+
+    monkeypatch.setattr(tinygpt, "decode_attention", stale)
+    argv = ["--preset", "seed", "--steps", "7", "--sample", "1", "--impl", "sdpa", "--out", str(tmp_path)]
+    assert tinygpt.main(argv) == 1
+    log = (tmp_path / "log.txt").read_text()
+    assert "FAILED: sdpa generated with the KV cache" in log  # sdpa decodes on the kernels; the reference not
+    assert re.search(r"^reference +yes ", log, re.M) and "left the reference's loss" not in log
