@@ -10,14 +10,22 @@ Forward, one program per (query block, batch x head) (Dao et al., FlashAttention
         l = l * exp2(m - m_new) + rowsum(P)       the running sum, rescaled when the max grows
         acc = acc * exp2(m - m_new) + P V_j       [BLOCK_M, D] fp32
     O_i = acc / l (once, at the end); LSE_i = (m + log2 l) * ln 2
-Key blocks wholly above the causal diagonal are never visited. Blocks that every row of the
-query block sees whole are processed without a mask; only blocks that cross the diagonal or the
-end of the keys are masked. The Tq x Tk scores never touch GPU memory: extra memory is the
-(B, H, Tq) log-sum-exp.
+The mask is a window around each query's diagonal key (bottom-right alignment): query i sees key
+j when i - left <= j - (Tk - Tq) <= i + right; causal is (left, right) = (unbounded, 0), full
+attention unbounded on both sides, a sliding window anything narrower. Key blocks that no row
+of the query block sees are never visited (`_blocks_to_visit`), so a fixed window costs time
+linear in T; blocks that every row sees whole run without a mask; only blocks that cross the
+window's edges or the end of the keys are masked. The Tq x Tk scores never touch GPU memory:
+extra memory is the (B, H, Tq) log-sum-exp.
+
+Packed batches (`flash_attention_varlen`): the same kernels with VARLEN set. Sequence b's rows
+of q, k, v are cu_seqlens[b]:cu_seqlens[b + 1] of (total, H, D) tensors; the grid is sized for
+the longest sequence, and a program whose block starts past its own sequence's end returns at
+once. Each sequence is aligned and masked on its own, so none sees another.
 
 Backward, with P = exp2(S - LSE) recomputed tile by tile from the saved log-sum-exp:
     delta       delta_i = rowsum(dO_i * O_i)                     one program per query block
-    dk, dv      one key block; loop over query blocks (from the causal start) and over the query
+    dk, dv      one key block; loop over the query blocks that see it and over the query
                 heads that share this k/v head: dV += P^T dO, dK += dS^T Q * scale,
                 with dS = P * (dO V^T - delta)                   one program per key block
     dq          one query block; loop over key blocks: dQ += dS K * scale
@@ -28,7 +36,7 @@ kernel, never by expanding K and V in memory. The fused kernel's backward uses t
 too (`dkdv`).
 
 Block sizes: on a GPU `triton.autotune` picks among a pruned set, keyed on head dim, dtype,
-causal and Tq, Tk rounded up to powers of two; under the interpreter one fixed small set
+packed or not, and Tq, Tk and the window's span rounded up to powers of two; under the interpreter one fixed small set
 (`INTERPRETER_BLOCKS`). Row and element offsets are 64-bit, and the grid is one flat axis, so
 B * H past 65 535 and tensors past 2**31 elements work. Precision as in `kernels/fused.py`:
 fp32 accumulation, IEEE fp32 dots for fp32 inputs, bf16 dots upcast under the interpreter.
