@@ -11,10 +11,17 @@ function decides, once per forward, whether the kernels can reproduce the model'
 the attention function runs the kernels when they can and transformers' own SDPA attention when
 they cannot. A mask is never dropped.
 
-On the kernels (one call, or one call per sequence of a padded batch):
+On the kernels (one call per layer):
     - a plain causal mask whose queries end where the keys end (no cache, or a DynamicCache:
       prefill, chunked prefill, decoding), where the kernels' bottom-right alignment is exact;
-    - the same with padding, left or right (a 2D mask whose valid keys are one run per row);
+    - the same with padding, left or right (a 2D mask whose valid keys are one run per row): the
+      valid query rows and keys are packed, run through `flash_attention_varlen` in one call, and
+      scattered back with zeros in the padded query rows, as FlashAttention-2's unpad/pad gives.
+      The fused kernel has no packed form, so impl="fused" runs flash here too; impl="reference"
+      runs `reference.varlen_attention` on the same packed tensors. The packing (holes check,
+      gather indices, cu_seqlens) costs one host sync, once per forward: every layer gets the one
+      mask tensor `kernel_mask` made, and the first layer keeps its packing for the others;
+      `flash_attention_varlen` then reads cu_seqlens on the host to check them.
     - no mask and is_causal=False (e.g. an encoder without padding);
     - a sliding window at least as long as the keys (it masks nothing).
 On transformers' `sdpa_attention_forward`, counted in `CALLS` with the reason:
@@ -32,12 +39,16 @@ transformers; `register_transformers` does.
 
 import functools
 from collections import Counter
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
+import reference
 from kernels.checks import input_problem
 from kernels.dispatch import IMPLS, attention
+from kernels.flash import flash_attention_varlen
 
 # How many attention calls ran on the kernels ("kernels") and how many went to SDPA and why
 # ("sdpa: <reason>"), in this process. Tests read it to prove which path ran.
@@ -46,6 +57,10 @@ CALLS = Counter()
 # transformers switches on these substrings of an implementation's name (flash-attention code
 # paths, the SDPA dispatch check, flex, paged attention, a kernel repo on the Hub).
 _RESERVED_IN_NAMES = ("flash", "sdpa", "flex_attention", "paged", "/", ":")
+
+# The padding mask `kernel_mask` returned last, and its packing once a layer has made it (or None):
+# transformers hands that one tensor to every layer of a forward, so the later layers reuse it.
+_last_padding = (None, None)
 
 
 def register_transformers(name="attention_kernels", impl="auto"):
@@ -85,7 +100,11 @@ def kernel_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_f
         if attention_mask is None:
             return None
         padding = attention_mask[:, kv_offset:].bool()  # (B, kv_length)
-        return None if padding.all() else padding
+        if padding.all():
+            return None
+        global _last_padding
+        _last_padding = (padding, None)
+        return padding
 
     # sdpa_mask returns None to mean "SDPA's is_causal", which aligns top-left; the kernels would
     # read None as bottom-right. The two agree only for one query or as many queries as keys.
@@ -121,10 +140,8 @@ def kernel_attention_forward(module, query, key, value, attention_mask, scaling=
                          f"gives, got {tuple(valid.shape)} {valid.dtype}")
     reason = _why_not_kernels(query, key, value, attention_mask, dropout, scaling, window, kwargs)
     if reason is None and valid is not None:
-        start = valid.int().argmax(-1)                                # (B,) first valid key, 0 if none
-        end = start + valid.sum(-1)                                   # (B,)
-        keys = torch.arange(Tk, device=valid.device)
-        if not torch.equal((keys >= start[:, None]) & (keys < end[:, None]), valid):
+        packing = _packing(valid, Tq)
+        if packing.holes:
             reason = "padding mask with holes"
 
     if reason is not None:
@@ -139,10 +156,9 @@ def kernel_attention_forward(module, query, key, value, attention_mask, scaling=
                                       **kwargs)
 
     CALLS["kernels"] += 1
-    if valid is None:
-        out = attention(query, key, value, causal=causal, scale=scaling, impl=impl)  # (B, Hq, Tq, D)
-    else:
-        out = _attention_per_sequence(query, key, value, start.tolist(), end.tolist(), causal, scaling, impl)
+    if valid is not None:
+        return _attention_packed(query, key, value, packing, causal, scaling, impl), None
+    out = attention(query, key, value, causal=causal, scale=scaling, impl=impl)  # (B, Hq, Tq, D)
     return out.transpose(1, 2).contiguous(), None                     # (B, Tq, Hq, D)
 
 
@@ -172,24 +188,67 @@ def _dense_mask(valid, Tq, Tk, causal, window, device):
     return allowed if valid is None else allowed & valid[:, None, None, :]  # (B, 1, Tq, Tk)
 
 
-def _attention_per_sequence(q, k, v, starts, ends, causal, scale, impl):
-    """Padded batches: sequence b's valid keys are [starts[b], ends[b]). Run the kernel on those
-    keys and the queries at the same positions, where bottom-right alignment is exact; the other
-    query rows are zeros, as FlashAttention-2's unpad/pad gives.
+# ----------------------------------------------------------------------------- padded batches
 
-    This loops over the batch, one kernel call per sequence; issue 7's varlen kernel (one launch
-    over packed sequences) replaces it. The output is built by padding and concatenating pieces,
-    never by writing into a tensor, so autograd flows through it."""
-    Hq, Tq, D = q.shape[1:]
-    shift = k.shape[-2] - Tq                # query i sits at key position i + shift
-    pieces = []
-    for b, (s, e) in enumerate(zip(starts, ends)):
-        i0 = min(max(s - shift, 0), Tq)     # the queries inside the run: [i0, i1)
-        i1 = min(max(e - shift, i0), Tq)
-        if i1 == i0:
-            pieces.append(q.new_zeros(1, Hq, Tq, D))
-            continue
-        o = attention(q[b:b + 1, :, i0:i1], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
-                      causal=causal, scale=scale, impl=impl)  # (1, Hq, i1 - i0, D)
-        pieces.append(F.pad(o, (0, 0, i0, Tq - i1)))          # (1, Hq, Tq, D)
-    return torch.cat(pieces)                                  # (B, Hq, Tq, D)
+
+class Packing(NamedTuple):
+    """A padded batch as packed sequences (FlashAttention-2's unpad): sequence b is row b's valid
+    keys, and its query rows that sit on them (query i sits at key position i + Tk - Tq)."""
+    Tq: int
+    holes: bool              # some row's valid keys are not one run: bottom-right alignment breaks
+    q_rows: tuple            # (b, i) of each valid query row, two (total_q,) int64 tensors
+    k_rows: tuple            # (b, j) of each valid key, two (total_k,) int64 tensors
+    cu_seqlens_q: Tensor     # (B + 1,) int32
+    cu_seqlens_k: Tensor     # (B + 1,) int32
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+def _pack(valid, Tq):
+    """The packing of the (B, Tk) bool padding mask `valid` for Tq queries, with one host sync."""
+    Tk = valid.shape[1]
+    keys = torch.arange(Tk, device=valid.device)                     # (Tk,)
+    start = valid.int().argmax(-1)                                   # (B,) first valid key, 0 if none
+    len_k = valid.sum(-1)                                            # (B,)
+    run = (keys >= start[:, None]) & (keys < (start + len_k)[:, None])  # (B, Tk) one run from start
+    at = torch.arange(Tq, device=valid.device) + (Tk - Tq)           # (Tq,) each query's key position
+    valid_q = valid[:, at.clamp(min=0)] & (at >= 0)                  # (B, Tq)
+    len_q = valid_q.sum(-1)                                          # (B,)
+    # -- the one host sync: what decides the path, and the sizes the packed tensors and the grid need
+    holes, total_q, total_k, max_q, max_k = torch.stack(
+        [(run != valid).any().long(), len_q.sum(), len_k.sum(), len_q.max(), len_k.max()]).tolist()
+    cu = lambda lengths: F.pad(lengths.cumsum(0), (1, 0)).int()      # (B + 1,)
+    rows = lambda mask, n: torch.nonzero_static(mask, size=n).unbind(1)  # sizes known: no sync
+    return Packing(Tq, bool(holes), rows(valid_q, total_q), rows(valid, total_k), cu(len_q), cu(len_k), max_q, max_k)
+
+
+def _packing(valid, Tq):
+    """`_pack(valid, Tq)`, made once per forward for the mask `kernel_mask` returned last."""
+    global _last_padding
+    mask, packing = _last_padding
+    if valid is not mask:  # a mask from elsewhere (a direct call): nothing to share it with
+        return _pack(valid, Tq)
+    if packing is None or packing.Tq != Tq:
+        packing = _pack(valid, Tq)
+        _last_padding = (mask, packing)
+    return packing
+
+
+def _attention_packed(q, k, v, packing, causal, scale, impl):
+    """Padded batches in one call: gather the valid query rows and keys into packed tensors, run
+    the varlen kernel, scatter back. Each sequence's queries end where its keys end, so the
+    kernel's bottom-right alignment is exact; the padded query rows are zeros, as FlashAttention-2's
+    unpad/pad gives. Indexing and index_put out of place keep autograd flowing to q, k and v."""
+    B, Hq, Tq, D = q.shape
+    out = q.new_zeros(B, Tq, Hq, D)                                  # (B, Tq, Hq, D)
+    if packing.q_rows[0].numel() == 0:  # every query row is padding (the kernels take no empty tensor)
+        return out
+    q = q.transpose(1, 2)[packing.q_rows]                            # (total_q, Hq, D)
+    k, v = (x.transpose(1, 2)[packing.k_rows] for x in (k, v))       # (total_k, Hkv, D)
+    cu_q, cu_k = packing.cu_seqlens_q, packing.cu_seqlens_k
+    if impl == "reference":
+        o = reference.varlen_attention(q, k, v, cu_q, cu_k, causal=causal, scale=scale)
+    else:  # the fused kernel has no packed form: flash for "auto", "flash" and "fused"
+        o = flash_attention_varlen(q, k, v, cu_q, cu_k, packing.max_seqlen_q, packing.max_seqlen_k,
+                                   causal=causal, scale=scale)       # (total_q, Hq, D)
+    return out.index_put(packing.q_rows, o)                          # (B, Tq, Hq, D)

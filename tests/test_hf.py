@@ -7,6 +7,7 @@ import copy
 import os
 import subprocess
 import sys
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -20,6 +21,7 @@ from transformers import (AttentionInterface, AutoModelForCausalLM, DynamicCache
 from transformers.masking_utils import (AttentionMaskInterface, causal_mask_function, eager_mask,  # noqa: E402
                                         sdpa_mask, sliding_window_causal_mask_function)
 
+import kernels.hf  # noqa: E402
 from cases import DEVICE, FACTOR, FLOOR, GRAD_FACTOR  # noqa: E402
 from kernels.hf import CALLS, kernel_attention_forward, kernel_mask, register_transformers  # noqa: E402
 from rule import assert_close, seed_of  # noqa: E402
@@ -76,6 +78,23 @@ def names():
     return {impl: register_transformers(f"attention_kernels_{n}", impl) for n, impl in enumerate(("auto", *IMPLS))}
 
 
+@pytest.fixture
+def packed(monkeypatch):
+    """Counts, in kernels.hf, of flash_attention_varlen calls ("varlen") and of padding masks
+    packed ("packings", one host sync each)."""
+    counts = Counter()
+
+    def counting(key, fn):
+        def wrapper(*args, **kwargs):
+            counts[key] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(kernels.hf, "flash_attention_varlen", counting("varlen", kernels.hf.flash_attention_varlen))
+    monkeypatch.setattr(kernels.hf, "_pack", counting("packings", kernels.hf._pack))
+    return counts
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -95,14 +114,14 @@ def eager_copies(model):
     return copies
 
 
-def draw_inputs(padding, seed, B=2):
-    """Token ids, a 2D attention mask (long, 1 = token) and labels. Each row is padded by its own
-    random amount on the side asked for."""
+def draw_inputs(padding, seed, B=2, pads=None):
+    """Token ids, a 2D attention mask (long, 1 = token) and labels. Each row is padded on the side
+    asked for by its own amount: `pads`, or random."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(VOCAB, (B, T), generator=g)
     labels = torch.randint(VOCAB, (B, T), generator=g)
     mask = torch.ones(B, T, dtype=torch.long)
-    for b, pad in enumerate(torch.randint(1, T // 2, (B,), generator=g).tolist()):
+    for b, pad in enumerate(pads or torch.randint(1, T // 2, (B,), generator=g).tolist()):
         if padding == "left":
             mask[b, :pad] = 0
         elif padding == "right":
@@ -152,11 +171,24 @@ MATCH_CASES = [("llama", "fused", "none"), ("llama", "flash", "left"), ("llama",
 
 
 @pytest.mark.parametrize("model_name, impl, padding", MATCH_CASES)
-def test_matches_eager(poison, names, model_name, impl, padding):
+def test_matches_eager(poison, names, packed, model_name, impl, padding):
+    """A padded batch runs one varlen call per layer (impl="fused" too: fused has no packed form),
+    its mask packed once per forward."""
     model = build(CONFIGS[model_name](), names[impl], seed=seed_of("model", model_name, impl, padding))
     ids, mask, labels = draw_inputs(padding, seed_of("inputs", model_name, impl, padding))
     calls = assert_matches_eager(model, ids, mask, labels)
     assert calls == {"kernels": LAYERS}
+    assert packed == ({} if padding == "none" else {"varlen": LAYERS, "packings": 1})
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_rows_of_one_token_and_none(poison, names, packed, padding):
+    """Rows down to one token, and a row that is all padding (its tokens are not in the loss):
+    each layer still makes one varlen call, with sequences of length 1 and 0."""
+    model = build(llama(), names["auto"], seed=seed_of("short rows", padding))
+    ids, mask, labels = draw_inputs(padding, seed_of("short rows inputs", padding), B=4, pads=[0, T - 1, T, 3])
+    assert assert_matches_eager(model, ids, mask, labels) == {"kernels": LAYERS}
+    assert packed == {"varlen": LAYERS, "packings": 1}
 
 
 @pytest.mark.parametrize("model_name", CONFIGS)
@@ -181,7 +213,7 @@ def test_every_way_to_ask_runs_the_kernels(names, tmp_path, model_name):
         assert_close(f"logits ({how})", logits[mask.bool()], want, base, FACTOR, FLOOR[torch.float32])
 
 
-def test_cached_decoding_matches_eager(names):
+def test_cached_decoding_matches_eager(names, packed):
     """A left-padded prompt, then a chunk of 3 tokens and one token against a DynamicCache: the
     queries sit after the cached keys, where bottom-right alignment is what makes it right."""
     model = build(llama(), names["auto"], seed=seed_of("decode"))
@@ -194,23 +226,28 @@ def test_cached_decoding_matches_eager(names):
             logits[m], calls[m] = counted(lambda: m(input_ids=ids[:, lo:hi], attention_mask=mask[:, :hi],
                                                     cache=caches[m], use_cache=True).logits)
         assert calls[model] == {"kernels": LAYERS}
+        assert packed == {"varlen": LAYERS, "packings": 1}, f"tokens {lo}:{hi}"
+        packed.clear()
         keep = mask[:, lo:hi].bool()
         assert_close(f"logits of tokens {lo}:{hi}", logits[model][keep], logits[truth][keep], logits[low][keep],
                      FACTOR, FLOOR[torch.float32])
 
 
+@pytest.mark.parametrize("impl", ["flash", "reference"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_padded_batch_rows(poison, causal):
-    """The per-sequence path on its own, with fewer queries than keys: valid query rows match SDPA
-    with the padding mask, forward and backward; padded rows, and a sequence with no valid key at
-    all, are zeros."""
-    B, Hq, Hkv, Tq, Tk, D = 4, 4, 2, 5, 9, 16
+def test_padded_batch_rows(poison, packed, causal, impl):
+    """The packed path on its own, with fewer queries than keys: valid query rows match SDPA with
+    the padding mask, forward and backward; padded rows, a sequence with no valid key at all and
+    one whose valid keys all sit before the queries are zeros. impl="reference" runs
+    reference.varlen_attention instead of the varlen kernel."""
+    B, Hq, Hkv, Tq, Tk, D = 5, 4, 2, 5, 9, 16
     g = torch.Generator().manual_seed(seed_of("rows", causal))
     q = torch.randn(B, Hq, Tq, D, generator=g).to(DEVICE).requires_grad_()
     k, v = (torch.randn(B, Hkv, Tk, D, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
     do = torch.randn(B, Tq, Hq, D, generator=g).to(DEVICE)
     valid = torch.zeros(B, Tk, dtype=torch.bool, device=DEVICE)
     valid[0, 3:], valid[1, :7], valid[2, 2:6] = True, True, True   # left, right, both; row 3: none
+    valid[4, :3] = True                                            # keys, but no query on them
 
     def sdpa(q, k, v):
         keys = torch.arange(Tk, device=DEVICE)
@@ -221,10 +258,11 @@ def test_padded_batch_rows(poison, causal):
         return (out * row_valid).transpose(1, 2)                                        # (B, Tq, Hq, D)
 
     module = SimpleNamespace(is_causal=True)  # the is_causal argument overrides it
-    (out, weights), calls = counted(kernel_attention_forward, module, q, k, v, valid, impl="flash", is_causal=causal)
+    (out, weights), calls = counted(kernel_attention_forward, module, q, k, v, valid, impl=impl, is_causal=causal)
     assert calls == {"kernels": 1} and weights is None
+    assert packed == ({"packings": 1} if impl == "reference" else {"varlen": 1, "packings": 1})
     assert out.shape == (B, Tq, Hq, D) and out.is_contiguous()
-    assert torch.equal(out[3], torch.zeros_like(out[3]))
+    assert torch.equal(out[3:], torch.zeros_like(out[3:]))
     leaves64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
     leaves32 = [x.detach().clone().requires_grad_() for x in (q, k, v)]
     truth, low = sdpa(*leaves64), sdpa(*leaves32)
