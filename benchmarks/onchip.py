@@ -58,7 +58,7 @@ def compile_for_h100(kernel, dtype, head_dim, blocks, num_warps, num_stages=3, v
     bytes per thread), stack being where registers spill."""
     fn, pointers = KERNELS[kernel]
     dot_precision, _ = common.precision(dtype)
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=common.pow2(head_dim), CAUSAL=True, VARLEN=varlen,
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=common.pow2(head_dim), CAUSAL=True, VARLEN=varlen, LEFT_BOUNDED=False,
                       PRECISION=dot_precision, UPCAST=False, **blocks)
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     signature = {}

@@ -161,13 +161,14 @@ def _flash_fwd(
     q_bucket, k_bucket, window_key,  # read only by the autotuner's key
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    VARLEN: tl.constexpr, LEFT_BOUNDED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     b, h, h_kv, m_block = head_and_query_block(tl.cdiv(Tq, BLOCK_M), Hq, GROUP)
     q0, Tq, k0, Tk = _sequence(CU_Q, CU_K, b, Tq, Tk, VARLEN)
     m0 = m_block * BLOCK_M
-    if m0 >= Tq:  # a packed sequence shorter than the longest
-        return
+    if VARLEN:
+        if m0 >= Tq:  # a packed sequence shorter than the longest
+            return
     offs_m = m0 + tl.arange(0, BLOCK_M)  # query rows of this program
     offs_d = tl.arange(0, BLOCK_D)
     rows = q0 + offs_m.to(tl.int64)
@@ -182,9 +183,12 @@ def _flash_fwd(
     v_base = V + b * stride_vb + h_kv * stride_vh + k0 * stride_vt
     # -- key blocks: masked before the window's full part, unmasked inside it, masked after
     lo, a, z, hi = _key_blocks(m0, Tq, Tk, left, right, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                               offs_m, offs_d, Tq, Tk, left, right, lo, a, qk_scale,
-                               HEAD_DIM, BLOCK_N, True, PRECISION, UPCAST)
+    if LEFT_BOUNDED:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                                   offs_m, offs_d, Tq, Tk, left, right, lo, a, qk_scale,
+                                   HEAD_DIM, BLOCK_N, True, PRECISION, UPCAST)
+    else:  # causal or full: every row sees key 0 on, and a loop from a literal 0 spills fewer registers
+        a = 0
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                                offs_m, offs_d, Tq, Tk, left, right, a, z, qk_scale,
                                HEAD_DIM, BLOCK_N, False, PRECISION, UPCAST)
@@ -260,13 +264,14 @@ def _flash_bwd_dq(
     q_bucket, k_bucket, window_key,  # read only by the autotuner's key
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    VARLEN: tl.constexpr, LEFT_BOUNDED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     b, h, h_kv, m_block = head_and_query_block(tl.cdiv(Tq, BLOCK_M), Hq, GROUP)
     q0, Tq, k0, Tk = _sequence(CU_Q, CU_K, b, Tq, Tk, VARLEN)
     m0 = m_block * BLOCK_M
-    if m0 >= Tq:
-        return
+    if VARLEN:
+        if m0 >= Tq:
+            return
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     rows = q0 + offs_m.to(tl.int64)
@@ -284,9 +289,12 @@ def _flash_bwd_dq(
     k_base = K + b * stride_kb + h_kv * stride_kh + k0 * stride_kt
     v_base = V + b * stride_vb + h_kv * stride_vh + k0 * stride_vt
     lo, a, z, hi = _key_blocks(m0, Tq, Tk, left, right, BLOCK_M, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                   offs_m, offs_d, Tq, Tk, left, right, lo, a, qk_scale,
-                   HEAD_DIM, BLOCK_N, True, PRECISION, UPCAST)
+    if LEFT_BOUNDED:
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                       offs_m, offs_d, Tq, Tk, left, right, lo, a, qk_scale,
+                       HEAD_DIM, BLOCK_N, True, PRECISION, UPCAST)
+    else:
+        a = 0
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                    offs_m, offs_d, Tq, Tk, left, right, a, z, qk_scale,
                    HEAD_DIM, BLOCK_N, False, PRECISION, UPCAST)
@@ -551,7 +559,7 @@ def _run_forward(q, k, v, batch, left, right, scale):
         wrap_triton(_fwd_kernel)[grid](
             q, k, v, o, lse, *batch.sequences(q), *batch.strides(q, k, v, o), *batch.row_strides(lse),
             batch.Hq, Tq, Tk, group, wl, wr, scale * LOG2E, **batch.autotune_keys(left, right),
-            VARLEN=batch.packed, **meta(q), **_blocks("fwd"),
+            VARLEN=batch.packed, LEFT_BOUNDED=left >= 0, **meta(q), **_blocks("fwd"),
         )
     return o, lse
 
@@ -588,7 +596,7 @@ def _run_backward(q, k, v, o, lse, do, batch, left, right, scale):
         wrap_triton(_dq_kernel)[grid](
             q, k, v, do, dq, lse, delta, *batch.sequences(q), *batch.strides(q, k, v, do, dq),
             *batch.row_strides(lse), batch.Hq, Tq, Tk, group, wl, wr, scale, scale * LOG2E,
-            **batch.autotune_keys(left, right), VARLEN=batch.packed, **d, **_blocks("dq"),
+            **batch.autotune_keys(left, right), VARLEN=batch.packed, LEFT_BOUNDED=left >= 0, **d, **_blocks("dq"),
         )
     return dq, dk, dv
 
@@ -673,7 +681,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
     q (total_q, Hq, D); k, v (total_k, Hkv, D): the sequences one after another. cu_seqlens_q,
     cu_seqlens_k: int32 (B + 1,), 0 first, non-decreasing, ending at total_q (total_k);
-    sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q. Lengths 0 are allowed.
+    sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q. Lengths 0 are allowed (a batch
+    whose every sequence is empty, total 0, is refused as an empty tensor).
     max_seqlen_q, max_seqlen_k: the longest lengths (at least; they size the grid). Causal
     alignment and `window` per sequence as in `flash_attention`. The semantics of
     `reference.varlen_attention`. With `return_lse`, also the log-sum-exp, (Hq, total_q) fp32.

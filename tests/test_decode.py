@@ -102,3 +102,14 @@ def test_decode_refuses_to_run_where_gradients_are_expected():
         decode_attention(q.requires_grad_(), k_cache, v_cache, seqlens)
     with torch.no_grad():
         decode_attention(q, k_cache, v_cache, seqlens)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", [
+    (4, 32, 8, 1, 16384, 128, (16384, 1, 9000, 4097), None, None),
+    (2, 16, 2, 4, 8192, 64, (8192, 5000), None, (2047, 0)),
+    (64, 8, 8, 1, 1024, 128, tuple(range(1, 1025, 16)), None, None),
+], ids=str)
+def test_decode_long_gpu(poison, case, dtype):
+    test_decode_matches_reference(poison, case, dtype)

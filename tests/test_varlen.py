@@ -72,3 +72,12 @@ def test_bad_packed_inputs_are_refused(change, message):
     args = dict(q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=5, max_seqlen_k=5)
     with pytest.raises((ValueError, TypeError), match=message):
         flash_attention_varlen(**change(args))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_varlen_long_gpu(poison, dtype):
+    g = torch.Generator().manual_seed(seed_of("varlen gpu", dtype))
+    lengths = [0, 1, *torch.randint(1, 3000, (14,), generator=g).tolist()]
+    check_varlen(lengths, lengths, 16, 4, 128, True, None, dtype)
+    check_varlen(lengths, lengths[::-1], 8, 8, 64, False, (200, 100), dtype)

@@ -63,3 +63,15 @@ def test_windowed_cost_is_linear_in_T():
     seconds(512)  # warm-up
     ratio = seconds(2048) / seconds(512)
     assert ratio < 6, f"4x the length took {ratio:.1f}x the time with a fixed window (linear: 4x)"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape, causal, window", [
+    (Shape(2, 8, 2, 4096, 4096, 128), True, (1023, 0)),
+    (Shape(1, 4, 4, 3000, 5000, 64), False, (255, 255)),
+    (Shape(1, 4, 1, 2049, 2049, 96), True, (0, 0)),
+], ids=str)
+def test_window_long_gpu(poison, shape, causal, window, dtype):
+    q, k, v, do = make_qkv(shape, dtype, "bthd", seed_of("window gpu", shape, window, dtype))
+    check_against_reference(flash_attention, q, k, v, do, causal, window=window)
