@@ -196,7 +196,7 @@ def auto_splits(B, Hq, Hkv, L, D, q):
     launcher's row blocks), or None if those helpers have changed."""
     try:
         from kernels.common import pow2
-        block_m, _ = kernels.decode.blocks(Hq // Hkv, pow2(D), q.element_size())
+        block_m, *_ = kernels.decode.blocks(Hq // Hkv, pow2(D), q.element_size())
         return kernels.decode.default_num_splits(B, Hkv, -(-(Hq // Hkv) // block_m), L, q.device)
     except (AttributeError, ImportError, TypeError):
         return None

@@ -143,10 +143,12 @@ def check_flash(kernel, dtype, D, limit, every=False, varlen=False):
 
 def check_decode(kernel, dtype, D):
     """The blocks decode_attention launches for one new token with 4 query heads per k/v head."""
-    block_m, block_n = decode.blocks(4, common.pow2(D), dtype.itemsize)
+    block_m, block_n, num_warps = decode.blocks(4, common.pow2(D), dtype.itemsize)
     blocks = dict(NUM_SPLITS=4, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=4)
-    result = compile_for_h100(kernel, dtype, D, blocks, num_warps=4)
-    return report(kernel, dtype, D, "-", f"BLOCK_M {block_m}, BLOCK_N {block_n}, 4 splits", result)
+    if kernel == "decode-merge":
+        num_warps = 4
+    result = compile_for_h100(kernel, dtype, D, blocks, num_warps=num_warps)
+    return report(kernel, dtype, D, "-", f"BLOCK_M {block_m}, BLOCK_N {block_n}, {num_warps} warps, 4 splits", result)
 
 
 def main():

@@ -159,11 +159,15 @@ def sm_count(device):
 
 
 def blocks(rows, block_d, itemsize):
-    """(BLOCK_M, BLOCK_N): every row of a k/v head in one block up to 64 (tl.dot needs 16), and
-    key blocks of 32 under the interpreter (so tests cross several), else 64 (32 for wide rows)."""
+    """(BLOCK_M, BLOCK_N, num_warps): every row of a k/v head in one block up to 64 (tl.dot needs
+    16); key blocks of 64 while a K row is at most 256 bytes, else 32 (32 under the interpreter,
+    so that tests cross several); 8 warps past 128 bytes. Compiled for an H100 with
+    `python -m benchmarks.onchip --kernel decode-split`, these spill no registers except at fp32
+    D = 256 (24 bytes), where 4 warps or 64 keys spill hundreds to thousands."""
+    row_bytes = block_d * itemsize
     block_m = min(pow2(rows), 64)
-    block_n = 32 if INTERPRET or block_d * itemsize > 256 else 64
-    return block_m, block_n
+    block_n = 32 if INTERPRET or row_bytes > 256 else 64
+    return block_m, block_n, 4 if row_bytes <= 128 else 8
 
 
 def default_num_splits(B, Hkv, row_blocks, keys, device):
@@ -221,7 +225,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=
         raise RuntimeError("decode_attention has no backward (it is for inference); call it under "
                            "torch.no_grad(), or use flash_attention to train")
     rows = Hq // Hkv * Tq
-    block_m, block_n = blocks(rows, pow2(D), q.element_size())
+    block_m, block_n, num_warps = blocks(rows, pow2(D), q.element_size())
     row_blocks = triton.cdiv(rows, block_m)
     if num_splits is None:
         num_splits = default_num_splits(B, Hkv, row_blocks, Tmax if left < 0 else min(Tmax, left + Tq), q.device)
@@ -237,7 +241,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=
         wrap_triton(_decode_split)[(B * Hkv * row_blocks * num_splits,)](
             q, k_cache, v_cache, cache_seqlens, o_part, lse_part, *strides(q, k_cache, v_cache),
             Hkv, Tq, Tmax, Hq // Hkv, left if left >= 0 else Tmax + Tq, scale * LOG2E,
-            NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **m,
+            NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **m,
         )
         wrap_triton(_decode_merge)[(B * Hq * Tq,)](
             o_part, lse_part, o, lse, *strides(o), Hq, Tq,
