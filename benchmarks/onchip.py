@@ -11,7 +11,7 @@ By default it compiles, for each kernel, dtype and head dim:
     ROW (Tk rounded up to a power of two) up to `max_seqlen`;
   - flash-fwd, flash-dq, flash-dkdv: the autotuning candidates of `kernels/flash.py` for that
     dtype and head dim (`--limit N`: only the first N of them), for (B, H, T, D) tensors and,
-    with `--varlen`, for packed ones too;
+    with `--varlen`, for packed ones too, with `--window`, with a left window bound too;
   - decode-split, decode-merge: the blocks `kernels/decode.py` launches for one new token with
     4:1 grouped heads, 4 splits;
 and flags any that needs more than the 227 KiB of shared memory an H100 gives a block (such a
@@ -52,13 +52,13 @@ KERNELS = {  # name: (kernel, its pointers to q-dtype tensors)
 }
 
 
-def compile_for_h100(kernel, dtype, head_dim, blocks, num_warps, num_stages=3, varlen=False):
+def compile_for_h100(kernel, dtype, head_dim, blocks, num_warps, num_stages=3, varlen=False, window=False):
     """Compile a kernel for sm_90 with the given block constexprs (BLOCK_M and ROW for the fused
     kernels, BLOCK_M and BLOCK_N for flash and decode); return (shared bytes, registers, stack
     bytes per thread), stack being where registers spill."""
     fn, pointers = KERNELS[kernel]
     dot_precision, _ = common.precision(dtype)
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=common.pow2(head_dim), CAUSAL=True, VARLEN=varlen, LEFT_BOUNDED=False,
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=common.pow2(head_dim), CAUSAL=True, VARLEN=varlen, LEFT_BOUNDED=window,
                       PRECISION=dot_precision, UPCAST=False, **blocks)
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     signature = {}
@@ -125,7 +125,7 @@ def check_fused(kernel, dtype, D, rows):
     return over
 
 
-def check_flash(kernel, dtype, D, limit, every=False, varlen=False):
+def check_flash(kernel, dtype, D, limit, every=False, varlen=False, window=False):
     """The autotuning candidates for this dtype and head dim (the first `limit`); with `every`,
     every (BLOCK_M, BLOCK_N, warps) with 2 stages instead, to choose candidates from."""
     if every:
@@ -133,10 +133,13 @@ def check_flash(kernel, dtype, D, limit, every=False, varlen=False):
     else:
         cands = flash.candidates(kernel.split("-")[1], dtype.itemsize, common.pow2(D))[:limit]
     over = False
+    variants = [("", {})] + ([(", packed", dict(varlen=True))] if varlen else [])
+    if window and "LEFT_BOUNDED" in KERNELS[kernel][0].arg_names:  # dk/dv has no window variant
+        variants.append((", windowed", dict(window=True)))
     for m, n, w, s in cands:
-        for packed in (False, True) if varlen else (False,):
-            name = f"BLOCK_M {m}, BLOCK_N {n}, {w} warps, {s} stages{', packed' if packed else ''}"
-            result = compile_for_h100(kernel, dtype, D, dict(BLOCK_M=m, BLOCK_N=n), w, s, varlen=packed)
+        for label, variant in variants:
+            name = f"BLOCK_M {m}, BLOCK_N {n}, {w} warps, {s} stages{label}"
+            result = compile_for_h100(kernel, dtype, D, dict(BLOCK_M=m, BLOCK_N=n), w, s, **variant)
             over |= report(kernel, dtype, D, "-", name, result)
     return over
 
@@ -159,6 +162,7 @@ def main():
     p.add_argument("--rows", nargs="+", type=int, help="fused row lengths (default: 128, 256 and max_seqlen)")
     p.add_argument("--limit", type=int, default=None, help="flash: compile only the first N kept candidates")
     p.add_argument("--varlen", action="store_true", help="flash: also compile the packed (varlen) variant")
+    p.add_argument("--window", action="store_true", help="flash: also compile the left-bounded window variant")
     p.add_argument("--search", action="store_true", help="fused: search candidate block sizes instead; "
                    "flash: compile every (BLOCK_M, BLOCK_N, warps) with 2 stages")
     args = p.parse_args()
@@ -171,7 +175,8 @@ def main():
         for dtype in (getattr(torch, d) for d in args.dtype):
             for D in args.head_dims:
                 if kernel.startswith("flash"):
-                    over |= check_flash(kernel, dtype, D, args.limit, every=args.search, varlen=args.varlen)
+                    over |= check_flash(kernel, dtype, D, args.limit, every=args.search, varlen=args.varlen,
+                                        window=args.window)
                     continue
                 if kernel.startswith("decode"):
                     over |= check_decode(kernel, dtype, D)

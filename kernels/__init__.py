@@ -13,8 +13,9 @@ In models:
     CausalSelfAttention(n_embd, n_head, ..., impl="flash")      nanoGPT's module; swap_attention(model)
     register_transformers(name="attention_kernels")            Hugging Face's attn_implementation
 
-The kernels are also the torch ops `torch.ops.attention_kernels.{flash,fused}_{forward,backward}`,
-which torch.compile compiles without graph breaks. Run on CUDA tensors on a GPU, or on CPU
+The kernels are also the torch ops `torch.ops.attention_kernels.{flash,fused}_{forward,backward}`
+and `flash_varlen_{forward,backward}`, which torch.compile compiles without graph breaks (the
+varlen function's host check of cu_seqlens is one; decode_attention is a plain function). Run on CUDA tensors on a GPU, or on CPU
 tensors under Triton's interpreter: set TRITON_INTERPRET=1 before importing this package.
 """
 

@@ -96,6 +96,10 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
                              f"got shape {tuple(t.shape)}")
     if isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape (total_k, Hkv, D), got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    for name, t in (("q", q), ("k", k)):
+        if isinstance(t, torch.Tensor) and t.shape[0] == 0:
+            raise ValueError(f"{name} holds no tokens, shape {tuple(t.shape)}: a packed batch needs total_{name} >= 1 "
+                             "(sequences of length 0 are fine, but not all of them)")
     as_batch = lambda t: t.transpose(0, 1)[None] if isinstance(t, torch.Tensor) else t  # (1, H, total, D)
     q, k, v, scale = check_inputs(as_batch(q), as_batch(k), as_batch(v), scale)
     q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))                           # (total, H, D)
@@ -140,8 +144,8 @@ def window_bounds(window, causal):
         raise ValueError(f"window must be None or (left, right), two ints >= -1 (-1: unbounded), got {window!r}")
     if causal:
         if right > 0:
-            raise ValueError(f"window={window!r} has right={right} > 0, but causal=True means right = 0; "
-                             "pass causal=False for a window that looks ahead")
+            raise ValueError(f"window={window!r} has right={right} > 0, but causal attention means right = 0 "
+                             "(a window that looks ahead needs causal=False, which decode_attention does not take)")
         right = 0
     return left, right
 

@@ -70,10 +70,11 @@ def meta(q):
 
 
 def window_args(left, right, Tq, Tk):
-    """A window (left, right), -1 for an unbounded side, as the kernels take it: an unbounded
-    side becomes Tq + Tk, wider than any query-key distance, so one comparison serves both."""
+    """A window (left, right), -1 for an unbounded side, as the kernels take it: each side at most
+    Tq + Tk, wider than any query-key distance, so an unbounded side is one comparison like any
+    other, and the kernels' int32 sums of positions and bounds cannot overflow."""
     unbounded = Tq + Tk
-    return (left if left >= 0 else unbounded), (right if right >= 0 else unbounded)
+    return (min(left, unbounded) if left >= 0 else unbounded), (min(right, unbounded) if right >= 0 else unbounded)
 
 
 def on_device(t):

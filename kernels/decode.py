@@ -22,7 +22,8 @@ only j >= p - left. Keys outside the window are not read: a split covers
 [max(L - Tq - left, 0), L) only.
 
 `num_splits=None` picks `default_num_splits`: as many splits as it takes to give every SM one
-program, but none shorter than MIN_SPLIT_KEYS keys, and at most MAX_SPLITS. Decoding reads the
+program, but no more than one per MIN_SPLIT_KEYS keys of the longest possible cache (rounded
+up), and at most MAX_SPLITS. Decoding reads the
 whole cache once and does little arithmetic per byte: it is memory-bound, so its measure is GB/s
 against the device's copy bandwidth (`python -m benchmarks.inference`).
 

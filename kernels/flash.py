@@ -36,8 +36,8 @@ kernel, never by expanding K and V in memory. The fused kernel's backward uses t
 too (`dkdv`).
 
 Block sizes: on a GPU `triton.autotune` picks among a pruned set, keyed on head dim, dtype,
-packed or not, and Tq, Tk and the window's span rounded up to powers of two; under the interpreter one fixed small set
-(`INTERPRETER_BLOCKS`). Row and element offsets are 64-bit, and the grid is one flat axis, so
+packed or not, windowed or not, and Tq, Tk and the window's span rounded up to powers of two;
+under the interpreter one fixed small set (`INTERPRETER_BLOCKS`). Row and element offsets are 64-bit, and the grid is one flat axis, so
 B * H past 65 535 and tensors past 2**31 elements work. Precision as in `kernels/fused.py`:
 fp32 accumulation, IEEE fp32 dots for fp32 inputs, bf16 dots upcast under the interpreter.
 """
@@ -418,7 +418,10 @@ DELTA_BLOCK_M = 64
 # On a GPU, candidates for triton.autotune, (BLOCK_M, BLOCK_N, num_warps, num_stages), by kernel
 # and by (dtype size, BLOCK_D), BLOCK_D being the head dim rounded up to a power of two (D <= 64
 # uses the 64 list): configurations that compile for an H100 with no register spills, found by
-# compiling every (BLOCK_M, BLOCK_N, warps) with `python -m benchmarks.onchip --search`. The
+# compiling every (BLOCK_M, BLOCK_N, warps) with `python -m benchmarks.onchip --search`, for
+# (B, H, T, D) tensors without a left window bound (`--varlen --window` show that the packed and
+# windowed variants spill some, e.g. 224 B in fwd 128 x 64 at bf16 D = 128; and since windows
+# came in, the dense fwd 128 x 128 at bf16 D = 128 spills 280 B, for the GPU campaign to retune). The
 # 16-bit dk/dv at D = 256 spills in every one, so the least is kept (fp32 at D = 256 likewise).
 # Small BLOCK_M serves short Tq (decoding). Which is fastest is the autotuner's measurement on
 # the user's GPU; these only keep it from timing configurations that cannot win.
@@ -482,7 +485,8 @@ def _prune(kernel):
 def _tuned(kernel, fn):
     every = sorted({c for table in CANDIDATES[kernel].values() for c in table})
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in every]
-    return triton.autotune(configs, key=["HEAD_DIM", "GROUP", "q_bucket", "k_bucket", "window_key", "VARLEN"],  # + dtypes
+    key = ["HEAD_DIM", "GROUP", "q_bucket", "k_bucket", "window_key", "VARLEN", "LEFT_BOUNDED"]  # + dtypes
+    return triton.autotune(configs, key=[name for name in key if name in fn.arg_names],  # dk/dv: no LEFT_BOUNDED
                            prune_configs_by={"early_config_prune": _prune(kernel)})(fn)
 
 
@@ -681,12 +685,13 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
     q (total_q, Hq, D); k, v (total_k, Hkv, D): the sequences one after another. cu_seqlens_q,
     cu_seqlens_k: int32 (B + 1,), 0 first, non-decreasing, ending at total_q (total_k);
-    sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q. Lengths 0 are allowed (a batch
-    whose every sequence is empty, total 0, is refused as an empty tensor).
+    sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q. Lengths 0 are allowed, but not
+    all of them: total_q and total_k must be at least 1.
     max_seqlen_q, max_seqlen_k: the longest lengths (at least; they size the grid). Causal
     alignment and `window` per sequence as in `flash_attention`. The semantics of
     `reference.varlen_attention`. With `return_lse`, also the log-sum-exp, (Hq, total_q) fp32.
-    Checking cu_seqlens reads them on the host once per call.
+    Checking cu_seqlens reads them on the host once per call, which is also a graph break under
+    torch.compile (the op itself, `torch.ops.attention_kernels.flash_varlen_forward`, has none).
     """
     q, k, v, cu_seqlens_q, cu_seqlens_k, scale = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k,
                                                                      max_seqlen_q, max_seqlen_k, scale)

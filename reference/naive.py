@@ -15,7 +15,8 @@ Tq > Tk) returns zeros, and its log-sum-exp is -inf.
 
 A sliding window (left, right) narrows that to i - left <= j - (Tk - Tq) <= i + right: at most
 `left` keys before the query's diagonal and `right` after it; -1 leaves a side unbounded, and
-causal means right = 0 (FlashAttention's `window_size`). The packed, variable-length batch
+causal means right = 0, whatever right says (FlashAttention's `window_size`; the kernels refuse
+a right > 0 with causal instead). The packed, variable-length batch
 (`varlen_attention`) and decoding against a KV cache (`decode_attention`) are this same
 attention, run one sequence at a time.
 

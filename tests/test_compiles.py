@@ -17,9 +17,10 @@ def test_kernels_compile_for_sm90():
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the default; set to silence Triton 3.9's notice
     # one configuration per kernel (the first autotuning candidate for flash, also packed), 16- and 32-bit
     cmd = [sys.executable, "-m", "benchmarks.onchip", "--dtype", "bfloat16", "float32",
-           "--head-dims", "80", "--rows", "128", "--limit", "1", "--varlen"]
+           "--head-dims", "80", "--rows", "128", "--limit", "1", "--varlen", "--window"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, f"{' '.join(cmd)} failed:\n{run.stdout}\n{run.stderr[-3000:]}"
     lines = [line for line in run.stdout.splitlines() if "KiB shared" in line]
-    # fused fwd and dq, flash fwd, dq and dk/dv dense and packed, decode split and merge; two dtypes
-    assert len(lines) == 2 * (2 + 3 * 2 + 2), run.stdout
+    # fused fwd and dq; flash fwd and dq dense, packed and windowed, dk/dv dense and packed; decode
+    # split and merge; two dtypes
+    assert len(lines) == 2 * (2 + 2 * 3 + 2 + 2), run.stdout

@@ -79,7 +79,7 @@ def bad_input(**change):
     (dict(cache_seqlens=torch.tensor([-1, 8], dtype=torch.int32)), ValueError, "-1 for sequence 0"),
     (dict(num_splits=0), ValueError, "num_splits must be None or an int >= 1"),
     (dict(num_splits=2.0), ValueError, "num_splits must be None or an int >= 1"),
-    (dict(window=(4, 1)), ValueError, "causal=True means right = 0"),
+    (dict(window=(4, 1)), ValueError, "causal attention means right = 0"),
 ])
 def test_bad_decode_inputs_are_refused(change, error, message):
     if "cache_seqlens" in change and isinstance(change["cache_seqlens"], torch.Tensor):

@@ -66,6 +66,7 @@ I32 = dict(dtype=torch.int32, device=DEVICE)
     (lambda a: {**a, "q": a["q"][None]}, "q must have 3 dimensions \\(total_tokens, H, D\\)"),
     (lambda a: {**a, "v": a["v"][:, :1]}, "k and v must have the same shape"),
     (lambda a: {**a, "q": a["q"].double()}, "q has dtype float64"),
+    (lambda a: {**a, "k": a["k"][:0], "v": a["v"][:0]}, "k holds no tokens"),
 ])
 def test_bad_packed_inputs_are_refused(change, message):
     q, k, v, cu = packed()

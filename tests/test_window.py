@@ -32,8 +32,16 @@ def test_window_at_any_block_sizes(poison, monkeypatch, blocks, causal, window):
     check_against_reference(flash_attention, q, k, v, do, causal, window=window)
 
 
+@pytest.mark.parametrize("causal, window", [(True, (2**31 - 1, 0)), (False, (-1, 2**31 - 1)), (False, (2**40, 3))],
+                         ids=str)
+def test_huge_window_bounds_are_unbounded(poison, causal, window):
+    # INT32_MAX is a common spelling of "no bound": the kernels' int32 block arithmetic must not wrap
+    q, k, v, do = make_qkv(Shape(1, 2, 1, 40, 45, 16), torch.float32, seed=seed_of("huge window", window))
+    check_against_reference(flash_attention, q, k, v, do, causal, window=window)
+
+
 @pytest.mark.parametrize("window, causal, message", [
-    ((4, 2), True, "causal=True means right = 0"),
+    ((4, 2), True, "causal attention means right = 0"),
     ((-2, 0), True, "two ints >= -1"),
     ((4,), True, "(left, right)"),
     ((1.5, 0), True, "two ints"),
