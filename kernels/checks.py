@@ -84,12 +84,12 @@ def check_inputs(q, k, v, scale):
     return last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v), float(scale)
 
 
-def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale):
+def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, read_values=True):
     """Validate a packed batch: q (total_q, Hq, D), k and v (total_k, Hkv, D) as `check_inputs`
     does, and cu_seqlens_q, cu_seqlens_k (int32 (B + 1,) offsets: 0 first, non-decreasing, ending
     at total_q, total_k) with max_seqlen_q, max_seqlen_k (at least the longest length). The
     offsets are read on the host. Returns q, k, v, cu_seqlens_q, cu_seqlens_k, scale ready for
-    the kernels."""
+    the kernels. `read_values=False` checks everything but the offsets' values (no host read)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if isinstance(t, torch.Tensor) and t.dim() != 3:
             raise ValueError(f"{name} must have 3 dimensions (total_tokens, H, D), the packed layout, "
@@ -116,7 +116,10 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must hold the same number of sequences, got "
                          f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
-    offsets = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()  # the one host read
+    for name, _, _, longest in pairs if not read_values else ():
+        if not _is_int(longest) or longest < 0:
+            raise ValueError(f"{name.replace('cu_seqlens', 'max_seqlen')} must be an int >= 0, got {longest!r}")
+    offsets = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist() if read_values else []  # the one host read
     for (name, _, total, longest), values in zip(pairs, offsets):
         if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
             raise ValueError(f"{name} must start at 0, never decrease and end at the packed length {total}, "

@@ -540,9 +540,9 @@ class Batch(NamedTuple):
         """The kernels' CU_Q, CU_K arguments (q as an unread placeholder when not packed)."""
         return (self.cu_q, self.cu_k) if self.packed else (q, q)
 
-    def keys(self, left, right, scale):
-        """The size, window and scale arguments every flash kernel takes after its strides."""
-        return (self.Tq, self.Tk, self.Hq // self.Hkv, *window_args(left, right, self.Tq, self.Tk), scale)
+    def sizes(self, left, right):
+        """Tq, Tk, GROUP, left, right: what every flash kernel takes after Hq (Hkv for dk/dv)."""
+        return (self.Tq, self.Tk, self.Hq // self.Hkv, *window_args(left, right, self.Tq, self.Tk))
 
     def autotune_keys(self, left, right):
         return dict(q_bucket=t_bucket(self.Tq), k_bucket=t_bucket(self.Tk), window_key=window_key(left, right, self.Tk))
@@ -553,16 +553,19 @@ def _dense(q, k):
     return Batch(B, Hq, k.shape[1], Tq, k.shape[2])
 
 
+def _packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    return Batch(cu_seqlens_q.shape[0] - 1, q.shape[1], k.shape[1], max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k)
+
+
 def _run_forward(q, k, v, batch, left, right, scale):
     o = torch.empty_like(q)
     lse_shape = (batch.Hq, q.shape[0]) if batch.packed else (batch.B, batch.Hq, batch.Tq)
     lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
     grid = lambda meta: (batch.B * batch.Hq * triton.cdiv(batch.Tq, meta["BLOCK_M"]),)
-    Tq, Tk, group, wl, wr, _ = batch.keys(left, right, scale)
     with on_device(q):
         wrap_triton(_fwd_kernel)[grid](
             q, k, v, o, lse, *batch.sequences(q), *batch.strides(q, k, v, o), *batch.row_strides(lse),
-            batch.Hq, Tq, Tk, group, wl, wr, scale * LOG2E, **batch.autotune_keys(left, right),
+            batch.Hq, *batch.sizes(left, right), scale * LOG2E, **batch.autotune_keys(left, right),
             VARLEN=batch.packed, LEFT_BOUNDED=left >= 0, **meta(q), **_blocks("fwd"),
         )
     return o, lse
@@ -573,10 +576,9 @@ def dkdv(q, k, v, do, lse, delta, window, scale, batch=None):
     batch = batch or _dense(q, k)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     grid = lambda meta: (batch.B * batch.Hkv * triton.cdiv(batch.Tk, meta["BLOCK_N"]),)
-    Tq, Tk, group, wl, wr, _ = batch.keys(*window, scale)
     wrap_triton(_dkdv_kernel)[grid](
         q, k, v, do, dk, dv, lse, delta, *batch.sequences(q), *batch.strides(q, k, v, do, dk, dv),
-        *batch.row_strides(lse), batch.Hq, batch.Hkv, Tq, Tk, group, wl, wr, scale, scale * LOG2E,
+        *batch.row_strides(lse), batch.Hq, batch.Hkv, *batch.sizes(*window), scale, scale * LOG2E,
         **batch.autotune_keys(*window), VARLEN=batch.packed, **meta(q), **_blocks("dkdv"),
     )
     return dk, dv
@@ -596,10 +598,9 @@ def _run_backward(q, k, v, o, lse, do, batch, left, right, scale):
         dk, dv = dkdv(q, k, v, do, lse, delta, (left, right), scale, batch)
         dq = torch.empty_like(q)
         grid = lambda meta: (batch.B * batch.Hq * triton.cdiv(batch.Tq, meta["BLOCK_M"]),)
-        Tq, Tk, group, wl, wr, _ = batch.keys(left, right, scale)
         wrap_triton(_dq_kernel)[grid](
             q, k, v, do, dq, lse, delta, *batch.sequences(q), *batch.strides(q, k, v, do, dq),
-            *batch.row_strides(lse), batch.Hq, Tq, Tk, group, wl, wr, scale, scale * LOG2E,
+            *batch.row_strides(lse), batch.Hq, *batch.sizes(left, right), scale, scale * LOG2E,
             **batch.autotune_keys(left, right), VARLEN=batch.packed, LEFT_BOUNDED=left >= 0, **d, **_blocks("dq"),
         )
     return dq, dk, dv
@@ -625,7 +626,7 @@ def _packed_outputs(q, *args):
 def _varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                     max_seqlen_q: int, max_seqlen_k: int, left: int, right: int,
                     scale: float) -> tuple[Tensor, Tensor]:
-    batch = Batch(cu_seqlens_q.shape[0] - 1, q.shape[1], k.shape[1], max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k)
+    batch = _packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return _run_forward(q, k, v, batch, left, right, scale)
 
 
@@ -633,7 +634,7 @@ def _varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_se
 def _varlen_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, cu_seqlens_q: Tensor,
                      cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, left: int, right: int,
                      scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    batch = Batch(cu_seqlens_q.shape[0] - 1, q.shape[1], k.shape[1], max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k)
+    batch = _packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return _run_backward(q, k, v, o, lse, do, batch, left, right, scale)
 
 
@@ -679,7 +680,7 @@ def flash_attention(q, k, v, causal=True, scale=None, return_lse=False, window=N
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True,
-                           scale=None, return_lse=False, window=None):
+                           scale=None, return_lse=False, window=None, check_seqlens=True):
     """Attention over a packed batch of sequences of different lengths, forward and backward,
     no sequence seeing another (FlashAttention's flash_attn_varlen_func).
 
@@ -690,11 +691,15 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     max_seqlen_q, max_seqlen_k: the longest lengths (at least; they size the grid). Causal
     alignment and `window` per sequence as in `flash_attention`. The semantics of
     `reference.varlen_attention`. With `return_lse`, also the log-sum-exp, (Hq, total_q) fp32.
-    Checking cu_seqlens reads them on the host once per call, which is also a graph break under
-    torch.compile (the op itself, `torch.ops.attention_kernels.flash_varlen_forward`, has none).
+    Checking the values of cu_seqlens and max_seqlen reads the offsets on the host once per call,
+    a sync and a graph break under torch.compile (the op itself,
+    `torch.ops.attention_kernels.flash_varlen_forward`, has none). `check_seqlens=False` skips
+    that read, for callers that built the offsets themselves (the transformers integration):
+    offsets that break the rules above then read and write outside the tensors.
     """
     q, k, v, cu_seqlens_q, cu_seqlens_k, scale = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k,
-                                                                     max_seqlen_q, max_seqlen_k, scale)
+                                                                     max_seqlen_q, max_seqlen_k, scale,
+                                                                     check_seqlens)
     left, right = window_bounds(window, causal)
     o, lse = _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
                              left, right, scale)

@@ -20,8 +20,8 @@ On the kernels (one call per layer):
       The fused kernel has no packed form, so impl="fused" runs flash here too; impl="reference"
       runs `reference.varlen_attention` on the same packed tensors. The packing (holes check,
       gather indices, cu_seqlens) costs one host sync, once per forward: every layer gets the one
-      mask tensor `kernel_mask` made, and the first layer keeps its packing for the others;
-      `flash_attention_varlen` then reads cu_seqlens on the host to check them.
+      mask tensor `kernel_mask` made, and the first layer keeps its packing for the others (the
+      offsets are built right by construction, so the varlen call skips its own host check).
     - no mask and is_causal=False (e.g. an encoder without padding);
     - a sliding window at least as long as the keys (it masks nothing).
 On transformers' `sdpa_attention_forward`, counted in `CALLS` with the reason:
@@ -250,5 +250,5 @@ def _attention_packed(q, k, v, packing, causal, scale, impl):
         o = reference.varlen_attention(q, k, v, cu_q, cu_k, causal=causal, scale=scale)
     else:  # the fused kernel has no packed form: flash for "auto", "flash" and "fused"
         o = flash_attention_varlen(q, k, v, cu_q, cu_k, packing.max_seqlen_q, packing.max_seqlen_k,
-                                   causal=causal, scale=scale)       # (total_q, Hq, D)
+                                   causal=causal, scale=scale, check_seqlens=False)  # built right by _pack
     return out.index_put(packing.q_rows, o)                          # (B, Tq, Hq, D)

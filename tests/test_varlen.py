@@ -44,6 +44,17 @@ def test_varlen_equals_one_call_per_sequence(poison):
                                    rtol=0, atol=1e-6)
 
 
+def test_unchecked_offsets_give_the_same_result(poison, monkeypatch):
+    # check_seqlens=False: no host read of the offsets (a .tolist() would fail here), same numbers
+    q, k, v, _, cu, _ = make_packed((4, 0, 19), (4, 0, 19), 2, 1, 16, torch.float32, seed_of("unchecked"))
+    checked = flash_attention_varlen(q, k, v, cu, cu, 19, 19)
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("the offsets were read on the host"))
+    torch.testing.assert_close(flash_attention_varlen(q, k, v, cu, cu, 19, 19, check_seqlens=False), checked,
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="max_seqlen_k must be an int >= 0"):
+        flash_attention_varlen(q, k, v, cu, cu, 19, 19.0, check_seqlens=False)
+
+
 def packed():
     q, k, v, _, cu, _ = make_packed((3, 5), (3, 5), 2, 2, 16, torch.float32)
     return q.detach(), k.detach(), v.detach(), cu
