@@ -14,6 +14,31 @@ import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+
+def _interpreter_takes_numpy_2_4():
+    """Triton's interpreter before 3.7 turns a loop bound (a one-element array) into an int with
+    int(array), which numpy 2.4 refuses: every kernel with a loop fails with "only 0-dimensional
+    arrays can be converted to Python scalars" (triton-lang/triton#9171, fixed upstream by
+    #9172). Triton 3.6 is what the project's GPU runs, so make its interpreter convert the array's
+    one element instead, as the fix does; newer interpreters are left alone."""
+    import triton
+    from triton.runtime import interpreter
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    version = tuple(int(x) for x in triton.__version__.split(".")[:2])
+    if version >= (3, 7) or patch_tensor is None or getattr(patch_tensor, "numpy_2_4", False):
+        return
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched.numpy_2_4 = True
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRET:
+    _interpreter_takes_numpy_2_4()
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 

@@ -18,11 +18,24 @@ LOG2E = 1.4426950408889634  # 1/ln(2): exp(x) = exp2(x * LOG2E); kernels spell c
 
 @triton.jit
 def dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # The interpreter multiplies bf16 operands as raw bits (triton-lang/triton#11584): upcast there.
+    # Under the interpreter (UPCAST) every dot runs in float64 and is rounded to fp32 once:
+    # - it multiplies bf16 operands as raw bits otherwise (triton-lang/triton#11584);
+    # - numpy's BLAS sums Q K^T and its transpose K Q^T (the backward's) in different orders, so
+    #   the same fp32 score could differ between forward and backward by far more than on a GPU,
+    #   whose fp32 dot is one FMA chain along D either way, and the backward's P = exp2(S - LSE)
+    #   would carry that difference wherever scores are large.
     if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
+        return tl.dot(a.to(tl.float64), b.to(tl.float64)).to(tl.float32)
     return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def dot_acc(acc, a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # acc + a @ b with the matrix unit accumulating into acc in place (no second accumulator
+    # live beside it: at D = 128 the backward's dK and dV are 128 registers a thread already)
+    if UPCAST:
+        return acc + tl.dot(a.to(tl.float64), b.to(tl.float64)).to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -55,10 +68,9 @@ def pow2(n, least=16):
 
 
 def precision(dtype):
-    """(input_precision, upcast) for tl.dot: IEEE fp32 for fp32 inputs, and the interpreter's
-    bf16 workaround computes in fp32 too."""
-    upcast = INTERPRET and dtype == torch.bfloat16
-    return ("ieee" if dtype == torch.float32 or upcast else "tf32"), upcast
+    """(input_precision, upcast) for tl.dot: IEEE fp32 for fp32 inputs (16-bit inputs multiply
+    exactly on the tensor cores either way); under the interpreter, float64 (see `dot`)."""
+    return ("ieee" if dtype == torch.float32 else "tf32"), INTERPRET
 
 
 def meta(q):

@@ -225,13 +225,21 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
         raise RuntimeError("decode_attention has no backward (it is for inference); call it under "
                            "torch.no_grad(), or use flash_attention to train")
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
+    o, lse = _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, left)
+    return (o, lse) if return_lse else o
+
+
+def _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, left):
+    """Launch the split and merge kernels on checked inputs; returns (out, lse)."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Tmax = k_cache.shape[1], k_cache.shape[2]
     rows = Hq // Hkv * Tq
     block_m, block_n, num_warps = blocks(rows, pow2(D), q.element_size())
     row_blocks = triton.cdiv(rows, block_m)
     if num_splits is None:
         num_splits = default_num_splits(B, Hkv, row_blocks, Tmax if left < 0 else min(Tmax, left + Tq), q.device)
-    elif isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
-        raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
 
     o_part = torch.empty((B * Hq * Tq, num_splits, D), device=q.device, dtype=torch.float32)
     lse_part = torch.empty((B * Hq * Tq, num_splits), device=q.device, dtype=torch.float32)
@@ -249,4 +257,4 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=
             NUM_SPLITS=num_splits, BLOCK_S=pow2(num_splits, least=2),
             HEAD_DIM=m["HEAD_DIM"], BLOCK_D=m["BLOCK_D"], num_warps=4,
         )
-    return (o, lse) if return_lse else o
+    return o, lse

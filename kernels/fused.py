@@ -29,6 +29,8 @@ operands are upcast to fp32, because the interpreter multiplies bf16 bit pattern
 (triton-lang/triton#11584); on a GPU they stay bf16.
 """
 
+from typing import Optional
+
 import torch
 import triton
 from torch import Tensor
@@ -37,7 +39,7 @@ import triton.language as tl
 from kernels.checks import INTERPRET, check_inputs, last_dim_contiguous
 from kernels.common import (LOG2E, dot, forward_outputs, gradient_outputs, head_and_query_block, kernel_op,
                             mask_scores, meta, on_device, pow2, strides, wrap_triton)
-from kernels.flash import dkdv
+from kernels.flash import LN2, dkdv
 
 # ----------------------------------------------------------------------------- forward
 
@@ -87,7 +89,7 @@ def _fused_fwd(
 
     o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :] * stride_od
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    lse = tl.where(l == 0.0, float("-inf"), (m + tl.math.log2(l_safe)) * 0.6931471805599453)  # ln(2)
+    lse = tl.where(l == 0.0, float("-inf"), m + tl.math.log2(l_safe))  # base 2, as flash's (`kernels/flash.py`)
     tl.store(LSE + (b * Hq + h) * Tq + offs_m, lse, mask=row_ok)
 
 
@@ -96,7 +98,7 @@ def _fused_fwd(
 
 @triton.jit
 def _fused_bwd_dq(
-    Q, K, V, DO, DQ, DELTA,
+    Q, K, V, DO, DQ, DLSE, DELTA,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -106,7 +108,7 @@ def _fused_bwd_dq(
     scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, ROW: tl.constexpr,
-    CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_DLSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     b, h, h_kv, m_block = head_and_query_block(num_m_blocks, Hq, GROUP)
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -143,6 +145,8 @@ def _fused_bwd_dq(
     #    reads it.
     dp = dot(do, tl.trans(v), PRECISION, UPCAST)                             # [BLOCK_M, ROW] fp32
     delta = tl.sum(p * dp, 1)
+    if HAS_DLSE:  # a used log-sum-exp: d lse_i / d S_ij = P_ij, a shift of delta (base-2 lse, natural units)
+        delta -= tl.load(DLSE + (b * Hq + h) * Tq + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     tl.store(DELTA + (b * Hq + h) * Tq + offs_m, delta, mask=row_ok)
     # -- dS = P * (dP - delta); dQ = dS K * scale
     ds = p * (dp - delta[:, None])
@@ -193,8 +197,7 @@ def row_config(Tq, row, head_dim, dtype):
 # ----------------------------------------------------------------------------- launchers
 
 
-@kernel_op("fused_forward", fake=forward_outputs)
-def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+def _run_forward(q, k, v, causal, scale):
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     row = pow2(int(Tk))  # a constexpr: under torch.compile's dynamic shapes this specialises Tk
@@ -210,9 +213,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tup
     return o, lse
 
 
-@kernel_op("fused_backward", fake=gradient_outputs)
-def _backward(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, do: Tensor, causal: bool,
-              scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _run_backward(q, k, v, lse, do, dlse, causal, scale):
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     do = last_dim_contiguous(do)
@@ -222,12 +223,23 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, do: Tensor, causal: 
     dq, delta = torch.empty_like(q), torch.empty_like(lse)
     with on_device(q):
         wrap_triton(_fused_bwd_dq)[(B * Hq * num_m_blocks,)](
-            q, k, v, do, dq, delta, *strides(q, k, v, do, dq),
+            q, k, v, do, dq, delta if dlse is None else dlse.contiguous(), delta, *strides(q, k, v, do, dq),
             Hq, Tq, Tk, Hq // Hkv, num_m_blocks, scale, scale * LOG2E,
-            BLOCK_M=block_m, ROW=row, num_warps=num_warps, CAUSAL=causal, **meta(q),
+            BLOCK_M=block_m, ROW=row, num_warps=num_warps, CAUSAL=causal, HAS_DLSE=dlse is not None, **meta(q),
         )
         dk, dv = dkdv(q, k, v, do, lse, delta, (-1, 0 if causal else -1), scale)  # the flash kernel's: tiles, no row limit
     return dq, dk, dv
+
+
+@kernel_op("fused_forward", fake=forward_outputs)
+def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    return _run_forward(q, k, v, causal, scale)
+
+
+@kernel_op("fused_backward", fake=gradient_outputs)
+def _backward(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, do: Tensor, dlse: Optional[Tensor], causal: bool,
+              scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _run_backward(q, k, v, lse, do, dlse, causal, scale)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -237,12 +249,11 @@ def _save(ctx, inputs, output):
     q, k, v, causal, scale = inputs
     ctx.save_for_backward(q, k, v, output[1])  # the lse; not o: the backward gets delta from P and dP
     ctx.causal, ctx.scale = causal, scale
-    ctx.mark_non_differentiable(output[1])
 
 
 def _gradients(ctx, do, dlse):
     q, k, v, lse = ctx.saved_tensors
-    dq, dk, dv = _backward(q, k, v, lse, do, ctx.causal, ctx.scale)
+    dq, dk, dv = _backward(q, k, v, lse, do, dlse, ctx.causal, ctx.scale)
     return dq, dk, dv, None, None
 
 
@@ -262,5 +273,5 @@ def fused_attention(q, k, v, causal=True, scale=None, return_lse=False):
     """
     q, k, v, scale = check_inputs(q, k, v, scale)
     check_row(k, q.dtype)
-    o, lse = _forward(q, k, v, bool(causal), scale)
-    return (o, lse) if return_lse else o
+    o, lse2 = _forward(q, k, v, bool(causal), scale)
+    return (o, lse2 * LN2) if return_lse else o

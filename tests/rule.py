@@ -67,22 +67,23 @@ def assert_close(name, got, truth, low, factor, floor):
         )
 
 
-def check_against_reference(kernel, q, k, v, do, causal=True, scale=None, backward=True, window=None):
+def check_against_reference(kernel, q, k, v, do, causal=True, scale=None, backward=True, window=None, dlse=None):
     """Run `kernel(q, k, v, causal=, scale=, return_lse=True)` (and `window=` when given) forward
-    (and backward with upstream gradient `do`) and hold its output, log-sum-exp and gradients to
-    the rule, against `reference.attention`."""
+    (and backward with upstream gradient `do`, and `dlse` for the log-sum-exp when given) and
+    hold its output, log-sum-exp and gradients to the rule, against `reference.attention`."""
     w = {} if window is None else {"window": window}
     o, lse = kernel(q, k, v, causal=causal, scale=scale, return_lse=True, **w)
     spec = lambda q, k, v, upcast=True: reference.attention(q, k, v, causal, scale, upcast, **w)
     spec_lse = lambda q, k: reference.logsumexp(q, k, causal, scale, **w)
-    hold_to_rule(o, lse, (q, k, v), do if backward else None, spec, spec_lse)
+    hold_to_rule(o, lse, (q, k, v), do if backward else None, spec, spec_lse, dlse)
 
 
-def hold_to_rule(o, lse, inputs, do, spec, spec_lse):
+def hold_to_rule(o, lse, inputs, do, spec, spec_lse, dlse=None):
     """Compare a kernel's output o and log-sum-exp lse, computed from `inputs` (q, k, v), with
     the specification `spec(q, k, v, upcast=)` and `spec_lse(q, k)` run in float64 (the truth) and
     in the inputs' own precision (the yardstick); with `do`, also the gradients of q, k and v,
-    after o.backward(do)."""
+    after o.backward(do), or with `dlse` too, after the backward of o * do + lse * dlse (a caller
+    that uses the log-sum-exp, to merge attention over chunks, say)."""
     q = inputs[0]
     floor = FLOOR[q.dtype]
     assert o.dtype == q.dtype and lse.dtype == torch.float32
@@ -101,9 +102,14 @@ def hold_to_rule(o, lse, inputs, do, spec, spec_lse):
 
     if do is None:
         return
-    o.backward(do)
-    truth.backward(do.double())
-    low.backward(do)
+    if dlse is None:
+        o.backward(do)
+        truth.backward(do.double())
+        low.backward(do)
+    else:
+        torch.autograd.backward([o, lse], [do, dlse])
+        torch.autograd.backward([truth, lse_truth], [do.double(), dlse.double()])
+        torch.autograd.backward([low, spec_lse(*leaves_low[:2])], [do, dlse])
     for name, x, x64, xl in zip(("dq", "dk", "dv"), inputs, leaves64, leaves_low):
         assert x.grad.dtype == x.dtype
         assert_close(name, x.grad, x64.grad, xl.grad, GRAD_FACTOR, floor)

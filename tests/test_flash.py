@@ -98,20 +98,3 @@ def test_memory_is_linear_in_T_gpu():
 def test_long_sequences_gpu(poison, shape, dtype):
     q, k, v, do = make_qkv(shape, dtype, "bthd", seed_of("long", shape, dtype))
     check_against_reference(flash_attention, q, k, v, do, causal=True)
-
-
-@pytest.mark.parametrize("kernel", ["fwd", "dq", "dkdv"])
-def test_autotuning_candidates_follow_the_shape(kernel):
-    # The GPU's autotuner holds every candidate; the pruner keeps this dtype and head dim's,
-    # with blocks no longer than the sequences, or else the smallest one.
-    every = sorted({c for table in flash.CANDIDATES[kernel].values() for c in table})
-    configs = [flash.triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in every]
-    prune = flash._prune(kernel)
-    as_tuples = lambda kept: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
-    for dtype in (torch.bfloat16, torch.float32):
-        for D in (16, 80, 128, 256):
-            args = dict(Q=torch.empty(0, dtype=dtype), BLOCK_D=flash.pow2(D), q_bucket=16384, k_bucket=16384)
-            assert as_tuples(prune(configs, args)) == sorted(flash.candidates(kernel, dtype.itemsize, flash.pow2(D)))
-            args.update(q_bucket=16, k_bucket=32)  # one new token after a short cache: BLOCK_M 16 only
-            kept = as_tuples(prune(configs, args))
-            assert kept and all(m == 16 and n <= 32 for m, n, _, _ in kept)

@@ -37,6 +37,32 @@ def test_custom_scale(poison, kernel):
 
 
 @kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_the_log_sum_exp_is_differentiable(poison, kernel, dtype, causal):
+    # A caller that merges attention over chunks by their log-sum-exps backpropagates through
+    # them: d lse_i / d q_i and d k_j are P-weighted, and must reach the gradients
+    shape = Shape(1, 4, 2, 40, 97, 32)
+    q, k, v, do = make_qkv(shape, dtype, "bthd", seed_of(kernel.__name__, "dlse", dtype, causal))
+    dlse = torch.randn(shape.B, shape.Hq, shape.Tq, generator=torch.Generator(q.device).manual_seed(7),
+                       device=q.device)
+    check_against_reference(kernel, q, k, v, do, causal, dlse=dlse)
+
+
+@kernels
+def test_only_the_log_sum_exp_is_used(poison, kernel):
+    # o unused: autograd hands the backward no gradient for it, or zeros
+    q, k, v, _ = make_qkv(Shape(1, 2, 2, 17, 17, 16), torch.float32, seed=seed_of(kernel.__name__, "lse only"))
+    _, lse = kernel(q, k, v, return_lse=True)
+    lse.sum().backward()
+    ref = [x.detach().double().requires_grad_() for x in (q, k)]
+    reference.logsumexp(*ref).sum().backward()
+    for x, r in zip((q, k), ref):
+        torch.testing.assert_close(x.grad.double(), r.grad, atol=1e-5, rtol=1e-5)
+    assert torch.equal(v.grad, torch.zeros_like(v))
+
+
+@kernels
 def test_backward_is_deterministic(kernel):
     q, k, v, do = make_qkv(Shape(2, 8, 2, 97, 97, 64), torch.float16, seed=seed_of(kernel.__name__, "determinism"))
     grads = []

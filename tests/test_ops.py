@@ -45,8 +45,9 @@ def test_opcheck(layout):
         (OPS.flash_forward.default, (q, k, v, -1, 0, 0.3)),
         (OPS.flash_forward.default, (q, k, v, 3, 2, 0.3)),  # a window
         (OPS.fused_forward.default, (q, k, v, False, 0.3)),
-        (OPS.flash_backward.default, (*d, o, lse, do, -1, 0, 0.3)),
-        (OPS.fused_backward.default, (*d, lse, do, True, 0.3)),
+        (OPS.flash_backward.default, (*d, o, lse, do, None, -1, 0, 0.3)),
+        (OPS.flash_backward.default, (*d, o, lse, do, torch.randn_like(lse), -1, 0, 0.3)),  # a used lse
+        (OPS.fused_backward.default, (*d, lse, do, None, True, 0.3)),
     ]
     pq, pk, pv, pdo, cu_q, cu_k = packed_args(seed_of("opcheck packed", layout))
     if layout == "bthd":  # (H, total, D) storage: strided rows
@@ -55,7 +56,7 @@ def test_opcheck(layout):
     po, plse = OPS.flash_varlen_forward(pq, pk, pv, *packed)
     cases += [
         (OPS.flash_varlen_forward.default, (pq.requires_grad_(), pk.requires_grad_(), pv.requires_grad_(), *packed)),
-        (OPS.flash_varlen_backward.default, (pq.detach(), pk.detach(), pv.detach(), po, plse, pdo, *packed)),
+        (OPS.flash_varlen_backward.default, (pq.detach(), pk.detach(), pv.detach(), po, plse, pdo, None, *packed)),
     ]
     for op, args in cases:
         results = torch.library.opcheck(op, args)

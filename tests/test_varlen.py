@@ -10,7 +10,7 @@ from kernels import flash_attention_varlen
 from rule import hold_to_rule, make_packed, seed_of
 
 
-def check_varlen(lengths_q, lengths_k, Hq, Hkv, D, causal, window, dtype, strided=False):
+def check_varlen(lengths_q, lengths_k, Hq, Hkv, D, causal, window, dtype, strided=False, use_lse=False):
     q, k, v, do, cu_q, cu_k = make_packed(lengths_q, lengths_k, Hq, Hkv, D, dtype,
                                           seed_of("varlen", lengths_q, lengths_k, Hq, D, dtype), strided)
     o, lse = flash_attention_varlen(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), causal,
@@ -18,13 +18,18 @@ def check_varlen(lengths_q, lengths_k, Hq, Hkv, D, causal, window, dtype, stride
     w = {} if window is None else {"window": window}
     spec = lambda q, k, v, upcast=True: reference.varlen_attention(q, k, v, cu_q, cu_k, causal, upcast=upcast, **w)
     spec_lse = lambda q, k: reference.varlen_logsumexp(q, k, cu_q, cu_k, causal, **w)
-    hold_to_rule(o, lse, (q, k, v), do, spec, spec_lse)
+    dlse = torch.randn(lse.shape, generator=torch.Generator(q.device).manual_seed(3), device=q.device) if use_lse else None
+    hold_to_rule(o, lse, (q, k, v), do, spec, spec_lse, dlse)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", VARLEN_CASES, ids=str)
 def test_varlen_matches_reference(poison, case, dtype):
     check_varlen(*case, dtype)
+
+
+def test_varlen_log_sum_exp_is_differentiable(poison):
+    check_varlen((7, 1, 45), (19, 3, 45), 4, 2, 32, True, None, torch.float16, use_lse=True)
 
 
 def test_varlen_strided_rows(poison):

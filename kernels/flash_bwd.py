@@ -1,0 +1,234 @@
+"""
+Flash attention's backward kernels. P = exp2(S * c - LSE) is recomputed tile by tile from the
+forward's base-2 log-sum-exp (c = scale * log2(e); one fused multiply-add per score).
+
+    delta       delta_i = rowsum(dO_i * O_i) - dLSE_i                one program per query block
+    dk, dv      one key block, K and V resident; loop over the query blocks that see it, and over
+                the query heads that share this k/v head:
+                    dV += P^T dO;  dS^T = P^T * (V dO^T - delta);  dK += dS^T Q
+                                                                     one program per key block
+    dq          one query block, Q and dO resident; loop over the key blocks it sees:
+                    dS = P * (dO V^T - delta);  dQ += dS K           one program per query block
+dK and dQ are multiplied by the scale once, at the end. dLSE is the gradient that reaches the
+log-sum-exp when a caller uses it (merging attention over chunks does): d lse_i / d S_ij = P_ij,
+so it only shifts delta.
+
+Each program writes only its own rows, so there are no atomics and gradients are bitwise
+identical run to run; a shared k/v head's gradient is summed over its query heads inside the
+kernel, never by expanding K and V in memory. The loops are split like the forward's
+(`key_blocks`, `query_blocks`): unmasked blocks load without row masks and skip the compare and
+select; the pointers advance by a block, the 64-bit row offsets computed once.
+"""
+
+import triton
+import triton.language as tl
+
+from kernels.common import dot, dot_acc, head_and_query_block
+from kernels.flash_fwd import key_blocks, load_tile, query_blocks, sequence, store_tile, tile_pointers
+
+
+@triton.jit
+def _flash_bwd_delta(
+    O, DO, DLSE, DELTA,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    Hq, Tq,
+    HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    b, h, _, m_block = head_and_query_block(tl.cdiv(Tq, BLOCK_M), Hq, 1)
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    o = load_tile(tile_pointers(O + b * stride_ob + h * stride_oh, m_block * BLOCK_M, stride_ot, BLOCK_M, BLOCK_D),
+                  offs_m, Tq, True, HEAD_DIM, BLOCK_D).to(tl.float32)          # [BLOCK_M, BLOCK_D]
+    do = load_tile(tile_pointers(DO + b * stride_dob + h * stride_doh, m_block * BLOCK_M, stride_dot, BLOCK_M, BLOCK_D),
+                   offs_m, Tq, True, HEAD_DIM, BLOCK_D).to(tl.float32)         # [BLOCK_M, BLOCK_D]
+    delta = tl.sum(o * do, 1)
+    row = (b * Hq + h) * Tq + offs_m
+    if HAS_DLSE:  # the base-2 log-sum-exp's gradient, in natural units: dlse2 * log2(e)
+        delta -= tl.load(DLSE + row, mask=offs_m < Tq, other=0.0) * 1.4426950408889634
+    tl.store(DELTA + row, delta, mask=offs_m < Tq)
+
+
+# ----------------------------------------------------------------------------- dq
+
+
+@triton.jit
+def _dq_inner(
+    dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+    offs_m, Tq, Tk, left, right, lo, hi, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    k_ptrs = tile_pointers(k_base, lo, stride_kt, BLOCK_N, BLOCK_D)
+    v_ptrs = tile_pointers(v_base, lo, stride_vt, BLOCK_N, BLOCK_D)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        k = load_tile(k_ptrs, offs_n, Tk, MASK, HEAD_DIM, BLOCK_D)              # [BLOCK_N, BLOCK_D]
+        v = load_tile(v_ptrs, offs_n, Tk, MASK, HEAD_DIM, BLOCK_D)
+        s = dot(q, tl.trans(k), PRECISION, UPCAST)                              # [BLOCK_M, BLOCK_N] fp32, raw
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
+        if MASK:
+            past = offs_n[None, :] - (offs_m[:, None] + (Tk - Tq))  # as in `mask_scores`
+            p = tl.where((offs_n < Tk)[None, :] & (past >= -left) & (past <= right), p, 0.0)
+        # -- dS = P * (dP - delta) with dP = dO V^T;  dQ += dS K
+        dp = dot(do, tl.trans(v), PRECISION, UPCAST)                            # [BLOCK_M, BLOCK_N] fp32
+        ds = p * (dp - delta[:, None])
+        dq = dot_acc(dq, ds.to(k.dtype), k, PRECISION, UPCAST)                    # [BLOCK_M, BLOCK_D] fp32
+        k_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
+    return dq
+
+
+@triton.jit
+def _flash_bwd_dq(
+    Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    stride_lb, stride_lh,  # LSE and DELTA
+    Hq, Tq, Tk,
+    left, right,
+    scale, qk_scale,
+    q_bucket, k_bucket, window_key,  # read only by the autotuner's key
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, LEFT_BOUNDED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    b, h, h_kv, m_block = head_and_query_block(tl.cdiv(Tq, BLOCK_M), Hq, GROUP)
+    q0, Tq, k0, Tk = sequence(CU_Q, CU_K, b, Tq, Tk, VARLEN)
+    m0 = m_block * BLOCK_M
+    if VARLEN:
+        if m0 >= Tq:
+            return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < Tq
+    q = load_tile(tile_pointers(Q + b * stride_qb + h * stride_qh + q0 * stride_qt, m0, stride_qt, BLOCK_M, BLOCK_D),
+                  offs_m, Tq, True, HEAD_DIM, BLOCK_D)                          # [BLOCK_M, BLOCK_D], resident
+    do = load_tile(tile_pointers(DO + b * stride_dob + h * stride_doh + q0 * stride_dot, m0, stride_dot, BLOCK_M,
+                                 BLOCK_D), offs_m, Tq, True, HEAD_DIM, BLOCK_D)  # [BLOCK_M, BLOCK_D], resident
+    row = b * stride_lb + h * stride_lh + q0 + offs_m
+    lse = tl.load(LSE + row, mask=row_ok, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)                              # empty rows: every p is masked
+    delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_base = K + b * stride_kb + h_kv * stride_kh + k0 * stride_kt
+    v_base = V + b * stride_vb + h_kv * stride_vh + k0 * stride_vt
+    lo, a, z, hi = key_blocks(m0, Tq, Tk, left, right, BLOCK_M, BLOCK_N)
+    if LEFT_BOUNDED:
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                       offs_m, Tq, Tk, left, right, lo, a, qk_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, True, PRECISION, UPCAST)
+    else:
+        a = 0
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                   offs_m, Tq, Tk, left, right, a, z, qk_scale,
+                   HEAD_DIM, BLOCK_D, BLOCK_N, False, PRECISION, UPCAST)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                   offs_m, Tq, Tk, left, right, z, hi, qk_scale,
+                   HEAD_DIM, BLOCK_D, BLOCK_N, True, PRECISION, UPCAST)
+    store_tile(tile_pointers(DQ + b * stride_dqb + h * stride_dqh + q0 * stride_dqt, m0, stride_dqt, BLOCK_M, BLOCK_D),
+               (dq * scale).to(DQ.dtype.element_ty), offs_m, Tq, HEAD_DIM, BLOCK_D)
+
+
+# ----------------------------------------------------------------------------- dk, dv
+
+
+@triton.jit
+def _dkdv_inner(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+    offs_n, Tq, Tk, left, right, lo, hi, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # Masked blocks load query rows past Tq as q = dO = 0 with lse = delta = 0, so they add
+    # exactly 0 to dK and dV; keys past Tk only touch rows of dK, dV that are never stored.
+    q_ptrs = tile_pointers(q_base, lo, stride_qt, BLOCK_M, BLOCK_D)
+    do_ptrs = tile_pointers(do_base, lo, stride_dot, BLOCK_M, BLOCK_D)
+    for start in range(lo, hi, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        q = load_tile(q_ptrs, offs_m, Tq, MASK, HEAD_DIM, BLOCK_D)              # [BLOCK_M, BLOCK_D]
+        do = load_tile(do_ptrs, offs_m, Tq, MASK, HEAD_DIM, BLOCK_D)
+        if MASK:  # rows past Tq, and rows that see no key (lse = -inf), are masked below
+            lse = tl.load(lse_base + offs_m, mask=offs_m < Tq, other=0.0)
+            lse = tl.where(lse == float("-inf"), 0.0, lse)
+            delta = tl.load(delta_base + offs_m, mask=offs_m < Tq, other=0.0)
+        else:  # every row of a full block sees every key here: lse is finite
+            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+
+        # -- P^T for this tile, keys along rows and queries along columns  [BLOCK_N, BLOCK_M] fp32
+        st = dot(k, tl.trans(q), PRECISION, UPCAST)
+        pt = tl.math.exp2(st * qk_scale - lse[None, :])
+        if MASK:
+            past = offs_n[:, None] - (offs_m[None, :] + (Tk - Tq))  # as in `mask_scores`, transposed
+            pt = tl.where((offs_n < Tk)[:, None] & (past >= -left) & (past <= right), pt, 0.0)
+        # -- dV += P^T dO;  dS^T = P^T * (V dO^T - delta);  dK += dS^T Q
+        dv = dot_acc(dv, pt.to(do.dtype), do, PRECISION, UPCAST)                  # [BLOCK_N, BLOCK_D] fp32
+        dpt = dot(v, tl.trans(do), PRECISION, UPCAST)                           # [BLOCK_N, BLOCK_M] fp32
+        dst = pt * (dpt - delta[None, :])
+        dk = dot_acc(dk, dst.to(q.dtype), q, PRECISION, UPCAST)                  # [BLOCK_N, BLOCK_D] fp32
+        q_ptrs += BLOCK_M * stride_qt
+        do_ptrs += BLOCK_M * stride_dot
+    return dk, dv
+
+
+@triton.jit
+def _flash_bwd_dkdv(
+    Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+    stride_lb, stride_lh,  # LSE and DELTA
+    Hq, Hkv, Tq, Tk,
+    left, right,
+    scale, qk_scale,
+    q_bucket, k_bucket, window_key,  # read only by the autotuner's key
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    num_n_blocks = tl.cdiv(Tk, BLOCK_N)
+    pid = tl.program_id(0)
+    bh = pid // num_n_blocks
+    n0 = pid % num_n_blocks * BLOCK_N  # the first key blocks, seen by the most queries, start first
+    b = (bh // Hkv).to(tl.int64)
+    h_kv = (bh % Hkv).to(tl.int64)
+    q0, Tq, k0, Tk = sequence(CU_Q, CU_K, b, Tq, Tk, VARLEN)
+    if n0 >= Tk:  # a packed sequence shorter than the longest
+        return
+
+    offs_n = n0 + tl.arange(0, BLOCK_N)  # keys of this program
+    k_base = K + b * stride_kb + h_kv * stride_kh + k0 * stride_kt
+    v_base = V + b * stride_vb + h_kv * stride_vh + k0 * stride_vt
+    k = load_tile(tile_pointers(k_base, n0, stride_kt, BLOCK_N, BLOCK_D), offs_n, Tk, True, HEAD_DIM, BLOCK_D)
+    v = load_tile(tile_pointers(v_base, n0, stride_vt, BLOCK_N, BLOCK_D), offs_n, Tk, True, HEAD_DIM, BLOCK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)                        # resident with K, V
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # -- query blocks: those before lo and from hi on see none of our keys; [a, z) see all of them
+    lo, a, z, hi = query_blocks(n0, Tq, Tk, left, right, BLOCK_M, BLOCK_N)
+    for g in range(GROUP):  # every query head served by this k/v head: the GQA sum stays on chip
+        h = h_kv * GROUP + g
+        q_base = Q + b * stride_qb + h * stride_qh + q0 * stride_qt
+        do_base = DO + b * stride_dob + h * stride_doh + q0 * stride_dot
+        lse_base = LSE + b * stride_lb + h * stride_lh + q0
+        delta_base = DELTA + b * stride_lb + h * stride_lh + q0
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                             offs_n, Tq, Tk, left, right, lo, a, qk_scale,
+                             HEAD_DIM, BLOCK_D, BLOCK_M, True, PRECISION, UPCAST)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                             offs_n, Tq, Tk, left, right, a, z, qk_scale,
+                             HEAD_DIM, BLOCK_D, BLOCK_M, False, PRECISION, UPCAST)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                             offs_n, Tq, Tk, left, right, z, hi, qk_scale,
+                             HEAD_DIM, BLOCK_D, BLOCK_M, True, PRECISION, UPCAST)
+
+    store_tile(tile_pointers(DK + b * stride_dkb + h_kv * stride_dkh + k0 * stride_dkt, n0, stride_dkt, BLOCK_N, BLOCK_D),
+               (dk * scale).to(DK.dtype.element_ty), offs_n, Tk, HEAD_DIM, BLOCK_D)
+    store_tile(tile_pointers(DV + b * stride_dvb + h_kv * stride_dvh + k0 * stride_dvt, n0, stride_dvt, BLOCK_N, BLOCK_D),
+               dv.to(DV.dtype.element_ty), offs_n, Tk, HEAD_DIM, BLOCK_D)
