@@ -1,194 +1,348 @@
 """
-What fits on chip: compile the kernels ahead of time for an H100 (sm_90) on any machine, no GPU
-needed, and read each configuration's shared memory, registers and spills.
+What runs on an H100 or H200: compile the kernels for sm_90 exactly as Triton's JIT does for a
+real launch, on any machine, no GPU needed, and read each binary.
 
-    python -m benchmarks.onchip                     # every kernel's configs, see below
-    python -m benchmarks.onchip --kernel flash-fwd --dtype bfloat16 --head-dims 128
-    python -m benchmarks.onchip --search --kernel fused-fwd --dtype float16 --head-dims 64
+    python -m benchmarks.onchip                                   # every kernel, its candidates
+    python -m benchmarks.onchip --kernel flash-dkdv --dtype bfloat16 --head-dims 128
+    python -m benchmarks.onchip --kernel flash-fwd --tma           # the forward through TMA too
+    python -m benchmarks.onchip --search --kernel flash-dq --head-dims 128   # every tile
+    python -m benchmarks.onchip --json > binaries.jsonl            # one JSON object a binary
 
-By default it compiles, for each kernel, dtype and head dim:
-  - fused-fwd, fused-dq: the block sizes `kernels/fused.py` would launch for each row length
-    ROW (Tk rounded up to a power of two) up to `max_seqlen`;
-  - flash-fwd, flash-dq, flash-dkdv: the autotuning candidates of `kernels/flash.py` for that
-    dtype and head dim (`--limit N`: only the first N of them), for (B, H, T, D) tensors and,
-    with `--varlen`, for packed ones too, with `--window`, with a left window bound too;
-  - decode-split, decode-merge: the blocks `kernels/decode.py` launches for one new token with
-    4:1 grouped heads, 4 splits;
-and flags any that needs more than the 227 KiB of shared memory an H100 gives a block (such a
-launch fails); it exits 1 if one does. `--search` instead tries candidate block sizes for the
-fused kernels in order and prints the first that fits with no register spills, or else the one
-that spills least: that is how `max_seqlen` and `row_config` were chosen; for the flash kernels
-it compiles every (BLOCK_M, BLOCK_N, warps), which is how `flash.CANDIDATES` were chosen. Needs Triton's CUDA
-backend (the Linux wheel ships its ptxas and cuobjdump); TRITON_INTERPRET must be unset.
-Compiling takes a few seconds a configuration, longer when it spills.
+How: each kernel's own launcher runs on CPU tensors of a real shape ((B, H, T, D) = (2, 16,
+--seq, D) by default; --gqa, --full, --window, --varlen change the call) with its Triton launch
+intercepted, and the recorded arguments go through Triton's own argument binder for an sm_90
+target. So the binary is the one the JIT builds for that call: integers equal to 1 become
+constants, pointers and integers divisible by 16 carry alignment hints, the head dim's stride 1
+is known. (Compiling from a bare signature, as this tool once did, gives binaries that never run:
+scalar loads, no pipelining, spills that the real one does not have.)
+
+For each binary: shared memory, registers, bytes spilled to local memory per thread, and from the
+SASS and the TTGIR: the matrix instruction (HGMMA is Hopper's wgmma; HMMA the older mma.sync; FMA
+none), the global loads (UTMALDG: TMA; LDGSTS: cp.async; LDG: plain), how many of the loops
+that load are software-pipelined, and the instruction count. Flash kernels are compiled with
+each autotuning candidate `kernels.tuning` keeps for the call (`--search`: every tile instead),
+the fused kernels with the block their launcher picks for each row length (`--search`: the
+candidates in `ROW_CANDIDATES`), the decode kernels with theirs. Exits 1 if a binary needs more
+shared memory than a block may have (227 KiB).
+
+Needs Triton's CUDA backend (the Linux wheel carries ptxas and cuobjdump); TRITON_INTERPRET must
+be unset. A compile takes a few seconds; --jobs compiles in parallel processes.
 """
 
 import argparse
+import contextlib
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import create_function_from_signature
 
-from kernels import common, decode, flash, fused
+from kernels import common, decode, flash, fused, tuning
 
-H100 = GPUTarget("cuda", 90, 32)
-SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on an H100
-# --search candidates for the whole-row kernels, in order of preference: (BLOCK_M, num_warps)
-ROW_CANDIDATES = [(128, 8), (64, 4), (64, 8), (32, 2), (32, 4), (16, 1), (16, 2), (16, 4)]
-TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-KERNELS = {  # name: (kernel, its pointers to q-dtype tensors)
-    "fused-fwd": (fused._fused_fwd, ("Q", "K", "V", "O")),
-    "fused-dq": (fused._fused_bwd_dq, ("Q", "K", "V", "DO", "DQ")),
-    "flash-fwd": (flash._flash_fwd, ("Q", "K", "V", "O")),
-    "flash-dq": (flash._flash_bwd_dq, ("Q", "K", "V", "DO", "DQ")),
-    "flash-dkdv": (flash._flash_bwd_dkdv, ("Q", "K", "V", "DO", "DK", "DV")),
-    "decode-split": (decode._decode_split, ("Q", "K", "V")),
-    "decode-merge": (decode._decode_merge, ("O",)),
-}
+SM90 = GPUTarget("cuda", 90, 32)
+SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on an H100 / H200
+ROW_CANDIDATES = [(128, 8), (64, 4), (64, 8), (32, 2), (32, 4), (16, 1), (16, 2), (16, 4)]  # fused --search
+SEARCH_TILES = [(m, n) for m in (16, 32, 64, 128) for n in (32, 64, 128)]
+KERNELS = ["flash-fwd", "flash-dq", "flash-dkdv", "fused-fwd", "fused-dq", "decode-split", "decode-merge"]
+KERNEL_NAMES = {"_flash_fwd": "flash-fwd", "_flash_bwd_dq": "flash-dq", "_flash_bwd_dkdv": "flash-dkdv",
+                "_fused_fwd": "fused-fwd", "_fused_bwd_dq": "fused-dq", "_decode_split": "decode-split",
+                "_decode_merge": "decode-merge", "_flash_bwd_delta": "flash-delta"}
+
+# ----------------------------------------------------------------------------- the launch
 
 
-def compile_for_h100(kernel, dtype, head_dim, blocks, num_warps, num_stages=3, varlen=False, window=False):
-    """Compile a kernel for sm_90 with the given block constexprs (BLOCK_M and ROW for the fused
-    kernels, BLOCK_M and BLOCK_N for flash and decode); return (shared bytes, registers, stack
-    bytes per thread), stack being where registers spill."""
-    fn, pointers = KERNELS[kernel]
-    dot_precision, _ = common.precision(dtype)
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=common.pow2(head_dim), CAUSAL=True, VARLEN=varlen, LEFT_BOUNDED=window,
-                      PRECISION=dot_precision, UPCAST=False, **blocks)
-    constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = "*" + TRITON_TYPES[dtype]
-        elif name in ("LSE", "DELTA", "O_PART", "LSE_PART"):
-            signature[name] = "*fp32"
-        elif name in ("CU_Q", "CU_K", "SEQLENS"):
-            signature[name] = "*i32"
-        elif name in ("scale", "qk_scale"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=H100,
-                              options={"num_warps": num_warps, "num_stages": num_stages})
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+@dataclass
+class Launch:
+    """One recorded kernel launch: the kernel (a JITFunction or an Autotuner) and its arguments."""
+    kernel: object
+    args: tuple
+    kwargs: dict
+
+    @property
+    def fn(self):
+        return self.kernel.fn if isinstance(self.kernel, Autotuner) else self.kernel
+
+    @property
+    def name(self):
+        return KERNEL_NAMES[self.fn.__name__]
+
+
+@contextlib.contextmanager
+def recording():
+    """Within: the kernels' launchers record their launches into the yielded list instead of
+    launching (their `wrap_triton` is swapped for a recorder)."""
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(Launch(self.kernel, args, kwargs))
+
+    modules = (flash, fused, decode)
+    saved = [m.wrap_triton for m in modules]
+    for m in modules:
+        m.wrap_triton = Recorder
+    try:
+        yield launches
+    finally:
+        for m, w in zip(modules, saved):
+            m.wrap_triton = w
+
+
+@dataclass(frozen=True)
+class Call:
+    """The attention call whose launches are compiled."""
+    dtype: torch.dtype
+    D: int
+    T: int = 4096
+    B: int = 2
+    Hq: int = 16
+    Hkv: int = 16
+    causal: bool = True
+    window: tuple = None
+    varlen: bool = False
+
+
+def launches_of(call):
+    """Every kernel launch of a forward and a backward with these shapes, as the launchers make
+    them (CPU tensors stand in for GPU ones: only their shapes, strides, dtypes and alignment
+    matter to the binder)."""
+    B, T, D = call.B, call.T, call.D
+    if call.varlen:  # a packed batch of two sequences, 3/4 and 1/4 of B * T
+        q = torch.empty(B * T, call.Hq, D, dtype=call.dtype)
+        k = torch.empty(B * T, call.Hkv, D, dtype=call.dtype)
+        cu = torch.tensor([0, B * T * 3 // 4, B * T], dtype=torch.int32)
+        batch = flash._packed(q, k, cu, cu, B * T * 3 // 4, B * T * 3 // 4)
+        lse = torch.empty(call.Hq, B * T)
+    else:
+        q = torch.empty(B, call.Hq, T, D, dtype=call.dtype)
+        k = torch.empty(B, call.Hkv, T, D, dtype=call.dtype)
+        batch = flash._dense(q, k)
+        lse = torch.empty(B, call.Hq, T)
+    v = torch.empty_like(k)
+    left, right = flash.window_bounds(call.window, call.causal)
+    scale = D ** -0.5
+    with recording() as launches:
+        flash._run_forward(q, k, v, batch, left, right, scale)
+        flash._run_backward(q, k, v, torch.empty_like(q), lse, torch.empty_like(q), None, batch, left, right, scale)
+        if not call.varlen and call.window is None:
+            row = common.pow2(min(T, fused.max_seqlen(D, call.dtype)))
+            fq, fk = q[:, :, :row], k[:, :, :row]
+            fused._run_forward(fq, fk, fk, call.causal, scale)
+            fused._run_backward(fq, fk, fk, lse[:, :, :row], torch.empty_like(fq), None, call.causal, scale)
+            decode._run_decode(q[:, :, :1], k, v, torch.full((B,), T, dtype=torch.int32), scale, 4, -1)
+    return launches
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+def compile_like_jit(launch, config=None, target=SM90, **overrides):
+    """Compile a launch for `target` (sm_90) through Triton's own binder, as its JIT would for
+    these arguments. `config`: (BLOCK_M, BLOCK_N, num_warps, num_stages) for an autotuned
+    kernel; `overrides`: constexprs and options replacing the launch's (BLOCK_M=, num_warps=, TMA=)."""
+    fn = launch.fn
+    kwargs = dict(launch.kwargs)
+    if config is not None:
+        m, n, w, s = config
+        kwargs.update(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+    kwargs.update(overrides)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def _tool(name):
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _loops(ttgir):
+    """(loops that load global memory, of them pipelined): a pipelined loop's loads are
+    asynchronous copies into a ring of shared-memory buffers, issued stages ahead."""
+    loads, pipelined = 0, 0
+    for match in re.finditer(r"scf\.for ", ttgir):
+        depth, i = 0, re.compile(r"\{\s*\n").search(ttgir, match.end()).start()  # the brace that opens the body
+        for j in range(i, len(ttgir)):  # the loop's body: up to its matching brace
+            depth += {"{": 1, "}": -1}.get(ttgir[j], 0)
+            if depth == 0:
+                break
+        body = ttgir[i:j]
+        if "scf.for " in body:  # an outer loop (dk/dv's over query heads): its inner ones count
+            continue
+        if re.search(r"tt\.load |tt\.descriptor_load|async_copy_global_to_local|async_tma_copy", body):
+            loads += 1
+            pipelined += bool(re.search(r"async_copy_global_to_local|async_tma_copy", body))
+    return loads, pipelined
+
+
+def loop_sizes(sass):
+    """Instructions in each loop body of a SASS listing, in program order: a loop is a branch
+    back to an earlier address (Triton's loops are not nested here, but for dk/dv's over the
+    query heads, which encloses the others)."""
+    sizes = []
+    for addr, target in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+(?:`\()?0x([0-9a-f]+)", sass):
+        addr, target = int(addr, 16), int(target, 16)
+        if target < addr:
+            sizes.append((addr - target) // 16 + 1)
+    return sizes
+
+
+@dataclass
+class Binary:
+    shared: int        # bytes of shared memory per block
+    registers: int     # per thread
+    spilled: int       # bytes of stack per thread: registers spilled to local memory
+    mma: str           # HGMMA (wgmma), HMMA (mma.sync) or FMA (no tensor cores)
+    loads: str         # the global loads: UTMALDG, LDGSTS and LDG counts
+    loops: str         # loops that load global memory: "pipelined/all"
+    instructions: int  # SASS instructions in the binary
+    main_loop: int     # instructions in the smallest loop body: the unmasked blocks' steady state
+    pipelined: bool    # every loop that loads global memory is software-pipelined
+
+
+def inspect(compiled):
+    """Read a compiled kernel's resources and its SASS."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+                               text=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "--dump-sass", f.name], capture_output=True, text=True).stdout
     regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
-    return compiled.metadata.shared, int(regs), int(stack)
+    count = lambda op: len(re.findall(rf"\b{op}\b", sass))
+    mma = "HGMMA" if count("HGMMA") else "HMMA" if count("HMMA") else "FMA"
+    loads = ", ".join(f"{op} {count(op)}" for op in ("UTMALDG", "LDGSTS", "LDG") if count(op))
+    loading, pipelined = _loops(compiled.asm["ttgir"])
+    instructions = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, re.M))
+    loops = [n for n in loop_sizes(sass) if n > 8]  # not spin-waits on a barrier
+    return Binary(compiled.metadata.shared, int(regs), int(stack), mma, loads or "none", f"{pipelined}/{loading}",
+                  instructions, min(loops) if loops else 0, loading > 0 and pipelined == loading)
 
 
-def report(kernel, dtype, D, row, name, result, note=""):
-    shared, regs, stack = result
-    flag = "  OVER THE SHARED-MEMORY LIMIT" if shared > SHARED_LIMIT else ""
-    print(f"{kernel:10} {str(dtype)[6:]:9} {D:4} {row:>5}  {name}: {shared // 1024} KiB shared, {regs} regs, "
-          f"{stack} B spilled{note}{flag}", flush=True)
-    return shared > SHARED_LIMIT
+# ----------------------------------------------------------------------------- what to compile
 
 
-def row_candidate(block_m, num_warps, row):
-    return f"BLOCK_M {block_m}, {num_warps} warps", dict(BLOCK_M=block_m, ROW=row), num_warps
+def flash_configs(launch, search):
+    """The tiles to compile a flash launch with: the candidates its autotuner keeps (from
+    `kernels.tuning`), or with `search` every tile with 4 and 8 warps, 2 and 3 stages."""
+    named = {**dict(zip(launch.fn.arg_names, launch.args)), **launch.kwargs}
+    kernel = launch.name.split("-")[1]
+    if search:
+        return [(m, n, w, s) for m, n in SEARCH_TILES for w in (4, 8) for s in (2, 3)]
+    return tuning.candidates(kernel, named["Q"].element_size(), named["BLOCK_D"], named["q_bucket"], named["k_bucket"])
 
 
-def search(kernel, dtype, D, row):
-    """The first whole-row candidate within the shared-memory limit that spills nothing, else the
-    one that spills least."""
-    fits = []
-    for cand in ROW_CANDIDATES:
-        name, blocks, num_warps = row_candidate(*cand, row)
-        result = compile_for_h100(kernel, dtype, D, blocks, num_warps)
-        if result[0] <= SHARED_LIMIT:
-            fits.append((result[2], name, result))
-            if result[2] == 0:
-                break
-    if not fits:
-        print(f"{kernel:10} {str(dtype)[6:]:9} {D:4} {row:>5}  nothing fits in 227 KiB of shared memory")
-        return
-    _, name, result = min(fits, key=lambda f: f[0])
-    report(kernel, dtype, D, row, name, result)
+def jobs_for(call, kernels, search=False, tma=False, limit=None):
+    """[(index, launch, config, overrides)]: every binary to build for this call, the launch
+    being the index-th of `launches_of(call)`."""
+    jobs, seen = [], set()
+    for index, launch in enumerate(launches_of(call)):
+        if launch.name not in kernels or launch.name in seen:  # the fused backward's dk/dv is flash's again
+            continue
+        seen.add(launch.name)
+        if launch.name.startswith("flash"):
+            for config in flash_configs(launch, search)[:limit]:
+                jobs.append((index, launch, config, {}))
+                if tma and launch.name == "flash-fwd":
+                    jobs.append((index, launch, config, {"TMA": True}))
+        elif launch.name.startswith("fused") and search:
+            jobs += [(index, launch, None, dict(BLOCK_M=m, num_warps=w)) for m, w in ROW_CANDIDATES]
+        else:
+            jobs.append((index, launch, None, {}))
+    return jobs
 
 
-def check_fused(kernel, dtype, D, rows):
-    """The launcher's own config for each row length."""
-    over = False
-    for row in rows:
-        name, blocks, num_warps = row_candidate(*fused.row_config(4096, row, D, dtype), row)
-        over |= report(kernel, dtype, D, row, name, compile_for_h100(kernel, dtype, D, blocks, num_warps))
-    return over
-
-
-def check_flash(kernel, dtype, D, limit, every=False, varlen=False, window=False):
-    """The autotuning candidates for this dtype and head dim (the first `limit`); with `every`,
-    every (BLOCK_M, BLOCK_N, warps) with 2 stages instead, to choose candidates from."""
-    if every:
-        cands = [(m, n, w, 2) for m in (16, 32, 64, 128) for n in (32, 64, 128) for w in (4, 8)]
+def describe(call, launch, config, overrides):
+    kw = {**launch.kwargs, **overrides}
+    if config is not None:
+        m, n, w, s = config
+        tile = f"{m}x{n} w{w} s{s}"
     else:
-        cands = flash.candidates(kernel.split("-")[1], dtype.itemsize, common.pow2(D))[:limit]
-    over = False
-    variants = [("", {})] + ([(", packed", dict(varlen=True))] if varlen else [])
-    if window and "LEFT_BOUNDED" in KERNELS[kernel][0].arg_names:  # dk/dv has no window variant
-        variants.append((", windowed", dict(window=True)))
-    for m, n, w, s in cands:
-        for label, variant in variants:
-            name = f"BLOCK_M {m}, BLOCK_N {n}, {w} warps, {s} stages{label}"
-            result = compile_for_h100(kernel, dtype, D, dict(BLOCK_M=m, BLOCK_N=n), w, s, **variant)
-            over |= report(kernel, dtype, D, "-", name, result)
-    return over
+        tile = f"{kw.get('BLOCK_M')}x{kw.get('ROW', kw.get('BLOCK_N', '-'))} w{kw.get('num_warps', 4)}"
+    mask = "window" if call.window else "causal" if call.causal else "full"
+    variant = ("varlen " if call.varlen else "") + ("tma" if kw.get("TMA") else "")
+    return dict(kernel=launch.name, dtype=str(call.dtype).replace("torch.", ""), D=call.D, T=call.T,
+                group=call.Hq // call.Hkv, mask=mask, tile=tile, variant=variant.strip())
 
 
-def check_decode(kernel, dtype, D):
-    """The blocks decode_attention launches for one new token with 4 query heads per k/v head."""
-    block_m, block_n, num_warps = decode.blocks(4, common.pow2(D), dtype.itemsize)
-    blocks = dict(NUM_SPLITS=4, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=4)
-    if kernel == "decode-merge":
-        num_warps = 4
-    result = compile_for_h100(kernel, dtype, D, blocks, num_warps=num_warps)
-    return report(kernel, dtype, D, "-", f"BLOCK_M {block_m}, BLOCK_N {block_n}, {num_warps} warps, 4 splits", result)
+def _build(job):
+    call, index, config, overrides = job
+    launch = launches_of(call)[index]
+    try:
+        return asdict(inspect(compile_like_jit(launch, config, **overrides)))
+    except Exception as e:  # a tile that cannot compile is a finding, not a crash of the sweep
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kernel", nargs="+", default=list(KERNELS), choices=list(KERNELS))
-    p.add_argument("--dtype", nargs="+", default=["float16", "float32"], choices=["float16", "bfloat16", "float32"])
-    p.add_argument("--head-dims", nargs="+", type=int, default=[16, 32, 64, 128, 256])
-    p.add_argument("--rows", nargs="+", type=int, help="fused row lengths (default: 128, 256 and max_seqlen)")
-    p.add_argument("--limit", type=int, default=None, help="flash: compile only the first N kept candidates")
-    p.add_argument("--varlen", action="store_true", help="flash: also compile the packed (varlen) variant")
-    p.add_argument("--window", action="store_true", help="flash: also compile the left-bounded window variant")
-    p.add_argument("--search", action="store_true", help="fused: search candidate block sizes instead; "
-                   "flash: compile every (BLOCK_M, BLOCK_N, warps) with 2 stages")
-    args = p.parse_args()
+def run(calls, kernels, search=False, tma=False, limit=None, jobs=1):
+    """Compile every binary of these calls; yield (description, binary fields) as they finish."""
+    work = []
+    for call in calls:
+        for index, launch, config, overrides in jobs_for(call, kernels, search, tma, limit):
+            work.append((describe(call, launch, config, overrides), (call, index, config, overrides)))
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            yield from zip((w[0] for w in work), pool.map(_build, [w[1] for w in work]))
+    else:
+        for desc, job in work:
+            yield desc, _build(job)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--kernel", nargs="+", default=KERNELS, choices=KERNELS)
+    p.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"], choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--head-dims", nargs="+", type=int, default=[64, 128])
+    p.add_argument("--seq", type=int, default=4096, help="T of the call (default 4096)")
+    p.add_argument("--gqa", type=int, default=1, help="query heads per k/v head (default 1)")
+    p.add_argument("--full", action="store_true", help="full attention instead of causal")
+    p.add_argument("--window", type=int, default=None, help="a causal sliding window of this many keys")
+    p.add_argument("--varlen", action="store_true", help="a packed batch instead of (B, H, T, D) tensors")
+    p.add_argument("--tma", action="store_true", help="flash-fwd: also compile each tile with TMA loads")
+    p.add_argument("--search", action="store_true", help="every tile (flash) or ROW_CANDIDATES (fused)")
+    p.add_argument("--limit", type=int, default=None, help="flash: only the first N candidates")
+    p.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
+    p.add_argument("--json", action="store_true", help="one JSON object per binary instead of a table")
+    args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        raise SystemExit("unset TRITON_INTERPRET: this compiles for the GPU")
+        sys.exit("unset TRITON_INTERPRET: this compiles for the GPU")
 
+    calls = [Call(getattr(torch, d), D, args.seq, Hq=16, Hkv=16 // args.gqa, causal=not args.full,
+                  window=(args.window, 0) if args.window else None, varlen=args.varlen)
+             for d in args.dtype for D in args.head_dims]
     over = False
-    print(f"{'kernel':10} {'dtype':9} {'D':>4} {'ROW':>5}  config: shared memory, registers, bytes spilled per thread")
-    for kernel in args.kernel:
-        for dtype in (getattr(torch, d) for d in args.dtype):
-            for D in args.head_dims:
-                if kernel.startswith("flash"):
-                    over |= check_flash(kernel, dtype, D, args.limit, every=args.search, varlen=args.varlen,
-                                        window=args.window)
-                    continue
-                if kernel.startswith("decode"):
-                    over |= check_decode(kernel, dtype, D)
-                    continue
-                limit = fused.max_seqlen(D, dtype)
-                rows = args.rows or sorted({r for r in (128, 256, limit) if r <= limit})
-                if args.search:
-                    for row in rows:
-                        search(kernel, dtype, D, row)
-                else:
-                    over |= check_fused(kernel, dtype, D, rows)
-    raise SystemExit(1 if over else 0)
+    if not args.json:
+        print(f"{'kernel':12} {'dtype':8} {'D':>4} {'mask':6} {'tile':15} {'variant':11} {'shared':>7} "
+              f"{'regs':>4} {'spill':>5} {'mma':5} {'loops':5} {'instr':>6} {'main':>5}  loads", flush=True)
+    for desc, binary in run(calls, args.kernel, args.search, args.tma, args.limit, args.jobs):
+        over |= binary.get("shared", 0) > SHARED_LIMIT
+        if args.json:
+            print(json.dumps({**desc, **binary}), flush=True)
+        elif "error" in binary:
+            print(f"{desc['kernel']:12} {desc['dtype']:8} {desc['D']:4} {desc['mask']:6} {desc['tile']:15} "
+                  f"{desc['variant']:11} {binary['error']}", flush=True)
+        else:
+            flag = "  OVER THE SHARED-MEMORY LIMIT" if binary["shared"] > SHARED_LIMIT else ""
+            print(f"{desc['kernel']:12} {desc['dtype']:8} {desc['D']:4} {desc['mask']:6} {desc['tile']:15} "
+                  f"{desc['variant']:11} {binary['shared'] // 1024:>5}Ki {binary['registers']:4} "
+                  f"{binary['spilled']:5} {binary['mma']:5} {binary['loops']:5} {binary['instructions']:6} "
+                  f"{binary['main_loop']:5}  "
+                  f"{binary['loads']}{flag}", flush=True)
+    sys.exit(1 if over else 0)
 
 
 if __name__ == "__main__":
