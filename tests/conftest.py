@@ -10,7 +10,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# The tests of the kernels themselves (`pytest -m kernels`): what CI runs a second time under
+# Triton 3.6, the GPU machine's version, beside the newest Triton that runs the whole suite.
+KERNEL_TESTS = {"test_kernels.py", "test_flash.py", "test_fused.py", "test_varlen.py", "test_window.py",
+                "test_decode.py", "test_tiles.py", "test_compiles.py", "test_gpu_check.py"}
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in KERNEL_TESTS:
+            item.add_marker(pytest.mark.kernels)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

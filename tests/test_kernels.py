@@ -13,11 +13,13 @@ kernels = pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.__name__)
 
 
 @kernels
-@pytest.mark.parametrize("layout", LAYOUTS[:2])
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("causal, layout", [(True, LAYOUTS[0]), (False, LAYOUTS[1])], ids=["causal", "full-bthd"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=str)
 def test_matches_reference(poison, kernel, shape, dtype, causal, layout):
+    # every shape and dtype causal and full, contiguous and strided ((B, T, H, D) transposed);
+    # the layout only changes the strides, so it comes paired with the mask rather than crossed
+    # (the interpreter's time is most of CI's)
     q, k, v, do = make_qkv(shape, dtype, layout, seed_of(kernel.__name__, shape, dtype, causal, layout))
     check_against_reference(kernel, q, k, v, do, causal)
 
