@@ -53,7 +53,8 @@ SM90 = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on an H100 / H200
 ROW_CANDIDATES = [(128, 8), (64, 4), (64, 8), (32, 2), (32, 4), (16, 1), (16, 2), (16, 4)]  # fused --search
 SEARCH_TILES = [(m, n) for m in (16, 32, 64, 128) for n in (32, 64, 128)]
-KERNELS = ["flash-fwd", "flash-dq", "flash-dkdv", "fused-fwd", "fused-dq", "decode-split", "decode-merge"]
+KERNELS = ["flash-fwd", "flash-dq", "flash-dkdv", "flash-delta", "fused-fwd", "fused-dq", "decode-split",
+           "decode-merge"]
 KERNEL_NAMES = {"_flash_fwd": "flash-fwd", "_flash_bwd_dq": "flash-dq", "_flash_bwd_dkdv": "flash-dkdv",
                 "_fused_fwd": "fused-fwd", "_fused_bwd_dq": "fused-dq", "_decode_split": "decode-split",
                 "_decode_merge": "decode-merge", "_flash_bwd_delta": "flash-delta"}
@@ -135,8 +136,9 @@ def launches_of(call):
     left, right = flash.window_bounds(call.window, call.causal)
     scale = D ** -0.5
     with recording() as launches:
-        flash._run_forward(q, k, v, batch, left, right, scale)
-        flash._run_backward(q, k, v, torch.empty_like(q), lse, torch.empty_like(q), None, batch, left, right, scale)
+        residual = call.dtype != torch.float32  # a training call: the forward keeps O's rounding residual
+        o, _, res = flash._run_forward(q, k, v, batch, left, right, scale, residual)
+        flash._run_backward(q, k, v, o, res, lse, torch.empty_like(q), None, batch, left, right, scale)
         if not call.varlen and call.window is None:
             row = common.pow2(min(T, fused.max_seqlen(D, call.dtype)))
             fq, fk = q[:, :, :row], k[:, :, :row]
@@ -254,7 +256,7 @@ def jobs_for(call, kernels, search=False, tma=False, limit=None):
         if launch.name not in kernels or launch.name in seen:  # the fused backward's dk/dv is flash's again
             continue
         seen.add(launch.name)
-        if launch.name.startswith("flash"):
+        if isinstance(launch.kernel, Autotuner) or launch.name in ("flash-fwd", "flash-dq", "flash-dkdv"):
             for config in flash_configs(launch, search)[:limit]:
                 jobs.append((index, launch, config, {}))
                 if tma and launch.name == "flash-fwd":

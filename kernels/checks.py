@@ -41,6 +41,10 @@ if INTERPRET:
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+# The kernels' logits are fp32, s * scale * log2(e): a scale of 1e38 overflows them for any |s| > 2
+# and gives NaN (inf - inf). Up to 1e6 they stay finite for scores up to 2e32; and a softmax at
+# scale 1e6 is already an argmax (scores 1e-4 apart differ by e^100 in weight).
+MAX_SCALE = 1e6
 
 
 def _dtype_name(dtype):
@@ -67,17 +71,20 @@ def check_device(t, name):
                      "under TRITON_INTERPRET=1)")
 
 
-def check_inputs(q, k, v, scale):
+def check_inputs(q, k, v, scale, kernels=True):
     """Validate q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D) and the scale; return them ready for a
     kernel: last dimension contiguous (other strides are passed to the kernel, so a (B, T, H, D)
-    tensor transposed to (B, H, T, D) is not copied) and the scale as a float."""
+    tensor transposed to (B, H, T, D) is not copied) and the scale as a float. `kernels=False`
+    checks for the reference instead, which also takes float64 and runs on any device."""
+    dtypes = SUPPORTED_DTYPES if kernels else SUPPORTED_DTYPES + (torch.float64,)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must have 4 dimensions (B, H, T, D), got shape {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {_dtype_name(t.dtype)}; supported: float16, bfloat16, float32")
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name} has dtype {_dtype_name(t.dtype)}; supported: "
+                            + ", ".join(_dtype_name(d) for d in dtypes))
         if 0 in t.shape:
             raise ValueError(f"{name} has an empty dimension, shape {tuple(t.shape)}; B, H, T and D must be >= 1")
     if not (q.dtype == k.dtype == v.dtype):
@@ -85,7 +92,8 @@ def check_inputs(q, k, v, scale):
                         f"k {_dtype_name(k.dtype)}, v {_dtype_name(v.dtype)}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on one device, got q on {q.device}, k on {k.device}, v on {v.device}")
-    check_device(q, "q")
+    if kernels:
+        check_device(q, "q")
 
     (B, Hq, Tq, D), (Bk, Hkv, Tk, Dk) = q.shape, k.shape
     if k.shape != v.shape:
@@ -97,15 +105,18 @@ def check_inputs(q, k, v, scale):
     if Hq % Hkv != 0:
         raise ValueError(f"q's head count must be a multiple of k's (grouped-query attention), "
                          f"got Hq={Hq}, Hkv={Hkv}")
-    if D > MAX_HEAD_DIM:
+    if kernels and D > MAX_HEAD_DIM:
         raise ValueError(f"head dim D={D} is not supported; accepted: 1 to {MAX_HEAD_DIM}")
 
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    elif not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be finite and > 0, got {scale}")
+    elif not (math.isfinite(scale) and 0 < scale <= MAX_SCALE):
+        raise ValueError(f"scale must be > 0 and at most {MAX_SCALE:g} (larger ones overflow the kernels' fp32 "
+                         f"logits, scale * log2(e) * q.k, to inf and NaN), got {scale}")
+    if not kernels:
+        return q, k, v, float(scale)
     return last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v), float(scale)
 
 
@@ -141,9 +152,11 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must hold the same number of sequences, got "
                          f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
-    for name, _, _, longest in pairs if not read_values else ():
-        if not _is_int(longest) or longest < 0:
-            raise ValueError(f"{name.replace('cu_seqlens', 'max_seqlen')} must be an int >= 0, got {longest!r}")
+    for name, _, total, longest in pairs:  # the grid is sized by max_seqlen: no longer than all the rows
+        max_name = name.replace("cu_seqlens", "max_seqlen")
+        if not _is_int(longest) or not 0 <= longest <= total:
+            raise ValueError(f"{max_name} must be an int from 0 to the packed length {total} (the longest "
+                             f"sequence's length, which sizes the grid), got {longest!r}")
     offsets = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist() if read_values else []  # the one host read
     for (name, _, total, longest), values in zip(pairs, offsets):
         if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
@@ -160,10 +173,18 @@ def _is_int(x):
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def check_causal(causal, name="causal"):
+    """A flag that must be a bool: "no", 1 or a tensor are refused rather than read as truthy."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"{name} must be True or False, got {causal!r} ({type(causal).__name__})")
+    return causal
+
+
 def window_bounds(window, causal):
     """Check a sliding window (left, right) and return it as two ints, -1 for an unbounded side:
     query i sees key j when i - left <= j - (Tk - Tq) <= i + right. None is (-1, -1), no window;
     causal means right = 0, so with causal=True right must be 0 or -1 and becomes 0."""
+    check_causal(causal)
     if window is None:
         left, right = -1, -1
     elif isinstance(window, (tuple, list)) and len(window) == 2 and all(_is_int(w) and w >= -1 for w in window):
@@ -176,6 +197,18 @@ def window_bounds(window, causal):
                              "(a window that looks ahead needs causal=False, which decode_attention does not take)")
         right = 0
     return left, right
+
+
+def autocast_inputs(*tensors):
+    """Inputs as torch's SDPA sees them under autocast: inside `torch.autocast(device_type, dtype)`
+    enabled for their device, floating tensors other than float64 are cast to that dtype (SDPA
+    is one of autocast's lower-precision ops), so the kernels return what SDPA returns."""
+    device_type = tensors[0].device.type if isinstance(tensors[0], torch.Tensor) else None
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in tensors)
 
 
 def input_problem(q, k, v, scale=None):

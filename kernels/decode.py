@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import INTERPRET, check_inputs, window_bounds
+from kernels.checks import INTERPRET, autocast_inputs, check_inputs, window_bounds
 from kernels.common import LOG2E, dot, meta, on_device, pow2, strides, wrap_triton
 
 # ----------------------------------------------------------------------------- kernels
@@ -209,7 +209,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=
     `reference.decode_attention`: causal, each new token sees the cache up to itself. `window`
     (left, 0) limits it to the `left` keys before it. num_splits: how many programs share one
     cache (None: `default_num_splits`). With `return_lse`, also each row's log-sum-exp, (B, Hq, Tq)
-    fp32 natural log. No backward.
+    fp32 natural log. No backward. num_splits larger than the cache's key blocks is clamped to
+    them (a split holds at least one block); past MAX_SPLITS it is refused.
 
     Checking that every length lies in [0, Tmax] reads cache_seqlens on the host: a sync per
     call, which also rules out capturing the call in a CUDA graph. `check_seqlens=False` skips
@@ -217,7 +218,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=
     length into [0, Tmax], so it never reads outside the cache, but an out-of-range length is
     the caller's bug, not an error.
     """
-    q, k_cache, v_cache, scale = check_inputs(q, k_cache, v_cache, scale)
+    q, k_cache, v_cache, scale = check_inputs(*autocast_inputs(q, k_cache, v_cache), scale)
     B, Hq, Tq, D = q.shape
     Hkv, Tmax = k_cache.shape[1], k_cache.shape[2]
     _check_seqlens(cache_seqlens, B, Tmax, q.device, check_seqlens)
@@ -225,8 +226,10 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
         raise RuntimeError("decode_attention has no backward (it is for inference); call it under "
                            "torch.no_grad(), or use flash_attention to train")
-    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
+                                   or not 1 <= num_splits <= MAX_SPLITS):
+        raise ValueError(f"num_splits must be None or an int from 1 to {MAX_SPLITS} (the merge kernel holds every "
+                         f"split's partial output of a row at once), got {num_splits!r}")
     o, lse = _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, left)
     return (o, lse) if return_lse else o
 
@@ -240,6 +243,7 @@ def _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, left):
     row_blocks = triton.cdiv(rows, block_m)
     if num_splits is None:
         num_splits = default_num_splits(B, Hkv, row_blocks, Tmax if left < 0 else min(Tmax, left + Tq), q.device)
+    num_splits = min(num_splits, triton.cdiv(Tmax, block_n))  # a split holds one key block at least
 
     o_part = torch.empty((B * Hq * Tq, num_splits, D), device=q.device, dtype=torch.float32)
     lse_part = torch.empty((B * Hq * Tq, num_splits), device=q.device, dtype=torch.float32)

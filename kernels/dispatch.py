@@ -3,7 +3,7 @@
 """
 
 import reference
-from kernels.checks import check_inputs
+from kernels.checks import autocast_inputs, check_causal, check_inputs
 from kernels.flash import flash_attention
 from kernels.fused import fused_attention, max_seqlen
 
@@ -36,10 +36,13 @@ def attention(q, k, v, causal=True, scale=None, impl="auto"):
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
+    check_causal(causal)
+    q, k, v = autocast_inputs(q, k, v)
     if impl == "auto":
         q, k, v, scale = check_inputs(q, k, v, scale)  # the shapes must be sound before choosing by them
         impl = choose_impl(q.shape[-1], k.shape[-2], q.dtype)
-    if impl == "reference":
+    if impl == "reference":  # the same check, but float64 and any device are the reference's to take
+        q, k, v, scale = check_inputs(q, k, v, scale, kernels=False)
         return reference.attention(q, k, v, causal=causal, scale=scale)
     kernel = fused_attention if impl == "fused" else flash_attention
     return kernel(q, k, v, causal=causal, scale=scale)

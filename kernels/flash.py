@@ -41,8 +41,9 @@ import triton
 from torch import Tensor
 
 from kernels import tuning
-from kernels.checks import INTERPRET, check_inputs, check_varlen_inputs, last_dim_contiguous, window_bounds
-from kernels.common import LOG2E, forward_outputs, gradient_outputs, kernel_op, meta, on_device, pow2, strides, \
+from kernels.checks import (INTERPRET, autocast_inputs, check_inputs, check_varlen_inputs, last_dim_contiguous,
+                            window_bounds)
+from kernels.common import LOG2E, gradient_outputs, kernel_op, meta, on_device, strides, \
     window_args, wrap_triton
 from kernels.flash_bwd import _flash_bwd_delta, _flash_bwd_dkdv, _flash_bwd_dq
 from kernels.flash_fwd import _flash_fwd
@@ -168,21 +169,33 @@ def _packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     return Batch(cu_seqlens_q.shape[0] - 1, q.shape[1], k.shape[1], max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k)
 
 
-def _run_forward(q, k, v, batch, left, right, scale):
-    o = torch.empty_like(q)
-    lse_shape = (batch.Hq, q.shape[0]) if batch.packed else (batch.B, batch.Hq, batch.Tq)
-    lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
+def _outputs(q, residual, packed):
+    """The forward's (out, base-2 lse, residual): out like q; lse (B, Hq, Tq), or (Hq, total_q)
+    packed, fp32; the residual like q when asked for, else empty. Also the ops' fake outputs."""
+    lse_shape = (q.shape[1], q.shape[0]) if packed else q.shape[:3]
+    return (torch.empty_like(q), torch.empty(lse_shape, device=q.device, dtype=torch.float32),
+            torch.empty_like(q) if residual else q.new_empty(0))
+
+
+def needs_residual(q, k, v):
+    """Whether the forward also stores O's rounding residual: for 16-bit outputs that a backward
+    will differentiate (fp32's O is exact to its own rounding)."""
+    return q.dtype != torch.float32 and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+
+
+def _run_forward(q, k, v, batch, left, right, scale, residual):
+    o, lse, res = _outputs(q, residual, batch.packed)
     tma = use_tma(q, k, v, o)
     if tma and not INTERPRET:
         triton.set_allocator(_tma_scratch)
     grid = lambda meta: (batch.B * batch.Hq * triton.cdiv(batch.Tq, meta["BLOCK_M"]),)
     with on_device(q):
         wrap_triton(_fwd_kernel)[grid](
-            q, k, v, o, lse, *batch.sequences(q), *batch.strides(q, k, v, o), *batch.row_strides(lse),
-            batch.Hq, *batch.sizes(left, right), scale * LOG2E, **batch.keys(left, right),
-            TMA=tma, VARLEN=batch.packed, LEFT_BOUNDED=left >= 0, **meta(q), **_blocks("fwd"),
+            q, k, v, o, res if residual else o, lse, *batch.sequences(q), *batch.strides(q, k, v, o),
+            *batch.row_strides(lse), batch.Hq, *batch.sizes(left, right), scale * LOG2E, **batch.keys(left, right),
+            TMA=tma, RESIDUAL=residual, VARLEN=batch.packed, LEFT_BOUNDED=left >= 0, **meta(q), **_blocks("fwd"),
         )
-    return o, lse
+    return o, lse, res
 
 
 def dkdv(q, k, v, do, lse, delta, window, scale, batch=None):
@@ -198,16 +211,17 @@ def dkdv(q, k, v, do, lse, delta, window, scale, batch=None):
     return dk, dv
 
 
-def _run_backward(q, k, v, o, lse, do, dlse, batch, left, right, scale):
+def _run_backward(q, k, v, o, res, lse, do, dlse, batch, left, right, scale):
     do = last_dim_contiguous(do)
     delta = torch.empty_like(lse)
+    has_res = res is not None and res.numel() > 0
     # delta is per row: a packed batch is one sequence of all its rows here
     rows = Batch(1, batch.Hq, batch.Hkv, q.shape[0], 0, batch.cu_q, batch.cu_k) if batch.packed else batch
     d = meta(q)
     with on_device(q):
         wrap_triton(_flash_bwd_delta)[(rows.B * rows.Hq * triton.cdiv(rows.Tq, DELTA_BLOCK_M),)](
-            o, do, delta if dlse is None else dlse.contiguous(), delta, *rows.strides(o, do), rows.Hq, rows.Tq,
-            HAS_DLSE=dlse is not None, HEAD_DIM=d["HEAD_DIM"], BLOCK_D=d["BLOCK_D"], BLOCK_M=DELTA_BLOCK_M,
+            o, res if has_res else o, do, delta if dlse is None else dlse.contiguous(), delta, *rows.strides(o, do),
+            rows.Hq, rows.Tq, HAS_RES=has_res, HAS_DLSE=dlse is not None, BLOCK_M=DELTA_BLOCK_M, **d,
         )
         dk, dv = dkdv(q, k, v, do, lse, delta, (left, right), scale, batch)
         dq = torch.empty_like(q)
@@ -220,55 +234,53 @@ def _run_backward(q, k, v, o, lse, do, dlse, batch, left, right, scale):
     return dq, dk, dv
 
 
-@kernel_op("flash_forward", fake=forward_outputs)
-def _forward(q: Tensor, k: Tensor, v: Tensor, left: int, right: int, scale: float) -> tuple[Tensor, Tensor]:
-    return _run_forward(q, k, v, _dense(q, k), left, right, scale)
+@kernel_op("flash_forward", fake=lambda q, k, v, left, right, scale, residual: _outputs(q, residual, False))
+def _forward(q: Tensor, k: Tensor, v: Tensor, left: int, right: int, scale: float,
+             residual: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _run_forward(q, k, v, _dense(q, k), left, right, scale, residual)
 
 
 @kernel_op("flash_backward", fake=gradient_outputs)
-def _backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, dlse: Optional[Tensor],
-              left: int, right: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    return _run_backward(q, k, v, o, lse, do, dlse, _dense(q, k), left, right, scale)
+def _backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, res: Optional[Tensor], lse: Tensor, do: Tensor,
+              dlse: Optional[Tensor], left: int, right: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _run_backward(q, k, v, o, res, lse, do, dlse, _dense(q, k), left, right, scale)
 
 
-def _packed_outputs(q, *args):
-    """The varlen forward's (out, lse): out like q (total_q, Hq, D), lse (Hq, total_q) fp32."""
-    return torch.empty_like(q), torch.empty((q.shape[1], q.shape[0]), device=q.device, dtype=torch.float32)
-
-
-@kernel_op("flash_varlen_forward", fake=_packed_outputs)
+@kernel_op("flash_varlen_forward", fake=lambda q, *args: _outputs(q, args[-1], True))
 def _varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-                    max_seqlen_q: int, max_seqlen_k: int, left: int, right: int,
-                    scale: float) -> tuple[Tensor, Tensor]:
+                    max_seqlen_q: int, max_seqlen_k: int, left: int, right: int, scale: float,
+                    residual: bool) -> tuple[Tensor, Tensor, Tensor]:
     batch = _packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return _run_forward(q, k, v, batch, left, right, scale)
+    return _run_forward(q, k, v, batch, left, right, scale, residual)
 
 
 @kernel_op("flash_varlen_backward", fake=gradient_outputs)
-def _varlen_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, dlse: Optional[Tensor],
-                     cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                     left: int, right: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _varlen_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, res: Optional[Tensor], lse: Tensor, do: Tensor,
+                     dlse: Optional[Tensor], cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+                     max_seqlen_k: int, left: int, right: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     batch = _packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return _run_backward(q, k, v, o, lse, do, dlse, batch, left, right, scale)
+    return _run_backward(q, k, v, o, res, lse, do, dlse, batch, left, right, scale)
 
 
 # ----------------------------------------------------------------------------- autograd
 
 
 def _save(ctx, inputs, output):
-    q, k, v, *rest = inputs  # rest: (left, right, scale), packed: cu_seqlens and max_seqlen first
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, *[x for x in rest if isinstance(x, Tensor)])
-    ctx.rest = [x for x in rest if not isinstance(x, Tensor)]
+    q, k, v, *rest = inputs  # rest: (left, right, scale, residual), packed: cu_seqlens and max_seqlen first
+    o, lse, res = output
+    ctx.save_for_backward(q, k, v, o, res, lse, *[x for x in rest if isinstance(x, Tensor)])
+    ctx.rest = [x for x in rest[:-1] if not isinstance(x, Tensor)]  # the backward takes no `residual`
+    ctx.mark_non_differentiable(res)
 
 
-def _gradients(ctx, do, dlse):
-    # dlse is None when the caller never used the log-sum-exp (autograd passes no zeros then)
-    q, k, v, o, lse, *cu_seqlens = ctx.saved_tensors
+def _gradients(ctx, do, dlse, dres):
+    # dlse: the log-sum-exp's gradient (zeros or None when the caller never used it)
+    q, k, v, o, res, lse, *cu_seqlens = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
-    grads = (_varlen_backward if cu_seqlens else _backward)(q, k, v, o, lse, do, dlse, *cu_seqlens, *ctx.rest)
-    return (*grads, *[None] * (len(cu_seqlens) + len(ctx.rest)))
+    backward = _varlen_backward if cu_seqlens else _backward
+    grads = backward(q, k, v, o, res if res.numel() else None, lse, do, dlse, *cu_seqlens, *ctx.rest)
+    return (*grads, *[None] * (len(cu_seqlens) + len(ctx.rest) + 1))
 
 
 _forward.register_autograd(_gradients, setup_context=_save)
@@ -289,9 +301,9 @@ def flash_attention(q, k, v, causal=True, scale=None, return_lse=False, window=N
     outside the window are skipped, so a fixed window costs time linear in T.
     With `return_lse`, also returns each row's log-sum-exp (natural log, fp32, (B, Hq, Tq)).
     """
-    q, k, v, scale = check_inputs(q, k, v, scale)
+    q, k, v, scale = check_inputs(*autocast_inputs(q, k, v), scale)
     left, right = window_bounds(window, causal)
-    o, lse2 = _forward(q, k, v, left, right, scale)
+    o, lse2, _ = _forward(q, k, v, left, right, scale, needs_residual(q, k, v))
     return (o, lse2 * LN2) if return_lse else o
 
 
@@ -313,10 +325,11 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     that read, for callers that built the offsets themselves (the transformers integration):
     offsets that break the rules above then read and write outside the tensors.
     """
+    q, k, v = autocast_inputs(q, k, v)
     q, k, v, cu_seqlens_q, cu_seqlens_k, scale = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k,
                                                                      max_seqlen_q, max_seqlen_k, scale,
                                                                      check_seqlens)
     left, right = window_bounds(window, causal)
-    o, lse2 = _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                              left, right, scale)
+    o, lse2, _ = _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                                 left, right, scale, needs_residual(q, k, v))
     return (o, lse2 * LN2) if return_lse else o

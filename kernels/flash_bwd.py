@@ -3,6 +3,7 @@ Flash attention's backward kernels. P = exp2(S * c - LSE) is recomputed tile by 
 forward's base-2 log-sum-exp (c = scale * log2(e); one fused multiply-add per score).
 
     delta       delta_i = rowsum(dO_i * O_i) - dLSE_i                one program per query block
+                (16-bit: O plus the forward's rounding residual, so delta matches dP)
     dk, dv      one key block, K and V resident; loop over the query blocks that see it, and over
                 the query heads that share this k/v head:
                     dV += P^T dO;  dS^T = P^T * (V dO^T - delta);  dK += dS^T Q
@@ -29,23 +30,48 @@ from kernels.flash_fwd import key_blocks, load_tile, query_blocks, sequence, sto
 
 @triton.jit
 def _flash_bwd_delta(
-    O, DO, DLSE, DELTA,
-    stride_ob, stride_oh, stride_ot, stride_od,
+    O, RES, DO, DLSE, DELTA,
+    stride_ob, stride_oh, stride_ot, stride_od,      # RES has O's strides
     stride_dob, stride_doh, stride_dot, stride_dod,
     Hq, Tq,
-    HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_RES: tl.constexpr, HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    # delta_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij, computed so that it cancels dP exactly
+    # where it should: with one visible key, P = 1 and O = V, and the true dS = dP - delta is 0.
+    # So O is the one dP sees (16-bit: the stored O plus its rounding residual RES; without RES a
+    # peaky row's dS carries O's rounding, 2^-9 of |dO| |V|), and the sum runs as the kernels'
+    # dots run: under the interpreter in float64, rounded once; fp32 on a GPU (IEEE dots, one FMA
+    # chain along D) as the same chain; 16-bit (tensor cores) as an fp32 sum.
     b, h, _, m_block = head_and_query_block(tl.cdiv(Tq, BLOCK_M), Hq, 1)
-    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    o = load_tile(tile_pointers(O + b * stride_ob + h * stride_oh, m_block * BLOCK_M, stride_ot, BLOCK_M, BLOCK_D),
-                  offs_m, Tq, True, HEAD_DIM, BLOCK_D).to(tl.float32)          # [BLOCK_M, BLOCK_D]
-    do = load_tile(tile_pointers(DO + b * stride_dob + h * stride_doh, m_block * BLOCK_M, stride_dot, BLOCK_M, BLOCK_D),
-                   offs_m, Tq, True, HEAD_DIM, BLOCK_D).to(tl.float32)         # [BLOCK_M, BLOCK_D]
-    delta = tl.sum(o * do, 1)
+    m0 = m_block * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < Tq
+    o_base = O + b * stride_ob + h * stride_oh
+    do_base = DO + b * stride_dob + h * stride_doh
+    if UPCAST or PRECISION != "ieee":
+        o = load_tile(tile_pointers(o_base, m0, stride_ot, BLOCK_M, BLOCK_D), offs_m, Tq, True, HEAD_DIM, BLOCK_D)
+        do = load_tile(tile_pointers(do_base, m0, stride_dot, BLOCK_M, BLOCK_D), offs_m, Tq, True, HEAD_DIM, BLOCK_D)
+        if UPCAST:
+            o = o.to(tl.float64)
+        else:
+            o = o.to(tl.float32)
+        if HAS_RES:
+            r_base = RES + b * stride_ob + h * stride_oh
+            o += load_tile(tile_pointers(r_base, m0, stride_ot, BLOCK_M, BLOCK_D), offs_m, Tq, True, HEAD_DIM,
+                           BLOCK_D).to(o.dtype)
+        delta = tl.sum(o * do.to(o.dtype), 1).to(tl.float32)
+    else:  # fp32 on a GPU: the FMA chain of an IEEE tl.dot, d = 0, 1, ..., HEAD_DIM - 1
+        rows = offs_m.to(tl.int64)
+        delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for d in range(HEAD_DIM):
+            o_d = tl.load(o_base + rows * stride_ot + d, mask=row_ok, other=0.0)
+            do_d = tl.load(do_base + rows * stride_dot + d, mask=row_ok, other=0.0)
+            delta = tl.fma(do_d, o_d, delta)
     row = (b * Hq + h) * Tq + offs_m
     if HAS_DLSE:  # the base-2 log-sum-exp's gradient, in natural units: dlse2 * log2(e)
-        delta -= tl.load(DLSE + row, mask=offs_m < Tq, other=0.0) * 1.4426950408889634
-    tl.store(DELTA + row, delta, mask=offs_m < Tq)
+        delta -= tl.load(DLSE + row, mask=row_ok, other=0.0) * 1.4426950408889634
+    tl.store(DELTA + row, delta, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------- dq

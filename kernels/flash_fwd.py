@@ -10,6 +10,8 @@ One program per (query block, batch x head) (Dao et al., FlashAttention-2, Algor
         l = l * exp2(m - m_new) + rowsum(P)        the running sum, rescaled when the max grows
         acc = acc * exp2(m - m_new) + P V_j        [BLOCK_M, D] fp32
     O_i = acc / l (once, at the end); LSE_i = m + log2(l), base 2 (see `kernels/flash.py`)
+    (RESIDUAL: also R_i = O_i - round(O_i), what rounding O to a 16-bit dtype dropped, so that the
+    backward's delta = rowsum(dO * O) sees the O its dP sees; `kernels/flash_bwd.py`)
 
 The mask is a window around each query's diagonal key (bottom-right alignment): query i sees key
 j when i - left <= j - (Tk - Tq) <= i + right; causal is (left, right) = (unbounded, 0), full
@@ -154,7 +156,7 @@ def _fwd_inner(
 
 @triton.jit
 def _flash_fwd(
-    Q, K, V, O, LSE, CU_Q, CU_K,
+    Q, K, V, O, RES, LSE, CU_Q, CU_K,  # RES: like O (read only with RESIDUAL)
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -166,10 +168,11 @@ def _flash_fwd(
     q_bucket, k_bucket, window_key,  # read only by the autotuner's key
     GROUP: tl.constexpr,   # query heads per k/v head
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, RESIDUAL: tl.constexpr,
     VARLEN: tl.constexpr, LEFT_BOUNDED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    # The head dim has unit stride (the launchers make it so): stride_*d are unread.
+    # The head dim has unit stride (the launchers make it so): stride_*d are unread. RES has O's
+    # strides.
     b, h, h_kv, m_block = head_and_query_block(tl.cdiv(Tq, BLOCK_M), Hq, GROUP)
     q0, Tq, k0, Tk = sequence(CU_Q, CU_K, b, Tq, Tk, VARLEN)
     m0 = m_block * BLOCK_M
@@ -210,11 +213,20 @@ def _flash_fwd(
 
     # -- divide by the row sum once; a row that saw no key has l = 0 and gives 0 / 1 = 0
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    o = (acc / l_safe[:, None]).to(O.dtype.element_ty)
+    o32 = acc / l_safe[:, None]                                            # [BLOCK_M, BLOCK_D] fp32
+    o = o32.to(O.dtype.element_ty)
     if TMA:
         o_dst = tl.make_tensor_descriptor(o_base, [Tq, HEAD_DIM], [stride_ot, 1], [BLOCK_M, BLOCK_D])
         o_dst.store([m0, 0], o)
     else:
         store_tile(tile_pointers(o_base, m0, stride_ot, BLOCK_M, BLOCK_D), o, offs_m, Tq, HEAD_DIM, BLOCK_D)
+    if RESIDUAL:  # what the rounding dropped, in the same dtype: O + R holds O to about 2^-16
+        r = (o32 - o.to(tl.float32)).to(O.dtype.element_ty)
+        r_base = RES + b * stride_ob + h * stride_oh + q0 * stride_ot
+        if TMA:
+            r_dst = tl.make_tensor_descriptor(r_base, [Tq, HEAD_DIM], [stride_ot, 1], [BLOCK_M, BLOCK_D])
+            r_dst.store([m0, 0], r)
+        else:
+            store_tile(tile_pointers(r_base, m0, stride_ot, BLOCK_M, BLOCK_D), r, offs_m, Tq, HEAD_DIM, BLOCK_D)
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))  # base 2
     tl.store(LSE + b * stride_lb + h * stride_lh + q0 + offs_m, lse, mask=offs_m < Tq)

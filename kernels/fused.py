@@ -36,7 +36,7 @@ import triton
 from torch import Tensor
 import triton.language as tl
 
-from kernels.checks import INTERPRET, check_inputs, last_dim_contiguous
+from kernels.checks import INTERPRET, autocast_inputs, check_causal, check_inputs, last_dim_contiguous
 from kernels.common import (LOG2E, dot, forward_outputs, gradient_outputs, head_and_query_block, kernel_op,
                             mask_scores, meta, on_device, pow2, strides, wrap_triton)
 from kernels.flash import LN2, dkdv
@@ -271,7 +271,7 @@ def fused_attention(q, k, v, causal=True, scale=None, return_lse=False):
     Tk is limited to `max_seqlen(D, dtype)`; beyond it use `flash_attention`.
     With `return_lse`, also returns each row's log-sum-exp (natural log, fp32, (B, Hq, Tq)).
     """
-    q, k, v, scale = check_inputs(q, k, v, scale)
+    q, k, v, scale = check_inputs(*autocast_inputs(q, k, v), scale)
     check_row(k, q.dtype)
-    o, lse2 = _forward(q, k, v, bool(causal), scale)
+    o, lse2 = _forward(q, k, v, check_causal(causal), scale)
     return (o, lse2 * LN2) if return_lse else o

@@ -28,6 +28,9 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, n_embd, n_head, bias=True, dropout=0.0, n_kv_head=None, impl="flash"):
         super().__init__()
         n_kv_head = n_head if n_kv_head is None else n_kv_head
+        for name, value in (("n_embd", n_embd), ("n_head", n_head), ("n_kv_head", n_kv_head)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if n_embd % n_head != 0:
             raise ValueError(f"n_embd={n_embd} must be a multiple of n_head={n_head} (head dim = n_embd / n_head)")
         if n_head % n_kv_head != 0:
@@ -42,6 +45,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x):
+        if x.dim() != 3 or x.shape[-1] != self.n_embd:
+            raise ValueError(f"x must be (B, T, C) with C = n_embd = {self.n_embd}, got shape {tuple(x.shape)}")
         B, T, C = x.shape                                                  # (B, T, C)
         kv = self.n_kv_head * self.head_dim
         q, k, v = self.c_attn(x).split([C, kv, kv], dim=2)                 # (B, T, C), (B, T, Hkv*D) x 2

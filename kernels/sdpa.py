@@ -23,7 +23,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from kernels.checks import input_problem
+from kernels.checks import autocast_inputs, input_problem
 from kernels.dispatch import IMPLS, attention
 from kernels.fused import max_seqlen
 
@@ -74,6 +74,10 @@ def _on_kernels(query, key, value, is_causal, scale, impl):
 
 
 def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, impl, calls):
+    if not isinstance(is_causal, bool):  # as torch's own function refuses it
+        raise TypeError(f"scaled_dot_product_attention(): argument 'is_causal' must be bool, not "
+                        f"{type(is_causal).__name__}")
+    query, key, value = autocast_inputs(query, key, value)  # torch's SDPA is an autocast op: same dtypes out
     why = _refusal(query, key, value, attn_mask, dropout_p, scale, enable_gqa, impl)
     if why is not None:
         if calls is not None:

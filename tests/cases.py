@@ -90,6 +90,18 @@ DECODE_CASES = [
     (2, 4, 4, 1, 300, 16, (300, 299), None, (-1, 0)),
 ]
 
+# Peaky softmax: short rows at large scales, where one key takes nearly all of a row's weight and
+# dS = P * (dP - delta) is a small difference of large terms: (shape, causal, window, scale).
+# With one visible key (Tk = 1, or a (0, 0) window) the true dq and dk are exactly 0.
+PEAKY_CASES = [
+    (Shape(1, 3, 1, 2, 2, 64), False, None, 2.0),       # grouped heads over two keys
+    (Shape(2, 1, 1, 48, 5, 32), False, None, 2.0),      # many queries, few keys
+    (Shape(1, 2, 1, 5, 1, 64), False, None, 10.0),      # one key
+    (Shape(1, 2, 2, 40, 40, 64), True, (0, 0), 10.0),   # one key each, through a window (flash only)
+    (Shape(1, 4, 2, 17, 9, 32), True, None, 5.0),       # Tq > Tk: the first rows see no key
+    (Shape(1, 2, 2, 3, 7, 80), False, None, 8.0),
+]
+
 # Every public kernel with the signature kernel(q, k, v, causal=True, scale=None, return_lse=False).
 KERNELS = [fused_attention, flash_attention]
 

@@ -44,10 +44,12 @@ BAD_INPUTS = [
     ("head dim too large", qkv(D=512), None, ValueError, "head dim D=512 is not supported; accepted: 1 to 256"),
     ("scale type", qkv(), "0.1", TypeError, "scale must be a real number or None, got str"),
     ("scale bool", qkv(), True, TypeError, "scale must be a real number or None, got bool"),
-    ("scale zero", qkv(), 0.0, ValueError, r"scale must be finite and > 0, got 0.0"),
-    ("scale negative", qkv(), -1, ValueError, r"scale must be finite and > 0, got -1"),
-    ("scale nan", qkv(), float("nan"), ValueError, r"scale must be finite and > 0, got nan"),
-    ("scale inf", qkv(), float("inf"), ValueError, r"scale must be finite and > 0, got inf"),
+    ("scale zero", qkv(), 0.0, ValueError, r"scale must be > 0 and at most .*, got 0.0"),
+    ("scale negative", qkv(), -1, ValueError, r"scale must be > 0 and at most .*, got -1"),
+    ("scale nan", qkv(), float("nan"), ValueError, r"scale must be > 0 and at most .*, got nan"),
+    ("scale inf", qkv(), float("inf"), ValueError, r"scale must be > 0 and at most .*, got inf"),
+    # finite, but the fp32 logits q.k * scale * log2(e) overflow (all NaN before)
+    ("scale 1e38", qkv(), 1e38, ValueError, r"scale must be > 0 and at most 1e\+06 \(larger ones overflow"),
 ]
 
 
@@ -56,6 +58,29 @@ BAD_INPUTS = [
 def test_bad_input_is_refused_clearly(kernel, what, args, scale, error, words):
     with pytest.raises(error, match=words):
         kernel(*args, scale=scale)
+
+
+@pytest.mark.parametrize("kernel", KERNELS + [attention], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("causal", ["no", 1, None, torch.tensor(True)], ids=repr)
+def test_causal_must_be_a_bool(kernel, causal):
+    # "no" is truthy: it used to run causal attention
+    with pytest.raises(TypeError, match="causal must be True or False, got"):
+        kernel(*qkv(), causal=causal)
+
+
+@pytest.mark.parametrize("args, words", [
+    (dict(Hq=2, Hkv=3), r"q's head count must be a multiple of k's"),
+    (dict(dtype=torch.int32), r"q has dtype int32; supported: float16, bfloat16, float32, float64"),
+], ids=["heads", "int32"])
+def test_the_reference_takes_the_shared_check(args, words):
+    # impl="reference" used to skip it: heads 2 over 3 raised inside the reference, int32 ran
+    dtype = args.pop("dtype", torch.float16)
+    q, k, v = (x.to(dtype) for x in qkv(**args))
+    with pytest.raises((TypeError, ValueError), match=words):
+        attention(q, k, v, impl="reference")
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        attention(*qkv(), scale=-1.0, impl="reference")
+    assert attention(*(x.double() for x in qkv()), impl="reference").dtype == torch.float64  # float64: the truth
 
 
 def test_one_device():

@@ -107,8 +107,8 @@ def test_every_kernel_fits_on_chip(variant):
     binaries = onchip("--dtype", *dtypes, "--head-dims", "80", "--seq", "300", "--limit", "1", *variant)
     kernels = {b["kernel"] for b in binaries}
     dense = variant in ([], ["--gqa", "4", "--full"])
-    expected = {"flash-fwd", "flash-dq", "flash-dkdv"} | ({"fused-fwd", "fused-dq", "decode-split", "decode-merge"}
-                                                           if dense else set())
+    expected = {"flash-fwd", "flash-dq", "flash-dkdv", "flash-delta"} | (
+        {"fused-fwd", "fused-dq", "decode-split", "decode-merge"} if dense else set())
     assert kernels == expected, kernels
     over = [b for b in binaries if b["shared"] > ONCHIP_LIMIT]
     assert not over, f"over the shared-memory limit: {over}"

@@ -77,8 +77,9 @@ def bad_input(**change):
     (dict(cache_seqlens=[3, 8]), TypeError, "must be a torch.Tensor"),
     (dict(cache_seqlens=torch.tensor([3, 9], dtype=torch.int32)), ValueError, "\\[0, Tmax = 8\\].*9 for sequence 1"),
     (dict(cache_seqlens=torch.tensor([-1, 8], dtype=torch.int32)), ValueError, "-1 for sequence 0"),
-    (dict(num_splits=0), ValueError, "num_splits must be None or an int >= 1"),
-    (dict(num_splits=2.0), ValueError, "num_splits must be None or an int >= 1"),
+    (dict(num_splits=0), ValueError, "num_splits must be None or an int from 1 to 64"),
+    (dict(num_splits=2.0), ValueError, "num_splits must be None or an int from 1 to 64"),
+    (dict(num_splits=70000), ValueError, "num_splits must be None or an int from 1 to 64"),
     (dict(window=(4, 1)), ValueError, "causal attention means right = 0"),
 ])
 def test_bad_decode_inputs_are_refused(change, error, message):
@@ -86,6 +87,26 @@ def test_bad_decode_inputs_are_refused(change, error, message):
         change["cache_seqlens"] = change["cache_seqlens"].to(DEVICE)
     with pytest.raises(error, match=message):
         bad_input(**change)()
+
+
+def test_more_splits_than_key_blocks_are_clamped(poison, monkeypatch):
+    # 8 keys are one key block: 60 splits would be 59 empty programs and a 64-wide merge
+    q, k_cache, v_cache, seqlens = decode_inputs(2, 2, 1, 1, 8, 16, (3, 8), torch.float32, 0)
+    launched, wrap = [], decode.wrap_triton
+
+    class Spy:  # records each launch's NUM_SPLITS, then launches
+        def __init__(self, kernel):
+            self.kernel = wrap(kernel)
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs["NUM_SPLITS"])
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(decode, "wrap_triton", Spy)
+    torch.testing.assert_close(decode_attention(q, k_cache, v_cache, seqlens, num_splits=60),
+                               decode_attention(q, k_cache, v_cache, seqlens, num_splits=1), rtol=0, atol=0)
+    assert launched == [1] * 4  # split and merge, twice: 60 clamped to the one key block
 
 
 def test_unchecked_lengths_stay_inside_the_cache(poison):

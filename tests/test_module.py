@@ -134,6 +134,8 @@ def test_training_with_dropout_runs_torch_sdpa_with_dropout():
     (dict(n_embd=30, n_head=4), "multiple of n_head"),
     (dict(n_embd=32, n_head=4, n_kv_head=3), "multiple of n_kv_head"),
     (dict(n_embd=32, n_head=4, impl="cuda"), "impl must be one of"),
+    (dict(n_embd=12, n_head=0), "n_head must be an int >= 1, got 0"),          # was a ZeroDivisionError
+    (dict(n_embd=12, n_head=4, n_kv_head=0), "n_kv_head must be an int >= 1, got 0"),
 ])
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from cases import DEVICE, FACTOR, FLOOR, GRAD_FACTOR, Shape
-from kernels import patch_sdpa, scaled_dot_product_attention
+from kernels import (attention, flash_attention, flash_attention_varlen, fused_attention, patch_sdpa,
+                     scaled_dot_product_attention)
 from rule import assert_close, make_qkv, seed_of
 
 TORCH_SDPA = F.scaled_dot_product_attention
@@ -90,6 +91,53 @@ def test_torch_errors_stay_torch_errors():
     with pytest.raises(RuntimeError) as ours:  # different head counts need enable_gqa=True in torch
         scaled_dot_product_attention(q, kv, kv)
     assert str(ours.value) == str(theirs.value)
+
+
+AUTOCAST_ENTRIES = {  # each public entry point, called as torch's SDPA would be with is_causal=True
+    "sdpa drop-in": lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=True),
+    "patch_sdpa": lambda q, k, v: patched_call(q, k, v),
+    "attention": lambda q, k, v: attention(q, k, v),
+    "flash_attention": lambda q, k, v: flash_attention(q, k, v),
+    "fused_attention": lambda q, k, v: fused_attention(q, k, v),
+    "flash_attention_varlen": lambda q, k, v: packed_call(q, k, v),
+}
+
+
+def patched_call(q, k, v):
+    with patch_sdpa():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def packed_call(q, k, v):
+    B, H, T, D = q.shape
+    cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
+    as_packed = lambda x: x.transpose(1, 2).reshape(B * T, H, D)                 # (B * T, H, D)
+    out = flash_attention_varlen(as_packed(q), as_packed(k), as_packed(v), cu, cu, T, T)
+    return out.reshape(B, T, H, D).transpose(1, 2)                                # (B, H, T, D)
+
+
+@pytest.mark.parametrize("entry", list(AUTOCAST_ENTRIES))
+def test_under_autocast_the_kernels_return_what_torch_returns(entry):
+    # SDPA is one of autocast's lower-precision ops: fp32 inputs run, and come back, in bf16
+    q, k, v, do = make_qkv(Shape(1, 2, 2, 24, 24, 32), torch.float32, seed=seed_of("autocast", entry))
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        theirs = TORCH_SDPA(q, k, v, is_causal=True)
+        ours = AUTOCAST_ENTRIES[entry](q, k, v)
+    assert theirs.dtype == torch.bfloat16 and ours.dtype == theirs.dtype, (ours.dtype, theirs.dtype)
+    torch.testing.assert_close(ours.float(), theirs.float(), atol=2e-2, rtol=2e-2)
+    ours.backward(do.bfloat16())
+    assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()  # back through the cast to fp32
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=False):
+        assert AUTOCAST_ENTRIES[entry](q, k, v).dtype == torch.float32
+
+
+def test_is_causal_must_be_a_bool_as_in_torch():
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    with pytest.raises(TypeError) as theirs:
+        TORCH_SDPA(q, q, q, is_causal=1)
+    with pytest.raises(TypeError, match="argument 'is_causal' must be bool, not int") as ours:
+        scaled_dot_product_attention(q, q, q, is_causal=1)
+    assert "must be bool" in str(theirs.value)
 
 
 def test_patch_is_undone_on_error_and_rejects_bad_impl():

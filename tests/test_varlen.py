@@ -10,14 +10,14 @@ from kernels import flash_attention_varlen
 from rule import hold_to_rule, make_packed, seed_of
 
 
-def check_varlen(lengths_q, lengths_k, Hq, Hkv, D, causal, window, dtype, strided=False, use_lse=False):
+def check_varlen(lengths_q, lengths_k, Hq, Hkv, D, causal, window, dtype, strided=False, use_lse=False, scale=None):
     q, k, v, do, cu_q, cu_k = make_packed(lengths_q, lengths_k, Hq, Hkv, D, dtype,
-                                          seed_of("varlen", lengths_q, lengths_k, Hq, D, dtype), strided)
-    o, lse = flash_attention_varlen(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), causal,
+                                          seed_of("varlen", lengths_q, lengths_k, Hq, D, dtype, scale), strided)
+    o, lse = flash_attention_varlen(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), causal, scale=scale,
                                     return_lse=True, window=window)
     w = {} if window is None else {"window": window}
-    spec = lambda q, k, v, upcast=True: reference.varlen_attention(q, k, v, cu_q, cu_k, causal, upcast=upcast, **w)
-    spec_lse = lambda q, k: reference.varlen_logsumexp(q, k, cu_q, cu_k, causal, **w)
+    spec = lambda q, k, v, upcast=True: reference.varlen_attention(q, k, v, cu_q, cu_k, causal, scale, upcast, **w)
+    spec_lse = lambda q, k: reference.varlen_logsumexp(q, k, cu_q, cu_k, causal, scale, **w)
     dlse = torch.randn(lse.shape, generator=torch.Generator(q.device).manual_seed(3), device=q.device) if use_lse else None
     hold_to_rule(o, lse, (q, k, v), do, spec, spec_lse, dlse)
 
@@ -26,6 +26,12 @@ def check_varlen(lengths_q, lengths_k, Hq, Hkv, D, causal, window, dtype, stride
 @pytest.mark.parametrize("case", VARLEN_CASES, ids=str)
 def test_varlen_matches_reference(poison, case, dtype):
     check_varlen(*case, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_varlen_peaky_softmax(poison, dtype):
+    # short sequences at a large scale: one key takes each row (see test_kernels' peaky test)
+    check_varlen((2, 1, 6), (2, 1, 3), 2, 1, 64, False, None, dtype, scale=6.0)
 
 
 def test_varlen_log_sum_exp_is_differentiable(poison):
@@ -56,7 +62,7 @@ def test_unchecked_offsets_give_the_same_result(poison, monkeypatch):
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("the offsets were read on the host"))
     torch.testing.assert_close(flash_attention_varlen(q, k, v, cu, cu, 19, 19, check_seqlens=False), checked,
                                rtol=0, atol=0)
-    with pytest.raises(ValueError, match="max_seqlen_k must be an int >= 0"):
+    with pytest.raises(ValueError, match="max_seqlen_k must be an int from 0 to the packed length 23"):
         flash_attention_varlen(q, k, v, cu, cu, 19, 19.0, check_seqlens=False)
 
 
@@ -79,6 +85,9 @@ I32 = dict(dtype=torch.int32, device=DEVICE)
     (lambda a: {**a, "cu_seqlens_k": torch.tensor([0, 8], **I32)}, "the same number of sequences"),
     (lambda a: {**a, "max_seqlen_q": 4}, "max_seqlen_q must be an int >= the longest sequence, 5"),
     (lambda a: {**a, "max_seqlen_k": 5.0}, "max_seqlen_k must be an int"),
+    # it sizes the grid: 2**40 launched ~2**36 programs (a hang under the interpreter, past CUDA's grid)
+    (lambda a: {**a, "max_seqlen_q": 2**40}, "max_seqlen_q must be an int from 0 to the packed length 8"),
+    (lambda a: {**a, "max_seqlen_k": 9}, "max_seqlen_k must be an int from 0 to the packed length 8"),
     (lambda a: {**a, "q": a["q"][None]}, "q must have 3 dimensions \\(total_tokens, H, D\\)"),
     (lambda a: {**a, "v": a["v"][:, :1]}, "k and v must have the same shape"),
     (lambda a: {**a, "q": a["q"].double()}, "q has dtype float64"),
