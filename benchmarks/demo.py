@@ -16,8 +16,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before `kernels` is imported
 
-import reference  # noqa: E402
-from kernels import flash_attention, fused_attention  # noqa: E402
+from attention_kernels import reference  # noqa: E402
+from attention_kernels.kernels import flash_attention, fused_attention  # noqa: E402
 
 KERNELS = {"fused": fused_attention, "flash": flash_attention}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

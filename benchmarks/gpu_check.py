@@ -44,7 +44,7 @@ Writes into --out (flat, as it goes): log.txt (everything printed), env.json (co
 device, versions, SMs, ceilings, phase times, the tuning's compile and cache figures),
 correctness.csv (one row per check), timing.csv (one long-format row per implementation x shape
 x mode, the sweep's columns plus the speed against each SDPA backend and FlexAttention on the same
-row), tuned.json (the measured tiles, for `python -m kernels.tuning merge DIR/tuned.json`) and
+row), tuned.json (the measured tiles, for `python -m attention_kernels.kernels.tuning merge DIR/tuned.json`) and
 summary.md (the targets, measured / target / met, and the tables, ready for a results README). It
 ends by printing the summary.
 """
@@ -66,7 +66,7 @@ import time
 import traceback
 import zlib
 
-from benchmarks.gpu_check_report import CPU_NOTE, Results, summarize
+from .gpu_check_report import CPU_NOTE, Results, summarize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -350,7 +350,7 @@ def precompile_jobs(classes, max_jobs):
     T 2k and 16k, the same specialization), so they are compiled once; should that change, the
     autotuner compiles the rest and the tuning rows count them as cache misses."""
     import torch
-    from benchmarks import onchip
+    from . import onchip
     jobs, seen = [], set()
     for T, D, causal in classes:
         call = onchip.Call(torch.bfloat16, D, T, TOKENS // T, WIDTH // D, WIDTH // D, causal)
@@ -368,7 +368,7 @@ def precompile_one(job, target):
     """Compile one binary into Triton's on-disk cache, as the JIT will for this GPU; (error or
     None, seconds)."""
     import inspect
-    from benchmarks import onchip
+    from . import onchip
     call, index, config, overrides = job
     start = time.perf_counter()
     try:
@@ -406,7 +406,7 @@ def main(argv=None):
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # a child: the phase it runs, specs on stdin
     args = parser.parse_args(argv)
     if args.worker:
-        from benchmarks.gpu_check_child import worker  # heavy imports, children only
+        from .gpu_check_child import worker  # heavy imports, children only
         return worker(args.worker)
     if args.budget <= 0:
         parser.error(f"--budget must be > 0 seconds, got {args.budget}")

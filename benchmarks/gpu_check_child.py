@@ -20,15 +20,15 @@ import re
 import sys
 import time
 
-from benchmarks.impls import DEVICE, IMPLS, SDPA_BACKENDS, make_call, refusal  # first: the interpreter on, without CUDA
+from .impls import DEVICE, IMPLS, SDPA_BACKENDS, make_call, refusal  # first: the interpreter on, without CUDA
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import sdpa_kernel  # noqa: E402
 
-import reference  # noqa: E402
-from benchmarks import gpu_check, inference, measure, sweep  # noqa: E402
-from kernels import flash, flash_attention, fused_attention, tuning  # noqa: E402
+from attention_kernels import reference  # noqa: E402
+from . import gpu_check, inference, measure, sweep  # noqa: E402
+from attention_kernels.kernels import flash, flash_attention, fused_attention, tuning  # noqa: E402
 
 sys.path.append(os.path.join(gpu_check.ROOT, "tests"))
 import cases  # noqa: E402  the rule's numbers (tests/cases.py)

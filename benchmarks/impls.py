@@ -17,8 +17,8 @@ if not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-import reference  # noqa: E402
-from kernels import flash_attention, fused_attention  # noqa: E402
+from attention_kernels import reference  # noqa: E402
+from attention_kernels.kernels import flash_attention, fused_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SDPA_BACKENDS = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION,

@@ -58,14 +58,14 @@ from collections import defaultdict
 
 import torch
 
-from benchmarks.impls import DEVICE, SDPA_BACKENDS, is_sdpa, refusal  # first: sets up the interpreter on a CPU
+from .impls import DEVICE, SDPA_BACKENDS, is_sdpa, refusal  # first: sets up the interpreter on a CPU
 
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import sdpa_kernel  # noqa: E402
 
-import kernels  # noqa: E402
-from benchmarks.measure import ceilings, flops, min_bytes, time_ms  # noqa: E402
-from benchmarks.sweep import DTYPES, environment, fmt, run_log  # noqa: E402
+from attention_kernels import kernels  # noqa: E402
+from .measure import ceilings, flops, min_bytes, time_ms  # noqa: E402
+from .sweep import DTYPES, environment, fmt, run_log  # noqa: E402
 
 PARTS = ("decode", "varlen", "window")
 MODES = ("fwd", "fwd+bwd")
@@ -195,7 +195,7 @@ def auto_splits(B, Hq, Hkv, L, D, q):
     """How many splits num_splits=None picks here (`kernels.decode.default_num_splits`, given the
     launcher's row blocks), or None if those helpers have changed."""
     try:
-        from kernels.common import pow2
+        from attention_kernels.kernels.common import pow2
         block_m, *_ = kernels.decode.blocks(Hq // Hkv, pow2(D), q.element_size())
         return kernels.decode.default_num_splits(B, Hkv, -(-(Hq // Hkv) // block_m), L, q.device)
     except (AttributeError, ImportError, TypeError):

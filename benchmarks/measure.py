@@ -22,7 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from benchmarks.impls import DEVICE
+from .impls import DEVICE
 
 QUANTILES = (0.2, 0.5, 0.8)
 CPU_REPEATS = 3

@@ -47,7 +47,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import create_function_from_signature
 
-from kernels import common, decode, flash, fused, tuning
+from attention_kernels.kernels import common, decode, flash, fused, tuning
 
 SM90 = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on an H100 / H200

@@ -21,8 +21,8 @@ import sys
 
 import torch
 
-from benchmarks.impls import DEVICE, IMPLS, make_call  # first: sets up the interpreter on a CPU
-from benchmarks.sweep import DTYPES, check_shape
+from .impls import DEVICE, IMPLS, make_call  # first: sets up the interpreter on a CPU
+from .sweep import DTYPES, check_shape
 
 # The Triton kernel `--ncu` captures for each of our impls and modes (for SDPA and the
 # reference: the first kernel in the range)

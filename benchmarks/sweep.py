@@ -34,8 +34,8 @@ import time
 
 import torch
 
-from benchmarks.impls import DEVICE, IMPLS, is_sdpa, make_call, refusal  # first: sets up the interpreter on a CPU
-from benchmarks.measure import MODES, ceilings, flops, min_bytes, peak_mib, time_ms
+from .impls import DEVICE, IMPLS, is_sdpa, make_call, refusal  # first: sets up the interpreter on a CPU
+from .measure import MODES, ceilings, flops, min_bytes, peak_mib, time_ms
 
 PRESETS = {
     "standard": [(16384 // T, T, 2048, H) for H in (32, 16) for T in (512, 1024, 2048, 4096, 8192, 16384)],
@@ -237,7 +237,7 @@ def sweep(shapes, dtypes, causals, modes, impls, out_dir, plots=True):
     if DEVICE == "cpu":
         say(CPU_NOTE)
     if plots:
-        from benchmarks.plots import plot
+        from .plots import plot
         for path in plot(os.path.join(out_dir, "sweep.csv"), out_dir):
             say(f"wrote {path}")
     say(f"wrote {os.path.join(out_dir, 'sweep.csv')} ({len(rows)} rows) and {os.path.join(out_dir, 'log.txt')}")

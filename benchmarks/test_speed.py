@@ -14,7 +14,7 @@ interpreter at one tiny shape: a check that the suite works, not a speed measure
 import pytest
 import torch
 
-from benchmarks.impls import DEVICE, make_call, refusal  # first: sets up the interpreter on a CPU
+from .impls import DEVICE, make_call, refusal  # first: sets up the interpreter on a CPU
 
 if DEVICE == "cuda":
     SHAPES = [(4, 16, 1024, 64), (4, 16, 4096, 128), (1, 16, 8192, 128)]  # (B, H, T, D)

@@ -82,16 +82,16 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from benchmarks.impls import DEVICE  # first: sets up the interpreter on a CPU
+from .impls import DEVICE  # first: sets up the interpreter on a CPU
 
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import reference  # noqa: E402
-from benchmarks.measure import peak_mib  # noqa: E402
-from benchmarks.sweep import environment, fmt, run_log  # noqa: E402
-from kernels import decode_attention, flash_attention  # noqa: E402
-from kernels.module import MODULE_IMPLS, CausalSelfAttention  # noqa: E402
+from attention_kernels import reference  # noqa: E402
+from .measure import peak_mib  # noqa: E402
+from .sweep import environment, fmt, run_log  # noqa: E402
+from attention_kernels.kernels import decode_attention, flash_attention  # noqa: E402
+from attention_kernels.kernels.module import MODULE_IMPLS, CausalSelfAttention  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "attention.txt")
 IMPLS = ("reference", "fused", "flash", "sdpa")

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import INTERPRET
+from .checks import INTERPRET
 
 LOG2E = 1.4426950408889634  # 1/ln(2): exp(x) = exp2(x * LOG2E); kernels spell constants out, as
                             # globals other than constexpr cannot be read inside @triton.jit

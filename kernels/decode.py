@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import INTERPRET, autocast_inputs, check_inputs, window_bounds
-from kernels.common import LOG2E, dot, meta, on_device, pow2, strides, wrap_triton
+from .checks import INTERPRET, autocast_inputs, check_inputs, window_bounds
+from .common import LOG2E, dot, meta, on_device, pow2, strides, wrap_triton
 
 # ----------------------------------------------------------------------------- kernels
 

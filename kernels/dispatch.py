@@ -2,10 +2,10 @@
 `attention`, the entry point most users call: it runs the kernel asked for, or picks one by shape.
 """
 
-import reference
-from kernels.checks import autocast_inputs, check_causal, check_inputs
-from kernels.flash import flash_attention
-from kernels.fused import fused_attention, max_seqlen
+from .. import reference
+from .checks import autocast_inputs, check_causal, check_inputs
+from .flash import flash_attention
+from .fused import fused_attention, max_seqlen
 
 IMPLS = ("auto", "reference", "fused", "flash")
 

@@ -40,13 +40,13 @@ import torch
 import triton
 from torch import Tensor
 
-from kernels import tuning
-from kernels.checks import (INTERPRET, autocast_inputs, check_inputs, check_varlen_inputs, last_dim_contiguous,
+from . import tuning
+from .checks import (INTERPRET, autocast_inputs, check_inputs, check_varlen_inputs, last_dim_contiguous,
                             window_bounds)
-from kernels.common import LOG2E, gradient_outputs, kernel_op, meta, on_device, strides, \
+from .common import LOG2E, gradient_outputs, kernel_op, meta, on_device, strides, \
     window_args, wrap_triton
-from kernels.flash_bwd import _flash_bwd_delta, _flash_bwd_dkdv, _flash_bwd_dq
-from kernels.flash_fwd import _flash_fwd
+from .flash_bwd import _flash_bwd_delta, _flash_bwd_dkdv, _flash_bwd_dq
+from .flash_fwd import _flash_fwd
 
 LN2 = math.log(2.0)
 

@@ -24,8 +24,8 @@ select; the pointers advance by a block, the 64-bit row offsets computed once.
 import triton
 import triton.language as tl
 
-from kernels.common import dot, dot_acc, head_and_query_block
-from kernels.flash_fwd import key_blocks, load_tile, query_blocks, sequence, store_tile, tile_pointers
+from .common import dot, dot_acc, head_and_query_block
+from .flash_fwd import key_blocks, load_tile, query_blocks, sequence, store_tile, tile_pointers
 
 
 @triton.jit

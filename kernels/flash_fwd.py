@@ -29,7 +29,7 @@ layout TMA cannot address), pointer loads that Triton pipelines with cp.async.
 import triton
 import triton.language as tl
 
-from kernels.common import dot, dot_acc, head_and_query_block, mask_scores
+from .common import dot, dot_acc, head_and_query_block, mask_scores
 
 # ----------------------------------------------------------------------------- block geometry
 

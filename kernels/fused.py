@@ -36,10 +36,10 @@ import triton
 from torch import Tensor
 import triton.language as tl
 
-from kernels.checks import INTERPRET, autocast_inputs, check_causal, check_inputs, last_dim_contiguous
-from kernels.common import (LOG2E, dot, forward_outputs, gradient_outputs, head_and_query_block, kernel_op,
+from .checks import INTERPRET, autocast_inputs, check_causal, check_inputs, last_dim_contiguous
+from .common import (LOG2E, dot, forward_outputs, gradient_outputs, head_and_query_block, kernel_op,
                             mask_scores, meta, on_device, pow2, strides, wrap_triton)
-from kernels.flash import LN2, dkdv
+from .flash import LN2, dkdv
 
 # ----------------------------------------------------------------------------- forward
 

@@ -1,7 +1,7 @@
 """
 The kernels as a Hugging Face transformers attention implementation.
 
-    from kernels.hf import register_transformers
+    from .hf import register_transformers
     name = register_transformers()                  # "attention_kernels"; register_transformers(impl="flash") ...
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=name)  # or set_attn_implementation
 
@@ -45,10 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import reference
-from kernels.checks import input_problem
-from kernels.dispatch import IMPLS, attention
-from kernels.flash import flash_attention_varlen
+from .. import reference
+from .checks import input_problem
+from .dispatch import IMPLS, attention
+from .flash import flash_attention_varlen
 
 # How many attention calls ran on the kernels ("kernels") and how many went to SDPA and why
 # ("sdpa: <reason>"), in this process. Tests read it to prove which path ran.

@@ -11,7 +11,7 @@ and the kernels read the shared k/v heads directly, never repeated in memory.
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.dispatch import IMPLS, attention
+from .dispatch import IMPLS, attention
 
 MODULE_IMPLS = IMPLS + ("sdpa",)  # "sdpa": torch's own scaled_dot_product_attention, to compare
 

@@ -2,7 +2,7 @@
 torch's `scaled_dot_product_attention` on the kernels: the same signature and semantics, and a
 context manager that makes unchanged model code use it.
 
-    from kernels import patch_sdpa
+    from . import patch_sdpa
     with patch_sdpa() as calls:      # F.scaled_dot_product_attention now runs the kernels
         loss = model(x).sum()
     print(calls)                     # "12 calls: 10 on the kernels, 2 fell back to torch (2 attn_mask given)"
@@ -23,9 +23,9 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from kernels.checks import autocast_inputs, input_problem
-from kernels.dispatch import IMPLS, attention
-from kernels.fused import max_seqlen
+from .checks import autocast_inputs, input_problem
+from .dispatch import IMPLS, attention
+from .fused import max_seqlen
 
 _torch_sdpa = F.scaled_dot_product_attention  # taken at import, before any patch
 

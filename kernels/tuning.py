@@ -7,7 +7,7 @@ Two tables:
     keeping those that run on wgmma (HGMMA) with no register spills, and 16-row tiles only where
     the queries (or keys) are too few for more.
   - `kernels/tuned.json`: the tile measured fastest, per GPU name and shape class, written by a
-    GPU run (`python -m benchmarks.gpu_check --out DIR`, then `python -m kernels.tuning merge
+    GPU run (`python -m benchmarks.gpu_check --out DIR`, then `python -m attention_kernels.kernels.tuning merge
     DIR/tuned.json`), never by hand. The launchers read it first; a class it lacks is autotuned
     among the candidates on its first launch. ATTENTION_KERNELS_AUTOTUNE=1 times the candidates
     of every class, measured or not; ATTENTION_KERNELS_AUTOTUNE=0 never times: the table's tile,
@@ -17,8 +17,8 @@ A shape class: kernel, dtype, head dim rounded up to a power of two, Tq and Tk r
 powers of two, the mask (causal, full, or a window and its span), the query heads per k/v head,
 packed or not, and for the forward whether it loads through TMA.
 
-    python -m kernels.tuning show                 # the measured table
-    python -m kernels.tuning merge DIR/tuned.json # add a GPU run's measurements to it
+    python -m attention_kernels.kernels.tuning show                 # the measured table
+    python -m attention_kernels.kernels.tuning merge DIR/tuned.json # add a GPU run's measurements to it
 """
 
 import argparse

@@ -2,7 +2,7 @@
 tiled forward written the same way (`reference/tiled.py`), and `python -m reference.explain`,
 which prints every step."""
 
-from reference.naive import (
+from .naive import (
     apply_mask,
     attention,
     causal_mask,

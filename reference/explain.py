@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from reference.naive import apply_mask, attention, causal_mask, scores, softmax, weighted_sum
-from reference.tiled import flash_forward
+from .naive import apply_mask, attention, causal_mask, scores, softmax, weighted_sum
+from .tiled import flash_forward
 
 
 @dataclass

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from reference.naive import apply_mask, causal_mask, compute_dtype, expand_kv, scores
+from .naive import apply_mask, causal_mask, compute_dtype, expand_kv, scores
 
 LOG2E = 1.4426950408889634  # 1/ln(2)
 

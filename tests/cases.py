@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import flash_attention, fused_attention
+from attention_kernels.kernels import flash_attention, fused_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -10,7 +10,7 @@ import zlib
 
 import torch
 
-import reference
+from attention_kernels import reference
 from cases import DEVICE, FACTOR, FLOOR, GRAD_FACTOR
 
 

@@ -4,10 +4,11 @@ what is accepted, before anything reaches Triton."""
 import pytest
 import torch
 
-import kernels.checks
+from attention_kernels import kernels  # noqa: E402  (its submodules below, by attribute)
+import attention_kernels.kernels.checks
 from cases import DEVICE, KERNELS
-from kernels import attention
-from kernels.checks import check_inputs
+from attention_kernels.kernels import attention
+from attention_kernels.kernels.checks import check_inputs
 
 
 def qkv(B=1, Hq=2, Hkv=2, Tq=8, Tk=8, D=16, dtype=torch.float16):

@@ -4,9 +4,9 @@
 import pytest
 import torch
 
-import reference
+from attention_kernels import reference
 from cases import DECODE_CASES, DEVICE, Shape
-from kernels import decode, decode_attention
+from attention_kernels.kernels import decode, decode_attention
 from rule import hold_to_rule, make_qkv, seed_of
 
 
@@ -47,7 +47,7 @@ def test_every_split_count_agrees(poison):
 
 def test_decode_equals_flash_on_the_valid_cache(poison):
     # One sequence, the whole cache valid: decoding is flash_attention on the same tensors
-    from kernels import flash_attention
+    from attention_kernels.kernels import flash_attention
     q, k_cache, v_cache, seqlens = decode_inputs(1, 4, 1, 3, 50, 16, (50,), torch.float32, seed_of("vs flash"))
     torch.testing.assert_close(decode_attention(q, k_cache, v_cache, seqlens, num_splits=3),
                                flash_attention(q, k_cache, v_cache), rtol=0, atol=2e-6)

@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-import kernels.dispatch
-import reference
+from attention_kernels import kernels  # noqa: E402  (its submodules below, by attribute)
+import attention_kernels.kernels.dispatch
+from attention_kernels import reference
 from cases import Shape
-from kernels import attention, choose_impl
-from kernels.fused import max_seqlen
+from attention_kernels.kernels import attention, choose_impl
+from attention_kernels.kernels.fused import max_seqlen
 from rule import make_qkv, seed_of
 
 

@@ -4,11 +4,11 @@ kernel, and the picture is drawn."""
 import pytest
 import torch
 
-import reference
+from attention_kernels import reference
 from cases import DEVICE
-from kernels import flash, flash_attention
-from reference import explain
-from reference.tiled import flash_forward
+from attention_kernels.kernels import flash, flash_attention
+from attention_kernels.reference import explain
+from attention_kernels.reference.tiled import flash_forward
 from rule import seed_of
 
 SIZES = [(1, 2, 3, 1), (2, 8, 16, 4), (1, 5, 6, 2)]  # (B, T, C, heads): the seed, its first sketch, odd

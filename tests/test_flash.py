@@ -5,11 +5,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import reference
+from attention_kernels import reference
 from cases import Shape
-from kernels import flash, flash_attention
-from kernels.checks import INTERPRET
-from kernels.fused import max_seqlen
+from attention_kernels.kernels import flash, flash_attention
+from attention_kernels.kernels.checks import INTERPRET
+from attention_kernels.kernels.fused import max_seqlen
 from rule import check_against_reference, make_qkv, seed_of
 
 # (fwd and dq blocks, dk/dv blocks) as (BLOCK_M, BLOCK_N): equal, and unequal both ways round

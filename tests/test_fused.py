@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from cases import Shape
-from kernels import fused_attention
-from kernels.fused import max_seqlen
+from attention_kernels.kernels import fused_attention
+from attention_kernels.kernels.fused import max_seqlen
 from rule import check_against_reference, make_qkv, seed_of
 
 

@@ -136,7 +136,7 @@ class FakeAutotuner:
 def test_tuned_classes_are_read_from_the_autotuners_and_merge(tmp_path, monkeypatch):
     from benchmarks import onchip
     from benchmarks.gpu_check_child import capturing, tuned_entry
-    from kernels import flash, tuning
+    from attention_kernels.kernels import flash, tuning
 
     best = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)
     fwd = next(launch for launch in onchip.launches_of(onchip.Call(torch.bfloat16, 128, 8192, 2, 16, 16))

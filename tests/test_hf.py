@@ -21,9 +21,10 @@ from transformers import (AttentionInterface, AutoModelForCausalLM, DynamicCache
 from transformers.masking_utils import (AttentionMaskInterface, causal_mask_function, eager_mask,  # noqa: E402
                                         sdpa_mask, sliding_window_causal_mask_function)
 
-import kernels.hf  # noqa: E402
+from attention_kernels import kernels  # noqa: E402  (its submodules below, by attribute)
+import attention_kernels.kernels.hf  # noqa: E402
 from cases import DEVICE, FACTOR, FLOOR, GRAD_FACTOR  # noqa: E402
-from kernels.hf import CALLS, kernel_attention_forward, kernel_mask, register_transformers  # noqa: E402
+from attention_kernels.kernels.hf import CALLS, kernel_attention_forward, kernel_mask, register_transformers  # noqa: E402
 from rule import assert_close, seed_of  # noqa: E402
 
 IMPLS = ["fused", "flash"]
@@ -388,7 +389,7 @@ def test_clear_errors():
 
 
 def test_importing_kernels_does_not_import_transformers():
-    code = "import sys, kernels, kernels.hf; assert 'transformers' not in sys.modules, 'imported'"
+    code = "import sys, attention_kernels, attention_kernels.kernels.hf; assert 'transformers' not in sys.modules, 'imported'"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -9,7 +9,7 @@ import torch
 
 from benchmarks import inference
 from benchmarks.measure import flops, min_bytes
-from reference.naive import window_mask
+from attention_kernels.reference.naive import window_mask
 
 TINY = inference.PRESETS["tiny"]
 

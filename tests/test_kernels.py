@@ -4,9 +4,9 @@ and on the awkward cases (strides, scales, large scores, determinism)."""
 import pytest
 import torch
 
-import reference
+from attention_kernels import reference
 from cases import CPU_SHAPES, DTYPES, GPU_SHAPES, KERNELS, LAYOUTS, PEAKY_CASES, Shape
-from kernels.fused import fused_attention, max_seqlen
+from attention_kernels.kernels.fused import fused_attention, max_seqlen
 from rule import check_against_reference, make_qkv, seed_of
 
 kernels = pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.__name__)

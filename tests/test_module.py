@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cases import DEVICE, FACTOR, FLOOR, GRAD_FACTOR
-from kernels import CausalSelfAttention, swap_attention
+from attention_kernels.kernels import CausalSelfAttention, swap_attention
 from rule import assert_close, seed_of
 
 

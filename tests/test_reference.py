@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import reference
+from attention_kernels import reference
 from cases import CPU_SHAPES, Shape
 from rule import make_qkv, seed_of
 

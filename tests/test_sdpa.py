@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from cases import DEVICE, FACTOR, FLOOR, GRAD_FACTOR, Shape
-from kernels import (attention, flash_attention, flash_attention_varlen, fused_attention, patch_sdpa,
+from attention_kernels.kernels import (attention, flash_attention, flash_attention_varlen, fused_attention, patch_sdpa,
                      scaled_dot_product_attention)
 from rule import assert_close, make_qkv, seed_of
 

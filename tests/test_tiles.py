@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from cases import DEVICE, Shape
-from kernels import flash, flash_attention, flash_attention_varlen, tuning
-from kernels.checks import INTERPRET
+from attention_kernels.kernels import flash, flash_attention, flash_attention_varlen, tuning
+from attention_kernels.kernels.checks import INTERPRET
 from rule import check_against_reference, make_packed, make_qkv, seed_of
 
 # ----------------------------------------------------------------------------- TMA

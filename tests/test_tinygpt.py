@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import tinygpt
-import kernels.module
+from attention_kernels import kernels  # noqa: E402  (its submodules below, by attribute)
+import attention_kernels.kernels.module
 
 STEPS = 8  # under the interpreter a kernel step takes ~0.3 s; rounding differences are ~1e-7 nats this early
 

@@ -4,9 +4,9 @@
 import pytest
 import torch
 
-import reference
+from attention_kernels import reference
 from cases import DEVICE, VARLEN_CASES
-from kernels import flash_attention_varlen
+from attention_kernels.kernels import flash_attention_varlen
 from rule import hold_to_rule, make_packed, seed_of
 
 
@@ -45,7 +45,7 @@ def test_varlen_strided_rows(poison):
 
 def test_varlen_equals_one_call_per_sequence(poison):
     # The packed call and separate calls on each sequence give the same numbers
-    from kernels import flash_attention
+    from attention_kernels.kernels import flash_attention
     lengths = (9, 33, 1)
     q, k, v, _, cu, _ = make_packed(lengths, lengths, 2, 1, 16, torch.float32, seed_of("separate"))
     o = flash_attention_varlen(q, k, v, cu, cu, 33, 33)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from cases import WINDOW_CASES, Shape
-from kernels import flash, flash_attention
-from kernels.checks import INTERPRET
+from attention_kernels.kernels import flash, flash_attention
+from attention_kernels.kernels.checks import INTERPRET
 from rule import check_against_reference, make_qkv, seed_of
 
 
