@@ -8,6 +8,7 @@ Without a CUDA GPU it turns Triton's interpreter on and runs on the CPU at small
 timings say nothing about GPU speed.
 """
 
+import argparse
 import os
 import time
 
@@ -56,7 +57,9 @@ def run(kernel, shape, dtype):
     return max_error(out, truth), max_error(ref, truth), grad_err, ref_grad_err, ms
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), epilog=__doc__.split("\n\n", 1)[1],
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)  # --help; no options
     where = "CUDA: " + torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU, Triton interpreter"
     print(f"causal attention, kernels against the float64 reference ({where})")
     if DEVICE == "cpu":

@@ -50,10 +50,12 @@ from the CSV.
 import argparse
 import csv
 import datetime
+import importlib.util
 import inspect
 import os
 import shlex
 import sys
+import time
 from collections import defaultdict
 
 import torch
@@ -65,6 +67,7 @@ from torch.nn.attention import sdpa_kernel  # noqa: E402
 
 from attention_kernels import kernels  # noqa: E402
 from .measure import ceilings, flops, min_bytes, time_ms  # noqa: E402
+from .plots import line_styles  # noqa: E402
 from .sweep import DTYPES, environment, fmt, run_log  # noqa: E402
 
 PARTS = ("decode", "varlen", "window")
@@ -338,7 +341,7 @@ def run(preset, parts, out_dir, command, plots=True, seed=0):
     csv_file = open(csv_path, "w", newline="")
     writer = csv.DictWriter(csv_file, fieldnames=CSV_FIELDS)
     writer.writeheader()
-    rows, failed = [], False
+    rows, failed, start = [], False, time.perf_counter()
     for part in parts:
         why = missing(part)
         if why:
@@ -348,6 +351,10 @@ def run(preset, parts, out_dir, command, plots=True, seed=0):
         for group in GROUPS[part](p[part], dtype, D, seed):
             done = [measure_row(fields, make, ceiling) for fields, make in group]
             group = None  # this shape's inputs are freed before the next shape's are made
+            one = done[0]  # progress, a line per shape and mode, on stderr: the log keeps to the tables
+            print(f"  {part} {one['mode']} B={one['B']} H={one['H']} Hkv={one['Hkv']} Tq={one['Tq']} Tk={one['Tk']}: "
+                  f"{sum(x['status'] == 'ok' for x in done)} of {len(done)} ran, "
+                  f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
             # each row's speed against the fastest SDPA backend of the same shape and mode
             best = min((r["ms_p50"] for r in done if is_sdpa(r["impl"]) and r.get("ms_p50")), default=None)
             for row in done:
@@ -429,9 +436,9 @@ def plot(csv_path, out_dir):
         nrows = -(-len(panels) // cols)
         fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 4 * nrows), squeeze=False)
         for ax, (title, lines) in zip(axes.flat, panels.items()):  # in the CSV's order
-            for line, points in sorted(lines.items()):
-                xs, ys = zip(*sorted(points))
-                ax.plot(xs, ys, marker="o", label=line, linestyle="--" if line.startswith("sdpa") else "-")
+            for line, style in line_styles(lines).items():  # each line visible where lines coincide
+                xs, ys = zip(*sorted(lines[line]))
+                ax.plot(xs, ys, label=line, **style)
             if part == "decode":
                 ax.axhline(float(rows[0]["copy_gbps"]), color="gray", linewidth=1, label="device copy")
             ax.set_xscale("log", base=2)
@@ -462,6 +469,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
+    if not args.no_plots and importlib.util.find_spec("matplotlib") is None:  # before the run, not after it
+        p.error("the plots need matplotlib: pip install -e '.[bench]' (or pass --no-plots)")
 
     preset = args.preset or ("gpu" if DEVICE == "cuda" else "tiny")
     if DEVICE == "cpu" and preset == "gpu":

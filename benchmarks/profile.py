@@ -22,7 +22,7 @@ import sys
 import torch
 
 from .impls import DEVICE, IMPLS, make_call  # first: sets up the interpreter on a CPU
-from .sweep import DTYPES, check_shape
+from .sweep import DTYPES, check_shape, positive
 
 # The Triton kernel `--ncu` captures for each of our impls and modes (for SDPA and the
 # reference: the first kernel in the range)
@@ -75,14 +75,14 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--impl", default="flash", choices=list(IMPLS))
     p.add_argument("--mode", default="fwd+bwd", choices=["fwd", "bwd", "fwd+bwd"])
-    p.add_argument("-B", "--batch", type=int, default=4 if gpu else 1)
-    p.add_argument("-T", "--seqlen", type=int, default=4096 if gpu else 64)
-    p.add_argument("-C", "--width", type=int, default=2048 if gpu else 64)
-    p.add_argument("-H", "--heads", type=int, default=16 if gpu else 2)
+    p.add_argument("-B", "--batch", type=positive(int), default=4 if gpu else 1)
+    p.add_argument("-T", "--seqlen", type=positive(int), default=4096 if gpu else 64)
+    p.add_argument("-C", "--width", type=positive(int), default=2048 if gpu else 64)
+    p.add_argument("-H", "--heads", type=positive(int), default=16 if gpu else 2)
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--causal", choices=["yes", "no"], default="yes")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--iters", type=positive(int), default=5)
     p.add_argument("--out", help="Chrome trace path (default profile-<impl>-<mode>.json)")
     p.add_argument("--no-trace", action="store_true", help="skip torch.profiler (for ncu runs)")
     p.add_argument("--ncu", action="store_true", help="print the ncu command line for this shape and exit")

@@ -3,21 +3,22 @@ The benchmark sweep: each implementation over batch B, sequence length T, model 
 count H (head dim D = C / H), dtype, causal or not, and mode (fwd, bwd, fwd+bwd), against every
 backend of torch's `scaled_dot_product_attention` in the same run.
 
-    python -m benchmarks.sweep                     # `standard` preset on a GPU, `seed` on the CPU
+    python -m benchmarks.sweep                     # `standard` preset on a GPU, `scaling` on the CPU
     python -m benchmarks.sweep --preset scaling    # T doubling: time and memory growth
     python -m benchmarks.sweep -B 4 -T 1024 4096 -C 2048 -H 16 32 --mode fwd --impl flash sdpa-flash
 
 Presets (shapes as (B, T, C, H)):
     standard   the FlashAttention papers' shapes: B * T = 16k tokens, C = 2048, H = 32 and 16
                (D = 64 and 128), T from 512 to 16k. GPU only.
-    seed       B = 4, T = 8, C = 16, H = 4: the project's founding example.
+    seed       B = 4, T = 8, C = 16, H = 4: the project's founding example, one shape.
     scaling    T doubling from 128 to 32k at B = 1, C = 1024, H = 16 (D = 64): quadratic memory
-               for the reference, linear for flash. On the CPU, T from 16 to 256 at C = 32, H = 2.
+               for the reference, linear for flash. On the CPU, T from 16 to 256 at C = 32, H = 2
+               (about a minute on 2 cores), the default there: it shows how time and memory grow.
 Instead of a preset, flags -B, -T, -C, -H (lists; missing ones default to B 1, T 1024, C 1024,
 H 16) give the product of their values; --tokens N sets B = N // T for each T.
 
 Writes into --out (default runs/sweep-<time>/): sweep.csv, one row per impl x shape x dtype x
-causal x mode (schema in CSV_FIELDS); tflops.png and memory.png, made from the CSV
+causal x mode (schema in CSV_FIELDS); tflops.png, time.png and memory.png against T, made from the CSV
 (`python -m benchmarks.plots sweep.csv` redraws them); log.txt, everything printed. The printed
 table gives each impl's speed as a ratio to the fastest SDPA backend on the same row. An impl
 that refuses a shape is recorded as unsupported, out-of-memory as oom; the sweep goes on. It
@@ -27,6 +28,7 @@ exits 1 if an implementation failed in any other way.
 import argparse
 import csv
 import datetime
+import importlib.util
 import os
 import subprocess
 import sys
@@ -62,10 +64,10 @@ def divisors(n):
 def shapes_from(args):
     """The (B, T, C, H) list: a preset's, or the product of the flags'."""
     if not any((args.batch, args.seqlen, args.width, args.heads, args.tokens)):
-        preset = args.preset or ("standard" if DEVICE == "cuda" else "seed")
+        preset = args.preset or ("standard" if DEVICE == "cuda" else "scaling")
         if DEVICE == "cpu" and preset == "standard":
-            raise SystemExit("the standard preset needs a GPU (T up to 16k under the CPU interpreter "
-                             "would take hours); on the CPU use --preset seed or --preset scaling")
+            raise SystemExit("the standard preset needs a GPU (T up to 16k under the CPU interpreter would "
+                             "take hours); on the CPU use --preset scaling (the default there) or --preset seed")
         return CPU_SCALING if (DEVICE == "cpu" and preset == "scaling") else PRESETS[preset]
     if args.preset:
         raise SystemExit("give either --preset or shape flags (-B, -T, -C, -H, --tokens), not both: "
@@ -81,10 +83,18 @@ def shapes_from(args):
     return shapes
 
 
+def positive(kind):
+    """An argparse type: kind(text) if above 0, else argparse's usage error (exit 2)."""
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'x'"
+    return parse
+
+
 def check_shape(B, T, C, H):
-    for name, value in (("B", B), ("T", T), ("C", C), ("H", H)):
-        if value < 1:
-            raise SystemExit(f"{name} must be >= 1, got {value}")
     if C % H:
         raise SystemExit(f"H={H} does not divide C={C}: the head dim D = C / H must be a whole number. "
                          f"For C={C}, H may be one of {divisors(C)}")
@@ -248,12 +258,12 @@ def sweep(shapes, dtypes, causals, modes, impls, out_dir, plots=True):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--preset", choices=list(PRESETS), help="default: standard on a GPU, seed on the CPU")
-    p.add_argument("-B", "--batch", type=int, nargs="+")
-    p.add_argument("-T", "--seqlen", type=int, nargs="+")
-    p.add_argument("-C", "--width", type=int, nargs="+", help="model width C = H * D")
-    p.add_argument("-H", "--heads", type=int, nargs="+")
-    p.add_argument("--tokens", type=int, help="tokens per batch: B = tokens // T")
+    p.add_argument("--preset", choices=list(PRESETS), help="default: standard on a GPU, scaling on the CPU")
+    p.add_argument("-B", "--batch", type=positive(int), nargs="+")
+    p.add_argument("-T", "--seqlen", type=positive(int), nargs="+")
+    p.add_argument("-C", "--width", type=positive(int), nargs="+", help="model width C = H * D")
+    p.add_argument("-H", "--heads", type=positive(int), nargs="+")
+    p.add_argument("--tokens", type=positive(int), help="tokens per batch: B = tokens // T")
     p.add_argument("--dtype", nargs="+", default=["bf16"], choices=list(DTYPES))
     p.add_argument("--causal", choices=["yes", "no", "both"], default="both")
     p.add_argument("--mode", nargs="+", default=["fwd", "fwd+bwd"], choices=list(MODES))
@@ -261,6 +271,8 @@ def main(argv=None):
     p.add_argument("--out", help="output folder (default: runs/sweep-<time>)")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
+    if not args.no_plots and importlib.util.find_spec("matplotlib") is None:  # before the run, not after it
+        p.error("the plots need matplotlib: pip install -e '.[bench]' (or pass --no-plots)")
 
     shapes = shapes_from(args)
     for shape in shapes:

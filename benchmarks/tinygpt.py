@@ -89,7 +89,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from attention_kernels import reference  # noqa: E402
 from .measure import peak_mib  # noqa: E402
-from .sweep import environment, fmt, run_log  # noqa: E402
+from .sweep import environment, fmt, positive, run_log  # noqa: E402
 from attention_kernels.kernels import decode_attention, flash_attention  # noqa: E402
 from attention_kernels.kernels.module import MODULE_IMPLS, CausalSelfAttention  # noqa: E402
 
@@ -97,6 +97,7 @@ DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "attenti
 IMPLS = ("reference", "fused", "flash", "sdpa")
 WARMUP = 5       # untimed steps; the last one is measured for memory (autotuning and AdamW state exist by then)
 FINAL_STEPS = 10  # "final loss" averages this many last steps
+PROGRESS_LINES = 10  # per impl's training, on stderr: a kernel's run takes a minute on the CPU
 TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2}  # largest |loss - reference's loss| in nats at any step; see the docstring
 LOGITS_TOLERANCE = 1e-4  # largest |logit with the KV cache - without| in generation (fp32); see the docstring
 CPU_NOTE = ("NOTE: no CUDA GPU, so the kernels run under Triton's CPU interpreter (numpy). Tokens/s "
@@ -271,9 +272,11 @@ def synchronize():
         torch.cuda.synchronize()
 
 
-def train(impl, cfg, vocab_size, init, data, offsets):
+def train(impl, cfg, vocab_size, init, data, offsets, progress=None):
     """Train a TinyGPT running `impl` from the weights `init` on the batches `offsets`. Returns
-    (model, losses per step, training tokens/s after the warm-up, peak MiB of one step)."""
+    (model, losses per step, training tokens/s after the warm-up, peak MiB of one step).
+    progress(step, loss), if given, is called PROGRESS_LINES times, evenly over the steps."""
+    every = max(1, cfg.steps // PROGRESS_LINES)
     model = TinyGPT(vocab_size, cfg, impl).to(DEVICE)
     model.load_state_dict(init)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
@@ -289,6 +292,8 @@ def train(impl, cfg, vocab_size, init, data, offsets):
         loss.backward()
         optimizer.step()
         losses.append(loss.detach())                 # read later: .item() here would sync the GPU every step
+        if progress and (i + 1) % every == 0:
+            progress(i + 1, loss.item())
 
     for i in range(WARMUP - 1):
         step(i)
@@ -382,9 +387,6 @@ def config_from(args):
                                                         ("heads", args.heads), ("layers", args.layers),
                                                         ("steps", args.steps), ("lr", args.lr),
                                                         ("dtype", args.dtype)) if v is not None})
-    for name in ("B", "T", "C", "heads", "layers"):
-        if getattr(cfg, name) < 1:
-            raise SystemExit(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.C % cfg.heads:
         raise SystemExit(f"--heads {cfg.heads} does not divide C={cfg.C}: the head dim is C / heads. "
                          f"For C={cfg.C}, heads may be one of {[h for h in range(1, cfg.C + 1) if cfg.C % h == 0]}")
@@ -397,13 +399,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), help="default: gpu on a GPU, seed on the CPU")
-    p.add_argument("-B", "--batch", type=int)
-    p.add_argument("-T", "--seqlen", type=int, help="context length")
-    p.add_argument("-C", "--width", type=int, help="model width C = heads * head dim")
-    p.add_argument("--heads", type=int)
-    p.add_argument("--layers", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("-B", "--batch", type=positive(int))
+    p.add_argument("-T", "--seqlen", type=positive(int), help="context length")
+    p.add_argument("-C", "--width", type=positive(int), help="model width C = heads * head dim")
+    p.add_argument("--heads", type=positive(int))
+    p.add_argument("--layers", type=positive(int))
+    p.add_argument("--steps", type=positive(int))
+    p.add_argument("--lr", type=positive(float))
     p.add_argument("--dtype", choices=list(TOLERANCE))
     p.add_argument("--impl", nargs="+", default=list(IMPLS), choices=MODULE_IMPLS,
                    help="the reference always runs too: it is the baseline")
@@ -412,6 +414,8 @@ def main(argv=None):
     p.add_argument("--data", default=DATA, help="training text (default: benchmarks/data/attention.txt)")
     p.add_argument("--out", help="output folder (default: runs/tinygpt-<time>)")
     args = p.parse_args(argv)
+    if not os.path.isfile(args.data):
+        p.error(f"--data {args.data}: no such file (the training text: any UTF-8 text file)")
     preset, cfg = config_from(args)
     impls = ["reference"] + [i for i in dict.fromkeys(args.impl) if i != "reference"]
 
@@ -439,7 +443,13 @@ def main(argv=None):
     try:
         for impl in impls:
             start = time.perf_counter()
-            model, losses, tokens_per_s, peak = train(impl, cfg, len(alphabet), init, data, offsets)
+
+            def progress(step, loss):  # on stderr, flushed: the log and the tables stay as they were
+                print(f"  {impl}: step {step}/{cfg.steps}, loss {loss:.4f}, {time.perf_counter() - start:.1f} s",
+                      file=sys.stderr, flush=True)
+            model, losses, tokens_per_s, peak = train(impl, cfg, len(alphabet), init, data, offsets, progress)
+            print(f"  {impl}: sampling {args.sample} characters, generating {cfg.T - 1} with and without the "
+                  "KV cache", file=sys.stderr, flush=True)
             text_out = sample(model, alphabet, args.sample, args.seed, cfg.dtype)
             prompt = encode("\n", alphabet).to(DEVICE)[None]                # (1, 1)
             cached, cached_logits, cached_per_s = time_generation(model, prompt, cfg.T - 1, use_cache=True)

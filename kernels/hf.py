@@ -72,8 +72,12 @@ def register_transformers(name="attention_kernels", impl="auto"):
     if not isinstance(name, str) or name == "eager" or any(s in name for s in _RESERVED_IN_NAMES):
         raise ValueError(f"name must be a string without {', '.join(map(repr, _RESERVED_IN_NAMES))} and not 'eager' "
                          f"(transformers gives those names their own code paths); got {name!r}")
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface  # transformers 5
+    except ImportError as e:
+        raise ImportError(f"register_transformers needs Hugging Face transformers 5 or newer ({e}); install it "
+                          "with the project's extra: pip install -e '.[hf]'") from e
 
     AttentionInterface.register(name, functools.partial(kernel_attention_forward, impl=impl))
     AttentionMaskInterface.register(name, kernel_mask)

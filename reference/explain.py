@@ -13,7 +13,9 @@ and the flash kernel's update rule (`reference/tiled.py`, tested against `kernel
 """
 
 import argparse
+import importlib.util
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -228,6 +230,8 @@ def main(argv=None):
     p.add_argument("--block-size", type=int, default=1, help="keys per block for --tiled")
     p.add_argument("--png", help="also draw the steps into this PNG file")
     args = p.parse_args(argv)
+    if args.png and importlib.util.find_spec("matplotlib") is None:
+        p.error("--png needs matplotlib: pip install matplotlib")
     for name in ("batch", "seqlen", "channels", "heads", "block_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -248,6 +252,7 @@ def main(argv=None):
     if args.tiled:
         print_tiled(q, k, v, args.block_size, out)
     if args.png:
+        os.makedirs(os.path.dirname(os.path.abspath(args.png)), exist_ok=True)
         draw(steps, args.png)
         print(f"\nwrote {args.png}")
 

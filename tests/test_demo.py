@@ -5,7 +5,7 @@ from benchmarks import demo
 
 def test_demo_prints_every_kernel_shape_and_dtype(monkeypatch, capsys):
     monkeypatch.setattr(demo, "SHAPES", [(4, 4, 8, 4), (1, 1, 255, 128)])
-    demo.main()
+    demo.main([])
     lines = capsys.readouterr().out.splitlines()
     fused = [line for line in lines if line.startswith("fused ")]
     flash = [line for line in lines if line.startswith("flash ")]

@@ -76,7 +76,7 @@ def test_the_command_prints_every_step_and_the_tiled_check(capsys):
 
 def test_png_is_written_and_not_blank(tmp_path):
     image = pytest.importorskip("matplotlib.image")
-    path = tmp_path / "attention.png"
+    path = tmp_path / "pictures" / "attention.png"  # a folder that does not exist yet
     explain.main(["-T", "8", "-C", "16", "--png", str(path)])
     pixels = image.imread(path)
     assert pixels.shape[0] > 1000 and pixels.shape[1] > 1000

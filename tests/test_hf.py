@@ -388,6 +388,12 @@ def test_clear_errors():
         kernel_attention_forward(SimpleNamespace(is_causal=True), q, q, q, None, s_aux=torch.zeros(2))
 
 
+def test_without_transformers_registering_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what `import transformers` meets when it is missing
+    with pytest.raises(ImportError, match=r"needs Hugging Face transformers 5 .*pip install -e '\.\[hf\]'"):
+        register_transformers()
+
+
 def test_importing_kernels_does_not_import_transformers():
     code = "import sys, attention_kernels, attention_kernels.kernels.hf; assert 'transformers' not in sys.modules, 'imported'"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -136,6 +136,18 @@ def test_a_failing_kernel_is_recorded_and_fails_the_run(tmp_path, monkeypatch):
     assert [r["status"] for r in rows if r["impl"] == "sdpa-math"] == ["ok"]
 
 
+def test_progress_goes_to_stderr_a_line_per_shape(tmp_path, monkeypatch, capsys):
+    two_shapes = dict(TINY["decode"], lengths=[32], heads=[(4, 1), (4, 4)])
+    monkeypatch.setitem(inference.PRESETS, "tiny", dict(TINY, decode=two_shapes))
+    with pytest.raises(SystemExit):
+        inference.main(["--part", "decode", "--preset", "tiny", "--out", str(tmp_path), "--no-plots"])
+    printed = capsys.readouterr()
+    lines = printed.err.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("  decode fwd B=2 H=4 Hkv=1 Tq=1 Tk=32: "), lines
+    assert lines[1].startswith("  decode fwd B=2 H=4 Hkv=4 Tq=1 Tk=32: ") and lines[1].endswith(" s"), lines
+    assert printed.err not in printed.out and (tmp_path / "log.txt").read_text() == printed.out  # the log as it was
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu preset runs on a GPU")
 def test_the_gpu_preset_is_refused_on_the_cpu(tmp_path):
     with pytest.raises(SystemExit, match="the gpu preset needs a GPU"):

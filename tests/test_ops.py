@@ -92,6 +92,17 @@ def test_gpu_ops_name_their_kernels():
     }
 
 
+def test_importing_under_the_interpreter_leaves_inductor_unloaded():
+    """torch._inductor, with torch._dynamo under it, takes seconds to import; under the interpreter
+    only compiling needs it. (On a GPU, torch.library.triton_op imports it while registering each
+    op, to read the op's kernels from its source, as the test above relies on.)"""
+    script = ("import sys, attention_kernels, attention_kernels.kernels, attention_kernels.benchmarks.sweep; "
+              "print(sorted(m for m in ('torch._inductor', 'torch._dynamo') if m in sys.modules))")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    loaded = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"
+
+
 class TinyBlock(nn.Module):
     def __init__(self, impl):
         super().__init__()

@@ -1,12 +1,13 @@
 """The benchmark sweep and the profiler run end to end on tiny shapes (under the interpreter
 without a GPU): CSV, table, plots, memory growth, refusals."""
 
+import argparse
 import csv
 import json
 
 import pytest
 
-from benchmarks import profile, sweep
+from benchmarks import plots, profile, sweep
 from benchmarks.measure import flops, min_bytes
 
 
@@ -37,7 +38,7 @@ def test_seed_preset_writes_csv_table_and_plots(tmp_path, capsys):
     assert "x SDPA" in out and "flash" in out
     if sweep.DEVICE == "cpu":
         assert "say nothing about GPU speed" in out
-    for png in ("tflops.png", "memory.png"):
+    for png in ("tflops.png", "time.png", "memory.png"):
         image = pytest.importorskip("matplotlib.image").imread(tmp_path / png)
         assert image.shape[0] > 200 and image.std() > 0.01  # drawn, not blank
     assert (tmp_path / "log.txt").read_text().count("\n") > len(rows)
@@ -68,6 +69,55 @@ def test_a_shape_an_impl_refuses_is_recorded_and_the_sweep_goes_on(tmp_path):
 def test_bad_shapes_are_refused_clearly(tmp_path, argv, words):
     with pytest.raises(SystemExit, match=words):
         sweep.main(["--out", str(tmp_path), *argv])
+
+
+@pytest.mark.skipif(sweep.DEVICE == "cuda", reason="the CPU's default")
+def test_the_cpu_default_shows_growth_in_T():
+    no_flags = argparse.Namespace(preset=None, batch=None, seqlen=None, width=None, heads=None, tokens=None)
+    assert sweep.shapes_from(no_flags) == sweep.CPU_SCALING
+    assert [T for B, T, C, H in sweep.CPU_SCALING] == [16, 32, 64, 128, 256]
+
+
+@pytest.mark.parametrize("argv", [["-T", "0"], ["-B", "-1"], ["--tokens", "0", "-T", "8"], ["-C", "x"]])
+def test_bad_values_get_argparse_errors(tmp_path, argv, capsys):
+    with pytest.raises(SystemExit) as done:
+        sweep.main(["--out", str(tmp_path), *argv])
+    assert done.value.code == 2
+    assert "usage: " in capsys.readouterr().err
+
+
+def write_csv(path, values):
+    """A sweep CSV of one panel: values {impl: [(T, value), ...]} as every plotted column."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sweep.CSV_FIELDS)
+        writer.writeheader()
+        for impl, points in values.items():
+            for T, y in points:
+                writer.writerow(dict(impl=impl, B=1, H=2, T=T, D=16, C=32, dtype="bf16", causal=True, mode="fwd",
+                                     status="ok", ms_p50=y, tflops=y, peak_mib=y, device="test"))
+
+
+def test_plots_keep_coinciding_lines_visible(tmp_path):
+    image = pytest.importorskip("matplotlib.image")
+    to_rgb = pytest.importorskip("matplotlib.colors").to_rgb
+    same = [(16, 1.0), (32, 2.0), (64, 4.0), (128, 8.0)]  # fused's and flash's memory often lie like this
+    write_csv(tmp_path / "sweep.csv", {"reference": [(T, y * y) for T, y in same], "fused": same, "flash": same})
+    paths = plots.plot(tmp_path / "sweep.csv", tmp_path / "new" / "folder")  # --out may not exist yet
+    styles = plots.line_styles(["reference", "fused", "flash"])
+    assert len({(s["marker"], str(s["linestyle"]), s["color"]) for s in styles.values()}) == 3
+    assert list(styles) == ["reference", "fused", "flash"]  # drawn in this order, each marker smaller
+    assert styles["reference"]["markersize"] > styles["fused"]["markersize"] > styles["flash"]["markersize"]
+    for path in paths:
+        pixels = image.imread(path)[..., :3]
+        for impl in ("fused", "flash"):  # the one drawn first shows around the one drawn over it
+            near = (abs(pixels - to_rgb(styles[impl]["color"])).max(axis=-1) < 0.1).sum()
+            assert near > 300, f"{impl}'s line is hidden in {path}: {near} pixels of its colour"  # legend: ~110
+
+
+def test_plots_command_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        plots.main([str(tmp_path / "missing.csv")])
+    assert done.value.code == 2 and "no such file" in capsys.readouterr().err
 
 
 def test_flop_count_is_the_standard_one():

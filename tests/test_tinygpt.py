@@ -76,8 +76,10 @@ def test_cli_writes_log_and_losses(tmp_path, capsys):
     rows = list(csv.DictReader(open(tmp_path / "losses.csv")))
     assert list(rows[0]) == ["step", "impl", "loss"]
     assert [(r["impl"], int(r["step"])) for r in rows] == [(i, s) for i in tinygpt.IMPLS for s in range(7)]
-    log = (tmp_path / "log.txt").read_text()
-    assert log == capsys.readouterr().out
+    log, printed = (tmp_path / "log.txt").read_text(), capsys.readouterr()
+    assert log == printed.out
+    for impl in tinygpt.IMPLS:  # progress on stderr, a line per step here (7 steps, fewer than PROGRESS_LINES)
+        assert re.search(rf"^  {impl}: step 7/7, loss \d\.\d{{4}}, \d+\.\d s$", printed.err, re.M), printed.err
     assert "B=4 T=8 C=16 heads=1 (D=16)" in log and "max |dloss|" in log and "FAILED" not in log
     for impl in tinygpt.IMPLS:
         assert f"--- {impl} samples 10 characters:" in log
@@ -107,6 +109,17 @@ def test_cli_fails_when_a_kernel_leaks_the_future(tmp_path, monkeypatch):
 def test_bad_settings_are_refused_clearly(tmp_path, argv, words):
     with pytest.raises(SystemExit, match=words):
         tinygpt.main(["--preset", "seed", "--out", str(tmp_path), *argv])
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--lr", "-1"], "argument --lr: must be above 0, got -1"),
+    (["-T", "0"], "argument -T/--seqlen: must be above 0, got 0"),
+    (["--data", "no-such-text.txt"], "--data no-such-text.txt: no such file"),
+])
+def test_bad_values_get_argparse_errors(tmp_path, argv, words, capsys):
+    with pytest.raises(SystemExit) as done:
+        tinygpt.main(["--out", str(tmp_path), *argv])
+    assert done.value.code == 2 and words in capsys.readouterr().err
 
 
 @pytest.mark.skipif(tinygpt.DEVICE == "cuda", reason="the gpu preset runs on a GPU")
