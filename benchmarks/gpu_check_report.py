@@ -18,7 +18,7 @@ import threading
 import time
 
 SDPA = ("sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math")
-VERSUS = (*SDPA, "flex")  # the implementations each timing row is compared with
+VERSUS = (*SDPA, "flex", "flash")  # the implementations each timing row is compared with
 CORRECTNESS_FIELDS = ["check", "impl", "dtype", "shape", "layout", "causal", "window", "tma", "seed", "status",
                       "passed", "worst", "max_err", "ref_err", "tol", "ratio", "grad_ratio", "details", "seconds",
                       "message"]

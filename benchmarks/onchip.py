@@ -32,6 +32,7 @@ be unset. A compile takes a few seconds; --jobs compiles in parallel processes.
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -114,6 +115,7 @@ class Call:
     causal: bool = True
     window: tuple = None
     varlen: bool = False
+    mods: bool = False  # with a soft-cap, sinks and ALiBi slopes (what models add)
 
 
 def launches_of(call):
@@ -135,16 +137,19 @@ def launches_of(call):
     v = torch.empty_like(k)
     left, right = flash.window_bounds(call.window, call.causal)
     scale = D ** -0.5
+    mods = flash.Mods(0.0, None, None)
+    if call.mods:
+        mods = flash.Mods(30.0, torch.zeros(call.Hq), torch.ones(call.Hq))
     with recording() as launches:
         residual = call.dtype != torch.float32  # a training call: the forward keeps O's rounding residual
-        o, _, res = flash._run_forward(q, k, v, batch, left, right, scale, residual)
-        flash._run_backward(q, k, v, o, res, lse, torch.empty_like(q), None, batch, left, right, scale)
+        o, _, res = flash._run_forward(q, k, v, batch, left, right, scale, mods, residual)
+        flash._run_backward(q, k, v, o, res, lse, torch.empty_like(q), None, batch, left, right, scale, mods)
         if not call.varlen and call.window is None:
             row = common.pow2(min(T, fused.max_seqlen(D, call.dtype)))
             fq, fk = q[:, :, :row], k[:, :, :row]
-            fused._run_forward(fq, fk, fk, call.causal, scale)
-            fused._run_backward(fq, fk, fk, lse[:, :, :row], torch.empty_like(fq), None, call.causal, scale)
-            decode._run_decode(q[:, :, :1], k, v, torch.full((B,), T, dtype=torch.int32), scale, 4, -1)
+            fused._run_forward(fq, fk, fk, call.causal, scale, mods)
+            fused._run_backward(fq, fk, fk, lse[:, :, :row], torch.empty_like(fq), None, call.causal, scale, mods)
+            decode._run_decode(q[:, :, :1], k, v, torch.full((B,), T, dtype=torch.int32), scale, 4, -1, mods)
     return launches
 
 
@@ -276,7 +281,7 @@ def describe(call, launch, config, overrides):
     else:
         tile = f"{kw.get('BLOCK_M')}x{kw.get('ROW', kw.get('BLOCK_N', '-'))} w{kw.get('num_warps', 4)}"
     mask = "window" if call.window else "causal" if call.causal else "full"
-    variant = ("varlen " if call.varlen else "") + ("tma" if kw.get("TMA") else "")
+    variant = ("varlen " if call.varlen else "") + ("mods " if call.mods else "") + ("tma" if kw.get("TMA") else "")
     return dict(kernel=launch.name, dtype=str(call.dtype).replace("torch.", ""), D=call.D, T=call.T,
                 group=call.Hq // call.Hkv, mask=mask, tile=tile, variant=variant.strip())
 
@@ -297,7 +302,8 @@ def run(calls, kernels, search=False, tma=False, limit=None, jobs=1):
         for index, launch, config, overrides in jobs_for(call, kernels, search, tma, limit):
             work.append((describe(call, launch, config, overrides), (call, index, config, overrides)))
     if jobs > 1:
-        with ProcessPoolExecutor(jobs) as pool:
+        # spawned, not forked: a fork of a process that has started torch's threads can hang
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             yield from zip((w[0] for w in work), pool.map(_build, [w[1] for w in work]))
     else:
         for desc, job in work:
@@ -315,6 +321,7 @@ def main(argv=None):
     p.add_argument("--window", type=int, default=None, help="a causal sliding window of this many keys")
     p.add_argument("--varlen", action="store_true", help="a packed batch instead of (B, H, T, D) tensors")
     p.add_argument("--tma", action="store_true", help="flash-fwd: also compile each tile with TMA loads")
+    p.add_argument("--mods", action="store_true", help="with a soft-cap, attention sinks and ALiBi slopes")
     p.add_argument("--search", action="store_true", help="every tile (flash) or ROW_CANDIDATES (fused)")
     p.add_argument("--limit", type=int, default=None, help="flash: only the first N candidates")
     p.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
@@ -324,7 +331,7 @@ def main(argv=None):
         sys.exit("unset TRITON_INTERPRET: this compiles for the GPU")
 
     calls = [Call(getattr(torch, d), D, args.seq, Hq=16, Hkv=16 // args.gqa, causal=not args.full,
-                  window=(args.window, 0) if args.window else None, varlen=args.varlen)
+                  window=(args.window, 0) if args.window else None, varlen=args.varlen, mods=args.mods)
              for d in args.dtype for D in args.head_dims]
     over = False
     if not args.json:

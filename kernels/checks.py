@@ -173,6 +173,46 @@ def _is_int(x):
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def check_mods(q, softcap=None, sinks=None, alibi_slopes=None, batch=None, kernels=True):
+    """Check what models add to plain attention and return it as the kernels take it:
+    (softcap as a float, 0.0 for none; sinks (Hq,) fp32 or None; alibi_slopes (Hq,) or (B, Hq)
+    fp32 or None). q is (..., Hq, ...) with its heads at dim -3 ((B, Hq, T, D)) or 1 for a packed
+    (total, Hq, D) batch; `batch` the number of sequences (B). `kernels=False` checks for the
+    reference, which also takes float64 and keeps the tensors as given (softcap None for none)."""
+    Hq = q.shape[1]
+    if softcap is None:
+        cap = 0.0
+    elif isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a real number or None, got {type(softcap).__name__}")
+    elif not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be finite and > 0 (logits become softcap * tanh(s / softcap)), got {softcap}")
+    else:
+        cap = float(softcap)
+
+    def tensor(name, t, shapes):
+        if t is None:
+            return None
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        dtypes = SUPPORTED_DTYPES if kernels else SUPPORTED_DTYPES + (torch.float64,)
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name} has dtype {_dtype_name(t.dtype)}; supported: "
+                            + ", ".join(_dtype_name(d) for d in dtypes) + " (the kernels use it in fp32)")
+        if tuple(t.shape) not in shapes:
+            raise ValueError(f"{name} must have shape " + " or ".join(str(s) for s in shapes)
+                             + f" (Hq = {Hq} query heads), got {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+        return t.float().contiguous() if kernels else t
+
+    sinks = tensor("sinks", sinks, [(Hq,)])
+    slopes = tensor("alibi_slopes", alibi_slopes, [(Hq,)] + ([(batch, Hq)] if batch is not None else []))
+    if slopes is not None and slopes.requires_grad and torch.is_grad_enabled():
+        raise ValueError("alibi_slopes are constants to the kernels (no gradient reaches them): pass "
+                         "alibi_slopes.detach(), or compute attention with learned slopes another way")
+    return (cap if kernels or cap else None), sinks, slopes
+
+
 def check_causal(causal, name="causal"):
     """A flag that must be a bool: "no", 1 or a tensor are refused rather than read as truthy."""
     if not isinstance(causal, bool):

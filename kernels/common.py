@@ -39,6 +39,32 @@ def dot_acc(acc, a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def tanh(x):
+    # tanh from exp2 (the interpreter has no libdevice): 1 - 2 / (1 + exp(2x)), which goes to
+    # +-1 at either end without a branch (exp2 gives inf, or 0); near 0 its absolute error is one
+    # ulp of 1, which the soft-cap multiplies back by the cap
+    return 1.0 - 2.0 / (1.0 + tl.math.exp2(2.8853900817779268 * x))  # 2 * log2(e)
+
+
+@triton.jit
+def score_mods(s, rows, cols, softcap, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    # What models add to plain softmax attention, on a tile of base-2 logits s, in the reference's
+    # order (`reference.masked_scores`), before the mask. Every kernel applies them here.
+    #  - Gemma 2's soft-cap: cap * tanh(s / cap); in base 2 with softcap = cap * log2(e)
+    #  - ALiBi: -slope * |key - the query's diagonal key|, slope * log2(e) given (a scalar, or one
+    #    per row as [ROWS, 1]); rows and cols are the tile's positions on that line: a query's
+    #    diagonal key and a key's position, either way round (the bias is symmetric)
+    # Returns the logits, and for the backward's chain rule tanh(s / cap) (s itself without a cap).
+    t = s
+    if SOFTCAP:
+        t = tanh(s / softcap)
+        s = softcap * t
+    if ALIBI:
+        s = s - slope * tl.abs(cols[None, :] - rows[:, None]).to(tl.float32)
+    return s, t
+
+
+@triton.jit
 def head_and_query_block(num_m_blocks, Hq, GROUP):
     # One flat grid axis (no 65 535 limit on B * H); the query blocks of one head are adjacent so
     # they share K and V in L2, and the longest causal rows start first.

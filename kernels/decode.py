@@ -34,23 +34,25 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import INTERPRET, autocast_inputs, check_inputs, window_bounds
-from .common import LOG2E, dot, meta, on_device, pow2, strides, wrap_triton
+from .checks import INTERPRET, autocast_inputs, check_inputs, check_mods, window_bounds
+from .common import LOG2E, dot, meta, on_device, pow2, score_mods, strides, wrap_triton
+from .flash import Mods
 
 # ----------------------------------------------------------------------------- kernels
 
 
 @triton.jit
 def _decode_split(
-    Q, K, V, SEQLENS, O_PART, LSE_PART,
+    Q, K, V, SEQLENS, O_PART, LSE_PART, SLOPES,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     Hkv, Tq, Tmax, GROUP,
     left,      # the window's left bound, or (unbounded) more than any cache length
     qk_scale,  # scale * log2(e): the softmax runs in base 2
+    softcap, stride_sb,  # what models add, as in `kernels/flash_fwd.py` (sinks: in the merge)
     NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # -- which sequence, k/v head, rows and split; the splits of one head are adjacent (L2)
@@ -80,6 +82,9 @@ def _decode_split(
     start = lo + split * per_split
     stop = tl.minimum(start + per_split, L)
 
+    slope = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_ALIBI:  # the rows are several query heads: one slope each
+        slope = tl.load(SLOPES + b * stride_sb + h, mask=row_ok, other=0.0) * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)                    # running max, base 2
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                                  # running sum
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)                         # running weights @ V
@@ -94,6 +99,7 @@ def _decode_split(
 
         # -- scores, masked: past this split, after the row's own position, before its window
         s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale                   # [BLOCK_M, BLOCK_N] fp32
+        s, _ = score_mods(s, pos, offs_n, softcap, slope[:, None], HAS_SOFTCAP, HAS_ALIBI)
         past = offs_n[None, :] - pos[:, None]
         visible = (offs_n < stop)[None, :] & (past >= -left) & (past <= 0)
         s = tl.where(visible, s, float("-inf"))
@@ -117,10 +123,11 @@ def _decode_split(
 
 @triton.jit
 def _decode_merge(
-    O_PART, LSE_PART, O, LSE,
+    O_PART, LSE_PART, O, LSE, SINKS,
     stride_ob, stride_oh, stride_ot, stride_od,
     Hq, Tq,
     NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)                                            # (b * Hq + h) * Tq + t
     t = row % Tq
@@ -134,9 +141,14 @@ def _decode_merge(
     # -- weights exp(L_s - max L): 0 for splits that saw no key; all 0 when the row saw none
     lse = tl.load(LSE_PART + row * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))  # [BLOCK_S] base 2
     m = tl.max(lse, 0)
+    if HAS_SINKS:  # the head's sink joins the denominator here, once for all splits (GPT-OSS)
+        sink = tl.load(SINKS + h) * 1.4426950408889634
+        m = tl.maximum(m, sink)
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.math.exp2(lse - m)
     total = tl.sum(w, 0)
+    if HAS_SINKS:
+        total += tl.math.exp2(sink - m)
     o_part = tl.load(O_PART + (row * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
                      mask=s_ok[:, None] & d_ok[None, :], other=0.0)                # [BLOCK_S, BLOCK_D] fp32
     total_safe = tl.where(total == 0.0, 1.0, total)
@@ -200,7 +212,7 @@ def _check_seqlens(cache_seqlens, B, Tmax, device, read_values):
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=None, window=None,
-                     return_lse=False, check_seqlens=True):
+                     return_lse=False, check_seqlens=True, softcap=None, sinks=None, alibi_slopes=None):
     """Attention of Tq new tokens per sequence to a KV cache, the cache split across programs.
 
     q (B, Hq, Tq, D), Tq the new tokens (1 to 16 is the usual; any works); k_cache, v_cache
@@ -210,7 +222,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=
     (left, 0) limits it to the `left` keys before it. num_splits: how many programs share one
     cache (None: `default_num_splits`). With `return_lse`, also each row's log-sum-exp, (B, Hq, Tq)
     fp32 natural log. No backward. num_splits larger than the cache's key blocks is clamped to
-    them (a split holds at least one block); past MAX_SPLITS it is refused.
+    them (a split holds at least one block); past MAX_SPLITS it is refused. softcap, sinks and
+    alibi_slopes as in `flash_attention`; a new token's ALiBi distance is from its own position.
 
     Checking that every length lies in [0, Tmax] reads cache_seqlens on the host: a sync per
     call, which also rules out capturing the call in a CUDA graph. `check_seqlens=False` skips
@@ -223,18 +236,20 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=
     Hkv, Tmax = k_cache.shape[1], k_cache.shape[2]
     _check_seqlens(cache_seqlens, B, Tmax, q.device, check_seqlens)
     left, _ = window_bounds(window, causal=True)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                       for t in (q, k_cache, v_cache, sinks)):
         raise RuntimeError("decode_attention has no backward (it is for inference); call it under "
                            "torch.no_grad(), or use flash_attention to train")
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
                                    or not 1 <= num_splits <= MAX_SPLITS):
         raise ValueError(f"num_splits must be None or an int from 1 to {MAX_SPLITS} (the merge kernel holds every "
                          f"split's partial output of a row at once), got {num_splits!r}")
-    o, lse = _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, left)
+    mods = Mods(*check_mods(q, softcap, sinks, alibi_slopes, batch=B))
+    o, lse = _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, left, mods)
     return (o, lse) if return_lse else o
 
 
-def _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, left):
+def _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, left, mods=None):
     """Launch the split and merge kernels on checked inputs; returns (out, lse)."""
     B, Hq, Tq, D = q.shape
     Hkv, Tmax = k_cache.shape[1], k_cache.shape[2]
@@ -250,15 +265,18 @@ def _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, left):
     o = torch.empty_like(q)
     lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
     m = meta(q)
+    mods = mods or Mods(0.0, None, None)
+    sinks, slopes = mods.pointers(lse)
     with on_device(q):
         wrap_triton(_decode_split)[(B * Hkv * row_blocks * num_splits,)](
-            q, k_cache, v_cache, cache_seqlens, o_part, lse_part, *strides(q, k_cache, v_cache),
-            Hkv, Tq, Tmax, Hq // Hkv, left if left >= 0 else Tmax + Tq, scale * LOG2E,
-            NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **m,
+            q, k_cache, v_cache, cache_seqlens, o_part, lse_part, slopes, *strides(q, k_cache, v_cache),
+            Hkv, Tq, Tmax, Hq // Hkv, left if left >= 0 else Tmax + Tq, scale * LOG2E, *mods.scalars(),
+            NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+            **mods.flags(sinks=False), **m,
         )
         wrap_triton(_decode_merge)[(B * Hq * Tq,)](
-            o_part, lse_part, o, lse, *strides(o), Hq, Tq,
+            o_part, lse_part, o, lse, sinks, *strides(o), Hq, Tq,
             NUM_SPLITS=num_splits, BLOCK_S=pow2(num_splits, least=2),
-            HEAD_DIM=m["HEAD_DIM"], BLOCK_D=m["BLOCK_D"], num_warps=4,
+            HEAD_DIM=m["HEAD_DIM"], BLOCK_D=m["BLOCK_D"], HAS_SINKS=mods.sinks is not None, num_warps=4,
         )
     return o, lse

@@ -3,7 +3,7 @@
 """
 
 from .. import reference
-from .checks import autocast_inputs, check_causal, check_inputs
+from .checks import autocast_inputs, check_causal, check_inputs, check_mods
 from .flash import flash_attention
 from .fused import fused_attention, max_seqlen
 
@@ -26,13 +26,13 @@ def choose_impl(head_dim, Tk, dtype):
     return "fused" if short and Tk <= max_seqlen(head_dim, dtype) else "flash"
 
 
-def attention(q, k, v, causal=True, scale=None, impl="auto"):
+def attention(q, k, v, causal=True, scale=None, impl="auto", softcap=None, sinks=None, alibi_slopes=None):
     """Causal (by default) scaled dot-product attention with the semantics of
     `reference.attention`: q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D) with Hq % Hkv == 0.
 
     impl: "auto" picks "fused" or "flash" by shape (see `choose_impl`); "reference" runs the
     naive PyTorch reference (any device and dtype, memory quadratic in T); "fused" and "flash"
-    force a kernel.
+    force a kernel. softcap, sinks, alibi_slopes as in `flash_attention`.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
@@ -43,6 +43,8 @@ def attention(q, k, v, causal=True, scale=None, impl="auto"):
         impl = choose_impl(q.shape[-1], k.shape[-2], q.dtype)
     if impl == "reference":  # the same check, but float64 and any device are the reference's to take
         q, k, v, scale = check_inputs(q, k, v, scale, kernels=False)
-        return reference.attention(q, k, v, causal=causal, scale=scale)
+        softcap, sinks, alibi_slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=q.shape[0], kernels=False)
+        return reference.attention(q, k, v, causal=causal, scale=scale, softcap=softcap, sinks=sinks,
+                                   alibi_slopes=alibi_slopes)
     kernel = fused_attention if impl == "fused" else flash_attention
-    return kernel(q, k, v, causal=causal, scale=scale)
+    return kernel(q, k, v, causal=causal, scale=scale, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)

@@ -41,8 +41,8 @@ import triton
 from torch import Tensor
 
 from . import tuning
-from .checks import (INTERPRET, autocast_inputs, check_inputs, check_varlen_inputs, last_dim_contiguous,
-                            window_bounds)
+from .checks import (INTERPRET, autocast_inputs, check_inputs, check_mods, check_varlen_inputs,
+                     last_dim_contiguous, window_bounds)
 from .common import LOG2E, gradient_outputs, kernel_op, meta, on_device, strides, \
     window_args, wrap_triton
 from .flash_bwd import _flash_bwd_delta, _flash_bwd_dkdv, _flash_bwd_dq
@@ -183,7 +183,28 @@ def needs_residual(q, k, v):
     return q.dtype != torch.float32 and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
 
 
-def _run_forward(q, k, v, batch, left, right, scale, residual):
+class Mods(NamedTuple):
+    """What models add to plain attention, as the kernels take it (`checks.check_mods`): the
+    soft-cap (0: none), the sinks (Hq,) and ALiBi slopes (Hq,) or (B, Hq), fp32, or None."""
+    softcap: float
+    sinks: Optional[Tensor]
+    slopes: Optional[Tensor]
+
+    def pointers(self, placeholder):
+        """SINKS, SLOPES: the tensors, or an unread placeholder."""
+        return (placeholder if self.sinks is None else self.sinks), (placeholder if self.slopes is None else self.slopes)
+
+    def scalars(self):
+        """The soft-cap in base 2 and the slopes' batch stride."""
+        stride_sb = 0 if self.slopes is None or self.slopes.dim() == 1 else self.slopes.stride(0)
+        return self.softcap * LOG2E, stride_sb
+
+    def flags(self, sinks=True):
+        flags = dict(HAS_SOFTCAP=self.softcap > 0, HAS_ALIBI=self.slopes is not None)
+        return {**flags, "HAS_SINKS": self.sinks is not None} if sinks else flags
+
+
+def _run_forward(q, k, v, batch, left, right, scale, mods, residual):
     o, lse, res = _outputs(q, residual, batch.packed)
     tma = use_tma(q, k, v, o)
     if tma and not INTERPRET:
@@ -191,96 +212,129 @@ def _run_forward(q, k, v, batch, left, right, scale, residual):
     grid = lambda meta: (batch.B * batch.Hq * triton.cdiv(batch.Tq, meta["BLOCK_M"]),)
     with on_device(q):
         wrap_triton(_fwd_kernel)[grid](
-            q, k, v, o, res if residual else o, lse, *batch.sequences(q), *batch.strides(q, k, v, o),
-            *batch.row_strides(lse), batch.Hq, *batch.sizes(left, right), scale * LOG2E, **batch.keys(left, right),
-            TMA=tma, RESIDUAL=residual, VARLEN=batch.packed, LEFT_BOUNDED=left >= 0, **meta(q), **_blocks("fwd"),
+            q, k, v, o, res if residual else o, lse, *batch.sequences(q), *mods.pointers(lse),
+            *batch.strides(q, k, v, o), *batch.row_strides(lse), batch.Hq, *batch.sizes(left, right), scale * LOG2E,
+            *mods.scalars(), **batch.keys(left, right), TMA=tma, RESIDUAL=residual, **mods.flags(),
+            VARLEN=batch.packed, LEFT_BOUNDED=left >= 0, **meta(q), **_blocks("fwd"),
         )
     return o, lse, res
 
 
-def dkdv(q, k, v, do, lse, delta, window, scale, batch=None):
+def dkdv(q, k, v, do, lse, delta, window, scale, batch=None, mods=Mods(0.0, None, None)):
     """dK and dV from the saved base-2 log-sum-exp and delta (fused uses it too)."""
     batch = batch or _dense(q, k)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
+    softcap, stride_sb = mods.scalars()
     grid = lambda meta: (batch.B * batch.Hkv * triton.cdiv(batch.Tk, meta["BLOCK_N"]),)
     wrap_triton(_dkdv_kernel)[grid](
         q, k, v, do, dk, dv, lse, delta, *batch.sequences(q), *batch.strides(q, k, v, do, dk, dv),
         *batch.row_strides(lse), batch.Hq, batch.Hkv, *batch.sizes(*window), scale, scale * LOG2E,
-        **batch.keys(*window), VARLEN=batch.packed, **meta(q), **_blocks("dkdv"),
+        softcap, mods.pointers(lse)[1], stride_sb, **batch.keys(*window), **mods.flags(sinks=False),
+        VARLEN=batch.packed, **meta(q), **_blocks("dkdv"),
     )
     return dk, dv
 
 
-def _run_backward(q, k, v, o, res, lse, do, dlse, batch, left, right, scale):
+def sink_gradient(sinks, lse, delta):
+    """d loss / d sink_h = sum over rows of P_sink (dLSE - rowsum(dO * O)) = -sum P_sink * delta,
+    with P_sink = exp(sink - LSE), the weight the sink took, and delta as the backward's delta
+    kernel leaves it (dLSE subtracted). lse, delta: base-2 LSE and delta, (B, Hq, Tq) or packed
+    (Hq, total_q); a torch reduction: deterministic, no atomics."""
+    head = lse.dim() - 2  # the head dimension: 1 for (B, Hq, Tq), 0 for (Hq, total_q)
+    sink = sinks.view(*([1] * head), -1, 1) * LOG2E                        # base 2, broadcast over rows
+    p_sink = torch.exp2(sink - lse)                                        # (B, Hq, Tq) or (Hq, total_q)
+    return -(p_sink * delta).sum(dim=[d for d in range(lse.dim()) if d != head])  # (Hq,)
+
+
+def _run_backward(q, k, v, o, res, lse, do, dlse, batch, left, right, scale, mods):
     do = last_dim_contiguous(do)
     delta = torch.empty_like(lse)
     has_res = res is not None and res.numel() > 0
     # delta is per row: a packed batch is one sequence of all its rows here
     rows = Batch(1, batch.Hq, batch.Hkv, q.shape[0], 0, batch.cu_q, batch.cu_k) if batch.packed else batch
     d = meta(q)
+    softcap, stride_sb = mods.scalars()
     with on_device(q):
         wrap_triton(_flash_bwd_delta)[(rows.B * rows.Hq * triton.cdiv(rows.Tq, DELTA_BLOCK_M),)](
             o, res if has_res else o, do, delta if dlse is None else dlse.contiguous(), delta, *rows.strides(o, do),
             rows.Hq, rows.Tq, HAS_RES=has_res, HAS_DLSE=dlse is not None, BLOCK_M=DELTA_BLOCK_M, **d,
         )
-        dk, dv = dkdv(q, k, v, do, lse, delta, (left, right), scale, batch)
+        dk, dv = dkdv(q, k, v, do, lse, delta, (left, right), scale, batch, mods)
         dq = torch.empty_like(q)
         grid = lambda meta: (batch.B * batch.Hq * triton.cdiv(batch.Tq, meta["BLOCK_M"]),)
         wrap_triton(_dq_kernel)[grid](
             q, k, v, do, dq, lse, delta, *batch.sequences(q), *batch.strides(q, k, v, do, dq),
             *batch.row_strides(lse), batch.Hq, *batch.sizes(left, right), scale, scale * LOG2E,
-            **batch.keys(left, right), VARLEN=batch.packed, LEFT_BOUNDED=left >= 0, **d, **_blocks("dq"),
+            softcap, mods.pointers(lse)[1], stride_sb, **batch.keys(left, right), **mods.flags(sinks=False),
+            VARLEN=batch.packed, LEFT_BOUNDED=left >= 0, **d, **_blocks("dq"),
         )
-    return dq, dk, dv
+    dsinks = q.new_empty(0, dtype=torch.float32) if mods.sinks is None else sink_gradient(mods.sinks, lse, delta)
+    return dq, dk, dv, dsinks
 
 
-@kernel_op("flash_forward", fake=lambda q, k, v, left, right, scale, residual: _outputs(q, residual, False))
-def _forward(q: Tensor, k: Tensor, v: Tensor, left: int, right: int, scale: float,
-             residual: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _run_forward(q, k, v, _dense(q, k), left, right, scale, residual)
+def _gradient_outputs(q, k, v, *args):
+    """The shapes of a backward op's (dq, dk, dv, dsinks): dsinks (Hq,) fp32, or empty without sinks."""
+    sinks = args[-2]
+    return (*gradient_outputs(q, k, v), torch.empty(0 if sinks is None else sinks.shape[0], device=q.device,
+                                                    dtype=torch.float32))
 
 
-@kernel_op("flash_backward", fake=gradient_outputs)
+@kernel_op("flash_forward", fake=lambda q, k, v, *args: _outputs(q, args[-1], False))
+def _forward(q: Tensor, k: Tensor, v: Tensor, left: int, right: int, scale: float, softcap: float,
+             sinks: Optional[Tensor], alibi_slopes: Optional[Tensor], residual: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _run_forward(q, k, v, _dense(q, k), left, right, scale, Mods(softcap, sinks, alibi_slopes), residual)
+
+
+@kernel_op("flash_backward", fake=_gradient_outputs)
 def _backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, res: Optional[Tensor], lse: Tensor, do: Tensor,
-              dlse: Optional[Tensor], left: int, right: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    return _run_backward(q, k, v, o, res, lse, do, dlse, _dense(q, k), left, right, scale)
+              dlse: Optional[Tensor], left: int, right: int, scale: float, softcap: float, sinks: Optional[Tensor],
+              alibi_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _run_backward(q, k, v, o, res, lse, do, dlse, _dense(q, k), left, right, scale,
+                         Mods(softcap, sinks, alibi_slopes))
 
 
 @kernel_op("flash_varlen_forward", fake=lambda q, *args: _outputs(q, args[-1], True))
 def _varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-                    max_seqlen_q: int, max_seqlen_k: int, left: int, right: int, scale: float,
+                    max_seqlen_q: int, max_seqlen_k: int, left: int, right: int, scale: float, softcap: float,
+                    sinks: Optional[Tensor], alibi_slopes: Optional[Tensor],
                     residual: bool) -> tuple[Tensor, Tensor, Tensor]:
     batch = _packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return _run_forward(q, k, v, batch, left, right, scale, residual)
+    return _run_forward(q, k, v, batch, left, right, scale, Mods(softcap, sinks, alibi_slopes), residual)
 
 
-@kernel_op("flash_varlen_backward", fake=gradient_outputs)
+@kernel_op("flash_varlen_backward", fake=_gradient_outputs)
 def _varlen_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, res: Optional[Tensor], lse: Tensor, do: Tensor,
                      dlse: Optional[Tensor], cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
-                     max_seqlen_k: int, left: int, right: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                     max_seqlen_k: int, left: int, right: int, scale: float, softcap: float,
+                     sinks: Optional[Tensor], alibi_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     batch = _packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return _run_backward(q, k, v, o, res, lse, do, dlse, batch, left, right, scale)
+    return _run_backward(q, k, v, o, res, lse, do, dlse, batch, left, right, scale, Mods(softcap, sinks, alibi_slopes))
 
 
 # ----------------------------------------------------------------------------- autograd
 
 
 def _save(ctx, inputs, output):
-    q, k, v, *rest = inputs  # rest: (left, right, scale, residual), packed: cu_seqlens and max_seqlen first
+    # inputs: q, k, v, (packed: cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), left, right,
+    # scale, softcap, sinks, alibi_slopes, residual
+    q, k, v, *rest, softcap, sinks, slopes, _ = inputs
     o, lse, res = output
-    ctx.save_for_backward(q, k, v, o, res, lse, *[x for x in rest if isinstance(x, Tensor)])
-    ctx.rest = [x for x in rest[:-1] if not isinstance(x, Tensor)]  # the backward takes no `residual`
+    ctx.save_for_backward(q, k, v, o, res, lse, sinks, slopes, *[x for x in rest if isinstance(x, Tensor)])
+    ctx.rest = [x for x in rest if not isinstance(x, Tensor)]
+    ctx.softcap = softcap
     ctx.mark_non_differentiable(res)
 
 
 def _gradients(ctx, do, dlse, dres):
     # dlse: the log-sum-exp's gradient (zeros or None when the caller never used it)
-    q, k, v, o, res, lse, *cu_seqlens = ctx.saved_tensors
+    q, k, v, o, res, lse, sinks, slopes, *cu_seqlens = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
     backward = _varlen_backward if cu_seqlens else _backward
-    grads = backward(q, k, v, o, res if res.numel() else None, lse, do, dlse, *cu_seqlens, *ctx.rest)
-    return (*grads, *[None] * (len(cu_seqlens) + len(ctx.rest) + 1))
+    dq, dk, dv, dsinks = backward(q, k, v, o, res if res.numel() else None, lse, do, dlse, *cu_seqlens, *ctx.rest,
+                                  ctx.softcap, sinks, slopes)
+    skipped = [None] * (len(cu_seqlens) + len(ctx.rest))
+    return dq, dk, dv, *skipped, None, (dsinks if sinks is not None else None), None, None
 
 
 _forward.register_autograd(_gradients, setup_context=_save)
@@ -290,7 +344,8 @@ _varlen_forward.register_autograd(_gradients, setup_context=_save)
 # ----------------------------------------------------------------------------- public
 
 
-def flash_attention(q, k, v, causal=True, scale=None, return_lse=False, window=None):
+def flash_attention(q, k, v, causal=True, scale=None, return_lse=False, window=None, softcap=None, sinks=None,
+                    alibi_slopes=None):
     """Causal (by default) scaled dot-product attention, tiled: any sequence length, memory
     linear in T.
 
@@ -300,15 +355,21 @@ def flash_attention(q, k, v, causal=True, scale=None, return_lse=False, window=N
     for an unbounded side (FlashAttention's window_size); causal means right = 0. Key blocks
     outside the window are skipped, so a fixed window costs time linear in T.
     With `return_lse`, also returns each row's log-sum-exp (natural log, fp32, (B, Hq, Tq)).
+    What models add (`reference.attention`): `softcap` (Gemma 2: scores become
+    softcap * tanh(s / softcap)), `sinks` (Hq,) (GPT-OSS: a logit per head in every row's
+    denominator; differentiable) and `alibi_slopes` (Hq,) or (B, Hq) (ALiBi: -slope * |distance
+    from the diagonal key|); the log-sum-exp includes the sink.
     """
     q, k, v, scale = check_inputs(*autocast_inputs(q, k, v), scale)
     left, right = window_bounds(window, causal)
-    o, lse2, _ = _forward(q, k, v, left, right, scale, needs_residual(q, k, v))
+    softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=q.shape[0])
+    o, lse2, _ = _forward(q, k, v, left, right, scale, softcap, sinks, slopes, needs_residual(q, k, v))
     return (o, lse2 * LN2) if return_lse else o
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True,
-                           scale=None, return_lse=False, window=None, check_seqlens=True):
+                           scale=None, return_lse=False, window=None, check_seqlens=True, softcap=None, sinks=None,
+                           alibi_slopes=None):
     """Attention over a packed batch of sequences of different lengths, forward and backward,
     no sequence seeing another (FlashAttention's flash_attn_varlen_func).
 
@@ -324,12 +385,14 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     `torch.ops.attention_kernels.flash_varlen_forward`, has none). `check_seqlens=False` skips
     that read, for callers that built the offsets themselves (the transformers integration):
     offsets that break the rules above then read and write outside the tensors.
+    softcap, sinks, alibi_slopes as in `flash_attention`; (B, Hq) slopes are per sequence.
     """
     q, k, v = autocast_inputs(q, k, v)
     q, k, v, cu_seqlens_q, cu_seqlens_k, scale = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k,
                                                                      max_seqlen_q, max_seqlen_k, scale,
                                                                      check_seqlens)
     left, right = window_bounds(window, causal)
+    softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=cu_seqlens_q.shape[0] - 1)
     o, lse2, _ = _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                                 left, right, scale, needs_residual(q, k, v))
+                                 left, right, scale, softcap, sinks, slopes, needs_residual(q, k, v))
     return (o, lse2 * LN2) if return_lse else o

@@ -24,7 +24,7 @@ select; the pointers advance by a block, the 64-bit row offsets computed once.
 import triton
 import triton.language as tl
 
-from .common import dot, dot_acc, head_and_query_block
+from .common import dot, dot_acc, head_and_query_block, score_mods
 from .flash_fwd import key_blocks, load_tile, query_blocks, sequence, store_tile, tile_pointers
 
 
@@ -80,9 +80,9 @@ def _flash_bwd_delta(
 @triton.jit
 def _dq_inner(
     dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-    offs_m, Tq, Tk, left, right, lo, hi, qk_scale,
+    offs_m, Tq, Tk, left, right, lo, hi, qk_scale, softcap, slope,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     k_ptrs = tile_pointers(k_base, lo, stride_kt, BLOCK_N, BLOCK_D)
     v_ptrs = tile_pointers(v_base, lo, stride_vt, BLOCK_N, BLOCK_D)
@@ -91,13 +91,19 @@ def _dq_inner(
         k = load_tile(k_ptrs, offs_n, Tk, MASK, HEAD_DIM, BLOCK_D)              # [BLOCK_N, BLOCK_D]
         v = load_tile(v_ptrs, offs_n, Tk, MASK, HEAD_DIM, BLOCK_D)
         s = dot(q, tl.trans(k), PRECISION, UPCAST)                              # [BLOCK_M, BLOCK_N] fp32, raw
-        p = tl.math.exp2(s * qk_scale - lse[:, None])
+        if HAS_SOFTCAP or HAS_ALIBI:
+            s, t = score_mods(s * qk_scale, offs_m + (Tk - Tq), offs_n, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
+            p = tl.math.exp2(s - lse[:, None])
+        else:
+            p = tl.math.exp2(s * qk_scale - lse[:, None])
         if MASK:
             past = offs_n[None, :] - (offs_m[:, None] + (Tk - Tq))  # as in `mask_scores`
             p = tl.where((offs_n < Tk)[None, :] & (past >= -left) & (past <= right), p, 0.0)
         # -- dS = P * (dP - delta) with dP = dO V^T;  dQ += dS K
         dp = dot(do, tl.trans(v), PRECISION, UPCAST)                            # [BLOCK_M, BLOCK_N] fp32
         ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:  # through the cap: d(cap tanh(s / cap)) / ds = 1 - tanh^2
+            ds = ds * (1.0 - t * t)
         dq = dot_acc(dq, ds.to(k.dtype), k, PRECISION, UPCAST)                    # [BLOCK_M, BLOCK_D] fp32
         k_ptrs += BLOCK_N * stride_kt
         v_ptrs += BLOCK_N * stride_vt
@@ -116,9 +122,10 @@ def _flash_bwd_dq(
     Hq, Tq, Tk,
     left, right,
     scale, qk_scale,
+    softcap, SLOPES, stride_sb,      # as in the forward (`kernels/flash_fwd.py`)
     q_bucket, k_bucket, window_key,  # read only by the autotuner's key
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     VARLEN: tl.constexpr, LEFT_BOUNDED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     b, h, h_kv, m_block = head_and_query_block(tl.cdiv(Tq, BLOCK_M), Hq, GROUP)
@@ -138,22 +145,25 @@ def _flash_bwd_dq(
     lse = tl.where(lse == float("-inf"), 0.0, lse)                              # empty rows: every p is masked
     delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
 
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + b * stride_sb + h) * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_base = K + b * stride_kb + h_kv * stride_kh + k0 * stride_kt
     v_base = V + b * stride_vb + h_kv * stride_vh + k0 * stride_vt
     lo, a, z, hi = key_blocks(m0, Tq, Tk, left, right, BLOCK_M, BLOCK_N)
     if LEFT_BOUNDED:
         dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-                       offs_m, Tq, Tk, left, right, lo, a, qk_scale,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, True, PRECISION, UPCAST)
+                       offs_m, Tq, Tk, left, right, lo, a, qk_scale, softcap, slope,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
     else:
         a = 0
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-                   offs_m, Tq, Tk, left, right, a, z, qk_scale,
-                   HEAD_DIM, BLOCK_D, BLOCK_N, False, PRECISION, UPCAST)
+                   offs_m, Tq, Tk, left, right, a, z, qk_scale, softcap, slope,
+                   HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-                   offs_m, Tq, Tk, left, right, z, hi, qk_scale,
-                   HEAD_DIM, BLOCK_D, BLOCK_N, True, PRECISION, UPCAST)
+                   offs_m, Tq, Tk, left, right, z, hi, qk_scale, softcap, slope,
+                   HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
     store_tile(tile_pointers(DQ + b * stride_dqb + h * stride_dqh + q0 * stride_dqt, m0, stride_dqt, BLOCK_M, BLOCK_D),
                (dq * scale).to(DQ.dtype.element_ty), offs_m, Tq, HEAD_DIM, BLOCK_D)
 
@@ -164,9 +174,9 @@ def _flash_bwd_dq(
 @triton.jit
 def _dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-    offs_n, Tq, Tk, left, right, lo, hi, qk_scale,
+    offs_n, Tq, Tk, left, right, lo, hi, qk_scale, softcap, slope,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # Masked blocks load query rows past Tq as q = dO = 0 with lse = delta = 0, so they add
     # exactly 0 to dK and dV; keys past Tk only touch rows of dK, dV that are never stored.
@@ -186,7 +196,11 @@ def _dkdv_inner(
 
         # -- P^T for this tile, keys along rows and queries along columns  [BLOCK_N, BLOCK_M] fp32
         st = dot(k, tl.trans(q), PRECISION, UPCAST)
-        pt = tl.math.exp2(st * qk_scale - lse[None, :])
+        if HAS_SOFTCAP or HAS_ALIBI:  # the tile is transposed: keys along rows, diagonals along columns
+            st, tt = score_mods(st * qk_scale, offs_n, offs_m + (Tk - Tq), softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
+            pt = tl.math.exp2(st - lse[None, :])
+        else:
+            pt = tl.math.exp2(st * qk_scale - lse[None, :])
         if MASK:
             past = offs_n[:, None] - (offs_m[None, :] + (Tk - Tq))  # as in `mask_scores`, transposed
             pt = tl.where((offs_n < Tk)[:, None] & (past >= -left) & (past <= right), pt, 0.0)
@@ -194,6 +208,8 @@ def _dkdv_inner(
         dv = dot_acc(dv, pt.to(do.dtype), do, PRECISION, UPCAST)                  # [BLOCK_N, BLOCK_D] fp32
         dpt = dot(v, tl.trans(do), PRECISION, UPCAST)                           # [BLOCK_N, BLOCK_M] fp32
         dst = pt * (dpt - delta[None, :])
+        if HAS_SOFTCAP:
+            dst = dst * (1.0 - tt * tt)
         dk = dot_acc(dk, dst.to(q.dtype), q, PRECISION, UPCAST)                  # [BLOCK_N, BLOCK_D] fp32
         q_ptrs += BLOCK_M * stride_qt
         do_ptrs += BLOCK_M * stride_dot
@@ -213,9 +229,10 @@ def _flash_bwd_dkdv(
     Hq, Hkv, Tq, Tk,
     left, right,
     scale, qk_scale,
+    softcap, SLOPES, stride_sb,      # as in the forward (`kernels/flash_fwd.py`)
     q_bucket, k_bucket, window_key,  # read only by the autotuner's key
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     num_n_blocks = tl.cdiv(Tk, BLOCK_N)
@@ -240,19 +257,22 @@ def _flash_bwd_dkdv(
     lo, a, z, hi = query_blocks(n0, Tq, Tk, left, right, BLOCK_M, BLOCK_N)
     for g in range(GROUP):  # every query head served by this k/v head: the GQA sum stays on chip
         h = h_kv * GROUP + g
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(SLOPES + b * stride_sb + h) * 1.4426950408889634
         q_base = Q + b * stride_qb + h * stride_qh + q0 * stride_qt
         do_base = DO + b * stride_dob + h * stride_doh + q0 * stride_dot
         lse_base = LSE + b * stride_lb + h * stride_lh + q0
         delta_base = DELTA + b * stride_lb + h * stride_lh + q0
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                             offs_n, Tq, Tk, left, right, lo, a, qk_scale,
-                             HEAD_DIM, BLOCK_D, BLOCK_M, True, PRECISION, UPCAST)
+                             offs_n, Tq, Tk, left, right, lo, a, qk_scale, softcap, slope,
+                             HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                             offs_n, Tq, Tk, left, right, a, z, qk_scale,
-                             HEAD_DIM, BLOCK_D, BLOCK_M, False, PRECISION, UPCAST)
+                             offs_n, Tq, Tk, left, right, a, z, qk_scale, softcap, slope,
+                             HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                             offs_n, Tq, Tk, left, right, z, hi, qk_scale,
-                             HEAD_DIM, BLOCK_D, BLOCK_M, True, PRECISION, UPCAST)
+                             offs_n, Tq, Tk, left, right, z, hi, qk_scale, softcap, slope,
+                             HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
 
     store_tile(tile_pointers(DK + b * stride_dkb + h_kv * stride_dkh + k0 * stride_dkt, n0, stride_dkt, BLOCK_N, BLOCK_D),
                (dk * scale).to(DK.dtype.element_ty), offs_n, Tk, HEAD_DIM, BLOCK_D)

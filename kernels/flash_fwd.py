@@ -29,7 +29,7 @@ layout TMA cannot address), pointer loads that Triton pipelines with cp.async.
 import triton
 import triton.language as tl
 
-from .common import dot, dot_acc, head_and_query_block, mask_scores
+from .common import dot, dot_acc, head_and_query_block, mask_scores, score_mods
 
 # ----------------------------------------------------------------------------- block geometry
 
@@ -114,9 +114,10 @@ def store_tile(ptrs, x, offs_rows, n, HEAD_DIM: tl.constexpr, BLOCK_D: tl.conste
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
-    offs_m, Tq, Tk, left, right, lo, hi, qk_scale,
+    offs_m, Tq, Tk, left, right, lo, hi, qk_scale, softcap, slope,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-    TMA: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    TMA: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # Key blocks [lo, hi): k_src, v_src are TMA descriptors or the head's base pointers.
     if not TMA:
@@ -134,15 +135,17 @@ def _fwd_inner(
             v_ptrs += BLOCK_N * stride_vt
 
         s = dot(q, tl.trans(k), PRECISION, UPCAST)                              # [BLOCK_M, BLOCK_N] fp32, raw
-        if MASK:
-            s = mask_scores(s * qk_scale, offs_m, offs_n, Tq, Tk, left, right)  # base-2 logits, -inf outside
+        if MASK or HAS_SOFTCAP or HAS_ALIBI:
+            s, _ = score_mods(s * qk_scale, offs_m + (Tk - Tq), offs_n, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
+            if MASK:
+                s = mask_scores(s, offs_m, offs_n, Tq, Tk, left, right)         # base-2 logits, -inf outside
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # a row that has seen no key yet keeps m = -inf: subtract 0 so exp2 gives 0, not nan
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(s - m_use[:, None])
         else:
-            # -- every score is visible: the max of the raw scores, scaled once (scale > 0), and
-            #    each logit's scale and shift in one fused multiply-add
+            # -- every score is visible and unmodified: the max of the raw scores, scaled once
+            #    (scale > 0), and each logit's scale and shift in one fused multiply-add
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             m_use = m_new
             p = tl.math.exp2(s * qk_scale - m_use[:, None])
@@ -157,6 +160,7 @@ def _fwd_inner(
 @triton.jit
 def _flash_fwd(
     Q, K, V, O, RES, LSE, CU_Q, CU_K,  # RES: like O (read only with RESIDUAL)
+    SINKS, SLOPES,         # (Hq,) sink logits, (B or 1, Hq) ALiBi slopes, fp32 (read only when present)
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -165,10 +169,13 @@ def _flash_fwd(
     Hq, Tq, Tk,            # Tq, Tk: the lengths, or (VARLEN) the longest, which sizes the grid
     left, right,           # the window, unbounded sides as wide as Tq + Tk (`common.window_args`)
     qk_scale,              # scale * log2(e): the softmax runs in base 2
+    softcap,               # the soft-cap * log2(e), base 2 (read only with HAS_SOFTCAP)
+    stride_sb,             # SLOPES' batch stride: 0 when one slope serves every sequence of a head
     q_bucket, k_bucket, window_key,  # read only by the autotuner's key
     GROUP: tl.constexpr,   # query heads per k/v head
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, RESIDUAL: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr,
     VARLEN: tl.constexpr, LEFT_BOUNDED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # The head dim has unit stride (the launchers make it so): stride_*d are unread. RES has O's
@@ -193,6 +200,9 @@ def _flash_fwd(
         k_src, v_src = k_base, v_base
         q = load_tile(tile_pointers(q_base, m0, stride_qt, BLOCK_M, BLOCK_D), offs_m, Tq, True, HEAD_DIM, BLOCK_D)
 
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + b * stride_sb + h) * 1.4426950408889634     # base 2
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)              # running max, base 2
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                            # running sum
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)                   # running weights @ V
@@ -200,17 +210,24 @@ def _flash_fwd(
     lo, a, z, hi = key_blocks(m0, Tq, Tk, left, right, BLOCK_M, BLOCK_N)
     if LEFT_BOUNDED:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
-                                   offs_m, Tq, Tk, left, right, lo, a, qk_scale,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, True, TMA, PRECISION, UPCAST)
+                                   offs_m, Tq, Tk, left, right, lo, a, qk_scale, softcap, slope,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, True, TMA, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
     else:  # causal or full: every row sees key 0 on, and a loop from a literal 0 spills fewer registers
         a = 0
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
-                               offs_m, Tq, Tk, left, right, a, z, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, False, TMA, PRECISION, UPCAST)
+                               offs_m, Tq, Tk, left, right, a, z, qk_scale, softcap, slope,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, False, TMA, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
-                               offs_m, Tq, Tk, left, right, z, hi, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, TMA, PRECISION, UPCAST)
+                               offs_m, Tq, Tk, left, right, z, hi, qk_scale, softcap, slope,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, True, TMA, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
 
+    if HAS_SINKS:  # the head's sink logit joins the denominator (weight, no value): GPT-OSS
+        sink = tl.load(SINKS + h) * 1.4426950408889634                     # base 2
+        m_sink = tl.maximum(m_i, sink)
+        alpha = tl.math.exp2(m_i - m_sink)                                 # 0 for a row that saw no key
+        l_i = l_i * alpha + tl.math.exp2(sink - m_sink)
+        acc = acc * alpha[:, None]
+        m_i = m_sink
     # -- divide by the row sum once; a row that saw no key has l = 0 and gives 0 / 1 = 0
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o32 = acc / l_safe[:, None]                                            # [BLOCK_M, BLOCK_D] fp32

@@ -36,26 +36,55 @@ import triton
 from torch import Tensor
 import triton.language as tl
 
-from .checks import INTERPRET, autocast_inputs, check_causal, check_inputs, last_dim_contiguous
-from .common import (LOG2E, dot, forward_outputs, gradient_outputs, head_and_query_block, kernel_op,
-                            mask_scores, meta, on_device, pow2, strides, wrap_triton)
-from .flash import LN2, dkdv
+from .checks import INTERPRET, autocast_inputs, check_causal, check_inputs, check_mods, last_dim_contiguous
+from .common import (LOG2E, dot, forward_outputs, head_and_query_block, kernel_op, mask_scores, meta, on_device,
+                     pow2, score_mods, strides, wrap_triton)
+from .flash import LN2, Mods, _gradient_outputs, dkdv, sink_gradient
 
 # ----------------------------------------------------------------------------- forward
 
 
 @triton.jit
+def _row_softmax(s, offs_m, offs_n, Tq, Tk, h, b, SINKS, SLOPES, softcap, stride_sb,
+                 CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                 RETURN_TANH: tl.constexpr = False):
+    # Whole rows of base-2 logits s, [BLOCK_M, ROW]: modified (`score_mods`), masked, and turned
+    # into unnormalised weights p = exp2(s - m) with their sum l, the head's sink in l (GPT-OSS);
+    # returns (the row max m, or with RETURN_TANH the soft-cap's tanh for the chain rule), p, l.
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + b * stride_sb + h) * 1.4426950408889634
+    s, t = score_mods(s, offs_m + (Tk - Tq), offs_n, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
+    s = mask_scores(s, offs_m, offs_n, Tq, Tk, Tq + Tk, 0 if CAUSAL else Tq + Tk)
+    m = tl.max(s, 1)
+    if HAS_SINKS:
+        sink = tl.load(SINKS + h) * 1.4426950408889634                          # base 2
+        m = tl.maximum(m, sink)
+    m = tl.where(m == float("-inf"), 0.0, m)  # a row that sees no key (and no sink): exp2 gives 0, not nan
+    p = tl.math.exp2(s - m[:, None])                                            # [BLOCK_M, ROW] fp32
+    l = tl.sum(p, 1)
+    if HAS_SINKS:
+        l += tl.math.exp2(sink - m)
+    if RETURN_TANH:
+        return t, p, l
+    else:
+        return m, p, l
+
+
+@triton.jit
 def _fused_fwd(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, SINKS, SLOPES,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     Hq, Tq, Tk, GROUP, num_m_blocks,
     qk_scale,  # scale * log2(e): the softmax runs in base 2
+    softcap, stride_sb,  # what models add, as in `kernels/flash_fwd.py`
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, ROW: tl.constexpr,
-    CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, ROW: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     b, h, h_kv, m_block = head_and_query_block(num_m_blocks, Hq, GROUP)
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows of this program
@@ -70,15 +99,10 @@ def _fused_fwd(
     kt_ptrs = K + b * stride_kb + h_kv * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
     kt = tl.load(kt_ptrs, mask=(offs_n < Tk)[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, ROW] K^T
 
-    # -- scores of whole rows, base-2 logits
+    # -- scores of whole rows, base-2 logits, modified and masked
     s = dot(q, kt, PRECISION, UPCAST) * qk_scale                               # [BLOCK_M, ROW] fp32
-    s = mask_scores(s, offs_m, offs_n, Tq, Tk, Tq + Tk, 0 if CAUSAL else Tq + Tk)
-
-    # -- exact softmax over the row; a row that sees no key has max -inf: use 0 so exp2 gives 0, not nan
-    m = tl.max(s, 1)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    p = tl.math.exp2(s - m[:, None])                                            # [BLOCK_M, ROW] fp32
-    l = tl.sum(p, 1)
+    m, p, l = _row_softmax(s, offs_m, offs_n, Tq, Tk, h, b, SINKS, SLOPES, softcap, stride_sb,
+                           CAUSAL, HAS_SOFTCAP, HAS_SINKS, HAS_ALIBI)          # row max, weights, their sum
 
     # -- weights @ V, divided by the row sum once at the end
     v_ptrs = V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
@@ -89,7 +113,7 @@ def _fused_fwd(
 
     o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :] * stride_od
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    lse = tl.where(l == 0.0, float("-inf"), m + tl.math.log2(l_safe))  # base 2, as flash's (`kernels/flash.py`)
+    lse = tl.where(l == 0.0, float("-inf"), m + tl.math.log2(l_safe))  # base 2 (`kernels/flash.py`), sink included
     tl.store(LSE + (b * Hq + h) * Tq + offs_m, lse, mask=row_ok)
 
 
@@ -98,17 +122,18 @@ def _fused_fwd(
 
 @triton.jit
 def _fused_bwd_dq(
-    Q, K, V, DO, DQ, DLSE, DELTA,
+    Q, K, V, DO, DQ, DLSE, DELTA, SINKS, SLOPES,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     Hq, Tq, Tk, GROUP, num_m_blocks,
-    scale, qk_scale,
+    scale, qk_scale, softcap, stride_sb,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, ROW: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_DLSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, ROW: tl.constexpr, CAUSAL: tl.constexpr, HAS_DLSE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     b, h, h_kv, m_block = head_and_query_block(num_m_blocks, Hq, GROUP)
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -133,11 +158,8 @@ def _fused_bwd_dq(
     #    a small difference of large terms where one key dominates a row, so P from the LSE,
     #    off by a row-wide factor of about |S| x 1e-7, would show in dS when scores are large.
     s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale                    # [BLOCK_M, ROW] fp32
-    s = mask_scores(s, offs_m, offs_n, Tq, Tk, Tq + Tk, 0 if CAUSAL else Tq + Tk)
-    m = tl.max(s, 1)
-    m = tl.where(m == float("-inf"), 0.0, m)                                  # a row that sees no key
-    p = tl.math.exp2(s - m[:, None])
-    l = tl.sum(p, 1)
+    t, p, l = _row_softmax(s, offs_m, offs_n, Tq, Tk, h, b, SINKS, SLOPES, softcap, stride_sb,
+                           CAUSAL, HAS_SOFTCAP, HAS_SINKS, HAS_ALIBI, True)
     p = p / tl.where(l == 0.0, 1.0, l)[:, None]                               # [BLOCK_M, ROW] fp32
 
     # -- delta = rowsum(P * dP), which equals rowsum(dO * O) but uses this fp32 P rather than the
@@ -148,8 +170,10 @@ def _fused_bwd_dq(
     if HAS_DLSE:  # a used log-sum-exp: d lse_i / d S_ij = P_ij, a shift of delta (base-2 lse, natural units)
         delta -= tl.load(DLSE + (b * Hq + h) * Tq + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     tl.store(DELTA + (b * Hq + h) * Tq + offs_m, delta, mask=row_ok)
-    # -- dS = P * (dP - delta); dQ = dS K * scale
+    # -- dS = P * (dP - delta), through the soft-cap (1 - tanh^2); dQ = dS K * scale
     ds = p * (dp - delta[:, None])
+    if HAS_SOFTCAP:
+        ds = ds * (1.0 - t * t)
     dq = dot(ds.to(k.dtype), k, PRECISION, UPCAST) * scale                    # [BLOCK_M, BLOCK_D] fp32
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=qd_mask)
@@ -197,7 +221,7 @@ def row_config(Tq, row, head_dim, dtype):
 # ----------------------------------------------------------------------------- launchers
 
 
-def _run_forward(q, k, v, causal, scale):
+def _run_forward(q, k, v, causal, scale, mods):
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     row = pow2(int(Tk))  # a constexpr: under torch.compile's dynamic shapes this specialises Tk
@@ -206,14 +230,14 @@ def _run_forward(q, k, v, causal, scale):
     o, lse = forward_outputs(q)
     with on_device(q):
         wrap_triton(_fused_fwd)[(B * Hq * num_m_blocks,)](
-            q, k, v, o, lse, *strides(q, k, v, o),
-            Hq, Tq, Tk, Hq // Hkv, num_m_blocks, scale * LOG2E,
-            BLOCK_M=block_m, ROW=row, num_warps=num_warps, CAUSAL=causal, **meta(q),
+            q, k, v, o, lse, *mods.pointers(lse), *strides(q, k, v, o),
+            Hq, Tq, Tk, Hq // Hkv, num_m_blocks, scale * LOG2E, *mods.scalars(),
+            BLOCK_M=block_m, ROW=row, num_warps=num_warps, CAUSAL=causal, **mods.flags(), **meta(q),
         )
     return o, lse
 
 
-def _run_backward(q, k, v, lse, do, dlse, causal, scale):
+def _run_backward(q, k, v, lse, do, dlse, causal, scale, mods):
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     do = last_dim_contiguous(do)
@@ -223,38 +247,43 @@ def _run_backward(q, k, v, lse, do, dlse, causal, scale):
     dq, delta = torch.empty_like(q), torch.empty_like(lse)
     with on_device(q):
         wrap_triton(_fused_bwd_dq)[(B * Hq * num_m_blocks,)](
-            q, k, v, do, dq, delta if dlse is None else dlse.contiguous(), delta, *strides(q, k, v, do, dq),
-            Hq, Tq, Tk, Hq // Hkv, num_m_blocks, scale, scale * LOG2E,
-            BLOCK_M=block_m, ROW=row, num_warps=num_warps, CAUSAL=causal, HAS_DLSE=dlse is not None, **meta(q),
+            q, k, v, do, dq, delta if dlse is None else dlse.contiguous(), delta, *mods.pointers(lse),
+            *strides(q, k, v, do, dq), Hq, Tq, Tk, Hq // Hkv, num_m_blocks, scale, scale * LOG2E, *mods.scalars(),
+            BLOCK_M=block_m, ROW=row, num_warps=num_warps, CAUSAL=causal, HAS_DLSE=dlse is not None,
+            **mods.flags(), **meta(q),
         )
-        dk, dv = dkdv(q, k, v, do, lse, delta, (-1, 0 if causal else -1), scale)  # the flash kernel's: tiles, no row limit
-    return dq, dk, dv
+        # the flash kernel's dk/dv: tiles, no row limit
+        dk, dv = dkdv(q, k, v, do, lse, delta, (-1, 0 if causal else -1), scale, mods=mods)
+    dsinks = q.new_empty(0, dtype=torch.float32) if mods.sinks is None else sink_gradient(mods.sinks, lse, delta)
+    return dq, dk, dv, dsinks
 
 
 @kernel_op("fused_forward", fake=forward_outputs)
-def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    return _run_forward(q, k, v, causal, scale)
+def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, softcap: float, sinks: Optional[Tensor],
+             alibi_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    return _run_forward(q, k, v, causal, scale, Mods(softcap, sinks, alibi_slopes))
 
 
-@kernel_op("fused_backward", fake=gradient_outputs)
+@kernel_op("fused_backward", fake=_gradient_outputs)
 def _backward(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, do: Tensor, dlse: Optional[Tensor], causal: bool,
-              scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    return _run_backward(q, k, v, lse, do, dlse, causal, scale)
+              scale: float, softcap: float, sinks: Optional[Tensor],
+              alibi_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _run_backward(q, k, v, lse, do, dlse, causal, scale, Mods(softcap, sinks, alibi_slopes))
 
 
 # ----------------------------------------------------------------------------- autograd
 
 
 def _save(ctx, inputs, output):
-    q, k, v, causal, scale = inputs
-    ctx.save_for_backward(q, k, v, output[1])  # the lse; not o: the backward gets delta from P and dP
-    ctx.causal, ctx.scale = causal, scale
+    q, k, v, causal, scale, softcap, sinks, slopes = inputs
+    ctx.save_for_backward(q, k, v, output[1], sinks, slopes)  # the lse; not o: the backward gets delta from P, dP
+    ctx.causal, ctx.scale, ctx.softcap = causal, scale, softcap
 
 
 def _gradients(ctx, do, dlse):
-    q, k, v, lse = ctx.saved_tensors
-    dq, dk, dv = _backward(q, k, v, lse, do, dlse, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None
+    q, k, v, lse, sinks, slopes = ctx.saved_tensors
+    dq, dk, dv, dsinks = _backward(q, k, v, lse, do, dlse, ctx.causal, ctx.scale, ctx.softcap, sinks, slopes)
+    return dq, dk, dv, None, None, None, (dsinks if sinks is not None else None), None
 
 
 _forward.register_autograd(_gradients, setup_context=_save)
@@ -263,15 +292,17 @@ _forward.register_autograd(_gradients, setup_context=_save)
 # ----------------------------------------------------------------------------- public
 
 
-def fused_attention(q, k, v, causal=True, scale=None, return_lse=False):
+def fused_attention(q, k, v, causal=True, scale=None, return_lse=False, softcap=None, sinks=None, alibi_slopes=None):
     """Causal (by default) scaled dot-product attention in one kernel, whole rows on chip.
 
     q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D) with Hq % Hkv == 0; the semantics of
     `reference.attention` (bottom-right causal alignment, zeros for rows that see no key).
     Tk is limited to `max_seqlen(D, dtype)`; beyond it use `flash_attention`.
     With `return_lse`, also returns each row's log-sum-exp (natural log, fp32, (B, Hq, Tq)).
+    softcap, sinks and alibi_slopes as in `flash_attention`.
     """
     q, k, v, scale = check_inputs(*autocast_inputs(q, k, v), scale)
     check_row(k, q.dtype)
-    o, lse2 = _forward(q, k, v, check_causal(causal), scale)
+    softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=q.shape[0])
+    o, lse2 = _forward(q, k, v, check_causal(causal), scale, softcap, sinks, slopes)
     return (o, lse2 * LN2) if return_lse else o

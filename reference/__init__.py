@@ -3,6 +3,8 @@ tiled forward written the same way (`reference/tiled.py`), and `python -m refere
 which prints every step."""
 
 from .naive import (
+    alibi_bias,
+    alibi_slopes,
     apply_mask,
     attention,
     causal_mask,
@@ -11,6 +13,7 @@ from .naive import (
     logsumexp,
     masked_scores,
     scores,
+    apply_softcap,
     softmax,
     varlen_attention,
     varlen_logsumexp,
@@ -25,6 +28,9 @@ __all__ = [
     "causal_mask",
     "apply_mask",
     "softmax",
+    "apply_softcap",
+    "alibi_slopes",
+    "alibi_bias",
     "weighted_sum",
     "expand_kv",
     "masked_scores",

@@ -67,17 +67,51 @@ def window_mask(Tq, Tk, left=-1, right=-1, device=None):
     return visible                                         # (Tq, Tk) bool
 
 
+def apply_softcap(s, cap):
+    """Gemma 2's logit soft-capping: cap * tanh(s / cap), smooth, and never past +-cap."""
+    return cap * torch.tanh(s / cap)                       # (B, Hq, Tq, Tk)
+
+
+def alibi_slopes(num_heads):
+    """ALiBi's standard slopes for num_heads heads (Press et al., as BLOOM and MPT use them): the
+    geometric sequence 2^(-8/n), 2^(-16/n), ... for the largest power of two n <= num_heads, and
+    for the heads past it every other slope of the sequence for 2n, interleaved after."""
+    n = 2 ** math.floor(math.log2(num_heads))
+    slopes = [2 ** (-8 * (i + 1) / n) for i in range(n)]
+    extra = [2 ** (-4 * (2 * i + 1) / n) for i in range(num_heads - n)]  # odd steps of the 2n sequence
+    return torch.tensor(slopes + extra, dtype=torch.float32)  # (num_heads,)
+
+
+def alibi_bias(slopes, Tq, Tk, device=None):
+    """ALiBi's linear position bias, -slope * |distance from the query's diagonal key|: query i's
+    diagonal is key i + (Tk - Tq) (bottom-right, as the causal mask), and the bias is symmetric,
+    so full attention penalises keys ahead as much as behind (FlashAttention's convention).
+    slopes (Hq,) or (B, Hq); returns (1 or B, Hq, Tq, Tk)."""
+    i = torch.arange(Tq, device=device)[:, None]           # (Tq, 1) query positions
+    j = torch.arange(Tk, device=device)[None, :]           # (1, Tk) key positions
+    distance = (j - (i + Tk - Tq)).abs()                   # (Tq, Tk)
+    slopes = slopes if slopes.dim() == 2 else slopes[None]  # (1 or B, Hq)
+    return -slopes[:, :, None, None] * distance            # (1 or B, Hq, Tq, Tk)
+
+
 def apply_mask(s, visible):
     """Hidden keys get -inf, so exp() turns them into exactly zero weight."""
     return s.masked_fill(~visible, float("-inf"))          # (B, Hq, Tq, Tk)
 
 
-def softmax(s):
-    """Each row's scores become weights that are >= 0 and sum to 1 (rows with no key: all 0)."""
+def softmax(s, sinks=None):
+    """Each row's scores become weights that are >= 0 and sum to 1 (rows with no key: all 0).
+    With `sinks` (Hq,), GPT-OSS's attention sinks: each head's sink logit joins every row's
+    denominator and takes weight but gives no value, so a row's weights sum to less than 1."""
     m = s.amax(dim=-1, keepdim=True)                       # (B, Hq, Tq, 1) row max, subtracted so exp() cannot overflow
+    if sinks is not None:
+        sink = sinks.to(s.dtype)[None, :, None, None]      # (1, Hq, 1, 1)
+        m = torch.maximum(m, sink)                         # (B, Hq, Tq, 1) the sink may be the largest logit
     m = m.masked_fill(m == float("-inf"), 0.0)             # (B, Hq, Tq, 1) a row with no key: avoid -inf - -inf = nan
     e = torch.exp(s - m)                                   # (B, Hq, Tq, Tk)
     total = e.sum(dim=-1, keepdim=True)                    # (B, Hq, Tq, 1)
+    if sinks is not None:
+        total = total + torch.exp(sink - m)                # (B, Hq, Tq, 1) the sink's share of the denominator
     return e / total.masked_fill(total == 0, 1.0)          # (B, Hq, Tq, Tk) an empty row stays 0, not 0/0
 
 
@@ -86,13 +120,18 @@ def weighted_sum(weights, v):
     return weights @ v                                     # (B, Hq, Tq, Tk) @ (B, Hq, Tk, D) -> (B, Hq, Tq, D)
 
 
-def masked_scores(q, k, causal=True, scale=None, upcast=True, window=(-1, -1)):
-    """The first steps: upcast, expand grouped k heads, score, mask."""
+def masked_scores(q, k, causal=True, scale=None, upcast=True, window=(-1, -1), softcap=None, alibi_slopes=None):
+    """The first steps: upcast, expand grouped k heads, score, soft-cap (Gemma 2: after the scale,
+    before the mask), add ALiBi's bias, mask."""
     dt = compute_dtype(q.dtype, upcast)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     q, k = q.to(dt), expand_kv(k.to(dt), q.shape[1])       # (B, Hq, Tq, D), (B, Hq, Tk, D)
     s = scores(q, k, scale)                                # (B, Hq, Tq, Tk)
     Tq, Tk = q.shape[2], k.shape[2]
+    if softcap is not None:
+        s = apply_softcap(s, softcap)                      # (B, Hq, Tq, Tk)
+    if alibi_slopes is not None:
+        s = s + alibi_bias(alibi_slopes.to(dt), Tq, Tk, q.device)  # (B, Hq, Tq, Tk)
     left, right = window
     if left >= 0 or right >= 0:
         s = apply_mask(s, window_mask(Tq, Tk, left, 0 if causal else right, q.device))
@@ -101,19 +140,27 @@ def masked_scores(q, k, causal=True, scale=None, upcast=True, window=(-1, -1)):
     return s                                               # (B, Hq, Tq, Tk)
 
 
-def attention(q, k, v, causal=True, scale=None, upcast=True, window=(-1, -1)):
-    """softmax(mask(q @ k^T * scale)) @ v, with grouped-query heads and bottom-right causal mask."""
+def attention(q, k, v, causal=True, scale=None, upcast=True, window=(-1, -1), softcap=None, sinks=None,
+              alibi_slopes=None):
+    """softmax(mask(q @ k^T * scale)) @ v, with grouped-query heads and bottom-right causal mask;
+    optionally Gemma 2's `softcap`, GPT-OSS's attention `sinks` (Hq,) and ALiBi's `alibi_slopes`
+    (Hq,) or (B, Hq)."""
     if k.shape[2] == 0:                                    # no keys at all (an empty sequence): every row is empty
-        return torch.zeros_like(q) + 0 * v.sum()           # (B, Hq, Tq, D), still connected to v for autograd
-    w = softmax(masked_scores(q, k, causal, scale, upcast, window))  # (B, Hq, Tq, Tk)
+        return torch.zeros_like(q) + 0 * v.sum() + (0 * sinks.sum() if sinks is not None else 0)  # (B, Hq, Tq, D)
+    s = masked_scores(q, k, causal, scale, upcast, window, softcap, alibi_slopes)  # (B, Hq, Tq, Tk)
+    w = softmax(s, sinks)                                  # (B, Hq, Tq, Tk)
     v = expand_kv(v.to(w.dtype), q.shape[1])               # (B, Hq, Tk, D)
     return weighted_sum(w, v).to(q.dtype)                  # (B, Hq, Tq, D)
 
 
-def logsumexp(q, k, causal=True, scale=None, window=(-1, -1)):
+def logsumexp(q, k, causal=True, scale=None, window=(-1, -1), softcap=None, sinks=None, alibi_slopes=None):
     """log(sum_j exp(s_ij)) per query row, natural log: the softmax's normaliser, which kernels
-    store for their backward pass. float32 (float64 for float64 inputs), -inf for empty rows."""
-    s = masked_scores(q, k, causal, scale, window=window)  # (B, Hq, Tq, Tk)
+    store for their backward pass, the sink's exp(sink) included. float32 (float64 for float64
+    inputs), -inf for empty rows (the sink, with one)."""
+    s = masked_scores(q, k, causal, scale, True, window, softcap, alibi_slopes)  # (B, Hq, Tq, Tk)
+    if sinks is not None:
+        sink = sinks.to(s.dtype)[None, :, None, None].expand(*s.shape[:3], 1)   # (B, Hq, Tq, 1)
+        s = torch.cat([s, sink], dim=-1)                   # (B, Hq, Tq, Tk + 1)
     return torch.logsumexp(s, dim=-1)                      # (B, Hq, Tq)
 
 
@@ -123,31 +170,45 @@ def _one_sequence(fn, q, k, v):
     return fn(as_batch(q), as_batch(k), as_batch(v))[0].transpose(0, 1)  # (Tq, Hq, ...)
 
 
-def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, scale=None, upcast=True, window=(-1, -1)):
+def _per_sequence(slopes, b):
+    """ALiBi slopes for sequence b: (Hq,) for every sequence, or row b of (B, Hq)."""
+    return None if slopes is None else slopes if slopes.dim() == 1 else slopes[b]
+
+
+def _sequences(cu_seqlens_q, cu_seqlens_k):
+    return enumerate(zip(cu_seqlens_q.tolist(), cu_seqlens_q[1:].tolist(), cu_seqlens_k.tolist(),
+                         cu_seqlens_k[1:].tolist()))
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, scale=None, upcast=True, window=(-1, -1),
+                     softcap=None, sinks=None, alibi_slopes=None):
     """Attention over a packed batch of sequences of different lengths, none seeing another:
     q (total_q, Hq, D) and k, v (total_k, Hkv, D) hold the sequences one after another, and
     sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q (of k and v: cu_seqlens_k)."""
-    fn = lambda q, k, v: attention(q, k, v, causal, scale, upcast, window)
-    out = [_one_sequence(fn, q[q0:q1], k[k0:k1], v[k0:k1])  # (Tq_b, Hq, D)
-           for q0, q1, k0, k1 in zip(cu_seqlens_q.tolist(), cu_seqlens_q[1:].tolist(),
-                                     cu_seqlens_k.tolist(), cu_seqlens_k[1:].tolist())]
+    out = [_one_sequence(lambda q, k, v: attention(q, k, v, causal, scale, upcast, window, softcap, sinks,
+                                                   _per_sequence(alibi_slopes, b)),
+                         q[q0:q1], k[k0:k1], v[k0:k1])    # (Tq_b, Hq, D)
+           for b, (q0, q1, k0, k1) in _sequences(cu_seqlens_q, cu_seqlens_k)]
     return torch.cat(out)                                  # (total_q, Hq, D)
 
 
-def varlen_logsumexp(q, k, cu_seqlens_q, cu_seqlens_k, causal=True, scale=None, window=(-1, -1)):
+def varlen_logsumexp(q, k, cu_seqlens_q, cu_seqlens_k, causal=True, scale=None, window=(-1, -1), softcap=None,
+                     sinks=None, alibi_slopes=None):
     """`logsumexp` of each packed sequence, laid out (Hq, total_q) as the varlen kernel stores it."""
-    fn = lambda q, k, v: logsumexp(q, k, causal, scale, window)[..., None]
-    out = [_one_sequence(fn, q[q0:q1], k[k0:k1], k[k0:k1])[..., 0]  # (Tq_b, Hq)
-           for q0, q1, k0, k1 in zip(cu_seqlens_q.tolist(), cu_seqlens_q[1:].tolist(),
-                                     cu_seqlens_k.tolist(), cu_seqlens_k[1:].tolist())]
+    out = [_one_sequence(lambda q, k, v: logsumexp(q, k, causal, scale, window, softcap, sinks,
+                                                   _per_sequence(alibi_slopes, b))[..., None],
+                         q[q0:q1], k[k0:k1], k[k0:k1])[..., 0]  # (Tq_b, Hq)
+           for b, (q0, q1, k0, k1) in _sequences(cu_seqlens_q, cu_seqlens_k)]
     return torch.cat(out).transpose(0, 1)                  # (Hq, total_q)
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, window=(-1, -1)):
+def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, window=(-1, -1), softcap=None, sinks=None,
+                     alibi_slopes=None):
     """Tq new tokens per sequence attending to a KV cache: q (B, Hq, Tq, D); k_cache, v_cache
     (B, Hkv, Tmax, D), of which sequence b's first cache_seqlens[b] positions are valid, the new
     tokens' own keys included (they are the last Tq). Causal: each new token sees the cache
     before it and itself."""
-    out = [attention(q[b:b + 1], k_cache[b:b + 1, :, :L], v_cache[b:b + 1, :, :L], True, scale, window=window)
+    out = [attention(q[b:b + 1], k_cache[b:b + 1, :, :L], v_cache[b:b + 1, :, :L], True, scale, window=window,
+                     softcap=softcap, sinks=sinks, alibi_slopes=_per_sequence(alibi_slopes, b))
            for b, L in enumerate(cache_seqlens.tolist())]  # B x (1, Hq, Tq, D)
     return torch.cat(out)                                  # (B, Hq, Tq, D)

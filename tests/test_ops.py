@@ -23,7 +23,7 @@ SHAPE = Shape(2, 4, 2, 19, 23, 16)  # grouped heads, Tq != Tk, lengths that miss
 
 def opcheck_args(layout):
     q, k, v, do = make_qkv(SHAPE, torch.float32, layout=layout, seed=seed_of("opcheck", layout))
-    o, lse, _ = OPS.flash_forward(q.detach(), k.detach(), v.detach(), -1, 0, 0.3, False)
+    o, lse, _ = OPS.flash_forward(q.detach(), k.detach(), v.detach(), -1, 0, 0.3, 0.0, None, None, False)
     return q, k, v, do, o, lse
 
 
@@ -42,25 +42,33 @@ def test_opcheck(layout):
     q, k, v, do, o, lse = opcheck_args(layout)
     d = [x.detach() for x in (q, k, v)]
     cases = [
-        (OPS.flash_forward.default, (q, k, v, -1, 0, 0.3, False)),
-        (OPS.flash_forward.default, (q, k, v, 3, 2, 0.3, False)),  # a window
-        (OPS.fused_forward.default, (q, k, v, False, 0.3)),
-        (OPS.flash_backward.default, (*d, o, None, lse, do, None, -1, 0, 0.3)),
-        (OPS.flash_backward.default, (*d, o, None, lse, do, torch.randn_like(lse), -1, 0, 0.3)),  # a used lse
-        (OPS.fused_backward.default, (*d, lse, do, None, True, 0.3)),
+        (OPS.flash_forward.default, (q, k, v, -1, 0, 0.3, 0.0, None, None, False)),
+        (OPS.flash_forward.default, (q, k, v, 3, 2, 0.3, 0.0, None, None, False)),  # a window
+        (OPS.fused_forward.default, (q, k, v, False, 0.3, 0.0, None, None)),
+        (OPS.flash_backward.default, (*d, o, None, lse, do, None, -1, 0, 0.3, 0.0, None, None)),
+        (OPS.flash_backward.default, (*d, o, None, lse, do, torch.randn_like(lse), -1, 0, 0.3, 0.0, None, None)),
+        (OPS.fused_backward.default, (*d, lse, do, None, True, 0.3, 0.0, None, None)),
+    ]
+    # what models add: a soft-cap, sinks (with their gradient) and ALiBi slopes
+    sinks, slopes = torch.randn(q.shape[1], device=q.device), torch.rand(q.shape[1], device=q.device)
+    mo, mlse, _ = OPS.flash_forward(*d, -1, 0, 0.3, 2.0, sinks, slopes, False)
+    cases += [
+        (OPS.flash_forward.default, (q, k, v, -1, 0, 0.3, 2.0, sinks.clone().requires_grad_(), slopes, False)),
+        (OPS.flash_backward.default, (*d, mo, None, mlse, do, None, -1, 0, 0.3, 2.0, sinks, slopes)),
+        (OPS.fused_forward.default, (q, k, v, True, 0.3, 2.0, sinks.clone().requires_grad_(), slopes)),
     ]
     # 16-bit: the forward also returns O's rounding residual, which the backward reads
     h = [x.half() for x in d]
-    ho, hlse, hres = OPS.flash_forward(*h, -1, 0, 0.3, True)
+    ho, hlse, hres = OPS.flash_forward(*h, -1, 0, 0.3, 0.0, None, None, True)
     assert hres.shape == ho.shape
     cases += [
-        (OPS.flash_forward.default, (*[x.clone().requires_grad_() for x in h], -1, 0, 0.3, True)),
-        (OPS.flash_backward.default, (*h, ho, hres, hlse, do.half(), None, -1, 0, 0.3)),
+        (OPS.flash_forward.default, (*[x.clone().requires_grad_() for x in h], -1, 0, 0.3, 0.0, None, None, True)),
+        (OPS.flash_backward.default, (*h, ho, hres, hlse, do.half(), None, -1, 0, 0.3, 0.0, None, None)),
     ]
     pq, pk, pv, pdo, cu_q, cu_k = packed_args(seed_of("opcheck packed", layout))
     if layout == "bthd":  # (H, total, D) storage: strided rows
         pq, pk, pv = (x.transpose(0, 1).contiguous().transpose(0, 1) for x in (pq, pk, pv))
-    packed = (cu_q, cu_k, 14, 11, -1, 0, 0.3)
+    packed = (cu_q, cu_k, 14, 11, -1, 0, 0.3, 0.0, None, None)
     po, plse, _ = OPS.flash_varlen_forward(pq, pk, pv, *packed, False)
     cases += [
         (OPS.flash_varlen_forward.default, (pq.requires_grad_(), pk.requires_grad_(), pv.requires_grad_(), *packed,
