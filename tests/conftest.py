@@ -10,15 +10,21 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # `pytest -n 2` on 2 cores: one thread per worker, not two fighting per core
+
 # The tests of the kernels themselves (`pytest -m kernels`): what CI runs a second time under
-# Triton 3.6, the GPU machine's version, beside the newest Triton that runs the whole suite.
+# Triton 3.6, the GPU machine's version, beside the newest Triton that runs the whole suite. The
+# second run takes their bf16 cases and those without a dtype: what differs between Triton versions
+# (the interpreter, the compiler) shows there, and the whole suite's 15 minutes on 2 cores hold it.
 KERNEL_TESTS = {"test_kernels.py", "test_flash.py", "test_fused.py", "test_varlen.py", "test_window.py",
-                "test_decode.py", "test_tiles.py", "test_compiles.py", "test_gpu_check.py"}
+                "test_decode.py", "test_tiles.py", "test_compiles.py", "test_gpu_check.py", "test_variants.py"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.path.name in KERNEL_TESTS:
+        if item.path.name in KERNEL_TESTS and not any(d in item.name.replace("bfloat16", "") for d in ("float16",
+                                                                                                      "float32")):
             item.add_marker(pytest.mark.kernels)
     if torch.cuda.is_available():
         return
