@@ -7,38 +7,54 @@ The kernels as a Hugging Face transformers attention implementation.
 
 `register_transformers` registers two functions under one name: `kernel_attention_forward` in
 transformers' `AttentionInterface` and `kernel_mask` in its `AttentionMaskInterface`. The mask
-function decides, once per forward, whether the kernels can reproduce the model's mask exactly;
-the attention function runs the kernels when they can and transformers' own SDPA attention when
-they cannot. A mask is never dropped.
+function decides, once per forward and per mask type, whether the kernels reproduce the model's
+mask exactly; the attention function runs the kernels when they do and the model's own attention
+otherwise (transformers' SDPA, or the model's eager attention where it softcaps or has sinks,
+which SDPA lacks). A mask is never dropped, and a model is never run with a mask it did not ask for.
 
-On the kernels (one call per layer):
-    - a plain causal mask whose queries end where the keys end (no cache, or a DynamicCache:
-      prefill, chunked prefill, decoding), where the kernels' bottom-right alignment is exact;
-    - the same with padding, left or right (a 2D mask whose valid keys are one run per row): the
-      valid query rows and keys are packed, run through `flash_attention_varlen` in one call, and
-      scattered back with zeros in the padded query rows, as FlashAttention-2's unpad/pad gives.
-      The fused kernel has no packed form, so impl="fused" runs flash here too; impl="reference"
-      runs `reference.varlen_attention` on the same packed tensors. The packing (holes check,
-      gather indices, cu_seqlens) costs one host sync, once per forward: every layer gets the one
-      mask tensor `kernel_mask` made, and the first layer keeps its packing for the others (the
-      offsets are built right by construction, so the varlen call skips its own host check).
-    - no mask and is_causal=False (e.g. an encoder without padding);
-    - a sliding window at least as long as the keys (it masks nothing).
-On transformers' `sdpa_attention_forward`, counted in `CALLS` with the reason:
-    - every other mask, which `kernel_mask` builds with transformers' `sdpa_mask`: a shorter
-      sliding window, chunked, packed sequences, or/and overlays, a StaticCache (tensor offsets,
-      keys past the queries), a mask the model asks to have materialised (allow_is_causal_skip=False,
-      e.g. Falcon adds ALiBi onto it), a custom 4D mask from the user, a padding mask with holes;
-    - dropout > 0, a position bias, and inputs the kernels do not take (a dtype other than fp16,
-      bf16 and fp32, head dim > 256, CPU tensors without Triton's interpreter).
-SDPA always gets the mask spelled out in 4D: it reads no mask as top-left causal, where the
-kernels and transformers' masks align bottom-right. Attention sinks (`s_aux`, `sinks`) and
-`softcap` raise: neither the kernels nor SDPA have them. Importing this module does not import
-transformers; `register_transformers` does.
+Which models: those whose attention goes through transformers' attention interface. A model class
+that computes attention itself and only reads the mask (BLOOM, XGLM, MPT, Falcon, GPT-Neo, ...:
+`_supports_attention_backend` False and no attention-interface call in its module) is refused when
+the implementation is set, with its class and the reason: it would read the kernels' mask as its
+own and compute something else.
+
+On the kernels (one call per layer), each with what the model adds (Gemma 2's `softcap`, GPT-OSS's
+sinks `s_aux`):
+    - a causal mask, plain or with a sliding window (Mistral, Qwen2, Gemma 2/3's sliding layers,
+      GPT-OSS, Cohere 2: `window=(W - 1, 0)`), whose queries end where the keys end: no cache, a
+      DynamicCache (prefill, chunked prefill, decoding);
+    - a StaticCache (`generate(cache_implementation="static")`): its keys run past the queries,
+      so the mask reads the query offset once per forward (one host sync) and the layers run on
+      the keys up to the last query;
+    - any of these with padding, left or right (a 2D mask whose valid keys are one run per row):
+      the valid query rows and keys are packed, run through `flash_attention_varlen` in one call,
+      and scattered back with zeros in the padded query rows, as FlashAttention-2's unpad/pad
+      gives. The fused kernel has no packed form, so impl="fused" runs flash here too;
+      impl="reference" runs `reference.varlen_attention`. The packing (holes check, gather
+      indices, cu_seqlens) costs one host sync, once per forward: the layers of a mask share it;
+    - no mask and is_causal=False (e.g. an encoder without padding).
+The mask function hands the attention function a (B, Tk) bool tensor of the valid keys and
+remembers, by identity, what it stands for (causal or not, the window, where the keys end, whether
+it pads): the model's layers pass it through untouched. It never hands over None for a mask the
+kernels run (a layer reads None by its own is_causal, which BigBird-Pegasus's decoder sets False
+under a causal mask); None reaches the attention function only from models that make no mask, and
+then the layer's is_causal decides, as in SDPA.
+
+Elsewhere, counted in `CALLS` under the reason and logged once per reason (logger
+"attention_kernels.kernels.hf"): a chunked or overlaid mask, packed sequences, a mask the model
+materialises (allow_is_causal_skip=False), a static cache's sliding layer, a user's 4D mask, a
+padding mask with holes, dropout, a position bias, inputs the kernels do not take (a dtype other
+than fp16, bf16 and fp32, head dim > 256, CPU tensors without Triton's interpreter). SDPA always
+gets the mask spelled out in 4D: it reads no mask as top-left causal, where the kernels and
+transformers' masks align bottom-right. Importing this module does not import transformers;
+`register_transformers` does.
 """
 
 import functools
-from collections import Counter
+import inspect
+import logging
+import sys
+from collections import Counter, OrderedDict
 from typing import NamedTuple
 
 import torch
@@ -48,32 +64,33 @@ from torch import Tensor
 from .. import reference
 from .checks import input_problem
 from .dispatch import IMPLS, attention
-from .flash import flash_attention_varlen
+from .flash import flash_attention, flash_attention_varlen
 
-# How many attention calls ran on the kernels ("kernels") and how many went to SDPA and why
-# ("sdpa: <reason>"), in this process. Tests read it to prove which path ran.
+log = logging.getLogger(__name__)
+
+# How many attention calls ran on the kernels ("kernels") and how many went elsewhere and why
+# ("sdpa: <reason>", "eager: <reason>"), in this process. Tests read it to prove which path ran.
 CALLS = Counter()
+_said = set()  # the fallback reasons already logged
 
 # transformers switches on these substrings of an implementation's name (flash-attention code
 # paths, the SDPA dispatch check, flex, paged attention, a kernel repo on the Hub).
 _RESERVED_IN_NAMES = ("flash", "sdpa", "flex_attention", "paged", "/", ":")
-
-# The padding mask `kernel_mask` returned last, and its packing once a layer has made it (or None):
-# transformers hands that one tensor to every layer of a forward, so the later layers reuse it.
-_last_padding = (None, None)
+_NAMES = set()  # the names registered in this process
 
 
 def register_transformers(name="attention_kernels", impl="auto"):
     """Register the kernels with transformers under `name` and return `name`; then
     `attn_implementation=name` (in `from_pretrained`, `from_config` or `set_attn_implementation`)
-    runs them. impl: "auto", "fused", "flash" or "reference", as in `kernels.attention`."""
+    runs them. impl: "auto", "fused", "flash" or "reference", as in `kernels.attention`. A model
+    class the kernels cannot serve (see `model_problem`) is refused when the name is set on it."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
     if not isinstance(name, str) or name == "eager" or any(s in name for s in _RESERVED_IN_NAMES):
         raise ValueError(f"name must be a string without {', '.join(map(repr, _RESERVED_IN_NAMES))} and not 'eager' "
                          f"(transformers gives those names their own code paths); got {name!r}")
     try:
-        from transformers import AttentionInterface
+        from transformers import AttentionInterface, PreTrainedModel
         from transformers.masking_utils import AttentionMaskInterface  # transformers 5
     except ImportError as e:
         raise ImportError(f"register_transformers needs Hugging Face transformers 5 or newer ({e}); install it "
@@ -81,42 +98,173 @@ def register_transformers(name="attention_kernels", impl="auto"):
 
     AttentionInterface.register(name, functools.partial(kernel_attention_forward, impl=impl))
     AttentionMaskInterface.register(name, kernel_mask)
+    _NAMES.add(name)
+    _guard(PreTrainedModel)
     return name
+
+
+def model_problem(model_class):
+    """Why `model_class` cannot run on the kernels, or None. A model must send its attention
+    through transformers' attention interface: one that computes attention itself (and says so,
+    `_supports_attention_backend = False`, with no call of the interface in its module) would read
+    the kernels' mask (None or a padding mask) as its own 4D mask and compute something else."""
+    if model_class.is_backend_compatible() or "ALL_ATTENTION_FUNCTIONS" in _source(model_class):
+        return None
+    return ("computes its attention itself instead of calling transformers' attention interface "
+            "(_supports_attention_backend is False), so it would read the kernels' mask as its own")
+
+
+@functools.lru_cache(maxsize=None)
+def _source(model_class):
+    """The source of the module that defines `model_class` ("" where there is none to read)."""
+    module = sys.modules.get(model_class.__module__)
+    try:
+        return inspect.getsource(module) if module is not None else ""
+    except (OSError, TypeError):
+        return ""
+
+
+# id() of the configs of models built with our names whose module materialises masks itself (adds
+# onto them: allow_is_causal_skip=False in its source). transformers also passes
+# allow_is_causal_skip=False for one query against a compileable (static) cache, a case the kernels
+# run; this set tells the two apart. A reused id only costs a fallback.
+_MATERIALISING = set()
+
+
+def _guard(PreTrainedModel):
+    """Make transformers refuse our names on a model class `model_problem` refuses, when the
+    implementation is set (construction, from_pretrained, set_attn_implementation), instead of a
+    wrong answer or a KeyError deep in the model. transformers has no hook there: this wraps the
+    method all those paths call to check a requested name."""
+    check = getattr(PreTrainedModel, "get_correct_attn_implementation", None)
+    if check is None or getattr(check, "_attention_kernels", False):
+        return  # already guarded, or a transformers without the method (tests/test_hf_models.py would say)
+
+    @functools.wraps(check)
+    def guarded(self, requested_attention, *args, **kwargs):
+        if isinstance(requested_attention, str) and requested_attention in _NAMES:
+            problem = model_problem(type(self))
+            if problem is not None:
+                raise ValueError(f"{type(self).__name__} cannot use attn_implementation={requested_attention!r}: it "
+                                 f"{problem}. Use attn_implementation='sdpa' or 'eager' for this model.")
+            if "allow_is_causal_skip=False" in _source(type(self)):
+                _MATERIALISING.add(id(self.config))
+        return check(self, requested_attention, *args, **kwargs)
+
+    guarded._attention_kernels = True
+    PreTrainedModel.get_correct_attn_implementation = guarded
 
 
 # ----------------------------------------------------------------------------- the mask
 
 
+class Spec(NamedTuple):
+    """What a (B, Tk) bool mask from `kernel_mask` stands for: attention, causal or not, over the
+    keys [0, end) of the layer's Tk, those the mask marks valid, with a sliding window of `left`
+    keys before the diagonal one (None: unbounded)."""
+    causal: bool
+    left: int | None
+    end: int
+    padded: bool
+
+
+# The masks `kernel_mask` made lately, by identity: (mask, Spec or a fallback reason, packing). A
+# model builds one or two per forward (full and sliding layers); every layer gets the same tensor.
+_MASKS = OrderedDict()
+_KEEP = 8
+
+
+def _remember(mask, what):
+    _MASKS[id(mask)] = [mask, what, None]
+    while len(_MASKS) > _KEEP:
+        _MASKS.popitem(last=False)
+    return mask
+
+
+def _recall(mask):
+    entry = _MASKS.get(id(mask))
+    return entry if entry is not None and entry[0] is mask else None
+
+
+def _pattern(mask_function):
+    """("causal", None), ("sliding", W) or ("bidirectional", None) when `mask_function` is
+    transformers' causal, sliding-window causal or bidirectional mask function, else None
+    (chunked, overlays, packed sequences, ...).
+    Recognised by the functions themselves, not by their output: and_masks(sliding_window_overlay(W),
+    causal_mask_function) is what transformers builds for a sliding layer."""
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sliding_window_overlay
+
+    if mask_function is causal_mask_function:
+        return "causal", None
+    if mask_function is bidirectional_mask_function:
+        return "bidirectional", None
+    parts = inspect.getclosurevars(mask_function).nonlocals.get("mask_functions") \
+        if getattr(mask_function, "__name__", "") == "and_mask" else None
+    if parts is not None and len(parts) == 2 and parts[1] is causal_mask_function \
+            and getattr(parts[0], "__code__", None) is sliding_window_overlay(1).__code__:
+        window = inspect.getclosurevars(parts[0]).nonlocals.get("sliding_window")
+        if isinstance(window, int) and window > 0:
+            return "sliding", window
+    return None
+
+
 def kernel_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                 attention_mask=None, allow_is_causal_skip=True, **kwargs):
     """The mask transformers hands to `kernel_attention_forward`, with the signature of its
-    `sdpa_mask`. None (plain causal, no padding) or the (B, kv_length) bool padding mask where the
-    kernels reproduce the mask exactly; otherwise `sdpa_mask`'s 4D bool mask."""
+    `sdpa_mask`: where the kernels reproduce the mask exactly, a (B, kv_length) bool mask of the
+    valid keys that `_MASKS` remembers the meaning of (causal or not, window, where the keys end,
+    padded or not); otherwise `sdpa_mask`'s 4D bool mask, remembered with the reason. Never None
+    for a mask the kernels run: a layer reads None by its own is_causal, which some models set
+    False while their mask is causal (BigBird-Pegasus's decoder)."""
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
+    entry = None if attention_mask is None else _recall(attention_mask)
+    if entry is not None and isinstance(entry[1], Spec) and attention_mask.shape == (batch_size, kv_length):
+        return attention_mask  # ours already: generate makes the masks first and hands them to the model as its own
     mask_function = mask_function or causal_mask_function
-    # The kernels align causal masks bottom-right: exact when the queries end where the keys end.
-    # A StaticCache gives tensor offsets, and its keys run past the queries.
-    aligned = (isinstance(q_offset, int) and isinstance(kv_offset, int)
-               and q_offset + q_length == kv_offset + kv_length)
-    if (mask_function is causal_mask_function and allow_is_causal_skip and aligned
-            and (attention_mask is None or attention_mask.shape[-1] == kv_offset + kv_length)):
-        if attention_mask is None:
-            return None
-        padding = attention_mask[:, kv_offset:].bool()  # (B, kv_length)
-        if padding.all():
-            return None
-        global _last_padding
-        _last_padding = (padding, None)
-        return padding
+    pattern = _pattern(mask_function)
+    static = isinstance(q_offset, Tensor)  # a StaticCache: the keys run past the queries
+    reason = None
+    if pattern is None:
+        reason = "a mask pattern the kernels lack (chunked, packed sequences or an overlay)"
+    elif (not kwargs.get("allow_is_bidirectional_skip", True) if pattern[0] == "bidirectional" else
+          not allow_is_causal_skip and (q_length != 1 or id(kwargs.get("config")) in _MATERIALISING)):
+        reason = "the model materialises its mask (allow_is_causal_skip=False)"
+    elif isinstance(kv_offset, Tensor):
+        reason = "a sliding layer of a static cache"
+    elif attention_mask is not None and attention_mask.ndim != 2:
+        reason = f"a {attention_mask.ndim}D mask from the caller"
+    else:
+        padding = None if attention_mask is None else attention_mask.bool()
+        if padding is not None and padding.shape[-1] < kv_offset + kv_length:  # as transformers' sdpa_mask reads it
+            padding = F.pad(padding, (0, kv_offset + kv_length - padding.shape[-1]))
+        # -- one host sync per mask: where the queries end (a static cache's offset is a tensor)
+        # and whether there is padding at all
+        probe = [q_offset.reshape(()).long() if static else torch.tensor(q_offset)]
+        if padding is not None:  # only the keys up to the last query count: generate may pad past them
+            cols = torch.arange(padding.shape[-1], device=padding.device)
+            seen = (cols >= kv_offset) & (cols < probe[0].to(padding.device) + q_length)
+            probe.append((~padding & seen).any().long())
+        values = torch.stack([p.to(probe[0].device) for p in probe]).tolist()
+        end = values[0] + q_length - kv_offset  # the layer's keys [0, end) hold every position up to the last query
+        padded = len(values) > 1 and bool(values[1])
+        if not q_length <= end <= kv_length:
+            reason = "queries that do not end on the keys"
+        else:
+            valid = torch.zeros(batch_size, kv_length, dtype=torch.bool, device=kwargs.get("device", "cpu")
+                                if padding is None else padding.device)
+            valid[:, :end] = True if padding is None else padding[:, kv_offset:kv_offset + end]
+            left = pattern[1] - 1 if pattern[0] == "sliding" else None  # keys j > i - W: W - 1 before i
+            return _remember(valid, Spec(pattern[0] != "bidirectional", left, end, padded))
 
     # sdpa_mask returns None to mean "SDPA's is_causal", which aligns top-left; the kernels would
     # read None as bottom-right. The two agree only for one query or as many queries as keys.
-    if q_length != 1 and q_length != kv_length:
+    if q_length != 1 and q_length != kv_length or static:
         allow_is_causal_skip = False
         kwargs["allow_is_bidirectional_skip"] = False
-    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+    mask = sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
                      allow_is_causal_skip=allow_is_causal_skip, **kwargs)
+    return mask if mask is None else _remember(mask, reason)
 
 
 # ----------------------------------------------------------------------------- the attention
@@ -125,71 +273,110 @@ def kernel_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_f
 def kernel_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, impl="auto",
                              **kwargs):
     """transformers' attention-function signature: query (B, Hq, Tq, D), key and value (B, Hkv, Tk, D)
-    (not repeated for grouped-query attention), attention_mask None, the (B, Tk) bool padding mask
-    or a 4D mask; returns ((B, Tq, Hq, D) contiguous, None)."""
-    for kwarg in ("softcap", "s_aux", "sinks"):
-        if kwargs.get(kwarg) is not None:
-            raise ValueError(f"{kwarg!r} is not supported by the attention kernels, nor by SDPA; "
-                             "use attn_implementation='eager' for this model")
+    (not repeated for grouped-query attention), attention_mask None, a (B, Tk) bool mask from
+    `kernel_mask` or a 4D mask; returns ((B, Tq, Hq, D) contiguous, None). Takes Gemma 2's
+    `softcap` and GPT-OSS's `s_aux` (or `sinks`) as the kernels' softcap and sinks."""
     is_causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
     B, Tq, Tk = query.shape[0], query.shape[-2], key.shape[-2]
-    window = kwargs.get("sliding_window")
-    if window is not None and Tk <= window:
-        window = None  # every key is inside the window: it masks nothing
+    softcap = kwargs.get("softcap")
+    sinks = kwargs.get("s_aux") if kwargs.get("s_aux") is not None else kwargs.get("sinks")
+    mods = dict(softcap=softcap, sinks=None if sinks is None else sinks.float())
 
-    valid = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
-    if valid is not None and (valid.dtype != torch.bool or valid.shape != (B, Tk)):
-        raise ValueError(f"a 2D attention mask must be the (B, Tk) = {(B, Tk)} bool padding mask that kernel_mask "
-                         f"gives, got {tuple(valid.shape)} {valid.dtype}")
-    reason = _why_not_kernels(query, key, value, attention_mask, dropout, scaling, window, kwargs)
-    if reason is None and valid is not None:
-        packing = _packing(valid, Tq)
+    entry = None if attention_mask is None else _recall(attention_mask)
+    spec, valid, reason = Spec(causal, None, Tk, False), None, None
+    if attention_mask is not None and attention_mask.ndim == 2:
+        if attention_mask.dtype != torch.bool or attention_mask.shape != (B, Tk):
+            raise ValueError(f"a 2D attention mask must be the (B, Tk) = {(B, Tk)} bool mask that kernel_mask "
+                             f"gives, got {tuple(attention_mask.shape)} {attention_mask.dtype}")
+        if entry is not None:
+            spec, valid = entry[1], attention_mask
+        else:  # not ours (a direct call): a padding mask, with the window the layer names, as FlashAttention-2 reads it
+            window = kwargs.get("sliding_window")
+            left = None if window is None or window >= Tk else window - 1
+            spec, valid = Spec(causal, left, Tk, True), attention_mask
+    elif attention_mask is not None:
+        reason = entry[1] if entry is not None else f"a {attention_mask.ndim}D mask from the caller"
+    reason = reason or _why_not_kernels(query, key, value, dropout, scaling, kwargs)
+    causal = spec.causal  # the mask's own word, where kernel_mask made it
+
+    if reason is None and spec.end < Tk:  # a static cache: the keys past the last query are unused
+        key, value, valid = key[:, :, :spec.end], value[:, :, :spec.end], valid[:, :spec.end]
+        Tk = spec.end
+    window = None if spec.left is None or spec.left >= Tk else (spec.left, 0 if causal else spec.left)
+    if reason is None and spec.padded:
+        packing = _packing(entry, valid, Tq)
         if packing.holes:
-            reason = "padding mask with holes"
+            reason = "a padding mask with holes"
 
     if reason is not None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        CALLS[f"sdpa: {reason}"] += 1
-        if attention_mask is None or valid is not None:
-            # SDPA reads no mask as top-left causal and knows no 2D padding mask nor window: spell out
-            # the mask meant.
-            attention_mask = _dense_mask(valid, Tq, Tk, causal, window, query.device)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-
+        return _fallback(module, query, key, value, attention_mask, valid, spec, causal, reason, dropout, scaling,
+                         kwargs)
     CALLS["kernels"] += 1
-    if valid is not None:
-        return _attention_packed(query, key, value, packing, causal, scaling, impl), None
-    out = attention(query, key, value, causal=causal, scale=scaling, impl=impl)  # (B, Hq, Tq, D)
-    return out.transpose(1, 2).contiguous(), None                     # (B, Tq, Hq, D)
-
-
-def _why_not_kernels(query, key, value, attention_mask, dropout, scaling, window, kwargs):
-    """Why this call must go to SDPA, or None when the kernels can run it exactly."""
-    if attention_mask is not None and attention_mask.ndim != 2:
-        return f"{attention_mask.ndim}D {str(attention_mask.dtype).replace('torch.', '')} mask"
+    if spec.padded:
+        return _attention_packed(query, key, value, packing, causal, scaling, impl, window, mods), None
     if window is not None:
-        return "sliding window"
+        if impl == "reference":
+            out = reference.attention(query, key, value, causal, scaling, window=window, **mods)
+        else:  # only flash has windows
+            out = flash_attention(query, key, value, causal=causal, scale=scaling, window=window, **mods)
+    else:
+        out = attention(query, key, value, causal=causal, scale=scaling, impl=impl, **mods)  # (B, Hq, Tq, D)
+    return out.transpose(1, 2).contiguous(), None                                        # (B, Tq, Hq, D)
+
+
+def _why_not_kernels(query, key, value, dropout, scaling, kwargs):
+    """Why this call must go elsewhere, or None when the kernels can run it exactly."""
     if dropout > 0:
         return "dropout"
     if kwargs.get("position_bias") is not None:
-        return "position bias"
+        return "a position bias"
     return input_problem(query, key, value, scaling)  # the kernels' own input check
 
 
-def _dense_mask(valid, Tq, Tk, causal, window, device):
+def _fallback(module, query, key, value, attention_mask, valid, spec, causal, reason, dropout, scaling, kwargs):
+    """The model's own attention where the kernels cannot run a call: transformers' SDPA, or, for a
+    soft-cap or sinks (SDPA has neither), the eager attention of the model's own module. Both get
+    the mask spelled out in 4D: SDPA reads no mask as top-left causal and knows neither 2D padding
+    masks nor windows."""
+    eager = kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None
+    path = "eager" if eager else "sdpa"
+    CALLS[f"{path}: {reason}"] += 1
+    if (path, reason) not in _said:
+        _said.add((path, reason))
+        log.warning("attention_kernels: %s runs transformers' %s attention instead of the kernels: %s (logged once "
+                    "per reason; kernels.hf.CALLS counts every call)", type(module).__name__, path.upper(), reason)
+    Tq, Tk = query.shape[-2], key.shape[-2]
+    if attention_mask is None or attention_mask.ndim == 2:
+        attention_mask = _dense_mask(valid, Tq, Tk, causal, spec.left, query.device)
+    if eager:
+        model_module = sys.modules.get(type(module).__module__)
+        eager_forward = getattr(model_module, "eager_attention_forward", None)
+        if eager_forward is None:
+            raise ValueError(f"{type(module).__name__} passes softcap or sinks, which SDPA lacks, and the kernels cannot "
+                             f"run this call ({reason}); its module has no eager_attention_forward to fall back on: "
+                             "use attn_implementation='eager'")
+        if attention_mask.dtype == torch.bool:  # eager attention adds its mask to the scores
+            attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~attention_mask, torch.finfo(query.dtype).min)
+        return eager_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def _dense_mask(valid, Tq, Tk, causal, left, device):
     """The (B or 1, 1, Tq, Tk) bool mask, True where query i may see key j, in transformers'
-    semantics: query i sits at key position i + Tk - Tq (bottom-right); a causal window of W keeps
-    keys with j > i + Tk - Tq - W, a bidirectional one keys at most W away."""
+    semantics: query i sits at key position i + Tk - Tq (bottom-right); a window keeps the `left`
+    keys before it (and, not causal, the `left` after)."""
     keys = torch.arange(Tk, device=device)                          # (Tk,)
     rows = torch.arange(Tq, device=device)[:, None] + (Tk - Tq)     # (Tq, 1)
     allowed = keys <= rows if causal else torch.ones(Tq, Tk, dtype=torch.bool, device=device)
-    if window is not None:
-        allowed = allowed & ((keys > rows - window) if causal else ((keys - rows).abs() <= window))
+    if left is not None:
+        allowed = allowed & ((keys >= rows - left) if causal else ((keys - rows).abs() <= left))
     allowed = allowed[None, None]                                   # (1, 1, Tq, Tk)
-    return allowed if valid is None else allowed & valid[:, None, None, :]  # (B, 1, Tq, Tk)
+    return allowed if valid is None else allowed & valid[:, None, None, :Tk]  # (B, 1, Tq, Tk)
 
 
 # ----------------------------------------------------------------------------- padded batches
@@ -226,23 +413,22 @@ def _pack(valid, Tq):
     return Packing(Tq, bool(holes), rows(valid_q, total_q), rows(valid, total_k), cu(len_q), cu(len_k), max_q, max_k)
 
 
-def _packing(valid, Tq):
-    """`_pack(valid, Tq)`, made once per forward for the mask `kernel_mask` returned last."""
-    global _last_padding
-    mask, packing = _last_padding
-    if valid is not mask:  # a mask from elsewhere (a direct call): nothing to share it with
+def _packing(entry, valid, Tq):
+    """`_pack(valid, Tq)`, made once per mask from `kernel_mask` (once per forward: every layer
+    gets the same mask) and kept beside it in `_MASKS`."""
+    if entry is None:  # a mask from elsewhere (a direct call): nothing to share it with
         return _pack(valid, Tq)
-    if packing is None or packing.Tq != Tq:
-        packing = _pack(valid, Tq)
-        _last_padding = (mask, packing)
-    return packing
+    if entry[2] is None or entry[2].Tq != Tq:
+        entry[2] = _pack(valid, Tq)
+    return entry[2]
 
 
-def _attention_packed(q, k, v, packing, causal, scale, impl):
+def _attention_packed(q, k, v, packing, causal, scale, impl, window, mods):
     """Padded batches in one call: gather the valid query rows and keys into packed tensors, run
     the varlen kernel, scatter back. Each sequence's queries end where its keys end, so the
-    kernel's bottom-right alignment is exact; the padded query rows are zeros, as FlashAttention-2's
-    unpad/pad gives. Indexing and index_put out of place keep autograd flowing to q, k and v."""
+    kernel's bottom-right alignment (and a window's, counted from it) is exact; the padded query
+    rows are zeros, as FlashAttention-2's unpad/pad gives. Indexing and index_put out of place keep
+    autograd flowing to q, k and v (and the sinks)."""
     B, Hq, Tq, D = q.shape
     out = q.new_zeros(B, Tq, Hq, D)                                  # (B, Tq, Hq, D)
     if packing.q_rows[0].numel() == 0:  # every query row is padding (the kernels take no empty tensor)
@@ -251,8 +437,10 @@ def _attention_packed(q, k, v, packing, causal, scale, impl):
     k, v = (x.transpose(1, 2)[packing.k_rows] for x in (k, v))       # (total_k, Hkv, D)
     cu_q, cu_k = packing.cu_seqlens_q, packing.cu_seqlens_k
     if impl == "reference":
-        o = reference.varlen_attention(q, k, v, cu_q, cu_k, causal=causal, scale=scale)
+        o = reference.varlen_attention(q, k, v, cu_q, cu_k, causal=causal, scale=scale,
+                                       window=window or (-1, -1), **mods)
     else:  # the fused kernel has no packed form: flash for "auto", "flash" and "fused"
         o = flash_attention_varlen(q, k, v, cu_q, cu_k, packing.max_seqlen_q, packing.max_seqlen_k,
-                                   causal=causal, scale=scale, check_seqlens=False)  # built right by _pack
-    return out.index_put(packing.q_rows, o)                          # (B, Tq, Hq, D)
+                                   causal=causal, scale=scale, window=window, check_seqlens=False,  # built right
+                                   **mods)
+    return out.index_put(packing.q_rows, o.to(out.dtype))            # (B, Tq, Hq, D)

@@ -18,8 +18,9 @@ pytest.importorskip("transformers")
 
 from transformers import (AttentionInterface, AutoModelForCausalLM, DynamicCache, GPT2Config,  # noqa: E402
                           LlamaConfig, MistralConfig, StaticCache)
-from transformers.masking_utils import (AttentionMaskInterface, causal_mask_function, eager_mask,  # noqa: E402
-                                        sdpa_mask, sliding_window_causal_mask_function)
+from transformers.masking_utils import (AttentionMaskInterface, and_masks, bidirectional_mask_function,  # noqa: E402
+                                        causal_mask_function, chunked_overlay, eager_mask, sdpa_mask,
+                                        sliding_window_causal_mask_function)
 
 from attention_kernels import kernels  # noqa: E402  (its submodules below, by attribute)
 import attention_kernels.kernels.hf  # noqa: E402
@@ -277,13 +278,15 @@ def test_padded_batch_rows(poison, packed, causal, impl):
 # ----------------------------------------------------------------------------- falling back
 
 
-@pytest.mark.parametrize("window, path", [(4, "sdpa: 4D bool mask"), (2 * T, "kernels")])
-def test_sliding_window(names, window, path):
-    """A window shorter than the sequence is masked by SDPA with transformers' own mask; one that
-    covers every key masks nothing, and the kernels run it."""
-    model = build(mistral(window), names["auto"], seed=seed_of("window", window))
-    ids, mask, labels = draw_inputs("none", seed_of("window inputs", window))
-    assert assert_matches_eager(model, ids, mask, labels) == {path: LAYERS}
+@pytest.mark.parametrize("padding", ["none", "left"])
+@pytest.mark.parametrize("window", [4, 2 * T])
+def test_sliding_window(names, packed, window, padding):
+    """Mistral's sliding window runs on the kernels' window, padded (one varlen call per layer) or
+    not; one that covers every key masks nothing."""
+    model = build(mistral(window), names["flash"], seed=seed_of("window", window, padding))
+    ids, mask, labels = draw_inputs(padding, seed_of("window inputs", window, padding))
+    assert assert_matches_eager(model, ids, mask, labels) == {"kernels": LAYERS}
+    assert packed == ({} if padding == "none" else {"varlen": LAYERS, "packings": 1})
 
 
 def test_user_4d_mask_falls_back(names):
@@ -294,19 +297,19 @@ def test_user_4d_mask_falls_back(names):
     allowed = torch.ones(T, T, dtype=torch.bool, device=DEVICE).tril() & (doc[:, None] == doc[None, :])
     mask = torch.zeros(T, T, device=DEVICE).masked_fill(~allowed, torch.finfo(torch.float32).min)
     mask = mask.expand(ids.shape[0], 1, T, T)                                   # (B, 1, T, T)
-    assert assert_matches_eager(model, ids, mask, labels) == {"sdpa: 4D float32 mask": LAYERS}
+    assert assert_matches_eager(model, ids, mask, labels) == {"sdpa: a 4D mask from the caller": LAYERS}
 
 
 def test_padding_mask_with_holes_falls_back(names):
     model = build(llama(), names["flash"], seed=seed_of("holes"))
     ids, mask, labels = draw_inputs("left", seed_of("holes inputs"))
     mask[0, T - 4] = 0                                                          # a hole in row 0
-    assert assert_matches_eager(model, ids, mask, labels) == {"sdpa: padding mask with holes": LAYERS}
+    assert assert_matches_eager(model, ids, mask, labels) == {"sdpa: a padding mask with holes": LAYERS}
 
 
-def test_static_cache_falls_back(names):
-    """A StaticCache's keys run past the queries (and its offsets are tensors): SDPA, with the mask
-    transformers would otherwise have left to SDPA's top-left is_causal."""
+def test_static_cache_runs_on_the_kernels(names):
+    """A StaticCache's keys run past the queries (and its offsets are tensors): the kernels run on
+    the keys up to the last query."""
     model = build(llama(), names["auto"], seed=seed_of("static"))
     truth, low = eager_copies(model)
     ids, mask, _ = draw_inputs("none", seed_of("static inputs"))
@@ -314,7 +317,7 @@ def test_static_cache_falls_back(names):
     for m in (model, truth, low):
         cache = StaticCache(config=m.config, max_cache_len=16)
         logits[m], calls[m] = counted(lambda: m(input_ids=ids, cache=cache, use_cache=True).logits)
-    assert calls[model] == {"sdpa: 4D bool mask": LAYERS}
+    assert calls[model] == {"kernels": LAYERS}
     assert_close("logits", logits[model], logits[truth], logits[low], FACTOR, FLOOR[torch.float32])
 
 
@@ -323,13 +326,15 @@ F64 = "sdpa: q has dtype float64; supported: float16, bfloat16, float32"  # the 
 
 @pytest.mark.parametrize("dtype, padded, window, path", [
     (torch.float64, False, None, F64), (torch.float64, True, None, F64),
-    (torch.float32, False, 4, "sdpa: sliding window"), (torch.float32, True, 7, "sdpa: sliding window"),
+    (torch.float64, True, 4, F64), (torch.float32, True, 4, "kernels"), (torch.float32, True, 7, "kernels"),
     (torch.float32, True, 8, "kernels"),  # a window of Tk keys masks nothing
 ])
 def test_masks_reach_sdpa_spelled_out(dtype, padded, window, path):
     """Where the kernels hand a call to SDPA, a None or 2D mask becomes the 4D mask it stands for:
-    SDPA would read None as top-left causal, and knows neither 2D padding masks nor windows. The
-    truth is transformers' own sdpa_mask for the same pattern, queries after 5 cached keys."""
+    SDPA would read None as top-left causal, and knows neither 2D padding masks nor windows. A 2D
+    mask kernel_mask did not make is read as FlashAttention-2 reads it, with the layer's
+    sliding_window. The truth is transformers' own sdpa_mask for the same pattern, queries after
+    5 cached keys."""
     B, Hq, Hkv, Tq, Tk, D = 2, 4, 2, 3, 8, 16
     g = torch.Generator().manual_seed(seed_of("spelled out", dtype, padded, window))
     q = torch.randn(B, Hq, Tq, D, generator=g, dtype=dtype).to(DEVICE)
@@ -351,7 +356,9 @@ def test_masks_reach_sdpa_spelled_out(dtype, padded, window, path):
 
 
 def test_mask_rules():
-    """kernel_mask gives None or the 2D padding mask only where the kernels are exact."""
+    """kernel_mask gives a 2D mask only where the kernels are exact (never None), and what it
+    stands for (its window, where the keys end, causal or not) is exactly transformers' own
+    sdpa_mask for the same arguments; elsewhere it gives sdpa_mask's 4D mask."""
     B, Tq, Tk = 2, 3, 8
     pad = torch.ones(B, Tk, dtype=torch.bool)
     pad[0, :2] = False
@@ -359,20 +366,42 @@ def test_mask_rules():
     def mask(**kw):
         args = dict(batch_size=B, q_length=Tq, kv_length=Tk, q_offset=Tk - Tq, kv_offset=0,
                     mask_function=causal_mask_function, attention_mask=pad, device="cpu")
-        return kernel_mask(**{**args, **kw}), sdpa_mask(**{**args, **kw, "allow_is_causal_skip": False})
+        return kernel_mask(**{**args, **kw}), sdpa_mask(**{**args, **kw, "allow_is_causal_skip": False,
+                                                            "allow_is_bidirectional_skip": False})
 
-    got, _ = mask()
-    assert torch.equal(got, pad)
-    assert mask(attention_mask=None)[0] is None
-    assert mask(attention_mask=torch.ones(B, Tk, dtype=torch.bool))[0] is None
-    for case in (dict(mask_function=sliding_window_causal_mask_function(4), local_size=4),
-                 dict(q_offset=torch.tensor(Tk - Tq)),              # a StaticCache
-                 dict(q_offset=0),                                  # the queries do not end where the keys do
-                 dict(attention_mask=torch.ones(B, Tk + 1, dtype=torch.bool)),
-                 dict(allow_is_causal_skip=False),                  # the model adds onto the mask
-                 dict(attention_mask=None, q_offset=0)):            # sdpa_mask would skip: top-left
-        got, want = mask(**case)
+    def meaning(got, q_length=Tq):
+        """The (B, 1, Tq, Tk) mask the kernels compute for kernel_mask's 2D result."""
+        spec = kernels.hf._recall(got)[1]
+        dense = kernels.hf._dense_mask(got[:, :spec.end], q_length, spec.end, spec.causal, spec.left, "cpu")
+        return F.pad(dense.expand(B, 1, q_length, spec.end), (0, Tk - spec.end))
+
+    got, want = mask()
+    assert torch.equal(got, pad) and torch.equal(meaning(got), want)
+    on_kernels = {
+        "no padding mask": dict(attention_mask=None),
+        "no padding": dict(attention_mask=torch.ones(B, Tk, dtype=torch.bool)),
+        "sliding window": dict(mask_function=sliding_window_causal_mask_function(4), local_size=4),
+        "sliding, unpadded": dict(mask_function=sliding_window_causal_mask_function(4), local_size=4,
+                                  attention_mask=None),
+        "bidirectional": dict(mask_function=bidirectional_mask_function),
+        "a StaticCache": dict(q_offset=torch.tensor(2)),                 # keys 5 to 7 are not written yet
+        "a StaticCache, unpadded": dict(q_offset=torch.tensor(2), attention_mask=None),
+        "queries on the first keys": dict(q_offset=0),
+        "a longer padding mask": dict(attention_mask=torch.ones(B, Tk + 1, dtype=torch.bool).index_fill(1,
+                                      torch.tensor([0]), False)),
+        "one query, static decoding": dict(q_length=1, q_offset=torch.tensor(5), allow_is_causal_skip=False),
+    }
+    for case, kw in on_kernels.items():
+        got, want = mask(**kw)
+        assert got is not None and got.shape == (B, Tk), case
+        assert torch.equal(meaning(got, kw.get("q_length", Tq)), want), case
+    for case, kw in {"the model adds onto the mask": dict(allow_is_causal_skip=False),
+                     "chunked": dict(mask_function=and_masks(causal_mask_function, chunked_overlay(2, torch.zeros(B, dtype=torch.long)))),
+                     "a static sliding layer": dict(kv_offset=torch.tensor(0)),
+                     }.items():
+        got, want = mask(**kw)
         assert got is not None and got.ndim == 4 and torch.equal(got, want), case
+        assert isinstance(kernels.hf._recall(got)[1], str), case  # the reason, for CALLS
 
 
 # ----------------------------------------------------------------------------- errors and imports
@@ -384,8 +413,8 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="name must be"):
         register_transformers("my_flash_kernels")
     q = torch.randn(1, 2, 4, 8, device=DEVICE)
-    with pytest.raises(ValueError, match="'s_aux' is not supported"):
-        kernel_attention_forward(SimpleNamespace(is_causal=True), q, q, q, None, s_aux=torch.zeros(2))
+    with pytest.raises(ValueError, match=r"a 2D attention mask must be the \(B, Tk\) = \(1, 4\) bool mask"):
+        kernel_attention_forward(SimpleNamespace(is_causal=True), q, q, q, torch.ones(1, 4))
 
 
 def test_without_transformers_registering_says_how_to_install_it(monkeypatch):

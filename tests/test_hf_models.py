@@ -1,0 +1,268 @@
+"""transformers' models on the kernels, family by family, and a walk over every decoder-only model
+class transformers ships: each one either runs on the kernels (or a named fallback) and computes
+what eager attention computes, or is refused when the implementation is set, naming its class.
+
+Truth: the same weights with attn_implementation="eager" in float32 (tests/test_hf.py holds the
+glue to the project's rule against a float64 truth; here whole models are compared, so a wrong
+mask shows as a difference orders of magnitude above float32 rounding)."""
+
+import copy
+import logging
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import transformers  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # noqa: E402
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: E402
+
+from attention_kernels.kernels import hf  # noqa: E402
+from attention_kernels.kernels.hf import CALLS, model_problem, register_transformers  # noqa: E402
+from cases import DEVICE  # noqa: E402
+
+T = 12
+VOCAB = 100
+TOL = 1e-4  # float32 models of two layers: rounding differences are ~1e-6; a lost mask moves logits ~1e-3
+
+# What shrinks any config to a few layers of a few heads: set where the config has the field.
+TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=128,
+            vocab_size=128, head_dim=16, max_position_embeddings=256, num_experts=4, num_local_experts=4,
+            n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_positions=256, n_ctx=256,
+            max_seq_len=256, d_model=64, n_layer=2, n_head=4, n_heads=4, n_layers=2, n_embd=64, ffn_dim=128,
+            num_layers=2, sliding_window=5,  # a window shorter than T, so that sliding layers bind
+            pad_token_id=0, rotary_dim=8, n_group=1, topk_group=1, qk_rope_head_dim=16, qk_nope_head_dim=16, n_shared_experts=1,
+            v_head_dim=16, kv_lora_rank=16, q_lora_rank=32, decoder_layers=2, encoder_layers=2,
+            decoder_attention_heads=4, encoder_attention_heads=4, decoder_ffn_dim=128, encoder_ffn_dim=128,
+            vocab_size_per_layer_input=128, global_head_dim=16)
+EXTRA = {"gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=5)}
+
+
+def tiny_config(model_type):
+    cls = CONFIG_MAPPING[model_type]
+    fields, aliases = cls().to_dict(), getattr(cls, "attribute_map", {})
+    kw = {k: v for k, v in TINY.items() if k in fields or k in aliases}
+    if "kv_lora_rank" in fields:  # multi-head latent attention: as many k/v heads as query heads
+        kw["num_key_value_heads"] = kw["num_attention_heads"]
+    return cls(**{**kw, **EXTRA.get(model_type, {})})
+
+
+@pytest.fixture(scope="module")
+def name():
+    return register_transformers("attention_kernels_models", impl="auto")
+
+
+@pytest.fixture(scope="module")
+def reference_name():
+    """The glue on the reference: the walk tests the masks and the routing, which do not depend
+    on the kernel, at the cost of PyTorch (the kernels have their own tests)."""
+    return register_transformers("attention_kernels_walk", impl="reference")
+
+
+def pair(config, attn, seed=0):
+    """(eager model, the same weights under attn), float32, eval."""
+    torch.manual_seed(seed)
+    eager = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="eager").to(DEVICE).eval()
+    ours = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=attn).to(DEVICE).eval()
+    ours.load_state_dict(eager.state_dict())
+    return eager, ours
+
+
+def inputs(padding, seed, B=2, vocab=VOCAB):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    if padding == "left":
+        mask[0, :4], mask[1, :1] = 0, 0
+    elif padding == "right":
+        mask[0, T - 4:], mask[1, T - 1:] = 0, 0
+    return ids.to(DEVICE), mask.to(DEVICE)
+
+
+def logits(model, ids, mask=None):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def counted(fn):
+    before = CALLS.copy()
+    return fn(), CALLS - before
+
+
+def assert_same(what, got, want, tol=TOL):
+    err = (got - want).abs().max().item()
+    assert err <= tol, f"{what}: max |ours - eager| = {err:.2e} > {tol:.0e}"
+
+
+# ----------------------------------------------------------------------------- the families
+
+
+def gemma2():
+    return transformers.Gemma2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                     num_hidden_layers=2, intermediate_size=128, vocab_size=VOCAB,
+                                     sliding_window=5, attn_logit_softcapping=5.0, final_logit_softcapping=None)
+
+
+def gpt_oss():
+    return transformers.GptOssConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                     num_hidden_layers=2, intermediate_size=64, vocab_size=VOCAB, num_local_experts=4,
+                                     num_experts_per_tok=2, sliding_window=5)
+
+
+FAMILIES = {  # what each adds: grouped heads, a sliding window, a soft-cap, sinks, a scale
+    "llama": lambda: transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                              num_hidden_layers=2, intermediate_size=128, vocab_size=VOCAB),
+    "mistral": lambda: transformers.MistralConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                                  num_hidden_layers=2, intermediate_size=128, vocab_size=VOCAB,
+                                                  sliding_window=5),
+    "gemma2": gemma2,
+    "gpt_oss": gpt_oss,
+    "gpt2": lambda: transformers.GPT2Config(n_embd=64, n_head=4, n_layer=2, vocab_size=VOCAB,
+                                            scale_attn_by_inverse_layer_idx=True),
+}
+
+
+@pytest.fixture(scope="module")
+def families(name):
+    return {family: pair(make(), name, seed=i) for i, (family, make) in enumerate(FAMILIES.items())}
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_matches_eager_forward_and_backward(families, family, padding):
+    """Logits at the kept tokens and every parameter's gradient (the sinks' too), on the kernels
+    at every layer."""
+    eager, ours = families[family]
+    ids, mask = inputs(padding, seed=len(family))
+    keep = mask.bool()
+    grads = []
+    for model in (eager, ours):
+        model.zero_grad(set_to_none=True)
+        out, calls = counted(lambda: model(input_ids=ids, attention_mask=mask).logits)
+        out[keep].square().mean().backward()
+        grads.append((out[keep].detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                      calls))
+    (want, want_grads, _), (got, got_grads, calls) = grads
+    assert calls == {"kernels": 2}
+    assert_same("logits", got, want)
+    assert got_grads.keys() == want_grads.keys()
+    for n in want_grads:
+        assert_same(f"grad of {n}", got_grads[n], want_grads[n], tol=1e-3)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_generates_as_eager(families, family, cache):
+    """Greedy generation of 10 tokens after a left-padded prompt: the same tokens, every call on
+    the kernels (a static cache's keys run past the queries)."""
+    eager, ours = families[family]
+    ids, mask = inputs("left", seed=len(family) + 1)
+    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    if cache == "static":
+        kw["cache_implementation"] = "static"
+    want = eager.generate(ids, **kw)
+    got, calls = counted(lambda: ours.generate(ids, **kw))
+    assert torch.equal(got, want), f"tokens differ:\n{got}\n{want}"
+    assert set(calls) == {"kernels"}, calls
+
+
+def test_future_tokens_never_leak(families):
+    """Change the last token: every earlier position's logits stay what they were, in every family."""
+    for family, (_, ours) in families.items():
+        ids, mask = inputs("left", seed=3)
+        changed = ids.clone()
+        changed[:, -1] = 3 + (changed[:, -1] - 2) % (VOCAB - 3)
+        before, after = logits(ours, ids, mask), logits(ours, changed, mask)
+        # not bit-equal: a mixture of experts batches its tokens per expert, and the last one moves
+        assert_same(f"{family}: earlier logits after the last token changed", after[:, :-1], before[:, :-1], 1e-5)
+
+
+# ----------------------------------------------------------------------------- refusals and reasons
+
+
+@pytest.mark.parametrize("model_type", ["bloom", "xglm", "mpt", "falcon", "gpt_neo"])
+def test_models_that_compute_attention_themselves_are_refused_when_set(name, model_type):
+    """BLOOM and XGLM read the mask function's result as their own mask (a causal mask lost, a 2D
+    mask crashing them), MPT, Falcon and GPT-Neo index their own attention classes by the name: each
+    is refused at construction and at set_attn_implementation, naming its class and the reason."""
+    config = tiny_config(model_type)
+    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    words = f"{cls.__name__} cannot use attn_implementation='{name}': it computes its attention itself"
+    with pytest.raises(ValueError, match=words):
+        AutoModelForCausalLM.from_config(config, attn_implementation=name)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    try:  # transformers itself declines (a warning) for models that cannot switch
+        model.set_attn_implementation(name)
+    except ValueError as e:
+        assert "cannot use attn_implementation" in str(e)
+    assert model.config._attn_implementation == "eager"
+    assert model_problem(cls) is not None
+
+
+def test_fallbacks_name_their_reason_and_log_it_once(name, caplog, monkeypatch):
+    """A 4D mask from the caller (here: causal within chunks of 4 tokens) is not the kernels': SDPA
+    runs it, CALLS says why, and the first such call in the process logs one line."""
+    monkeypatch.setattr(hf, "_said", set())
+    eager, ours = pair(FAMILIES["llama"](), name)
+    ids, _ = inputs("none", seed=5)
+    pos = torch.arange(T, device=DEVICE)
+    allowed = (pos[None, :] <= pos[:, None]) & (pos[None, :] // 4 == pos[:, None] // 4)     # (T, T)
+    mask4d = torch.zeros(2, 1, T, T, device=DEVICE).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    with caplog.at_level(logging.WARNING, logger=hf.__name__):
+        got, calls = counted(lambda: logits(ours, ids, mask4d))
+        logits(ours, ids, mask4d)
+    assert_same("logits", got, logits(eager, ids, mask4d))
+    assert calls == {"sdpa: a 4D mask from the caller": 2}
+    lines = [r.getMessage() for r in caplog.records if r.name == hf.__name__]
+    assert len(lines) == 1 and "runs transformers' SDPA attention instead of the kernels: a 4D mask" in lines[0]
+
+
+# ----------------------------------------------------------------------------- every model class
+
+# Model types whose tiny config still builds a large or slow model (a vision tower, hundreds of
+# layers' worth of defaults), or needs a library this suite does not install: not walked.
+SLOW = {"gemma4_unified_assistant", "qwen3_5", "qwen3_5_moe", "blt", "dots3_note", "emu3", "fuyu", "gemma3", "gemma3n", "falcon_h1", "got_ocr2", "phi4_multimodal",
+        "mllama", "llama4", "moshi", "musicgen", "musicgen_melody", "gemma4", "gemma4_unified", "whisper",
+        "moss_transcribe_diarize", "minimax_m3_vl_text", "inkling2_loop_text", "reformer", "git"}
+WALK = sorted(set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - SLOW)
+
+
+@pytest.mark.parametrize("model_type", WALK)
+def test_every_decoder_runs_as_eager_or_is_refused(reference_name, model_type):
+    """Built from a tiny config: refused when set (a model_problem), or the same logits as eager,
+    unpadded, left-padded and with the last token changed (a lost causal mask shows there). A
+    model type whose tiny config does not run even in eager is skipped, with eager's error."""
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    try:
+        config = tiny_config(model_type)
+        torch.manual_seed(0)
+        eager = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="eager").eval()
+        vocab = min(getattr(config, "vocab_size", VOCAB) or VOCAB, VOCAB)
+        ids, mask = inputs("left", seed=7, vocab=vocab)
+        want_plain = logits(eager, ids)
+    except Exception as e:  # noqa: BLE001  (the walk's business is our side, not every config's)
+        pytest.skip(f"no tiny config that runs in eager: {type(e).__name__}: {str(e)[:120]}")
+    if model_problem(type(eager)) is not None:
+        with pytest.raises(ValueError, match=f"{type(eager).__name__} cannot use attn_implementation"):
+            AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=reference_name)
+        return
+    ours = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=reference_name).eval()
+    ours.load_state_dict(eager.state_dict())
+    changed = ids.clone()
+    changed[:, -1] = 3 + (changed[:, -1] - 2) % (vocab - 3)  # another token, still in [3, vocab)
+    assert_same("logits", logits(ours, ids), want_plain)
+    assert_same("logits, last token changed", logits(ours, changed), logits(eager, changed))
+    try:
+        want_padded = logits(eager, ids, mask)
+    except Exception:  # noqa: BLE001  (eager itself takes no padding here)
+        return
+    keep = mask.bool()
+    assert_same("logits, left-padded", logits(ours, ids, mask)[keep], want_padded[keep])
+
+
+def test_the_walk_covers_most_decoders():
+    assert len(WALK) >= 150, len(WALK)
