@@ -19,6 +19,7 @@ own errors: a tensor attn_mask, dropout_p > 0, and inputs the check refuses (cou
 
 import collections
 import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +110,8 @@ def patch_sdpa(impl="auto"):
     reason; print it afterwards. Code that looks the function up when called (`F.scaled_dot_
     product_attention(...)`, as nanoGPT and Hugging Face's "sdpa" do) is patched; a name bound
     before the block (`from torch.nn.functional import scaled_dot_product_attention`) is not.
+    On leaving the block it warns when no call reached the function, or when calls fell back,
+    with the reasons.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
@@ -123,3 +126,10 @@ def patch_sdpa(impl="auto"):
         yield calls
     finally:
         F.scaled_dot_product_attention = previous
+    # -- say when the block did not do what it was for (not after an exception: that says enough)
+    if calls.kernel == 0 and not calls.fallback:
+        warnings.warn("patch_sdpa: no call reached F.scaled_dot_product_attention inside the block: this model "
+                      "writes its attention another way (for nanoGPT's, minGPT's or the lecture's modules use "
+                      "swap_attention(model))", stacklevel=3)
+    elif calls.fallback:
+        warnings.warn(f"patch_sdpa: {calls}", stacklevel=3)

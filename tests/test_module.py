@@ -1,7 +1,11 @@
 """kernels.CausalSelfAttention loads nanoGPT's attention weights unchanged and computes what
-nanoGPT computes; swap_attention replaces nanoGPT's modules in place."""
+nanoGPT computes; swap_attention replaces nanoGPT's, minGPT's and the "Let's build GPT" lecture's
+attention modules in place (the last two with unchanged state_dicts), and says what it left."""
 
 import copy
+import logging
+import math
+import warnings
 
 import pytest
 import torch
@@ -81,13 +85,13 @@ def test_swap_replaces_every_nanogpt_attention_in_place():
                             for _ in range(3))).to(DEVICE).eval()
     x, _ = inputs(2, 9, 32, seed_of("swap x"))
     before = model(x).detach()
-    assert swap_attention(model, impl="flash") == 3
+    assert swap_attention(model, impl="flash") == ["0.1", "1.1", "2.1"]
     swapped = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
     assert len(swapped) == 3 and not any(isinstance(m, NanoGPTAttention) for m in model.modules())
     assert all(m.impl == "flash" and not m.training and m.c_attn.bias is None for m in swapped)
     after = model(x)
     assert torch.allclose(after, before, atol=1e-5), (after - before).abs().max()
-    assert swap_attention(model, impl="fused") == 3 and all(m.impl == "fused" for m in swapped)
+    assert len(swap_attention(model, impl="fused")) == 3 and all(m.impl == "fused" for m in swapped)
 
 
 def test_swap_keeps_sharing_and_frozen_parameters():
@@ -97,7 +101,7 @@ def test_swap_keeps_sharing_and_frozen_parameters():
     model = nn.Module()
     model.a, model.b = shared, nn.Sequential(shared)
     model.c = shared  # one module under two names of one parent
-    assert swap_attention(model) == 1
+    assert swap_attention(model) == ["a"]
     assert model.a is model.b[0] is model.c and isinstance(model.a, CausalSelfAttention)
     assert not model.a.c_proj.weight.requires_grad and model.a.c_attn.weight.requires_grad
     with pytest.raises(ValueError, match="cannot be replaced in place"):
@@ -140,3 +144,144 @@ def test_training_with_dropout_runs_torch_sdpa_with_dropout():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CausalSelfAttention(**kwargs)
+
+
+# ----------------------------------------------------------------------------- the lecture's and minGPT's
+
+
+class Head(nn.Module):
+    """ng-video-lecture's gpt.py, as it is there (its globals n_embd, block_size, dropout made
+    arguments; `scale_by_C` is the lecture's earlier C ** -0.5)."""
+
+    def __init__(self, n_embd, head_size, block_size, dropout, scale_by_C=False):
+        super().__init__()
+        self.key = nn.Linear(n_embd, head_size, bias=False)
+        self.query = nn.Linear(n_embd, head_size, bias=False)
+        self.value = nn.Linear(n_embd, head_size, bias=False)
+        self.register_buffer('tril', torch.tril(torch.ones(block_size, block_size)))
+        self.dropout = nn.Dropout(dropout)
+        self.scale_by_C = scale_by_C
+
+    def forward(self, x):
+        B, T, C = x.shape
+        k = self.key(x)
+        q = self.query(x)
+        wei = q @ k.transpose(-2, -1) * (C if self.scale_by_C else k.shape[-1]) ** -0.5
+        wei = wei.masked_fill(self.tril[:T, :T] == 0, float('-inf'))
+        wei = F.softmax(wei, dim=-1)
+        wei = self.dropout(wei)
+        v = self.value(x)
+        return wei @ v
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, n_embd, num_heads, head_size, block_size, dropout, scale_by_C=False):
+        super().__init__()
+        self.heads = nn.ModuleList([Head(n_embd, head_size, block_size, dropout, scale_by_C) for _ in range(num_heads)])
+        self.proj = nn.Linear(head_size * num_heads, n_embd)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        out = torch.cat([h(x) for h in self.heads], dim=-1)
+        return self.dropout(self.proj(out))
+
+
+class Block(nn.Module):
+    def __init__(self, n_embd, n_head, block_size, dropout, scale_by_C=False):
+        super().__init__()
+        self.sa = MultiHeadAttention(n_embd, n_head, n_embd // n_head, block_size, dropout, scale_by_C)
+        self.ffwd = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.ReLU(), nn.Linear(4 * n_embd, n_embd),
+                                  nn.Dropout(dropout))
+        self.ln1, self.ln2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+
+    def forward(self, x):
+        x = x + self.sa(self.ln1(x))
+        return x + self.ffwd(self.ln2(x))
+
+
+class MinGPTAttention(nn.Module):
+    """minGPT's original CausalSelfAttention (separate key, query and value layers)."""
+
+    def __init__(self, n_embd, n_head, block_size, attn_pdrop, resid_pdrop):
+        super().__init__()
+        self.key, self.query, self.value = (nn.Linear(n_embd, n_embd) for _ in range(3))
+        self.attn_drop, self.resid_drop = nn.Dropout(attn_pdrop), nn.Dropout(resid_pdrop)
+        self.proj = nn.Linear(n_embd, n_embd)
+        self.register_buffer("mask", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size))
+        self.n_head = n_head
+
+    def forward(self, x):
+        B, T, C = x.size()
+        k = self.key(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = self.query(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = self.value(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.mask[:, :, :T, :T] == 0, float('-inf'))
+        att = self.attn_drop(F.softmax(att, dim=-1))
+        y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+def lecture_model(dropout=0.0, scale_by_C=False, seed=0):
+    """The lecture's seed sizes: C = 16 over 4 heads, block size 8, two blocks."""
+    torch.manual_seed(seed)
+    return nn.Sequential(Block(16, 4, 8, dropout, scale_by_C), Block(16, 4, 8, dropout, scale_by_C)).to(DEVICE)
+
+
+def mingpt_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.LayerNorm(32), MinGPTAttention(32, 4, 16, 0.0, 0.0)).to(DEVICE)
+
+
+@pytest.mark.parametrize("make, swapped", [(lecture_model, ["0.sa", "1.sa"]), (mingpt_model, ["1"])],
+                         ids=["lecture", "mingpt"])
+def test_swap_keeps_the_state_dict_and_computes_the_same(make, swapped):
+    """One kernel call per layer for all heads, the same names and shapes in the state_dict (it loads
+    both ways, strict), and outputs and gradients under the rule against the original in float64."""
+    theirs = make().eval()
+    ours = copy.deepcopy(theirs)
+    assert swap_attention(ours, impl="flash") == swapped
+    assert not any(isinstance(m, (Head, MinGPTAttention)) for m in ours.modules())
+    want_sd, got_sd = theirs.state_dict(), ours.state_dict()
+    assert list(got_sd) == list(want_sd) and all(got_sd[k].shape == want_sd[k].shape for k in want_sd)
+    make(seed=1).load_state_dict(got_sd)  # ours into theirs, and theirs into ours
+    ours.load_state_dict(want_sd)
+    C = 16 if make is lecture_model else 32
+    check_module(ours, theirs, *inputs(2, 8, C, seed_of("swap layouts", make.__name__)))
+
+
+def test_the_lecture_trains_with_dropout_and_says_the_kernels_lack_it(caplog, monkeypatch):
+    """With the lecture's dropout 0.2, training drops attention weights (torch's SDPA, said once in
+    the log), never silently not; eval runs the kernels and equals the original."""
+    from attention_kernels.kernels import module
+    monkeypatch.setattr(module, "_said", set())
+    theirs = lecture_model(dropout=0.2)
+    ours = copy.deepcopy(theirs)
+    swap_attention(ours)
+    x, _ = inputs(2, 8, 16, seed_of("lecture dropout"))
+    with caplog.at_level(logging.WARNING, logger=module.__name__):
+        a, b = ours(x), ours(x)
+    assert not torch.equal(a, b)  # weights dropped, differently each call
+    assert sum("attention dropout 0.2" in r.getMessage() for r in caplog.records) == 1
+    theirs.eval(), ours.eval()
+    assert torch.allclose(ours(x), theirs(x), atol=1e-5)
+
+
+def test_a_layer_that_computes_something_else_is_left_and_named():
+    """The lecture's earlier code scaled by C, not the head size: it looks like the layout but is
+    not it, so it is left as it is, and the warning says why."""
+    model = lecture_model(scale_by_C=True).eval()
+    x, _ = inputs(2, 8, 16, seed_of("scale by C"))
+    before = model(x)
+    with pytest.warns(UserWarning, match=r"0.sa: MultiHeadAttention computes something else"):
+        assert swap_attention(model) == []
+    assert torch.equal(model(x), before)
+
+
+def test_swap_names_what_it_cannot_recognise():
+    model = nn.Sequential(nn.MultiheadAttention(16, 2), nn.Linear(16, 16))
+    with pytest.warns(UserWarning) as seen:
+        assert swap_attention(model) == []
+    said = " / ".join(str(w.message) for w in seen)
+    assert "0: MultiheadAttention is not a layout swap_attention knows" in said
+    assert "replaced nothing in Sequential" in said

@@ -58,10 +58,17 @@ def test_unchanged_code_runs_on_the_kernels_inside_patch():
                  FLOOR[torch.float32])
 
 
+def test_a_block_without_calls_says_so():
+    with pytest.warns(UserWarning, match="no call reached F.scaled_dot_product_attention inside the block"):
+        with patch_sdpa():
+            torch.ones(3).softmax(-1)  # attention written by hand: nothing goes through the patch
+
+
 def test_fallbacks_are_torch_and_counted():
     q, k, v, _ = make_qkv(Shape(1, 2, 2, 12, 12, 16), torch.float32, seed=seed_of("fallback"))
     mask = torch.rand(12, 12, generator=torch.Generator(DEVICE).manual_seed(1), device=DEVICE) > 0.3
-    with patch_sdpa() as calls:
+    with pytest.warns(UserWarning, match=r"patch_sdpa: 4 calls: 1 on the kernels, 3 fell back to torch \(.*dropout"), \
+            patch_sdpa() as calls:
         masked = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         torch.manual_seed(5)
         dropped = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
