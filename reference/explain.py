@@ -1,27 +1,32 @@
 """
 Attention step by step: every intermediate of causal self-attention, from the input x to the
-output, with its shape, its values and one line on what it does and why; the same output the
-flash kernel's way, key block by key block; and the steps drawn as one figure.
+output, with its shape, its values and one line on what it does and why; the backward pass, from
+the output's gradient back to x and the weights; the same output and gradients the flash
+kernel's way, block by block; and the steps drawn as one figure.
 
     python -m reference.explain                         # B=1, T=2, C=3, one head: the project's seed
     python -m reference.explain --integers              # small integer inputs, checkable by hand
     python -m reference.explain -T 8 -C 16 --heads 4 --png attention.png
     python -m reference.explain --tiled --block-size 1  # running max, sum and accumulator per key block
+    python -m reference.explain --backward              # then every gradient, checked against autograd
+    python -m reference.explain --tiled --backward      # and the flash backward's tiles: P recomputed
 
 The numbers come from the project's own code: the reference's named steps (`reference/naive.py`)
 and the flash kernel's update rule (`reference/tiled.py`, tested against `kernels.flash_attention`).
+The backward's formulas are written out here, by hand, and checked against torch's autograd.
 """
 
 import argparse
 import importlib.util
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 
 from .naive import apply_mask, attention, causal_mask, scores, softmax, weighted_sum
-from .tiled import flash_forward
+from .tiled import LOG2E, flash_backward, flash_forward, row_delta
 
 
 @dataclass
@@ -48,6 +53,30 @@ def make_inputs(B=1, T=2, C=3, seed=0, integers=False):
     return x, w
 
 
+def make_upstream(B=1, T=2, C=3, seed=0, integers=False):
+    """dy (B, T, C), the gradient the backward starts from: that of the loss L = sum(y * g) for a
+    fixed g, which is g itself. Drawn from seed + 1, rounded as the inputs (integers: -1, 0, 1)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    if integers:
+        return torch.randint(-1, 2, (B, T, C), generator=g).double()
+    return torch.randn(B, T, C, generator=g, dtype=torch.float64).round(decimals=2)
+
+
+def split_heads(t, n_head):
+    B, T, C = t.shape
+    return t.view(B, T, n_head, C // n_head).transpose(1, 2)  # (B, T, C) -> (B, T, H, D) -> (B, H, T, D)
+
+
+def join_heads(t):
+    B, H, T, D = t.shape
+    return t.transpose(1, 2).reshape(B, T, H * D)           # (B, H, T, D) -> (B, T, H, D) -> (B, T, C)
+
+
+def named(steps):
+    """Every tensor of the steps by its name; a later step's wins (q, k, v: those split into heads)."""
+    return {name: t for step in steps for name, t in step.tensors.items()}
+
+
 def trace(x, w_q, w_k, w_v, n_head):
     """Every intermediate of causal self-attention on x, as a list of Steps, computed with the
     reference's named steps; returns (steps, q, k, v) with q, k, v split into heads."""
@@ -63,9 +92,7 @@ def trace(x, w_q, w_k, w_v, n_head):
                       "q: what each token looks for; k: what it offers to be found by; v: what it passes on",
                       {"q": q, "k": k, "v": v}, "(B, T, C)"))
 
-    def heads(t):
-        return t.view(B, T, n_head, D).transpose(1, 2)      # (B, T, C) -> (B, T, H, D) -> (B, H, T, D)
-    q, k, v = heads(q), heads(k), heads(v)                   # (B, H, T, D)
+    q, k, v = (split_heads(t, n_head) for t in (q, k, v))    # (B, H, T, D)
     steps.append(Step("split into heads", f"C = H * D: each of the H = {n_head} heads attends on its own, "
                       f"over its D = {D} channels", {"q": q, "k": k, "v": v}, "(B, H, T, D)"))
 
@@ -92,10 +119,78 @@ def trace(x, w_q, w_k, w_v, n_head):
     out = weighted_sum(w, v)                                 # (B, H, T, D)
     steps.append(Step("out = weights @ v", "each token's output is the average of the values it may see, "
                       "weighted by attention", {"out": out}, "(B, H, T, D)"))
-    joined = out.transpose(1, 2).reshape(B, T, C)            # (B, H, T, D) -> (B, T, H, D) -> (B, T, C)
+    joined = join_heads(out)                                 # (B, T, C)
     steps.append(Step("heads joined back to C", "the H outputs of D channels side by side again, one "
                       "C-channel vector per token", {"y": joined}, "(B, T, C)"))
     return steps, q, k, v
+
+
+def trace_backward(forward, dy):
+    """The backward pass of `trace`'s steps for the upstream gradient dy (B, T, C), written out by
+    hand (no autograd) as a list of Steps: per head dO, dV, dP, delta, dS, dQ, dK, then back
+    through the head split and the projections to dW_q, dW_k, dW_v and dx. A gradient dZ has Z's
+    shape: entry by entry, how much the loss moves per unit of Z."""
+    t = named(forward)
+    x, w_q, w_k, w_v = t["x"], t["W_q"], t["W_k"], t["W_v"]   # (B, T, C), (C, C) x 3
+    Q, K, V, P, O = t["q"], t["k"], t["v"], t["weights"], t["out"]  # (B, H, T, D) but P: (B, H, T, T)
+    B, H, T, D = Q.shape
+    scale = 1.0 / math.sqrt(D)
+    steps = [Step("dy = g", "where the backward starts: the loss here is L = sum(y * g) for a fixed random g "
+                  "(from seed + 1, rounded like x), so dL/dy = g; in a model, dy comes from the layers above",
+                  {"dy": dy}, "(B, T, C)")]
+
+    dO = split_heads(dy, H)                                  # (B, H, T, D)
+    steps.append(Step("dO = dy split into heads", "joining the heads only moved numbers, so their gradients move "
+                      "back the same way", {"dO": dO}, "(B, H, T, D)"))
+    dV = P.transpose(-2, -1) @ dO                            # (B, H, T, T) @ (B, H, T, D) -> (B, H, T, D)
+    steps.append(Step("dV = P^T @ dO", "O_i = sum_j P_ij V_j: value j reaches output i with weight P_ij, so its "
+                      "gradient is the P-weighted sum of dO over the queries that see it (the last key is seen "
+                      "by the last query alone)", {"dV": dV}, "(B, H, T, D)"))
+    dP = dO @ V.transpose(-2, -1)                            # (B, H, T, D) @ (B, H, D, T) -> (B, H, T, T)
+    steps.append(Step("dP = dO @ V^T", "more weight on key j moves output i towards V_j, so dP_ij = dO_i . V_j; "
+                      "hidden keys get a dP too, which the next steps multiply by P = 0", {"dP": dP}, "(B, H, T, T)"))
+    delta = (dP * P).sum(dim=-1, keepdim=True)               # (B, H, T, 1)
+    same = ((dO * O).sum(dim=-1, keepdim=True) - delta).abs().max().item()  # sum_j P_ij dO_i.V_j = dO_i.O_i
+    steps.append(Step("delta = rowsum(dP * P)", "the P-weighted average of row i's dP. A row's weights sum to 1, so "
+                      "raising all its scores by the same amount changes nothing: only how far each dP_ij is from "
+                      f"this average counts. Equal to rowsum(dO * O) (max difference {same:.2g}), which needs no P",
+                      {"delta": delta}, "(B, H, T, 1)"))
+    dS = P * (dP - delta)                                    # (B, H, T, T)
+    steps.append(Step("dS = P * (dP - delta)", "the softmax's backward: a score's gradient is its weight times how "
+                      "far its dP is above the row's average. Where the mask hid a key, P = 0, so dS = 0 exactly: no "
+                      "gradient reaches the future. A row that sees one key has P = 1 whatever its score: dS = 0 too",
+                      {"dS": dS}, "(B, H, T, T)"))
+    dQ = dS @ K * scale                                      # (B, H, T, T) @ (B, H, T, D) -> (B, H, T, D)
+    steps.append(Step(f"dQ = dS @ K * scale, scale = {scale:.4f}", "S_ij = Q_i . K_j * scale, so moving Q_i along "
+                      "K_j raises S_ij: Q_i's gradient is the dS-weighted sum of the keys it sees, times the scale",
+                      {"dQ": dQ}, "(B, H, T, D)"))
+    dK = dS.transpose(-2, -1) @ Q * scale                    # (B, H, T, T) @ (B, H, T, D) -> (B, H, T, D)
+    steps.append(Step("dK = dS^T @ Q * scale", "the same dot product seen from the key: K_j's gradient is the "
+                      "dS-weighted sum of the queries that see it, times the scale. Its rows sum to 0: adding one "
+                      "vector to every key shifts each row's scores uniformly, which changes nothing",
+                      {"dK": dK}, "(B, H, T, D)"))
+    dq, dk, dv = join_heads(dQ), join_heads(dK), join_heads(dV)  # (B, T, C) each
+    steps.append(Step("dq, dk, dv = dQ, dK, dV joined back to C", "the head split only moved numbers: these are "
+                      "the gradients of step 3's q, k, v", {"dq": dq, "dk": dk, "dv": dv}, "(B, T, C)"))
+    rows = x.reshape(B * T, -1)                              # (B*T, C) every token of every sequence
+    dW = [rows.T @ g.reshape(B * T, -1) for g in (dq, dk, dv)]  # (C, B*T) @ (B*T, C) -> (C, C) each
+    steps.append(Step("dW_q, dW_k, dW_v = x^T @ dq, x^T @ dk, x^T @ dv", "q = x @ W_q: entry (c, e) of W_q moves "
+                      "every token's q[e] by its x[c], so its gradient sums x[c] * dq[e] over all B*T tokens; "
+                      "these are what the optimizer steps with", dict(zip(("dW_q", "dW_k", "dW_v"), dW)), "(C, C)"))
+    dx = dq @ w_q.T + dk @ w_k.T + dv @ w_v.T                # (B, T, C) @ (C, C) -> (B, T, C), three times
+    steps.append(Step("dx = dq @ W_q^T + dk @ W_k^T + dv @ W_v^T", "x fed all three projections, so its gradient "
+                      "is the sum of what comes back through each; it flows on to the layers below x",
+                      {"dx": dx}, "(B, T, C)"))
+    return steps
+
+
+def autograd_gradients(x, w_q, w_k, w_v, n_head, dy):
+    """dx, dW_q, dW_k, dW_v from torch's autograd through `reference.attention`, in float64: what
+    the hand-written backward is checked against."""
+    x, w_q, w_k, w_v = (t.detach().double().requires_grad_() for t in (x, w_q, w_k, w_v))
+    q, k, v = (split_heads(x @ w, n_head) for w in (w_q, w_k, w_v))  # (B, H, T, D) each
+    join_heads(attention(q, k, v)).backward(dy.double())     # (B, T, C), its gradient dy
+    return {"dx": x.grad, "dW_q": w_q.grad, "dW_k": w_k.grad, "dW_v": w_v.grad}
 
 
 # ----------------------------------------------------------------------------- printing
@@ -109,8 +204,8 @@ def fmt_matrix(t, indent="    "):
     else:
         finite = t[torch.isfinite(t)]
         whole = bool(finite.numel()) and bool((finite == finite.round()).all())
-        cells = [["-inf" if x == float("-inf") else (f"{x:.0f}" if whole else f"{x:.4f}") for x in row]
-                 for row in t.tolist()]
+        cells = [["-inf" if x == float("-inf") else (f"{x + 0.0:.0f}" if whole else f"{x + 0.0:.4f}") for x in row]
+                 for row in t.tolist()]  # x + 0.0: a -0 (P = 0 times a negative) prints as 0
     width = max(len(c) for row in cells for c in row)
     return "\n".join(indent + "[ " + "  ".join(c.rjust(width) for c in row) + " ]" for row in cells)
 
@@ -132,8 +227,8 @@ def print_tensor(t):
         print(fmt_matrix(m))
 
 
-def print_steps(steps):
-    for n, step in enumerate(steps, 1):
+def print_steps(steps, first=1):
+    for n, step in enumerate(steps, first):
         print(f"\n{n}. {step.title}   {step.dims}")
         print(f"   {step.why}")
         for name, t in step.tensors.items():
@@ -163,44 +258,120 @@ def print_tiled(q, k, v, block_size, naive_out):
         print("  acc")
         print_tensor(st["acc"])
 
-    out, _ = flash_forward(q, k, v, causal=True, block_size=block_size, on_block=show)
+    out, lse = flash_forward(q, k, v, causal=True, block_size=block_size, on_block=show)
     print("\nout = acc / l")
     print_tensor(out)
     print(f"check: tiled and naive outputs agree, max difference {(out - naive_out).abs().max().item():.3g}")
-    return out
+    return out, lse
+
+
+def print_backward_header(forward):
+    where = {name: n for n, step in enumerate(forward, 1) for name in step.tensors}  # the last step of each name
+    print(f"\n--- the backward pass: from the loss's gradient dy back to the weights and x ---\n"
+          f"Q, K, V are step {where['q']}'s q, k, v; S the scaled scores of step {where['scaled']}, P the weights "
+          f"of step {where['weights']}, O the out of step {where['out']}. A gradient dZ = dL/dZ has Z's shape: "
+          "how much the loss L moves per unit of each entry of Z.")
+
+
+def print_autograd_check(ours, theirs):
+    """Each gradient's max difference from autograd's; returns the largest."""
+    print("\ncheck: torch's autograd through reference.attention (float64, the same dy) gives the same gradients")
+    worst = 0.0
+    for name, truth in theirs.items():
+        diff = (ours[name] - truth).abs().max().item()
+        worst = max(worst, diff)
+        print(f"  {name:<5} max |difference| {diff:.3g}")
+    return worst
+
+
+def print_tiled_backward(q, k, v, out, lse, dO, block_size, untiled):
+    """The flash backward's way: tile by tile, P recomputed from the forward's log-sum-exp.
+    Returns the largest difference from the untiled gradients `untiled` (dQ, dK, dV)."""
+    print(f"\n--- the same gradients the flash kernel's way: tiles of {block_size} key(s) x {block_size} query(s) "
+          "(reference/tiled.py) ---")
+    print("P is T x T, so the forward kept none of it, only each row's log-sum-exp lse = m + log2(l) (base 2, as the "
+          "kernel keeps it); each tile recomputes its part of P as exp2(s - lse). The loop runs over key blocks and, "
+          "within each, over query blocks, as the kernel's dK/dV program: a key block's dK and dV are complete when "
+          "its loop ends, while dQ adds up across key blocks (the kernel does dQ in a second pass, one program per "
+          "query block, so that no two programs write the same rows).")
+    print("\ndelta = rowsum(dO * O), one number per query row: from the forward's output, no P needed")
+    print_tensor(row_delta(out, dO)[..., None])
+    print("lse (base 2) = the forward's lse * log2(e)")
+    print_tensor((lse * LOG2E)[..., None])
+
+    def show(k0, k1, q0, q1, st):
+        print(f"\nkeys {k0}..{k1 - 1}, queries {q0}..{q1 - 1}", end="")
+        if st is None:
+            print(": every key here comes after every query here, so no weight and no gradient: the tile is skipped")
+            return
+        print()
+        for label, key in (("p = exp2(s - lse), recomputed: the forward's weights here", "p"),
+                           ("dP = dO @ V_block^T", "dp"), ("dS = p * (dP - delta)", "ds"),
+                           (f"dV rows {k0}..{k1 - 1}, after += p^T @ dO", "dv"),
+                           (f"dK rows {k0}..{k1 - 1}, after += dS^T @ Q   (times the scale at the end)", "dk"),
+                           (f"dQ rows {q0}..{q1 - 1}, after += dS @ K_block   (times the scale at the end)", "dq")):
+            print(f"  {label}")
+            print_tensor(st[key])
+
+    grads = flash_backward(q, k, v, out, lse, dO, causal=True, block_size=block_size, on_tile=show)
+    for name, g, how in zip(("dQ", "dK", "dV"), grads, ("its sum * scale", "its sum * scale", "its sum")):
+        print(f"\n{name} = {how}")
+        print_tensor(g)
+    diffs = [(g - u).abs().max().item() for g, u in zip(grads, untiled)]
+    print("check: tiled and untiled backward agree, max difference "
+          + ", ".join(f"{name} {d:.3g}" for name, d in zip(("dQ", "dK", "dV"), diffs)))
+    return max(diffs)
 
 
 # ----------------------------------------------------------------------------- picture
 
 
-def draw(steps, path):
-    """The steps as one figure: each matrix an annotated heatmap (batch 0, head 0), in order."""
+SAME_WITH_ONE_HEAD = ("split into heads", "dO = dy split into heads", "dq, dk, dv = dQ, dK, dV joined back to C")
+
+
+def draw(steps, path, backward=()):
+    """The steps as one figure: each matrix an annotated heatmap (batch 0, head 0), in order; the
+    backward's steps, if given, from a fresh row on, in another colour."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = []
-    for n, step in enumerate(steps, 1):
-        if step.title == "split into heads" and next(iter(step.tensors.values())).shape[1] == 1:
-            continue  # one head: the same matrices as q, k, v
-        for name, t in step.tensors.items():
-            m = t[0, 0] if t.dim() == 4 else t[0] if t.dim() == 3 else t
-            where = " (batch 0, head 0)" if t.dim() == 4 else " (batch 0)" if t.dim() == 3 else ""
-            panels.append((f"{n}. {name}  {tuple(t.shape)}{where}", step.title, m.detach().cpu()))
     cols = 3
+
+    def panels_of(steps, first, colours):
+        panels = []
+        for n, step in enumerate(steps, first):
+            one_head = any(t.dim() == 4 and t.shape[1] == 1 for t in step.tensors.values())
+            if step.title in SAME_WITH_ONE_HEAD and one_head:
+                continue  # one head: the same matrices as the step before
+            for name, t in step.tensors.items():
+                m = t[0, 0] if t.dim() == 4 else t[0] if t.dim() == 3 else t
+                where = " (batch 0, head 0)" if t.dim() == 4 else " (batch 0)" if t.dim() == 3 else ""
+                panels.append((f"{n}. {name}  {tuple(t.shape)}{where}", step.title, m.detach().cpu(), colours))
+        return panels
+
+    panels = panels_of(steps, 1, "coolwarm")
+    if backward:
+        panels += [None] * (-len(panels) % cols)  # the backward starts a row of its own
+        panels += panels_of(backward, len(steps) + 1, "PuOr_r")
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 5.2 * rows), squeeze=False)
-    for ax, (title, subtitle, m) in zip(axes.flat, panels):
+    for ax, panel in zip(axes.flat, panels):
+        if panel is None:
+            ax.set_visible(False)
+            continue
+        title, subtitle, m, colours = panel
         values = m.double()
         finite = torch.isfinite(values)
         top = values[finite].abs().max().item() if finite.any() else 1.0
         shown = values.masked_fill(~finite, float("nan"))
-        cmap = matplotlib.colormaps["Greens" if m.dtype == torch.bool else "coolwarm"].with_extremes(bad="#bbbbbb")  # -inf: grey
+        cmap = matplotlib.colormaps["Greens" if m.dtype == torch.bool else colours]
+        cmap = cmap.with_extremes(bad="#bbbbbb")  # -inf: grey
         lo, hi = (0, 2) if m.dtype == torch.bool else (-top or -1, top or 1)  # a mask's 1 in light green
         ax.imshow(shown.numpy(), cmap=cmap, vmin=lo, vmax=hi)
         size = max(6, min(12, 110 // max(m.shape)))
         for (i, j), x in zip([(i, j) for i in range(m.shape[0]) for j in range(m.shape[1])], values.flatten().tolist()):
-            text = "-inf" if x == float("-inf") else f"{x:.0f}" if x == round(x) else f"{x:.2f}"
+            text = "-inf" if x == float("-inf") else f"{x + 0.0:.0f}" if x == round(x) else f"{x + 0.0:.2f}"
             ax.text(j, i, text, ha="center", va="center", fontsize=size)
         ax.set_title(f"{title}\n{subtitle}", fontsize=9)
         ax.set_xticks(range(m.shape[1]))
@@ -208,13 +379,18 @@ def draw(steps, path):
         ax.tick_params(labelsize=6)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    fig.suptitle("causal self-attention, step by step (python -m reference.explain)", fontsize=15)
+    fig.suptitle(f"causal self-attention, step by step: forward (steps 1-{len(steps)}), then backward (steps "
+                 f"{len(steps) + 1}-{len(steps) + len(backward)}, purple and orange) (python -m reference.explain "
+                 "--backward)" if backward else "causal self-attention, step by step (python -m reference.explain)",
+                 fontsize=15)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- main
+
+TOLERANCE = 1e-12  # float64 gradients computed two ways differ by rounding alone, ~1e-16
 
 
 def main(argv=None):
@@ -227,7 +403,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--integers", action="store_true", help="small integer inputs and weights")
     p.add_argument("--tiled", action="store_true", help="also compute it the flash kernel's way")
-    p.add_argument("--block-size", type=int, default=1, help="keys per block for --tiled")
+    p.add_argument("--block-size", type=int, default=1, help="keys per block for --tiled (backward: and queries)")
+    p.add_argument("--backward", action="store_true",
+                   help="continue through the backward pass and check it against autograd; exits 1 if they differ")
     p.add_argument("--png", help="also draw the steps into this PNG file")
     args = p.parse_args(argv)
     if args.png and importlib.util.find_spec("matplotlib") is None:
@@ -250,11 +428,26 @@ def main(argv=None):
     print(f"\ncheck: reference.attention(q, k, v) gives the same output, max difference "
           f"{(attention(q, k, v) - out).abs().max().item():.3g}")
     if args.tiled:
-        print_tiled(q, k, v, args.block_size, out)
+        _, lse = print_tiled(q, k, v, args.block_size, out)
+    backward, failures = [], []
+    if args.backward:
+        dy = make_upstream(args.batch, args.seqlen, args.channels, args.seed, args.integers)
+        backward = trace_backward(steps, dy)
+        print_backward_header(steps)
+        print_steps(backward, first=len(steps) + 1)
+        grads = named(backward)
+        if print_autograd_check(grads, autograd_gradients(x, w_q, w_k, w_v, args.heads, dy)) > TOLERANCE:
+            failures.append("the backward disagrees with autograd")
+        if args.tiled:
+            if print_tiled_backward(q, k, v, out, lse, grads["dO"], args.block_size,
+                                    [grads[n] for n in ("dQ", "dK", "dV")]) > TOLERANCE:
+                failures.append("the tiled backward disagrees with the untiled one")
     if args.png:
         os.makedirs(os.path.dirname(os.path.abspath(args.png)), exist_ok=True)
-        draw(steps, args.png)
+        draw(steps, args.png, backward)
         print(f"\nwrote {args.png}")
+    if failures:
+        sys.exit(f"error: {' and '.join(failures)} by more than {TOLERANCE:g} (see the checks above)")
 
 
 if __name__ == "__main__":
