@@ -26,7 +26,7 @@ the rest run in a fresh child.
   3. timing       the rest of the budget, T = 8k first (the target): flash forward, backward and
                   both, with fused where its rows fit, then SDPA's cuDNN, flash and efficient
                   backends, each in its own child, the tuned tiles installed (`kernels.tuning.use`);
-                  then flash with a soft-cap and with sinks on the target shape, beside plain
+                  then flash with a soft-cap, with sinks and with dropout 0.1 on the target shape, beside plain
                   flash; then decoding (B 16, Hq 32 over Hkv 8, D 128, caches of 4k to 64k keys) against
                   SDPA, in GB/s; FlexAttention last (torch.compile, once per shape).
 Without CUDA the same phases run at tiny sizes under Triton's interpreter, against SDPA math and
@@ -197,7 +197,7 @@ def timing_units(p, tuned_path):
                                       limit=limit, cost=1.0))
         units.append(dict(name=impl, kind="timing", specs=specs, weight=4 + sum(s["cost"] for s in specs)))
     # what models add, beside plain flash, on the first (target) shape: forward, and both
-    mods = [row_spec(impl, p["shapes"][0], mode, 1.0) for impl in ("flash-softcap", "flash-sinks")
+    mods = [row_spec(impl, p["shapes"][0], mode, 1.0) for impl in ("flash-softcap", "flash-sinks", "flash-dropout")
             for mode in ("fwd", "fwd+bwd")]
     units.append(dict(name="flash variants", kind="timing", specs=mods, weight=4 + sum(s["cost"] for s in mods)))
     d = p["decode"]

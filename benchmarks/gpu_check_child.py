@@ -448,11 +448,14 @@ def timed(make):
 
 
 def modified_flash(name):
-    """flash_attention with what models add, as f(q, k, v, causal): Gemma 2's soft-cap of 50, or
-    GPT-OSS-style sinks (one per head, seeded), to time beside plain flash."""
+    """flash_attention with what models add, as f(q, k, v, causal): Gemma 2's soft-cap of 50,
+    GPT-OSS-style sinks (one per head, seeded), or attention dropout 0.1 (a fixed seed), to time
+    beside plain flash."""
     def attend(q, k, v, causal):
         if name == "flash-softcap":
             return flash_attention(q, k, v, causal=causal, softcap=50.0)
+        if name == "flash-dropout":
+            return flash_attention(q, k, v, causal=causal, dropout_p=0.1, dropout_seed=1)
         sinks = torch.randn(q.shape[1], generator=torch.Generator(q.device).manual_seed(0), device=q.device)
         return flash_attention(q, k, v, causal=causal, sinks=sinks.requires_grad_(q.requires_grad))
     return attend
@@ -463,7 +466,7 @@ def attention_row(spec):
     install_tuned(spec.get("tuned"))
     if spec["impl"] == "flex" and "flex" not in IMPLS:
         IMPLS["flex"] = flex_attention_impl()  # so that impls.make_call builds its calls as for the others
-    if spec["impl"] in ("flash-softcap", "flash-sinks") and spec["impl"] not in IMPLS:
+    if spec["impl"] in ("flash-softcap", "flash-sinks", "flash-dropout") and spec["impl"] not in IMPLS:
         IMPLS[spec["impl"]] = modified_flash(spec["impl"])
     B, H, T, D, causal, mode = (spec[k] for k in ("B", "H", "T", "D", "causal", "mode"))
     dtype = DTYPES[spec["dtype"]]

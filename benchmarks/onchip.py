@@ -116,6 +116,7 @@ class Call:
     window: tuple = None
     varlen: bool = False
     mods: bool = False  # with a soft-cap, sinks and ALiBi slopes (what models add)
+    dropout: bool = False  # with attention dropout (flash only)
 
 
 def launches_of(call):
@@ -140,11 +141,13 @@ def launches_of(call):
     mods = flash.Mods(0.0, None, None)
     if call.mods:
         mods = flash.Mods(30.0, torch.zeros(call.Hq), torch.ones(call.Hq))
+    if call.dropout:
+        mods = mods._replace(dropout_p=0.1, seed=1)
     with recording() as launches:
         residual = call.dtype != torch.float32  # a training call: the forward keeps O's rounding residual
         o, _, res = flash._run_forward(q, k, v, batch, left, right, scale, mods, residual)
         flash._run_backward(q, k, v, o, res, lse, torch.empty_like(q), None, batch, left, right, scale, mods)
-        if not call.varlen and call.window is None:
+        if not call.varlen and call.window is None and not call.dropout:  # fused and decode have no dropout
             row = common.pow2(min(T, fused.max_seqlen(D, call.dtype)))
             fq, fk = q[:, :, :row], k[:, :, :row]
             fused._run_forward(fq, fk, fk, call.causal, scale, mods)
@@ -281,7 +284,8 @@ def describe(call, launch, config, overrides):
     else:
         tile = f"{kw.get('BLOCK_M')}x{kw.get('ROW', kw.get('BLOCK_N', '-'))} w{kw.get('num_warps', 4)}"
     mask = "window" if call.window else "causal" if call.causal else "full"
-    variant = ("varlen " if call.varlen else "") + ("mods " if call.mods else "") + ("tma" if kw.get("TMA") else "")
+    variant = ("varlen " if call.varlen else "") + ("mods " if call.mods else "") + (
+        "dropout " if call.dropout else "") + ("tma" if kw.get("TMA") else "")
     return dict(kernel=launch.name, dtype=str(call.dtype).replace("torch.", ""), D=call.D, T=call.T,
                 group=call.Hq // call.Hkv, mask=mask, tile=tile, variant=variant.strip())
 
@@ -322,6 +326,7 @@ def main(argv=None):
     p.add_argument("--varlen", action="store_true", help="a packed batch instead of (B, H, T, D) tensors")
     p.add_argument("--tma", action="store_true", help="flash-fwd: also compile each tile with TMA loads")
     p.add_argument("--mods", action="store_true", help="with a soft-cap, attention sinks and ALiBi slopes")
+    p.add_argument("--dropout", action="store_true", help="flash: with attention dropout")
     p.add_argument("--search", action="store_true", help="every tile (flash) or ROW_CANDIDATES (fused)")
     p.add_argument("--limit", type=int, default=None, help="flash: only the first N candidates")
     p.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
@@ -331,7 +336,8 @@ def main(argv=None):
         sys.exit("unset TRITON_INTERPRET: this compiles for the GPU")
 
     calls = [Call(getattr(torch, d), D, args.seq, Hq=16, Hkv=16 // args.gqa, causal=not args.full,
-                  window=(args.window, 0) if args.window else None, varlen=args.varlen, mods=args.mods)
+                  window=(args.window, 0) if args.window else None, varlen=args.varlen, mods=args.mods,
+                  dropout=args.dropout)
              for d in args.dtype for D in args.head_dims]
     over = False
     if not args.json:

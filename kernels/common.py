@@ -65,6 +65,19 @@ def score_mods(s, rows, cols, softcap, slope, SOFTCAP: tl.constexpr, ALIBI: tl.c
 
 
 @triton.jit
+def dropout_keep(seed, bh, q_idx, k_idx, p_drop):
+    # Whether the attention weight of query q_idx and key k_idx (positions in their sequence;
+    # tensors that broadcast to the tile) in head bh = b * Hq + h survives dropout p_drop: Philox
+    # 4x32 keyed by the call's seed on the counter (key, query, head, 0). Every weight has its own
+    # draw, the same in the forward and in both backward kernels whatever their tiles, and
+    # `kernels.dropout_mask` writes the same draws out for tests and the explain trace.
+    zero = (q_idx * 0 + k_idx * 0).to(tl.uint32)                       # the tile's shape
+    r, _, _, _ = tl.philox(seed, k_idx.to(tl.uint32) + zero, q_idx.to(tl.uint32) + zero,
+                           zero + bh.to(tl.uint32), zero)
+    return tl.uint_to_uniform_float(r) >= p_drop
+
+
+@triton.jit
 def head_and_query_block(num_m_blocks, Hq, GROUP):
     # One flat grid axis (no 65 535 limit on B * H); the query blocks of one head are adjacent so
     # they share K and V in L2, and the longest causal rows start first.

@@ -2,8 +2,11 @@
 `attention`, the entry point most users call: it runs the kernel asked for, or picks one by shape.
 """
 
+import torch
+
 from .. import reference
 from .checks import autocast_inputs, check_causal, check_inputs, check_mods
+from .dropout import check_dropout
 from .flash import flash_attention
 from .fused import fused_attention, max_seqlen
 
@@ -26,25 +29,38 @@ def choose_impl(head_dim, Tk, dtype):
     return "fused" if short and Tk <= max_seqlen(head_dim, dtype) else "flash"
 
 
-def attention(q, k, v, causal=True, scale=None, impl="auto", softcap=None, sinks=None, alibi_slopes=None):
+def attention(q, k, v, causal=True, scale=None, impl="auto", softcap=None, sinks=None, alibi_slopes=None,
+              dropout_p=0.0, dropout_seed=None):
     """Causal (by default) scaled dot-product attention with the semantics of
     `reference.attention`: q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D) with Hq % Hkv == 0.
 
     impl: "auto" picks "fused" or "flash" by shape (see `choose_impl`); "reference" runs the
     naive PyTorch reference (any device and dtype, memory quadratic in T); "fused" and "flash"
-    force a kernel. softcap, sinks, alibi_slopes as in `flash_attention`.
+    force a kernel. softcap, sinks, alibi_slopes, dropout_p, dropout_seed as in
+    `flash_attention`; with dropout "auto" runs flash (fused has no dropout), and "reference"
+    drops weights with torch's own generator.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
     check_causal(causal)
+    dropout_p, seed = check_dropout(dropout_p, dropout_seed)
     q, k, v = autocast_inputs(q, k, v)
     if impl == "auto":
         q, k, v, scale = check_inputs(q, k, v, scale)  # the shapes must be sound before choosing by them
-        impl = choose_impl(q.shape[-1], k.shape[-2], q.dtype)
+        impl = "flash" if dropout_p > 0 else choose_impl(q.shape[-1], k.shape[-2], q.dtype)
     if impl == "reference":  # the same check, but float64 and any device are the reference's to take
         q, k, v, scale = check_inputs(q, k, v, scale, kernels=False)
         softcap, sinks, alibi_slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=q.shape[0], kernels=False)
+        keep = None
+        if dropout_p > 0:
+            g = torch.Generator(q.device).manual_seed(seed)
+            keep = torch.rand(*q.shape[:3], k.shape[2], generator=g, device=q.device) >= dropout_p  # (B, Hq, Tq, Tk)
         return reference.attention(q, k, v, causal=causal, scale=scale, softcap=softcap, sinks=sinks,
-                                   alibi_slopes=alibi_slopes)
-    kernel = fused_attention if impl == "fused" else flash_attention
-    return kernel(q, k, v, causal=causal, scale=scale, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
+                                   alibi_slopes=alibi_slopes, dropout_p=dropout_p, dropout_mask=keep)
+    if impl == "fused":
+        if dropout_p > 0:
+            raise ValueError(f"dropout_p={dropout_p}: the fused kernel has no dropout; use impl='flash' or 'auto'")
+        return fused_attention(q, k, v, causal=causal, scale=scale, softcap=softcap, sinks=sinks,
+                               alibi_slopes=alibi_slopes)
+    return flash_attention(q, k, v, causal=causal, scale=scale, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
+                           dropout_p=dropout_p, dropout_seed=seed if dropout_p > 0 else None)

@@ -43,6 +43,7 @@ from torch import Tensor
 from . import tuning
 from .checks import (INTERPRET, autocast_inputs, check_inputs, check_mods, check_varlen_inputs,
                      last_dim_contiguous, window_bounds)
+from .dropout import check_dropout
 from .common import LOG2E, gradient_outputs, kernel_op, meta, on_device, strides, \
     window_args, wrap_triton
 from .flash_bwd import _flash_bwd_delta, _flash_bwd_dkdv, _flash_bwd_dq
@@ -185,10 +186,17 @@ def needs_residual(q, k, v):
 
 class Mods(NamedTuple):
     """What models add to plain attention, as the kernels take it (`checks.check_mods`): the
-    soft-cap (0: none), the sinks (Hq,) and ALiBi slopes (Hq,) or (B, Hq), fp32, or None."""
+    soft-cap (0: none), the sinks (Hq,) and ALiBi slopes (Hq,) or (B, Hq), fp32, or None; and
+    attention-weight dropout with its probability and the call's Philox seed."""
     softcap: float
     sinks: Optional[Tensor]
     slopes: Optional[Tensor]
+    dropout_p: float = 0.0
+    seed: int = 0
+
+    def dropout(self):
+        """The kernels' seed, p_drop, keep_scale arguments."""
+        return self.seed, self.dropout_p, 1.0 / (1.0 - self.dropout_p)
 
     def pointers(self, placeholder):
         """SINKS, SLOPES: the tensors, or an unread placeholder."""
@@ -199,8 +207,11 @@ class Mods(NamedTuple):
         stride_sb = 0 if self.slopes is None or self.slopes.dim() == 1 else self.slopes.stride(0)
         return self.softcap * LOG2E, stride_sb
 
-    def flags(self, sinks=True):
+    def flags(self, sinks=True, dropout=False):
+        """The constexprs of a kernel that takes sinks (the forwards) and dropout (flash's)."""
         flags = dict(HAS_SOFTCAP=self.softcap > 0, HAS_ALIBI=self.slopes is not None)
+        if dropout:
+            flags["HAS_DROPOUT"] = self.dropout_p > 0
         return {**flags, "HAS_SINKS": self.sinks is not None} if sinks else flags
 
 
@@ -214,7 +225,8 @@ def _run_forward(q, k, v, batch, left, right, scale, mods, residual):
         wrap_triton(_fwd_kernel)[grid](
             q, k, v, o, res if residual else o, lse, *batch.sequences(q), *mods.pointers(lse),
             *batch.strides(q, k, v, o), *batch.row_strides(lse), batch.Hq, *batch.sizes(left, right), scale * LOG2E,
-            *mods.scalars(), **batch.keys(left, right), TMA=tma, RESIDUAL=residual, **mods.flags(),
+            *mods.scalars(), *mods.dropout(), **batch.keys(left, right), TMA=tma, RESIDUAL=residual,
+            **mods.flags(dropout=True),
             VARLEN=batch.packed, LEFT_BOUNDED=left >= 0, **meta(q), **_blocks("fwd"),
         )
     return o, lse, res
@@ -229,7 +241,8 @@ def dkdv(q, k, v, do, lse, delta, window, scale, batch=None, mods=Mods(0.0, None
     wrap_triton(_dkdv_kernel)[grid](
         q, k, v, do, dk, dv, lse, delta, *batch.sequences(q), *batch.strides(q, k, v, do, dk, dv),
         *batch.row_strides(lse), batch.Hq, batch.Hkv, *batch.sizes(*window), scale, scale * LOG2E,
-        softcap, mods.pointers(lse)[1], stride_sb, **batch.keys(*window), **mods.flags(sinks=False),
+        softcap, mods.pointers(lse)[1], stride_sb, *mods.dropout(), **batch.keys(*window),
+        **mods.flags(sinks=False, dropout=True),
         VARLEN=batch.packed, **meta(q), **_blocks("dkdv"),
     )
     return dk, dv
@@ -265,50 +278,61 @@ def _run_backward(q, k, v, o, res, lse, do, dlse, batch, left, right, scale, mod
         wrap_triton(_dq_kernel)[grid](
             q, k, v, do, dq, lse, delta, *batch.sequences(q), *batch.strides(q, k, v, do, dq),
             *batch.row_strides(lse), batch.Hq, *batch.sizes(left, right), scale, scale * LOG2E,
-            softcap, mods.pointers(lse)[1], stride_sb, **batch.keys(left, right), **mods.flags(sinks=False),
+            softcap, mods.pointers(lse)[1], stride_sb, *mods.dropout(), **batch.keys(left, right),
+            **mods.flags(sinks=False, dropout=True),
             VARLEN=batch.packed, LEFT_BOUNDED=left >= 0, **d, **_blocks("dq"),
         )
     dsinks = q.new_empty(0, dtype=torch.float32) if mods.sinks is None else sink_gradient(mods.sinks, lse, delta)
     return dq, dk, dv, dsinks
 
 
-def _gradient_outputs(q, k, v, *args):
-    """The shapes of a backward op's (dq, dk, dv, dsinks): dsinks (Hq,) fp32, or empty without sinks."""
-    sinks = args[-2]
+def _gradient_outputs(q, k, v, *args, sinks_at=-2):
+    """The shapes of a backward op's (dq, dk, dv, dsinks): dsinks (Hq,) fp32, or empty without
+    sinks; `sinks_at` is where the op's arguments hold the sinks."""
+    sinks = args[sinks_at]
     return (*gradient_outputs(q, k, v), torch.empty(0 if sinks is None else sinks.shape[0], device=q.device,
                                                     dtype=torch.float32))
 
 
+def _flash_gradient_outputs(q, k, v, *args):
+    return _gradient_outputs(q, k, v, *args, sinks_at=-4)  # ..., sinks, alibi_slopes, dropout_p, seed
+
+
 @kernel_op("flash_forward", fake=lambda q, k, v, *args: _outputs(q, args[-1], False))
 def _forward(q: Tensor, k: Tensor, v: Tensor, left: int, right: int, scale: float, softcap: float,
-             sinks: Optional[Tensor], alibi_slopes: Optional[Tensor], residual: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _run_forward(q, k, v, _dense(q, k), left, right, scale, Mods(softcap, sinks, alibi_slopes), residual)
+             sinks: Optional[Tensor], alibi_slopes: Optional[Tensor], dropout_p: float, seed: int,
+             residual: bool) -> tuple[Tensor, Tensor, Tensor]:
+    mods = Mods(softcap, sinks, alibi_slopes, dropout_p, seed)
+    return _run_forward(q, k, v, _dense(q, k), left, right, scale, mods, residual)
 
 
-@kernel_op("flash_backward", fake=_gradient_outputs)
+@kernel_op("flash_backward", fake=_flash_gradient_outputs)
 def _backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, res: Optional[Tensor], lse: Tensor, do: Tensor,
               dlse: Optional[Tensor], left: int, right: int, scale: float, softcap: float, sinks: Optional[Tensor],
-              alibi_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              alibi_slopes: Optional[Tensor], dropout_p: float, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _run_backward(q, k, v, o, res, lse, do, dlse, _dense(q, k), left, right, scale,
-                         Mods(softcap, sinks, alibi_slopes))
+                         Mods(softcap, sinks, alibi_slopes, dropout_p, seed))
 
 
 @kernel_op("flash_varlen_forward", fake=lambda q, *args: _outputs(q, args[-1], True))
 def _varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                     max_seqlen_q: int, max_seqlen_k: int, left: int, right: int, scale: float, softcap: float,
-                    sinks: Optional[Tensor], alibi_slopes: Optional[Tensor],
+                    sinks: Optional[Tensor], alibi_slopes: Optional[Tensor], dropout_p: float, seed: int,
                     residual: bool) -> tuple[Tensor, Tensor, Tensor]:
     batch = _packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return _run_forward(q, k, v, batch, left, right, scale, Mods(softcap, sinks, alibi_slopes), residual)
+    return _run_forward(q, k, v, batch, left, right, scale, Mods(softcap, sinks, alibi_slopes, dropout_p, seed),
+                        residual)
 
 
-@kernel_op("flash_varlen_backward", fake=_gradient_outputs)
+@kernel_op("flash_varlen_backward", fake=_flash_gradient_outputs)
 def _varlen_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, res: Optional[Tensor], lse: Tensor, do: Tensor,
                      dlse: Optional[Tensor], cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                      max_seqlen_k: int, left: int, right: int, scale: float, softcap: float,
-                     sinks: Optional[Tensor], alibi_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     sinks: Optional[Tensor], alibi_slopes: Optional[Tensor], dropout_p: float,
+                     seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     batch = _packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return _run_backward(q, k, v, o, res, lse, do, dlse, batch, left, right, scale, Mods(softcap, sinks, alibi_slopes))
+    return _run_backward(q, k, v, o, res, lse, do, dlse, batch, left, right, scale,
+                         Mods(softcap, sinks, alibi_slopes, dropout_p, seed))
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -316,12 +340,12 @@ def _varlen_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, res: Optional[T
 
 def _save(ctx, inputs, output):
     # inputs: q, k, v, (packed: cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), left, right,
-    # scale, softcap, sinks, alibi_slopes, residual
-    q, k, v, *rest, softcap, sinks, slopes, _ = inputs
+    # scale, softcap, sinks, alibi_slopes, dropout_p, seed, residual
+    q, k, v, *rest, softcap, sinks, slopes, dropout_p, seed, _ = inputs
     o, lse, res = output
     ctx.save_for_backward(q, k, v, o, res, lse, sinks, slopes, *[x for x in rest if isinstance(x, Tensor)])
     ctx.rest = [x for x in rest if not isinstance(x, Tensor)]
-    ctx.softcap = softcap
+    ctx.softcap, ctx.dropout = softcap, (dropout_p, seed)
     ctx.mark_non_differentiable(res)
 
 
@@ -332,9 +356,9 @@ def _gradients(ctx, do, dlse, dres):
         do = torch.zeros_like(o)
     backward = _varlen_backward if cu_seqlens else _backward
     dq, dk, dv, dsinks = backward(q, k, v, o, res if res.numel() else None, lse, do, dlse, *cu_seqlens, *ctx.rest,
-                                  ctx.softcap, sinks, slopes)
+                                  ctx.softcap, sinks, slopes, *ctx.dropout)
     skipped = [None] * (len(cu_seqlens) + len(ctx.rest))
-    return dq, dk, dv, *skipped, None, (dsinks if sinks is not None else None), None, None
+    return dq, dk, dv, *skipped, None, (dsinks if sinks is not None else None), None, None, None, None
 
 
 _forward.register_autograd(_gradients, setup_context=_save)
@@ -345,7 +369,7 @@ _varlen_forward.register_autograd(_gradients, setup_context=_save)
 
 
 def flash_attention(q, k, v, causal=True, scale=None, return_lse=False, window=None, softcap=None, sinks=None,
-                    alibi_slopes=None):
+                    alibi_slopes=None, dropout_p=0.0, dropout_seed=None):
     """Causal (by default) scaled dot-product attention, tiled: any sequence length, memory
     linear in T.
 
@@ -359,17 +383,23 @@ def flash_attention(q, k, v, causal=True, scale=None, return_lse=False, window=N
     softcap * tanh(s / softcap)), `sinks` (Hq,) (GPT-OSS: a logit per head in every row's
     denominator; differentiable) and `alibi_slopes` (Hq,) or (B, Hq) (ALiBi: -slope * |distance
     from the diagonal key|); the log-sum-exp includes the sink.
+    `dropout_p`: each attention weight is dropped with this probability after the softmax and the
+    kept ones scaled by 1 / (1 - p), forward and backward (the backward regenerates the same
+    decisions); the seed is drawn from torch's generator, or `dropout_seed`, and
+    `kernels.dropout_mask` gives the weights a seed keeps. The log-sum-exp is the undropped one.
     """
     q, k, v, scale = check_inputs(*autocast_inputs(q, k, v), scale)
     left, right = window_bounds(window, causal)
     softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=q.shape[0])
-    o, lse2, _ = _forward(q, k, v, left, right, scale, softcap, sinks, slopes, needs_residual(q, k, v))
+    dropout_p, seed = check_dropout(dropout_p, dropout_seed)
+    o, lse2, _ = _forward(q, k, v, left, right, scale, softcap, sinks, slopes, dropout_p, seed,
+                          needs_residual(q, k, v))
     return (o, lse2 * LN2) if return_lse else o
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True,
                            scale=None, return_lse=False, window=None, check_seqlens=True, softcap=None, sinks=None,
-                           alibi_slopes=None):
+                           alibi_slopes=None, dropout_p=0.0, dropout_seed=None):
     """Attention over a packed batch of sequences of different lengths, forward and backward,
     no sequence seeing another (FlashAttention's flash_attn_varlen_func).
 
@@ -385,7 +415,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     `torch.ops.attention_kernels.flash_varlen_forward`, has none). `check_seqlens=False` skips
     that read, for callers that built the offsets themselves (the transformers integration):
     offsets that break the rules above then read and write outside the tensors.
-    softcap, sinks, alibi_slopes as in `flash_attention`; (B, Hq) slopes are per sequence.
+    softcap, sinks, alibi_slopes, dropout_p, dropout_seed as in `flash_attention`; (B, Hq) slopes
+    are per sequence.
     """
     q, k, v = autocast_inputs(q, k, v)
     q, k, v, cu_seqlens_q, cu_seqlens_k, scale = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k,
@@ -393,6 +424,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                                                      check_seqlens)
     left, right = window_bounds(window, causal)
     softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=cu_seqlens_q.shape[0] - 1)
+    dropout_p, seed = check_dropout(dropout_p, dropout_seed)
     o, lse2, _ = _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                                 left, right, scale, softcap, sinks, slopes, needs_residual(q, k, v))
+                                 left, right, scale, softcap, sinks, slopes, dropout_p, seed,
+                                 needs_residual(q, k, v))
     return (o, lse2 * LN2) if return_lse else o

@@ -24,7 +24,7 @@ select; the pointers advance by a block, the 64-bit row offsets computed once.
 import triton
 import triton.language as tl
 
-from .common import dot, dot_acc, head_and_query_block, score_mods
+from .common import dropout_keep, dot, dot_acc, head_and_query_block, score_mods
 from .flash_fwd import key_blocks, load_tile, query_blocks, sequence, store_tile, tile_pointers
 
 
@@ -80,9 +80,10 @@ def _flash_bwd_delta(
 @triton.jit
 def _dq_inner(
     dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-    offs_m, Tq, Tk, left, right, lo, hi, qk_scale, softcap, slope,
+    offs_m, Tq, Tk, left, right, lo, hi, qk_scale, softcap, slope, seed, bh, p_drop, keep_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     k_ptrs = tile_pointers(k_base, lo, stride_kt, BLOCK_N, BLOCK_D)
     v_ptrs = tile_pointers(v_base, lo, stride_vt, BLOCK_N, BLOCK_D)
@@ -101,6 +102,8 @@ def _dq_inner(
             p = tl.where((offs_n < Tk)[None, :] & (past >= -left) & (past <= right), p, 0.0)
         # -- dS = P * (dP - delta) with dP = dO V^T;  dQ += dS K
         dp = dot(do, tl.trans(v), PRECISION, UPCAST)                            # [BLOCK_M, BLOCK_N] fp32
+        if HAS_DROPOUT:  # the gradient reaches only the weights the forward kept, scaled as they were
+            dp = tl.where(dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], p_drop), dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:  # through the cap: d(cap tanh(s / cap)) / ds = 1 - tanh^2
             ds = ds * (1.0 - t * t)
@@ -123,10 +126,12 @@ def _flash_bwd_dq(
     left, right,
     scale, qk_scale,
     softcap, SLOPES, stride_sb,      # as in the forward (`kernels/flash_fwd.py`)
+    seed, p_drop, keep_scale,        # dropout, as in the forward
     q_bucket, k_bucket, window_key,  # read only by the autotuner's key
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    VARLEN: tl.constexpr, LEFT_BOUNDED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr, LEFT_BOUNDED: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     b, h, h_kv, m_block = head_and_query_block(tl.cdiv(Tq, BLOCK_M), Hq, GROUP)
     q0, Tq, k0, Tk = sequence(CU_Q, CU_K, b, Tq, Tk, VARLEN)
@@ -154,16 +159,19 @@ def _flash_bwd_dq(
     lo, a, z, hi = key_blocks(m0, Tq, Tk, left, right, BLOCK_M, BLOCK_N)
     if LEFT_BOUNDED:
         dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-                       offs_m, Tq, Tk, left, right, lo, a, qk_scale, softcap, slope,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
+                       offs_m, Tq, Tk, left, right, lo, a, qk_scale, softcap, slope, seed, b * Hq + h, p_drop,
+                       keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                       PRECISION, UPCAST)
     else:
         a = 0
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-                   offs_m, Tq, Tk, left, right, a, z, qk_scale, softcap, slope,
-                   HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
+                   offs_m, Tq, Tk, left, right, a, z, qk_scale, softcap, slope, seed, b * Hq + h, p_drop,
+                   keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                   PRECISION, UPCAST)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-                   offs_m, Tq, Tk, left, right, z, hi, qk_scale, softcap, slope,
-                   HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
+                   offs_m, Tq, Tk, left, right, z, hi, qk_scale, softcap, slope, seed, b * Hq + h, p_drop,
+                   keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                   PRECISION, UPCAST)
     store_tile(tile_pointers(DQ + b * stride_dqb + h * stride_dqh + q0 * stride_dqt, m0, stride_dqt, BLOCK_M, BLOCK_D),
                (dq * scale).to(DQ.dtype.element_ty), offs_m, Tq, HEAD_DIM, BLOCK_D)
 
@@ -174,9 +182,10 @@ def _flash_bwd_dq(
 @triton.jit
 def _dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-    offs_n, Tq, Tk, left, right, lo, hi, qk_scale, softcap, slope,
+    offs_n, Tq, Tk, left, right, lo, hi, qk_scale, softcap, slope, seed, bh, p_drop, keep_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     # Masked blocks load query rows past Tq as q = dO = 0 with lse = delta = 0, so they add
     # exactly 0 to dK and dV; keys past Tk only touch rows of dK, dV that are never stored.
@@ -205,8 +214,13 @@ def _dkdv_inner(
             past = offs_n[:, None] - (offs_m[None, :] + (Tk - Tq))  # as in `mask_scores`, transposed
             pt = tl.where((offs_n < Tk)[:, None] & (past >= -left) & (past <= right), pt, 0.0)
         # -- dV += P^T dO;  dS^T = P^T * (V dO^T - delta);  dK += dS^T Q
-        dv = dot_acc(dv, pt.to(do.dtype), do, PRECISION, UPCAST)                  # [BLOCK_N, BLOCK_D] fp32
         dpt = dot(v, tl.trans(do), PRECISION, UPCAST)                           # [BLOCK_N, BLOCK_M] fp32
+        if HAS_DROPOUT:  # dV from the kept weights, scaled; dP only through them
+            keep = dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], p_drop)
+            dv = dot_acc(dv, tl.where(keep, pt * keep_scale, 0.0).to(do.dtype), do, PRECISION, UPCAST)
+            dpt = tl.where(keep, dpt * keep_scale, 0.0)
+        else:
+            dv = dot_acc(dv, pt.to(do.dtype), do, PRECISION, UPCAST)              # [BLOCK_N, BLOCK_D] fp32
         dst = pt * (dpt - delta[None, :])
         if HAS_SOFTCAP:
             dst = dst * (1.0 - tt * tt)
@@ -230,10 +244,11 @@ def _flash_bwd_dkdv(
     left, right,
     scale, qk_scale,
     softcap, SLOPES, stride_sb,      # as in the forward (`kernels/flash_fwd.py`)
+    seed, p_drop, keep_scale,        # dropout, as in the forward
     q_bucket, k_bucket, window_key,  # read only by the autotuner's key
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     num_n_blocks = tl.cdiv(Tk, BLOCK_N)
     pid = tl.program_id(0)
@@ -265,14 +280,17 @@ def _flash_bwd_dkdv(
         lse_base = LSE + b * stride_lb + h * stride_lh + q0
         delta_base = DELTA + b * stride_lb + h * stride_lh + q0
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                             offs_n, Tq, Tk, left, right, lo, a, qk_scale, softcap, slope,
-                             HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
+                             offs_n, Tq, Tk, left, right, lo, a, qk_scale, softcap, slope, seed, b * Hq + h, p_drop,
+                             keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                             PRECISION, UPCAST)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                             offs_n, Tq, Tk, left, right, a, z, qk_scale, softcap, slope,
-                             HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
+                             offs_n, Tq, Tk, left, right, a, z, qk_scale, softcap, slope, seed, b * Hq + h, p_drop,
+                             keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                             PRECISION, UPCAST)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                             offs_n, Tq, Tk, left, right, z, hi, qk_scale, softcap, slope,
-                             HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
+                             offs_n, Tq, Tk, left, right, z, hi, qk_scale, softcap, slope, seed, b * Hq + h, p_drop,
+                             keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                             PRECISION, UPCAST)
 
     store_tile(tile_pointers(DK + b * stride_dkb + h_kv * stride_dkh + k0 * stride_dkt, n0, stride_dkt, BLOCK_N, BLOCK_D),
                (dk * scale).to(DK.dtype.element_ty), offs_n, Tk, HEAD_DIM, BLOCK_D)

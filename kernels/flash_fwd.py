@@ -29,7 +29,7 @@ layout TMA cannot address), pointer loads that Triton pipelines with cp.async.
 import triton
 import triton.language as tl
 
-from .common import dot, dot_acc, head_and_query_block, mask_scores, score_mods
+from .common import dropout_keep, dot, dot_acc, head_and_query_block, mask_scores, score_mods
 
 # ----------------------------------------------------------------------------- block geometry
 
@@ -114,9 +114,9 @@ def store_tile(ptrs, x, offs_rows, n, HEAD_DIM: tl.constexpr, BLOCK_D: tl.conste
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
-    offs_m, Tq, Tk, left, right, lo, hi, qk_scale, softcap, slope,
+    offs_m, Tq, Tk, left, right, lo, hi, qk_scale, softcap, slope, seed, bh, p_drop, keep_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-    TMA: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    TMA: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # Key blocks [lo, hi): k_src, v_src are TMA descriptors or the head's base pointers.
@@ -152,6 +152,8 @@ def _fwd_inner(
         # -- rescale what was summed against the old max; add this block
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:  # the weights are dropped after the softmax: the row sum keeps them all
+            p = tl.where(dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], p_drop), p * keep_scale, 0.0)
         acc = dot_acc(acc * alpha[:, None], p.to(v.dtype), v, PRECISION, UPCAST)  # [BLOCK_M, BLOCK_D] fp32, registers
         m_i = m_new
     return acc, l_i, m_i
@@ -171,11 +173,12 @@ def _flash_fwd(
     qk_scale,              # scale * log2(e): the softmax runs in base 2
     softcap,               # the soft-cap * log2(e), base 2 (read only with HAS_SOFTCAP)
     stride_sb,             # SLOPES' batch stride: 0 when one slope serves every sequence of a head
+    seed, p_drop, keep_scale,  # dropout: the Philox seed, the probability, 1 / (1 - p) (HAS_DROPOUT)
     q_bucket, k_bucket, window_key,  # read only by the autotuner's key
     GROUP: tl.constexpr,   # query heads per k/v head
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, RESIDUAL: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, LEFT_BOUNDED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # The head dim has unit stride (the launchers make it so): stride_*d are unread. RES has O's
@@ -210,16 +213,19 @@ def _flash_fwd(
     lo, a, z, hi = key_blocks(m0, Tq, Tk, left, right, BLOCK_M, BLOCK_N)
     if LEFT_BOUNDED:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
-                                   offs_m, Tq, Tk, left, right, lo, a, qk_scale, softcap, slope,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, True, TMA, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
+                                   offs_m, Tq, Tk, left, right, lo, a, qk_scale, softcap, slope, seed, b * Hq + h, p_drop,
+                                   keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, TMA, HAS_SOFTCAP, HAS_ALIBI,
+                                   HAS_DROPOUT, PRECISION, UPCAST)
     else:  # causal or full: every row sees key 0 on, and a loop from a literal 0 spills fewer registers
         a = 0
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
-                               offs_m, Tq, Tk, left, right, a, z, qk_scale, softcap, slope,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, False, TMA, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
+                               offs_m, Tq, Tk, left, right, a, z, qk_scale, softcap, slope, seed, b * Hq + h, p_drop,
+                               keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, TMA, HAS_SOFTCAP, HAS_ALIBI,
+                               HAS_DROPOUT, PRECISION, UPCAST)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
-                               offs_m, Tq, Tk, left, right, z, hi, qk_scale, softcap, slope,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, TMA, HAS_SOFTCAP, HAS_ALIBI, PRECISION, UPCAST)
+                               offs_m, Tq, Tk, left, right, z, hi, qk_scale, softcap, slope, seed, b * Hq + h, p_drop,
+                               keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, TMA, HAS_SOFTCAP, HAS_ALIBI,
+                               HAS_DROPOUT, PRECISION, UPCAST)
 
     if HAS_SINKS:  # the head's sink logit joins the denominator (weight, no value): GPT-OSS
         sink = tl.load(SINKS + h) * 1.4426950408889634                     # base 2

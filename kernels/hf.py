@@ -19,7 +19,7 @@ the implementation is set, with its class and the reason: it would read the kern
 own and compute something else.
 
 On the kernels (one call per layer), each with what the model adds (Gemma 2's `softcap`, GPT-OSS's
-sinks `s_aux`):
+sinks `s_aux`, attention dropout while training, on the flash kernel):
     - a causal mask, plain or with a sliding window (Mistral, Qwen2, Gemma 2/3's sliding layers,
       GPT-OSS, Cohere 2: `window=(W - 1, 0)`), whose queries end where the keys end: no cache, a
       DynamicCache (prefill, chunked prefill, decoding);
@@ -43,7 +43,7 @@ then the layer's is_causal decides, as in SDPA.
 Elsewhere, counted in `CALLS` under the reason and logged once per reason (logger
 "attention_kernels.kernels.hf"): a chunked or overlaid mask, packed sequences, a mask the model
 materialises (allow_is_causal_skip=False), a static cache's sliding layer, a user's 4D mask, a
-padding mask with holes, dropout, a position bias, inputs the kernels do not take (a dtype other
+padding mask with holes, dropout under impl="reference", a position bias, inputs the kernels do not take (a dtype other
 than fp16, bf16 and fp32, head dim > 256, CPU tensors without Triton's interpreter). SDPA always
 gets the mask spelled out in 4D: it reads no mask as top-left causal, where the kernels and
 transformers' masks align bottom-right. Importing this module does not import transformers;
@@ -297,7 +297,7 @@ def kernel_attention_forward(module, query, key, value, attention_mask, scaling=
             spec, valid = Spec(causal, left, Tk, True), attention_mask
     elif attention_mask is not None:
         reason = entry[1] if entry is not None else f"a {attention_mask.ndim}D mask from the caller"
-    reason = reason or _why_not_kernels(query, key, value, dropout, scaling, kwargs)
+    reason = reason or _why_not_kernels(query, key, value, dropout, scaling, impl, kwargs)
     causal = spec.causal  # the mask's own word, where kernel_mask made it
 
     if reason is None and spec.end < Tk:  # a static cache: the keys past the last query are unused
@@ -313,6 +313,9 @@ def kernel_attention_forward(module, query, key, value, attention_mask, scaling=
         return _fallback(module, query, key, value, attention_mask, valid, spec, causal, reason, dropout, scaling,
                          kwargs)
     CALLS["kernels"] += 1
+    if dropout > 0:  # training with attention dropout: the flash kernel drops the weights itself
+        mods["dropout_p"] = dropout
+        impl = "flash" if impl == "fused" else impl
     if spec.padded:
         return _attention_packed(query, key, value, packing, causal, scaling, impl, window, mods), None
     if window is not None:
@@ -325,10 +328,10 @@ def kernel_attention_forward(module, query, key, value, attention_mask, scaling=
     return out.transpose(1, 2).contiguous(), None                                        # (B, Tq, Hq, D)
 
 
-def _why_not_kernels(query, key, value, dropout, scaling, kwargs):
+def _why_not_kernels(query, key, value, dropout, scaling, impl, kwargs):
     """Why this call must go elsewhere, or None when the kernels can run it exactly."""
-    if dropout > 0:
-        return "dropout"
+    if dropout > 0 and impl == "reference":
+        return "dropout with impl='reference'"
     if kwargs.get("position_bias") is not None:
         return "a position bias"
     return input_problem(query, key, value, scaling)  # the kernels' own input check

@@ -20,7 +20,6 @@ computes something else, e.g. the lecture's early scale by C instead of the head
 as it is and reported).
 """
 
-import logging
 import warnings
 
 import torch
@@ -30,31 +29,25 @@ import torch.nn.functional as F
 from .dispatch import IMPLS, attention
 
 MODULE_IMPLS = IMPLS + ("sdpa",)  # "sdpa": torch's own scaled_dot_product_attention, to compare
-log = logging.getLogger(__name__)
-_said = set()
 
 
 def _attend(module, q, k, v, p):
     """Causal attention of q (B, H, T, D) over k, v (B, Hkv, T, D) by `module.impl`, with the
-    attention-weight dropout p while training. The kernels have no dropout yet: a training step
-    with p > 0 runs torch's SDPA with dropout_p (logged once), never the kernels without it."""
-    if module.impl == "sdpa" or (module.training and p > 0):
-        if module.impl != "sdpa" and "dropout" not in _said:
-            _said.add("dropout")
-            log.warning("attention_kernels: %s is training with attention dropout %s, which the kernels do not have "
-                        "yet: its attention runs torch's SDPA with dropout_p (eval mode, or dropout 0, runs the "
-                        "kernels)", type(module).__name__, p)
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=p if module.training else 0.0, is_causal=True,
-                                              enable_gqa=q.shape[1] != k.shape[1])
-    return attention(q, k, v, causal=True, impl=module.impl)                      # (B, H, T, D)
+    attention-weight dropout p while training: on the flash kernel, which drops weights itself
+    (fused has no dropout, so a training step with p > 0 runs flash); impl="sdpa" is torch's."""
+    p = p if module.training else 0.0
+    if module.impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+    impl = "flash" if p > 0 and module.impl == "fused" else module.impl
+    return attention(q, k, v, causal=True, impl=impl, dropout_p=p)                # (B, H, T, D)
 
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention, nanoGPT's layout, the attention step by `impl`:
     "flash", "fused", "auto" (chosen by shape), "reference" or "sdpa" (torch's own).
 
-    Attention-probability dropout is not in the kernels: while training with dropout > 0 the
-    attention step runs torch's SDPA with dropout_p, as nanoGPT does; the residual dropout
+    While training with dropout > 0 the flash kernel drops attention weights itself (its seed
+    from torch's generator: `torch.manual_seed` makes a step reproducible); the residual dropout
     after `c_proj` is applied either way. `attn_pdrop` sets the attention's dropout apart from the
     residual's (minGPT's attn_pdrop and resid_pdrop); by default both are `dropout`.
     """

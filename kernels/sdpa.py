@@ -14,7 +14,8 @@ enable_gqa=True. torch's `is_causal` aligns the mask top-left
 (query i sees keys 0..i) while the kernels' `causal` aligns it bottom-right; the two agree when
 Tq == Tk, and otherwise the call is rewritten so the kernels compute torch's answer (see
 `_on_kernels`). Everything else falls back to torch's own function, which also raises torch's
-own errors: a tensor attn_mask, dropout_p > 0, and inputs the check refuses (counted by its message).
+own errors: a tensor attn_mask and inputs the check refuses (counted by its message). dropout_p
+runs on the flash kernel, which draws its own dropout (from a seed taken from torch's generator).
 """
 
 import collections
@@ -49,8 +50,8 @@ def _refusal(query, key, value, attn_mask, dropout_p, scale, enable_gqa, impl):
     """Why the kernels cannot run this call, or None when they can."""
     if attn_mask is not None:
         return "attn_mask given"
-    if dropout_p != 0:  # torch raises for a negative one
-        return "dropout_p > 0"
+    if not 0 <= dropout_p < 1:  # torch's own error
+        return "dropout_p outside [0, 1)"
     problem = input_problem(query, key, value, scale)  # the kernels' own input check
     if problem is not None:
         return problem
@@ -62,16 +63,19 @@ def _refusal(query, key, value, attn_mask, dropout_p, scale, enable_gqa, impl):
     return None
 
 
-def _on_kernels(query, key, value, is_causal, scale, impl):
+def _on_kernels(query, key, value, is_causal, scale, impl, dropout_p=0.0):
+    if dropout_p > 0 and impl == "fused":  # the fused kernel has no dropout
+        impl = "flash"
+    run = lambda q, k, v, causal: attention(q, k, v, causal=causal, scale=scale, impl=impl, dropout_p=dropout_p)
     Tq, Tk = query.shape[-2], key.shape[-2]
     if not is_causal or Tq == Tk:
-        return attention(query, key, value, causal=is_causal, scale=scale, impl=impl)
+        return run(query, key, value, is_causal)
     if Tq < Tk:  # top-left: row i sees keys 0..i, so keys from Tq on are seen by no row
-        return attention(query, key[:, :, :Tq], value[:, :, :Tq], causal=True, scale=scale, impl=impl)
+        return run(query, key[:, :, :Tq], value[:, :, :Tq], True)
     # Tq > Tk: rows below Tk see keys 0..i (a square causal block); the rows after see every key
-    head = attention(query[:, :, :Tk], key, value, causal=True, scale=scale, impl=impl)     # (B, H, Tk, D)
-    tail = attention(query[:, :, Tk:], key, value, causal=False, scale=scale, impl=impl)   # (B, H, Tq - Tk, D)
-    return torch.cat([head, tail], dim=2)                                                  # (B, H, Tq, D)
+    head = run(query[:, :, :Tk], key, value, True)                                     # (B, H, Tk, D)
+    tail = run(query[:, :, Tk:], key, value, False)                                    # (B, H, Tq - Tk, D)
+    return torch.cat([head, tail], dim=2)                                              # (B, H, Tq, D)
 
 
 def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, impl, calls):
@@ -87,7 +91,7 @@ def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                            scale=scale, enable_gqa=enable_gqa)
     if calls is not None:
         calls.kernel += 1
-    return _on_kernels(query, key, value, is_causal, scale, impl)
+    return _on_kernels(query, key, value, is_causal, scale, impl, dropout_p)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

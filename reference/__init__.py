@@ -9,6 +9,7 @@ from .naive import (
     attention,
     causal_mask,
     decode_attention,
+    dropout,
     expand_kv,
     logsumexp,
     masked_scores,
@@ -38,4 +39,5 @@ __all__ = [
     "varlen_attention",
     "varlen_logsumexp",
     "decode_attention",
+    "dropout",
 ]

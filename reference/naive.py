@@ -140,15 +140,25 @@ def masked_scores(q, k, causal=True, scale=None, upcast=True, window=(-1, -1), s
     return s                                               # (B, Hq, Tq, Tk)
 
 
+def dropout(w, keep, p):
+    """Attention dropout: each weight kept (keep True) is scaled by 1 / (1 - p), the others are 0,
+    so the expected weights are unchanged. The kernels draw `keep` themselves
+    (`kernels.dropout_mask` writes it out); here it is given."""
+    return w * keep.to(w.dtype) / (1.0 - p)                # (B, Hq, Tq, Tk)
+
+
 def attention(q, k, v, causal=True, scale=None, upcast=True, window=(-1, -1), softcap=None, sinks=None,
-              alibi_slopes=None):
+              alibi_slopes=None, dropout_p=0.0, dropout_mask=None):
     """softmax(mask(q @ k^T * scale)) @ v, with grouped-query heads and bottom-right causal mask;
-    optionally Gemma 2's `softcap`, GPT-OSS's attention `sinks` (Hq,) and ALiBi's `alibi_slopes`
-    (Hq,) or (B, Hq)."""
+    optionally Gemma 2's `softcap`, GPT-OSS's attention `sinks` (Hq,), ALiBi's `alibi_slopes`
+    (Hq,) or (B, Hq), and dropout of the weights with probability `dropout_p`, keeping those
+    where `dropout_mask` (B, Hq, Tq, Tk) is True."""
     if k.shape[2] == 0:                                    # no keys at all (an empty sequence): every row is empty
         return torch.zeros_like(q) + 0 * v.sum() + (0 * sinks.sum() if sinks is not None else 0)  # (B, Hq, Tq, D)
     s = masked_scores(q, k, causal, scale, upcast, window, softcap, alibi_slopes)  # (B, Hq, Tq, Tk)
     w = softmax(s, sinks)                                  # (B, Hq, Tq, Tk)
+    if dropout_p > 0:
+        w = dropout(w, dropout_mask, dropout_p)            # (B, Hq, Tq, Tk) after the softmax: the row sums stay
     v = expand_kv(v.to(w.dtype), q.shape[1])               # (B, Hq, Tk, D)
     return weighted_sum(w, v).to(q.dtype)                  # (B, Hq, Tq, D)
 

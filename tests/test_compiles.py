@@ -99,12 +99,14 @@ def test_the_forward_loads_through_tma_when_asked(hopper_binaries):
     assert all("LDGSTS" in b["loads"] for b in plain), show(plain)  # cp.async: the pipelined pointer loads
 
 
-def test_what_models_add_stays_on_wgmma_and_costs_the_plain_kernels_nothing(hopper_binaries):
-    # A soft-cap, sinks and ALiBi together (bf16, D = 128): every kernel on HGMMA and pipelined,
-    # each with a 128-wide tile that spills nothing; and the plain kernels' steady state is
-    # shorter than the modified one's, so the modifications are compiled out of them (constexprs)
+@pytest.mark.parametrize("variant", ["--mods", "--dropout"])
+def test_what_models_add_stays_on_wgmma_and_costs_the_plain_kernels_nothing(hopper_binaries, variant):
+    # A soft-cap, sinks and ALiBi together, or attention dropout (bf16, D = 128): every kernel on
+    # HGMMA and pipelined, each with a 128-wide tile that spills nothing; and the plain kernels'
+    # steady state is shorter than the modified one's, so the modifications are compiled out of
+    # them (constexprs)
     mods = onchip("--kernel", "flash-fwd", "flash-dq", "flash-dkdv", "--dtype", "bfloat16", "--head-dims", "128",
-                  "--seq", "4096", "--mods")
+                  "--seq", "4096", variant)
     bad = [b for b in mods if b["mma"] != "HGMMA" or not b["pipelined"]]
     assert not bad, "modified kernels off HGMMA or not pipelined:\n" + show(bad)
     for kernel, resident in (("flash-fwd", 0), ("flash-dq", 0), ("flash-dkdv", 1)):

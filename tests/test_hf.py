@@ -428,3 +428,21 @@ def test_importing_kernels_does_not_import_transformers():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_training_with_attention_dropout_runs_on_the_kernels(names):
+    """Llama's attention_dropout while training: the flash kernel drops the weights itself
+    (reproducible under torch.manual_seed), where it once fell back to SDPA."""
+    config = llama()
+    config.attention_dropout = 0.5
+    model = build(config, names["fused"], seed=seed_of("hf dropout")).train()
+    ids, mask, _ = draw_inputs("left", seed_of("hf dropout inputs"))
+    torch.manual_seed(0)
+    a, calls = counted(lambda: model(input_ids=ids, attention_mask=mask).logits)
+    torch.manual_seed(0)
+    b = model(input_ids=ids, attention_mask=mask).logits
+    c = model(input_ids=ids, attention_mask=mask).logits
+    assert calls == {"kernels": LAYERS}
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    model.eval()
+    assert not torch.allclose(model(input_ids=ids, attention_mask=mask).logits, a, atol=1e-4)

@@ -90,10 +90,10 @@ def test_cli_writes_log_and_losses(tmp_path, capsys):
 def test_cli_fails_when_a_kernel_leaks_the_future(tmp_path, monkeypatch):
     real = kernels.module.attention
 
-    def leaky(q, k, v, causal=True, impl="auto"):  # a causal mask that is not there
+    def leaky(q, k, v, causal=True, impl="auto", **kwargs):  # a causal mask that is not there
         if impl == "flash":
             return F.scaled_dot_product_attention(q, k, v, is_causal=False)
-        return real(q, k, v, causal=causal, impl=impl)
+        return real(q, k, v, causal=causal, impl=impl, **kwargs)
 
     monkeypatch.setattr(kernels.module, "attention", leaky)
     argv = ["--preset", "seed", "--steps", "7", "--sample", "1", "--impl", "flash", "sdpa", "--out", str(tmp_path)]

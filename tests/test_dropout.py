@@ -1,0 +1,113 @@
+"""Attention dropout inside the flash kernel: given the keep mask a call used (`dropout_mask`,
+from its seed), the reference with that mask is the truth, forward and backward, under the
+project's rule; the masks keep 1 - p of the weights, independently; a seed repeats a call and
+torch.manual_seed repeats the seeds."""
+
+import pytest
+import torch
+
+from attention_kernels import attention, dropout_mask, flash_attention, flash_attention_varlen, fused_attention, \
+    reference
+from cases import DEVICE, FACTOR, FLOOR, Shape
+from rule import assert_close, hold_to_rule, make_packed, make_qkv, seed_of
+
+SHAPES = [  # grouped heads and Tq != Tk, a head dim of 80 without a causal mask, one query
+    (Shape(2, 4, 2, 37, 53, 32), True, None),
+    (Shape(1, 4, 4, 64, 40, 80), False, None),
+    (Shape(1, 2, 1, 1, 33, 16), True, None),
+    (Shape(1, 4, 2, 70, 70, 16), True, (9, 0)),  # a sliding window
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, causal, window", SHAPES, ids=lambda x: str(x) if isinstance(x, Shape) else None)
+def test_flash_with_dropout_is_the_reference_with_its_mask(poison, shape, causal, window, dtype):
+    p, seed = 0.3, seed_of("dropout seed", shape, causal)
+    q, k, v, do = make_qkv(shape, dtype, "bthd", seed_of("dropout", shape, causal, dtype))
+    o, lse = flash_attention(q, k, v, causal=causal, window=window, return_lse=True, dropout_p=p, dropout_seed=seed)
+    keep = dropout_mask(shape.B, shape.Hq, shape.Tq, shape.Tk, p, seed, DEVICE)         # (B, Hq, Tq, Tk)
+    w = window or (-1, -1)
+    spec = lambda q, k, v, upcast=True: reference.attention(q, k, v, causal, None, upcast, w, dropout_p=p,
+                                                            dropout_mask=keep)
+    spec_lse = lambda q, k: reference.logsumexp(q, k, causal, None, w)  # the softmax's: dropout comes after
+    hold_to_rule(o, lse, (q, k, v), do, spec, spec_lse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_packed_batches_drop_per_sequence(poison, dtype):
+    """Sequence b's decisions are the dense mask's [b, :, :len_q, :len_k]: positions in the sequence."""
+    lengths_q, lengths_k = [5, 0, 14, 1], [9, 3, 11, 6]
+    q, k, v, do, cu_q, cu_k = make_packed(lengths_q, lengths_k, 4, 2, 32, dtype, seed=seed_of("varlen dropout"))
+    p, seed = 0.25, 99
+    o = flash_attention_varlen(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), dropout_p=p, dropout_seed=seed)
+    keep = dropout_mask(len(lengths_q), 4, max(lengths_q), max(lengths_k), p, seed, DEVICE)
+
+    def spec(q, k, v, upcast=True):
+        outs = []
+        for b, (q0, q1, k0, k1) in enumerate(zip(cu_q.tolist(), cu_q[1:].tolist(), cu_k.tolist(), cu_k[1:].tolist())):
+            one = lambda x, a, z: x[a:z].transpose(0, 1)[None]                           # (1, H, T, D)
+            m = keep[b:b + 1, :, :q1 - q0, :k1 - k0]
+            outs.append(reference.attention(one(q, q0, q1), one(k, k0, k1), one(v, k0, k1), True, None, upcast,
+                                            dropout_p=p, dropout_mask=m)[0].transpose(0, 1))
+        return torch.cat(outs)                                                          # (total_q, Hq, D)
+
+    truth, low = spec(*(x.detach().double() for x in (q, k, v))), spec(q.detach(), k.detach(), v.detach(), False)
+    assert_close("out", o, truth, low, FACTOR, FLOOR[dtype])
+    o.backward(do)  # the backward regenerates the same decisions: checked against autograd of the spec
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    spec(*leaves).backward(do.double())
+    low_leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    spec(*low_leaves, upcast=False).backward(do)
+    for name, x, x64, xl in zip(("dq", "dk", "dv"), (q, k, v), leaves, low_leaves):
+        assert_close(name, x.grad, x64.grad, xl.grad, 3.0, FLOOR[dtype])
+
+
+def test_the_masks_keep_one_minus_p_independently():
+    keep = dropout_mask(4, 8, 128, 128, 0.3, 12345, DEVICE).float()                     # 524 288 draws
+    assert abs(keep.mean().item() - 0.7) < 0.005                                         # 8 standard deviations
+    for dim in (-1, -2):  # neighbours along keys and along queries are independent
+        a, b = keep.narrow(dim, 0, 127), keep.narrow(dim, 1, 127)
+        assert abs(((a - 0.7) * (b - 0.7)).mean().item()) < 0.005
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])  # heads, batches
+    other = dropout_mask(4, 8, 128, 128, 0.3, 12346, DEVICE).float()
+    assert (keep != other).float().mean().item() > 0.4                                   # seeds: 2 p (1 - p) = 0.42
+
+
+def test_a_seed_repeats_a_call_and_manual_seed_repeats_the_seeds():
+    q, k, v, _ = make_qkv(Shape(1, 2, 2, 20, 20, 16), torch.float32, seed=seed_of("repeat"))
+    same = [flash_attention(q, k, v, dropout_p=0.5, dropout_seed=7) for _ in range(2)]
+    assert torch.equal(*same)
+    torch.manual_seed(1)
+    a, b = flash_attention(q, k, v, dropout_p=0.5), flash_attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(1)
+    assert torch.equal(a, flash_attention(q, k, v, dropout_p=0.5)) and not torch.equal(a, b)
+    # no dropout is no dropout, whatever the seed
+    assert torch.equal(flash_attention(q, k, v, dropout_p=0.0, dropout_seed=3), flash_attention(q, k, v))
+
+
+def test_attention_runs_dropout_on_flash_and_refuses_it_on_fused():
+    q, k, v, _ = make_qkv(Shape(1, 2, 2, 16, 16, 16), torch.float32, seed=seed_of("dispatch dropout"))
+    assert torch.equal(attention(q, k, v, dropout_p=0.2, dropout_seed=5),
+                       flash_attention(q, k, v, dropout_p=0.2, dropout_seed=5))  # auto would pick fused here
+    with pytest.raises(ValueError, match="dropout_p=0.2: the fused kernel has no dropout; use impl='flash'"):
+        attention(q, k, v, impl="fused", dropout_p=0.2)
+    with pytest.raises(TypeError):
+        fused_attention(q, k, v, dropout_p=0.2)
+    ref = [attention(q, k, v, impl="reference", dropout_p=0.5, dropout_seed=s) for s in (1, 1, 2)]
+    assert torch.equal(ref[0], ref[1]) and not torch.equal(ref[0], ref[2])
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\) \(the probability of dropping a weight\), got 1.0"),
+    (dict(dropout_p=-0.1), ValueError, "dropout_p must be in"),
+    (dict(dropout_p="0.1"), TypeError, "dropout_p must be a real number in \\[0, 1\\), got str"),
+    (dict(dropout_p=True), TypeError, "dropout_p must be a real number"),
+    (dict(dropout_p=0.1, dropout_seed=-1), ValueError, r"dropout_seed must be an int in \[0, 2\*\*63\) or None, got -1"),
+    (dict(dropout_p=0.1, dropout_seed=1.5), ValueError, "dropout_seed must be an int"),
+])
+def test_bad_dropout_is_refused_clearly(kwargs, error, words):
+    q, k, v, _ = make_qkv(Shape(1, 2, 2, 8, 8, 16), torch.float32, seed=9)
+    for fn in (flash_attention, attention):
+        with pytest.raises(error, match=words):
+            fn(q, k, v, **kwargs)
