@@ -116,7 +116,7 @@ class Call:
     window: tuple = None
     varlen: bool = False
     mods: bool = False  # with a soft-cap, sinks and ALiBi slopes (what models add)
-    dropout: bool = False  # with attention dropout (flash only)
+    dropout: bool = False  # with attention dropout (flash and fused)
 
 
 def launches_of(call):
@@ -147,12 +147,13 @@ def launches_of(call):
         residual = call.dtype != torch.float32  # a training call: the forward keeps O's rounding residual
         o, _, res = flash._run_forward(q, k, v, batch, left, right, scale, mods, residual)
         flash._run_backward(q, k, v, o, res, lse, torch.empty_like(q), None, batch, left, right, scale, mods)
-        if not call.varlen and call.window is None and not call.dropout:  # fused and decode have no dropout
+        if not call.varlen and call.window is None:
             row = common.pow2(min(T, fused.max_seqlen(D, call.dtype)))
             fq, fk = q[:, :, :row], k[:, :, :row]
             fused._run_forward(fq, fk, fk, call.causal, scale, mods)
             fused._run_backward(fq, fk, fk, lse[:, :, :row], torch.empty_like(fq), None, call.causal, scale, mods)
-            decode._run_decode(q[:, :, :1], k, v, torch.full((B,), T, dtype=torch.int32), scale, 4, -1, mods)
+            if not call.dropout:  # decoding is inference: no dropout
+                decode._run_decode(q[:, :, :1], k, v, torch.full((B,), T, dtype=torch.int32), scale, 4, -1, mods)
     return launches
 
 
@@ -326,7 +327,7 @@ def main(argv=None):
     p.add_argument("--varlen", action="store_true", help="a packed batch instead of (B, H, T, D) tensors")
     p.add_argument("--tma", action="store_true", help="flash-fwd: also compile each tile with TMA loads")
     p.add_argument("--mods", action="store_true", help="with a soft-cap, attention sinks and ALiBi slopes")
-    p.add_argument("--dropout", action="store_true", help="flash: with attention dropout")
+    p.add_argument("--dropout", action="store_true", help="flash and fused: with attention dropout")
     p.add_argument("--search", action="store_true", help="every tile (flash) or ROW_CANDIDATES (fused)")
     p.add_argument("--limit", type=int, default=None, help="flash: only the first N candidates")
     p.add_argument("--jobs", type=int, default=1, help="compile in this many processes")

@@ -37,8 +37,8 @@ def attention(q, k, v, causal=True, scale=None, impl="auto", softcap=None, sinks
     impl: "auto" picks "fused" or "flash" by shape (see `choose_impl`); "reference" runs the
     naive PyTorch reference (any device and dtype, memory quadratic in T); "fused" and "flash"
     force a kernel. softcap, sinks, alibi_slopes, dropout_p, dropout_seed as in
-    `flash_attention`; with dropout "auto" runs flash (fused has no dropout), and "reference"
-    drops weights with torch's own generator.
+    `flash_attention` (fused and flash drop the same weights for a seed); "reference" drops
+    weights with torch's own generator.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
@@ -47,7 +47,7 @@ def attention(q, k, v, causal=True, scale=None, impl="auto", softcap=None, sinks
     q, k, v = autocast_inputs(q, k, v)
     if impl == "auto":
         q, k, v, scale = check_inputs(q, k, v, scale)  # the shapes must be sound before choosing by them
-        impl = "flash" if dropout_p > 0 else choose_impl(q.shape[-1], k.shape[-2], q.dtype)
+        impl = choose_impl(q.shape[-1], k.shape[-2], q.dtype)
     if impl == "reference":  # the same check, but float64 and any device are the reference's to take
         q, k, v, scale = check_inputs(q, k, v, scale, kernels=False)
         softcap, sinks, alibi_slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=q.shape[0], kernels=False)
@@ -57,10 +57,6 @@ def attention(q, k, v, causal=True, scale=None, impl="auto", softcap=None, sinks
             keep = torch.rand(*q.shape[:3], k.shape[2], generator=g, device=q.device) >= dropout_p  # (B, Hq, Tq, Tk)
         return reference.attention(q, k, v, causal=causal, scale=scale, softcap=softcap, sinks=sinks,
                                    alibi_slopes=alibi_slopes, dropout_p=dropout_p, dropout_mask=keep)
-    if impl == "fused":
-        if dropout_p > 0:
-            raise ValueError(f"dropout_p={dropout_p}: the fused kernel has no dropout; use impl='flash' or 'auto'")
-        return fused_attention(q, k, v, causal=causal, scale=scale, softcap=softcap, sinks=sinks,
-                               alibi_slopes=alibi_slopes)
-    return flash_attention(q, k, v, causal=causal, scale=scale, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
-                           dropout_p=dropout_p, dropout_seed=seed if dropout_p > 0 else None)
+    kernel = fused_attention if impl == "fused" else flash_attention
+    return kernel(q, k, v, causal=causal, scale=scale, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
+                  dropout_p=dropout_p, dropout_seed=seed if dropout_p > 0 else None)

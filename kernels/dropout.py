@@ -1,5 +1,5 @@
 """
-Attention-weight dropout in the flash kernels: which weights a call keeps, and its seed.
+Attention-weight dropout in the flash and fused kernels: which weights a call keeps, and its seed.
 
 A call with dropout_p > 0 draws one 62-bit seed from torch's default generator (so
 `torch.manual_seed` makes a run reproducible) or takes `dropout_seed`. The kernels decide each
@@ -50,7 +50,7 @@ def _dropout_mask(KEEP, seed, p_drop, Hq, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N
 
 
 def dropout_mask(B, Hq, Tq, Tk, dropout_p, seed, device):
-    """The (B, Hq, Tq, Tk) bool mask of the weights a flash call with this dropout_p and seed
+    """The (B, Hq, Tq, Tk) bool mask of the weights a flash or fused call with this dropout_p and seed
     keeps: weight (b, h, i, j) of query i and key j, positions in their sequence. For a packed
     batch, sequence b's mask is [b, :, :len_q, :len_k] of the mask for (B, Hq, max_seqlen_q,
     max_seqlen_k)."""

@@ -37,9 +37,10 @@ from torch import Tensor
 import triton.language as tl
 
 from .checks import INTERPRET, autocast_inputs, check_causal, check_inputs, check_mods, last_dim_contiguous
-from .common import (LOG2E, dot, forward_outputs, head_and_query_block, kernel_op, mask_scores, meta, on_device,
-                     pow2, score_mods, strides, wrap_triton)
-from .flash import LN2, Mods, _gradient_outputs, dkdv, sink_gradient
+from .common import (LOG2E, dot, dropout_keep, forward_outputs, head_and_query_block, kernel_op, mask_scores, meta,
+                     on_device, pow2, score_mods, strides, wrap_triton)
+from .dropout import check_dropout
+from .flash import LN2, Mods, _flash_gradient_outputs, dkdv, sink_gradient
 
 # ----------------------------------------------------------------------------- forward
 
@@ -81,9 +82,10 @@ def _fused_fwd(
     Hq, Tq, Tk, GROUP, num_m_blocks,
     qk_scale,  # scale * log2(e): the softmax runs in base 2
     softcap, stride_sb,  # what models add, as in `kernels/flash_fwd.py`
+    seed, p_drop, keep_scale,  # dropout, as in `kernels/flash_fwd.py`
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, ROW: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     b, h, h_kv, m_block = head_and_query_block(num_m_blocks, Hq, GROUP)
@@ -107,6 +109,8 @@ def _fused_fwd(
     # -- weights @ V, divided by the row sum once at the end
     v_ptrs = V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
     v = tl.load(v_ptrs, mask=(offs_n < Tk)[:, None] & d_ok[None, :], other=0.0)  # [ROW, BLOCK_D]
+    if HAS_DROPOUT:  # after the softmax: l keeps every weight, as in flash
+        p = tl.where(dropout_keep(seed, b * Hq + h, offs_m[:, None], offs_n[None, :], p_drop), p * keep_scale, 0.0)
     acc = dot(p.to(v.dtype), v, PRECISION, UPCAST)                              # [BLOCK_M, BLOCK_D] fp32
     l_safe = tl.where(l == 0.0, 1.0, l)                                         # empty row: 0 / 1 = 0
     o = acc / l_safe[:, None]
@@ -129,10 +133,10 @@ def _fused_bwd_dq(
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     Hq, Tq, Tk, GROUP, num_m_blocks,
-    scale, qk_scale, softcap, stride_sb,
+    scale, qk_scale, softcap, stride_sb, seed, p_drop, keep_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, ROW: tl.constexpr, CAUSAL: tl.constexpr, HAS_DLSE: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     b, h, h_kv, m_block = head_and_query_block(num_m_blocks, Hq, GROUP)
@@ -166,6 +170,8 @@ def _fused_bwd_dq(
     #    O rounded to the input dtype, for the same reason. The dk/dv kernel, launched next,
     #    reads it.
     dp = dot(do, tl.trans(v), PRECISION, UPCAST)                             # [BLOCK_M, ROW] fp32
+    if HAS_DROPOUT:  # only the kept weights reached O, scaled: so does the gradient
+        dp = tl.where(dropout_keep(seed, b * Hq + h, offs_m[:, None], offs_n[None, :], p_drop), dp * keep_scale, 0.0)
     delta = tl.sum(p * dp, 1)
     if HAS_DLSE:  # a used log-sum-exp: d lse_i / d S_ij = P_ij, a shift of delta (base-2 lse, natural units)
         delta -= tl.load(DLSE + (b * Hq + h) * Tq + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
@@ -231,8 +237,8 @@ def _run_forward(q, k, v, causal, scale, mods):
     with on_device(q):
         wrap_triton(_fused_fwd)[(B * Hq * num_m_blocks,)](
             q, k, v, o, lse, *mods.pointers(lse), *strides(q, k, v, o),
-            Hq, Tq, Tk, Hq // Hkv, num_m_blocks, scale * LOG2E, *mods.scalars(),
-            BLOCK_M=block_m, ROW=row, num_warps=num_warps, CAUSAL=causal, **mods.flags(), **meta(q),
+            Hq, Tq, Tk, Hq // Hkv, num_m_blocks, scale * LOG2E, *mods.scalars(), *mods.dropout(),
+            BLOCK_M=block_m, ROW=row, num_warps=num_warps, CAUSAL=causal, **mods.flags(dropout=True), **meta(q),
         )
     return o, lse
 
@@ -249,8 +255,8 @@ def _run_backward(q, k, v, lse, do, dlse, causal, scale, mods):
         wrap_triton(_fused_bwd_dq)[(B * Hq * num_m_blocks,)](
             q, k, v, do, dq, delta if dlse is None else dlse.contiguous(), delta, *mods.pointers(lse),
             *strides(q, k, v, do, dq), Hq, Tq, Tk, Hq // Hkv, num_m_blocks, scale, scale * LOG2E, *mods.scalars(),
-            BLOCK_M=block_m, ROW=row, num_warps=num_warps, CAUSAL=causal, HAS_DLSE=dlse is not None,
-            **mods.flags(), **meta(q),
+            *mods.dropout(), BLOCK_M=block_m, ROW=row, num_warps=num_warps, CAUSAL=causal, HAS_DLSE=dlse is not None,
+            **mods.flags(dropout=True), **meta(q),
         )
         # the flash kernel's dk/dv: tiles, no row limit
         dk, dv = dkdv(q, k, v, do, lse, delta, (-1, 0 if causal else -1), scale, mods=mods)
@@ -260,30 +266,31 @@ def _run_backward(q, k, v, lse, do, dlse, causal, scale, mods):
 
 @kernel_op("fused_forward", fake=forward_outputs)
 def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, softcap: float, sinks: Optional[Tensor],
-             alibi_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    return _run_forward(q, k, v, causal, scale, Mods(softcap, sinks, alibi_slopes))
+             alibi_slopes: Optional[Tensor], dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+    return _run_forward(q, k, v, causal, scale, Mods(softcap, sinks, alibi_slopes, dropout_p, seed))
 
 
-@kernel_op("fused_backward", fake=_gradient_outputs)
+@kernel_op("fused_backward", fake=_flash_gradient_outputs)
 def _backward(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, do: Tensor, dlse: Optional[Tensor], causal: bool,
-              scale: float, softcap: float, sinks: Optional[Tensor],
-              alibi_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _run_backward(q, k, v, lse, do, dlse, causal, scale, Mods(softcap, sinks, alibi_slopes))
+              scale: float, softcap: float, sinks: Optional[Tensor], alibi_slopes: Optional[Tensor], dropout_p: float,
+              seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _run_backward(q, k, v, lse, do, dlse, causal, scale, Mods(softcap, sinks, alibi_slopes, dropout_p, seed))
 
 
 # ----------------------------------------------------------------------------- autograd
 
 
 def _save(ctx, inputs, output):
-    q, k, v, causal, scale, softcap, sinks, slopes = inputs
+    q, k, v, causal, scale, softcap, sinks, slopes, dropout_p, seed = inputs
     ctx.save_for_backward(q, k, v, output[1], sinks, slopes)  # the lse; not o: the backward gets delta from P, dP
-    ctx.causal, ctx.scale, ctx.softcap = causal, scale, softcap
+    ctx.causal, ctx.scale, ctx.softcap, ctx.dropout = causal, scale, softcap, (dropout_p, seed)
 
 
 def _gradients(ctx, do, dlse):
     q, k, v, lse, sinks, slopes = ctx.saved_tensors
-    dq, dk, dv, dsinks = _backward(q, k, v, lse, do, dlse, ctx.causal, ctx.scale, ctx.softcap, sinks, slopes)
-    return dq, dk, dv, None, None, None, (dsinks if sinks is not None else None), None
+    dq, dk, dv, dsinks = _backward(q, k, v, lse, do, dlse, ctx.causal, ctx.scale, ctx.softcap, sinks, slopes,
+                                   *ctx.dropout)
+    return dq, dk, dv, None, None, None, (dsinks if sinks is not None else None), None, None, None
 
 
 _forward.register_autograd(_gradients, setup_context=_save)
@@ -292,17 +299,20 @@ _forward.register_autograd(_gradients, setup_context=_save)
 # ----------------------------------------------------------------------------- public
 
 
-def fused_attention(q, k, v, causal=True, scale=None, return_lse=False, softcap=None, sinks=None, alibi_slopes=None):
+def fused_attention(q, k, v, causal=True, scale=None, return_lse=False, softcap=None, sinks=None, alibi_slopes=None,
+                    dropout_p=0.0, dropout_seed=None):
     """Causal (by default) scaled dot-product attention in one kernel, whole rows on chip.
 
     q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D) with Hq % Hkv == 0; the semantics of
     `reference.attention` (bottom-right causal alignment, zeros for rows that see no key).
     Tk is limited to `max_seqlen(D, dtype)`; beyond it use `flash_attention`.
     With `return_lse`, also returns each row's log-sum-exp (natural log, fp32, (B, Hq, Tq)).
-    softcap, sinks and alibi_slopes as in `flash_attention`.
+    softcap, sinks, alibi_slopes, dropout_p and dropout_seed as in `flash_attention` (the same
+    seed drops the same weights in both kernels).
     """
     q, k, v, scale = check_inputs(*autocast_inputs(q, k, v), scale)
     check_row(k, q.dtype)
     softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=q.shape[0])
-    o, lse2 = _forward(q, k, v, check_causal(causal), scale, softcap, sinks, slopes)
+    dropout_p, seed = check_dropout(dropout_p, dropout_seed)
+    o, lse2 = _forward(q, k, v, check_causal(causal), scale, softcap, sinks, slopes, dropout_p, seed)
     return (o, lse2 * LN2) if return_lse else o

@@ -19,7 +19,7 @@ the implementation is set, with its class and the reason: it would read the kern
 own and compute something else.
 
 On the kernels (one call per layer), each with what the model adds (Gemma 2's `softcap`, GPT-OSS's
-sinks `s_aux`, attention dropout while training, on the flash kernel):
+sinks `s_aux`, attention dropout while training):
     - a causal mask, plain or with a sliding window (Mistral, Qwen2, Gemma 2/3's sliding layers,
       GPT-OSS, Cohere 2: `window=(W - 1, 0)`), whose queries end where the keys end: no cache, a
       DynamicCache (prefill, chunked prefill, decoding);
@@ -313,9 +313,8 @@ def kernel_attention_forward(module, query, key, value, attention_mask, scaling=
         return _fallback(module, query, key, value, attention_mask, valid, spec, causal, reason, dropout, scaling,
                          kwargs)
     CALLS["kernels"] += 1
-    if dropout > 0:  # training with attention dropout: the flash kernel drops the weights itself
+    if dropout > 0:  # training with attention dropout: the kernels drop the weights themselves
         mods["dropout_p"] = dropout
-        impl = "flash" if impl == "fused" else impl
     if spec.padded:
         return _attention_packed(query, key, value, packing, causal, scaling, impl, window, mods), None
     if window is not None:

@@ -33,21 +33,20 @@ MODULE_IMPLS = IMPLS + ("sdpa",)  # "sdpa": torch's own scaled_dot_product_atten
 
 def _attend(module, q, k, v, p):
     """Causal attention of q (B, H, T, D) over k, v (B, Hkv, T, D) by `module.impl`, with the
-    attention-weight dropout p while training: on the flash kernel, which drops weights itself
-    (fused has no dropout, so a training step with p > 0 runs flash); impl="sdpa" is torch's."""
+    attention-weight dropout p while training, which the kernels draw themselves; impl="sdpa" is
+    torch's own."""
     p = p if module.training else 0.0
     if module.impl == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-    impl = "flash" if p > 0 and module.impl == "fused" else module.impl
-    return attention(q, k, v, causal=True, impl=impl, dropout_p=p)                # (B, H, T, D)
+    return attention(q, k, v, causal=True, impl=module.impl, dropout_p=p)         # (B, H, T, D)
 
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention, nanoGPT's layout, the attention step by `impl`:
     "flash", "fused", "auto" (chosen by shape), "reference" or "sdpa" (torch's own).
 
-    While training with dropout > 0 the flash kernel drops attention weights itself (its seed
-    from torch's generator: `torch.manual_seed` makes a step reproducible); the residual dropout
+    While training with dropout > 0 the kernel drops attention weights itself (its seed from
+    torch's generator: `torch.manual_seed` makes a step reproducible); the residual dropout
     after `c_proj` is applied either way. `attn_pdrop` sets the attention's dropout apart from the
     residual's (minGPT's attn_pdrop and resid_pdrop); by default both are `dropout`.
     """

@@ -15,7 +15,7 @@ enable_gqa=True. torch's `is_causal` aligns the mask top-left
 Tq == Tk, and otherwise the call is rewritten so the kernels compute torch's answer (see
 `_on_kernels`). Everything else falls back to torch's own function, which also raises torch's
 own errors: a tensor attn_mask and inputs the check refuses (counted by its message). dropout_p
-runs on the flash kernel, which draws its own dropout (from a seed taken from torch's generator).
+runs on the kernels, which draw their own dropout (from a seed taken from torch's generator).
 """
 
 import collections
@@ -64,8 +64,6 @@ def _refusal(query, key, value, attn_mask, dropout_p, scale, enable_gqa, impl):
 
 
 def _on_kernels(query, key, value, is_causal, scale, impl, dropout_p=0.0):
-    if dropout_p > 0 and impl == "fused":  # the fused kernel has no dropout
-        impl = "flash"
     run = lambda q, k, v, causal: attention(q, k, v, causal=causal, scale=scale, impl=impl, dropout_p=dropout_p)
     Tq, Tk = query.shape[-2], key.shape[-2]
     if not is_causal or Tq == Tk:

@@ -1,4 +1,4 @@
-"""Attention dropout inside the flash kernel: given the keep mask a call used (`dropout_mask`,
+"""Attention dropout inside the flash and fused kernels: given the keep mask a call used (`dropout_mask`,
 from its seed), the reference with that mask is the truth, forward and backward, under the
 project's rule; the masks keep 1 - p of the weights, independently; a seed repeats a call and
 torch.manual_seed repeats the seeds."""
@@ -22,10 +22,14 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape, causal, window", SHAPES, ids=lambda x: str(x) if isinstance(x, Shape) else None)
-def test_flash_with_dropout_is_the_reference_with_its_mask(poison, shape, causal, window, dtype):
+@pytest.mark.parametrize("kernel", [flash_attention, fused_attention], ids=lambda k: k.__name__)
+def test_dropout_is_the_reference_with_its_mask(poison, kernel, shape, causal, window, dtype):
+    if window is not None and kernel is fused_attention:
+        pytest.skip("fused has no windows")
     p, seed = 0.3, seed_of("dropout seed", shape, causal)
     q, k, v, do = make_qkv(shape, dtype, "bthd", seed_of("dropout", shape, causal, dtype))
-    o, lse = flash_attention(q, k, v, causal=causal, window=window, return_lse=True, dropout_p=p, dropout_seed=seed)
+    w = {} if window is None else {"window": window}
+    o, lse = kernel(q, k, v, causal=causal, return_lse=True, dropout_p=p, dropout_seed=seed, **w)
     keep = dropout_mask(shape.B, shape.Hq, shape.Tq, shape.Tk, p, seed, DEVICE)         # (B, Hq, Tq, Tk)
     w = window or (-1, -1)
     spec = lambda q, k, v, upcast=True: reference.attention(q, k, v, causal, None, upcast, w, dropout_p=p,
@@ -86,14 +90,11 @@ def test_a_seed_repeats_a_call_and_manual_seed_repeats_the_seeds():
     assert torch.equal(flash_attention(q, k, v, dropout_p=0.0, dropout_seed=3), flash_attention(q, k, v))
 
 
-def test_attention_runs_dropout_on_flash_and_refuses_it_on_fused():
+def test_both_kernels_drop_the_same_weights_for_a_seed():
     q, k, v, _ = make_qkv(Shape(1, 2, 2, 16, 16, 16), torch.float32, seed=seed_of("dispatch dropout"))
-    assert torch.equal(attention(q, k, v, dropout_p=0.2, dropout_seed=5),
-                       flash_attention(q, k, v, dropout_p=0.2, dropout_seed=5))  # auto would pick fused here
-    with pytest.raises(ValueError, match="dropout_p=0.2: the fused kernel has no dropout; use impl='flash'"):
-        attention(q, k, v, impl="fused", dropout_p=0.2)
-    with pytest.raises(TypeError):
-        fused_attention(q, k, v, dropout_p=0.2)
+    fused, flash = (attention(q, k, v, impl=impl, dropout_p=0.2, dropout_seed=5) for impl in ("fused", "flash"))
+    torch.testing.assert_close(fused, flash, atol=1e-5, rtol=1e-5)
+    assert torch.equal(attention(q, k, v, dropout_p=0.2, dropout_seed=5), fused)  # auto picks fused here
     ref = [attention(q, k, v, impl="reference", dropout_p=0.5, dropout_seed=s) for s in (1, 1, 2)]
     assert torch.equal(ref[0], ref[1]) and not torch.equal(ref[0], ref[2])
 
@@ -108,6 +109,6 @@ def test_attention_runs_dropout_on_flash_and_refuses_it_on_fused():
 ])
 def test_bad_dropout_is_refused_clearly(kwargs, error, words):
     q, k, v, _ = make_qkv(Shape(1, 2, 2, 8, 8, 16), torch.float32, seed=9)
-    for fn in (flash_attention, attention):
+    for fn in (flash_attention, fused_attention, attention):
         with pytest.raises(error, match=words):
             fn(q, k, v, **kwargs)

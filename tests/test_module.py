@@ -121,8 +121,8 @@ def test_grouped_query_variant_matches_the_reference():
 
 
 def test_training_with_dropout_runs_the_kernels_with_dropout():
-    """Training with dropout drops attention weights on the flash kernel, reproducibly under
-    torch.manual_seed (fused has no dropout: flash runs); eval mode has none."""
+    """Training with dropout drops attention weights on the kernel (here fused), reproducibly
+    under torch.manual_seed; eval mode has none."""
     torch.manual_seed(seed_of("dropout"))
     ours = CausalSelfAttention(32, 2, dropout=0.5, impl="fused").to(DEVICE).train()
     ours.resid_dropout.p = 0.0  # only the attention weights' dropout left on

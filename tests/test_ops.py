@@ -44,10 +44,10 @@ def test_opcheck(layout):
     cases = [
         (OPS.flash_forward.default, (q, k, v, -1, 0, 0.3, 0.0, None, None, 0.0, 0, False)),
         (OPS.flash_forward.default, (q, k, v, 3, 2, 0.3, 0.0, None, None, 0.0, 0, False)),  # a window
-        (OPS.fused_forward.default, (q, k, v, False, 0.3, 0.0, None, None)),
+        (OPS.fused_forward.default, (q, k, v, False, 0.3, 0.0, None, None, 0.0, 0)),
         (OPS.flash_backward.default, (*d, o, None, lse, do, None, -1, 0, 0.3, 0.0, None, None, 0.0, 0)),
         (OPS.flash_backward.default, (*d, o, None, lse, do, torch.randn_like(lse), -1, 0, 0.3, 0.0, None, None, 0.0, 0)),
-        (OPS.fused_backward.default, (*d, lse, do, None, True, 0.3, 0.0, None, None)),
+        (OPS.fused_backward.default, (*d, lse, do, None, True, 0.3, 0.0, None, None, 0.0, 0)),
     ]
     # what models add: a soft-cap, sinks (with their gradient) and ALiBi slopes
     sinks, slopes = torch.randn(q.shape[1], device=q.device), torch.rand(q.shape[1], device=q.device)
@@ -55,13 +55,14 @@ def test_opcheck(layout):
     cases += [
         (OPS.flash_forward.default, (q, k, v, -1, 0, 0.3, 2.0, sinks.clone().requires_grad_(), slopes, 0.0, 0, False)),
         (OPS.flash_backward.default, (*d, mo, None, mlse, do, None, -1, 0, 0.3, 2.0, sinks, slopes, 0.0, 0)),
-        (OPS.fused_forward.default, (q, k, v, True, 0.3, 2.0, sinks.clone().requires_grad_(), slopes)),
+        (OPS.fused_forward.default, (q, k, v, True, 0.3, 2.0, sinks.clone().requires_grad_(), slopes, 0.0, 0)),
     ]
     # dropout: the same seed in the forward and the backward
     do_, dlse_, _ = OPS.flash_forward(*d, -1, 0, 0.3, 0.0, None, None, 0.25, 11, False)
     cases += [
         (OPS.flash_forward.default, (q, k, v, -1, 0, 0.3, 0.0, None, None, 0.25, 11, False)),
         (OPS.flash_backward.default, (*d, do_, None, dlse_, do, None, -1, 0, 0.3, 0.0, None, None, 0.25, 11)),
+        (OPS.fused_forward.default, (q, k, v, True, 0.3, 0.0, None, None, 0.25, 11)),
     ]
     # 16-bit: the forward also returns O's rounding residual, which the backward reads
     h = [x.half() for x in d]

@@ -79,9 +79,9 @@ def test_fallbacks_are_torch_and_counted():
 
 
 @pytest.mark.parametrize("impl", ["auto", "fused"])
-def test_dropout_runs_on_the_flash_kernel(impl):
-    """dropout_p > 0 (nanoGPT training with dropout): the flash kernel drops the weights itself, a
-    seed from torch's generator, so torch.manual_seed repeats a call (fused has none: flash runs)."""
+def test_dropout_runs_on_the_kernels(impl):
+    """dropout_p > 0 (nanoGPT training with dropout): the kernels drop the weights themselves, a
+    seed from torch's generator, so torch.manual_seed repeats a call."""
     q, k, v, _ = make_qkv(Shape(1, 2, 2, 12, 12, 16), torch.float32, seed=seed_of("dropout"))
     with patch_sdpa(impl=impl) as calls:
         torch.manual_seed(5)
