@@ -6,6 +6,7 @@ other: the kernels are right inside a model when the curves agree to rounding.
     python -m benchmarks.tinygpt                              # `gpu` preset on a GPU, `seed` on the CPU
     python -m benchmarks.tinygpt --preset seed --steps 100 --impl flash sdpa
     python -m benchmarks.tinygpt -T 64 -C 64 --heads 4 --layers 2 --data my.txt
+    python -m benchmarks.tinygpt --model lecture              # the lecture's gpt.py, with dropout, on the kernels
 
 The model is nanoGPT's: token and position embeddings, `layers` blocks of LayerNorm -> causal
 self-attention -> residual, LayerNorm -> MLP (4C, GELU) -> residual, a final LayerNorm and an lm
@@ -413,10 +414,20 @@ def main(argv=None):
     p.add_argument("--sample", type=int, default=100, metavar="N", help="characters to sample per impl")
     p.add_argument("--data", default=DATA, help="training text (default: benchmarks/data/attention.txt)")
     p.add_argument("--out", help="output folder (default: runs/tinygpt-<time>)")
+    p.add_argument("--model", choices=["nanogpt", "lecture"], default="nanogpt",
+                   help="lecture: the \"Let's build GPT\" lecture's own model, as written and after swap_attention "
+                        "(benchmarks/lecture.py)")
+    p.add_argument("--dropout", type=float, default=0.2, help="--model lecture: its dropout (default 0.2)")
     args = p.parse_args(argv)
+    args.argv = argv
     if not os.path.isfile(args.data):
         p.error(f"--data {args.data}: no such file (the training text: any UTF-8 text file)")
+    if not 0 <= args.dropout < 1:
+        p.error(f"--dropout must be in [0, 1), got {args.dropout}")
     preset, cfg = config_from(args)
+    if args.model == "lecture":
+        from . import lecture
+        return lecture.run(args, cfg, TOLERANCE[cfg.dtype])
     impls = ["reference"] + [i for i in dict.fromkeys(args.impl) if i != "reference"]
 
     out = args.out or os.path.join("runs", "tinygpt-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))

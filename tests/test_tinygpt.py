@@ -201,3 +201,16 @@ def test_cli_fails_when_the_cache_drops_the_newest_key(tmp_path, monkeypatch):
     log = (tmp_path / "log.txt").read_text()
     assert "FAILED: sdpa generated with the KV cache" in log  # sdpa decodes on the kernels; the reference not
     assert re.search(r"^reference +yes ", log, re.M) and "left the reference's loss" not in log
+
+
+def test_the_lecture_model_without_dropout_trains_as_written_on_the_kernels(tmp_path):
+    """--model lecture: the lecture's gpt.py after swap_attention follows the model as written,
+    step by step, when there is no dropout to draw differently."""
+    argv = ["--model", "lecture", "--dropout", "0", "--impl", "flash", "--steps", "6", "--out", str(tmp_path)]
+    assert tinygpt.main(argv) == 0
+    rows = list(csv.DictReader(open(tmp_path / "losses.csv")))
+    by_run = {run: [float(r["loss"]) for r in rows if r["run"] == run] for run in ("lecture", "flash")}
+    assert len(by_run["flash"]) == 6 and max(abs(a - b) for a, b in zip(*by_run.values())) < 1e-4
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert "swap_attention replaced blocks.0.sa, blocks.1.sa" in (tmp_path / "log.txt").read_text()
+
