@@ -286,16 +286,12 @@ def _run_backward(q, k, v, o, res, lse, do, dlse, batch, left, right, scale, mod
     return dq, dk, dv, dsinks
 
 
-def _gradient_outputs(q, k, v, *args, sinks_at=-2):
+def _gradient_outputs(q, k, v, *args):
     """The shapes of a backward op's (dq, dk, dv, dsinks): dsinks (Hq,) fp32, or empty without
-    sinks; `sinks_at` is where the op's arguments hold the sinks."""
-    sinks = args[sinks_at]
+    sinks. Every backward op ends with (..., sinks, alibi_slopes, dropout_p, seed)."""
+    sinks = args[-4]
     return (*gradient_outputs(q, k, v), torch.empty(0 if sinks is None else sinks.shape[0], device=q.device,
                                                     dtype=torch.float32))
-
-
-def _flash_gradient_outputs(q, k, v, *args):
-    return _gradient_outputs(q, k, v, *args, sinks_at=-4)  # ..., sinks, alibi_slopes, dropout_p, seed
 
 
 @kernel_op("flash_forward", fake=lambda q, k, v, *args: _outputs(q, args[-1], False))
@@ -306,7 +302,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, left: int, right: int, scale: floa
     return _run_forward(q, k, v, _dense(q, k), left, right, scale, mods, residual)
 
 
-@kernel_op("flash_backward", fake=_flash_gradient_outputs)
+@kernel_op("flash_backward", fake=_gradient_outputs)
 def _backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, res: Optional[Tensor], lse: Tensor, do: Tensor,
               dlse: Optional[Tensor], left: int, right: int, scale: float, softcap: float, sinks: Optional[Tensor],
               alibi_slopes: Optional[Tensor], dropout_p: float, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -324,7 +320,7 @@ def _varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_se
                         residual)
 
 
-@kernel_op("flash_varlen_backward", fake=_flash_gradient_outputs)
+@kernel_op("flash_varlen_backward", fake=_gradient_outputs)
 def _varlen_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, res: Optional[Tensor], lse: Tensor, do: Tensor,
                      dlse: Optional[Tensor], cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                      max_seqlen_k: int, left: int, right: int, scale: float, softcap: float,

@@ -40,7 +40,7 @@ from .checks import INTERPRET, autocast_inputs, check_causal, check_inputs, chec
 from .common import (LOG2E, dot, dropout_keep, forward_outputs, head_and_query_block, kernel_op, mask_scores, meta,
                      on_device, pow2, score_mods, strides, wrap_triton)
 from .dropout import check_dropout
-from .flash import LN2, Mods, _flash_gradient_outputs, dkdv, sink_gradient
+from .flash import LN2, Mods, _gradient_outputs, dkdv, sink_gradient
 
 # ----------------------------------------------------------------------------- forward
 
@@ -270,7 +270,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, softca
     return _run_forward(q, k, v, causal, scale, Mods(softcap, sinks, alibi_slopes, dropout_p, seed))
 
 
-@kernel_op("fused_backward", fake=_flash_gradient_outputs)
+@kernel_op("fused_backward", fake=_gradient_outputs)
 def _backward(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, do: Tensor, dlse: Optional[Tensor], causal: bool,
               scale: float, softcap: float, sinks: Optional[Tensor], alibi_slopes: Optional[Tensor], dropout_p: float,
               seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:

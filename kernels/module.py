@@ -191,15 +191,15 @@ def _is_separate_qkv_attention(module):
 
 
 def _replacement(child, impl):
-    """(our module for `child`, whether to check it against `child` first), or None for a layout
-    swap_attention does not know."""
+    """(our module for `child`, the block size to check it against `child` at, or None for no
+    check), or None for a layout swap_attention does not know."""
     if _is_nanogpt_attention(child):
         d = getattr(child, "dropout", 0.0)
         d = d.p if isinstance(d, nn.Dropout) else float(d)           # nanoGPT: a float; minGPT: none
         new = CausalSelfAttention(child.n_embd, child.n_head, bias=child.c_attn.bias is not None,
                                   dropout=_dropout_p(child, "resid_dropout", d),
                                   attn_pdrop=_dropout_p(child, "attn_dropout", d), impl=impl)
-        return new, False
+        return new, None  # one formula, and the layout may have no forward of its own to compare with
     if _is_lecture_attention(child):
         head = child.heads[0]
         new = LectureMultiHeadAttention(head.key.in_features, len(child.heads), head.key.out_features,
@@ -208,20 +208,20 @@ def _replacement(child, impl):
         new.dropout.p = _dropout_p(child, "dropout")
         for ours, theirs in zip(new.heads, child.heads):
             ours.dropout.p = _dropout_p(theirs, "dropout")
-        return new, True
+        return new, head.tril.shape[0]
     if _is_separate_qkv_attention(child):
         new = SeparateQKVAttention(child.key.in_features, child.n_head, child.mask.shape[-1],
                                    _dropout_p(child, "attn_drop"), _dropout_p(child, "resid_drop"),
                                    bias=child.key.bias is not None, impl=impl)
-        return new, True
+        return new, child.mask.shape[-1]
     return None
 
 
 def _differs(old, new, block_size):
     """How far `new` is from `old` on a random (2, T, C) input, in eval mode: the max |difference|
     over the output's scale, or None where they agree (to rounding of their dtype)."""
-    weight = next(new.parameters())
-    C = weight.shape[-1] if not isinstance(new, LectureMultiHeadAttention) else new.heads[0].key.in_features
+    weight = next(new.parameters())  # the first layer's (out, C) weight in every layout
+    C = weight.shape[-1]
     g = torch.Generator(device=weight.device).manual_seed(0)
     x = torch.randn(2, min(block_size, 16), C, generator=g, device=weight.device).to(weight.dtype)
     modes = old.training, new.training
@@ -274,15 +274,14 @@ def swap_attention(model, impl="flash"):
             found = _replacement(child, impl)
             if found is None:
                 continue
-            new, check = found
+            new, block_size = found
             new.load_state_dict(child.state_dict())
             new.to(device=next(child.parameters()).device, dtype=next(child.parameters()).dtype)
             frozen = {n for n, p in child.named_parameters() if not p.requires_grad}
             for n, p in new.named_parameters():
                 p.requires_grad_(n not in frozen)
             new.train(child.training)
-            block = getattr(child, "mask", getattr(child.heads[0], "tril", None) if hasattr(child, "heads") else None)
-            err = _differs(child, new, block.shape[-1]) if check else None
+            err = None if block_size is None else _differs(child, new, block_size)
             if err is not None:
                 left[names.get(id(child), name)] = (f"{type(child).__name__} computes something else than the layout it "
                                                     f"looks like (relative difference {err:.1e}), e.g. another scale")

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cases import DEVICE, FACTOR, FLOOR, GRAD_FACTOR
+from attention_kernels.benchmarks.lecture import Block, Head
 from attention_kernels.kernels import CausalSelfAttention, swap_attention
 from rule import assert_close, seed_of
 
@@ -153,54 +154,14 @@ def test_bad_arguments(kwargs, message):
 # ----------------------------------------------------------------------------- the lecture's and minGPT's
 
 
-class Head(nn.Module):
-    """ng-video-lecture's gpt.py, as it is there (its globals n_embd, block_size, dropout made
-    arguments; `scale_by_C` is the lecture's earlier C ** -0.5)."""
-
-    def __init__(self, n_embd, head_size, block_size, dropout, scale_by_C=False):
-        super().__init__()
-        self.key = nn.Linear(n_embd, head_size, bias=False)
-        self.query = nn.Linear(n_embd, head_size, bias=False)
-        self.value = nn.Linear(n_embd, head_size, bias=False)
-        self.register_buffer('tril', torch.tril(torch.ones(block_size, block_size)))
-        self.dropout = nn.Dropout(dropout)
-        self.scale_by_C = scale_by_C
+class HeadScaledByC(Head):
+    """The lecture's earlier Head, which scaled the scores by C ** -0.5 instead of head_size ** -0.5."""
 
     def forward(self, x):
         B, T, C = x.shape
-        k = self.key(x)
-        q = self.query(x)
-        wei = q @ k.transpose(-2, -1) * (C if self.scale_by_C else k.shape[-1]) ** -0.5
+        wei = self.query(x) @ self.key(x).transpose(-2, -1) * C ** -0.5
         wei = wei.masked_fill(self.tril[:T, :T] == 0, float('-inf'))
-        wei = F.softmax(wei, dim=-1)
-        wei = self.dropout(wei)
-        v = self.value(x)
-        return wei @ v
-
-
-class MultiHeadAttention(nn.Module):
-    def __init__(self, n_embd, num_heads, head_size, block_size, dropout, scale_by_C=False):
-        super().__init__()
-        self.heads = nn.ModuleList([Head(n_embd, head_size, block_size, dropout, scale_by_C) for _ in range(num_heads)])
-        self.proj = nn.Linear(head_size * num_heads, n_embd)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x):
-        out = torch.cat([h(x) for h in self.heads], dim=-1)
-        return self.dropout(self.proj(out))
-
-
-class Block(nn.Module):
-    def __init__(self, n_embd, n_head, block_size, dropout, scale_by_C=False):
-        super().__init__()
-        self.sa = MultiHeadAttention(n_embd, n_head, n_embd // n_head, block_size, dropout, scale_by_C)
-        self.ffwd = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.ReLU(), nn.Linear(4 * n_embd, n_embd),
-                                  nn.Dropout(dropout))
-        self.ln1, self.ln2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
-
-    def forward(self, x):
-        x = x + self.sa(self.ln1(x))
-        return x + self.ffwd(self.ln2(x))
+        return self.dropout(F.softmax(wei, dim=-1)) @ self.value(x)
 
 
 class MinGPTAttention(nn.Module):
@@ -227,9 +188,14 @@ class MinGPTAttention(nn.Module):
 
 
 def lecture_model(dropout=0.0, scale_by_C=False, seed=0):
-    """The lecture's seed sizes: C = 16 over 4 heads, block size 8, two blocks."""
+    """The lecture's blocks (benchmarks/lecture.py: gpt.py's classes) at its seed sizes: C = 16
+    over 4 heads, block size 8, two blocks."""
     torch.manual_seed(seed)
-    return nn.Sequential(Block(16, 4, 8, dropout, scale_by_C), Block(16, 4, 8, dropout, scale_by_C)).to(DEVICE)
+    model = nn.Sequential(Block(16, 4, 8, dropout), Block(16, 4, 8, dropout)).to(DEVICE)
+    if scale_by_C:
+        for head in (h for block in model for h in block.sa.heads):
+            head.__class__ = HeadScaledByC
+    return model
 
 
 def mingpt_model(seed=0):
