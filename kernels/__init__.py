@@ -5,6 +5,7 @@
     fused_attention(q, k, v, ...)                               whole rows on chip: short rows
     flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, ...)  packed sequences of any lengths
     decode_attention(q, k_cache, v_cache, cache_seqlens, ...)   new tokens against a KV cache (split-KV)
+    paged_attention(q, k_cache, v_cache, block_table, ...)      prefill chunks and decoding over a paged cache
     dropout_mask(B, Hq, Tq, Tk, dropout_p, seed, device)        the weights a flash call's dropout keeps
 
 In models:
@@ -40,11 +41,13 @@ else:
     from .dropout import dropout_mask
     from .flash import flash_attention, flash_attention_varlen
     from .fused import fused_attention
+    from .paged import PagedKVCache, paged_attention
     from .hf import register_transformers
     from .module import CausalSelfAttention, swap_attention
     from .sdpa import patch_sdpa, scaled_dot_product_attention
     from . import tuning  # noqa: F401  (a submodule of the package from the start: see above)
 
 __all__ = ["attention", "choose_impl", "flash_attention", "flash_attention_varlen", "decode_attention", "dropout_mask",
+           "paged_attention", "PagedKVCache",
            "fused_attention", "scaled_dot_product_attention",
            "patch_sdpa", "CausalSelfAttention", "swap_attention", "register_transformers"]

@@ -71,13 +71,15 @@ def check_device(t, name):
                      "under TRITON_INTERPRET=1)")
 
 
-def check_inputs(q, k, v, scale, kernels=True):
+def check_inputs(q, k, v, scale, kernels=True, names=("q", "k", "v")):
     """Validate q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D) and the scale; return them ready for a
     kernel: last dimension contiguous (other strides are passed to the kernel, so a (B, T, H, D)
     tensor transposed to (B, H, T, D) is not copied) and the scale as a float. `kernels=False`
-    checks for the reference instead, which also takes float64 and runs on any device."""
+    checks for the reference instead, which also takes float64 and runs on any device. `names`:
+    what the caller calls q, k and v, for the messages."""
+    nq, nk, nv = names
     dtypes = SUPPORTED_DTYPES if kernels else SUPPORTED_DTYPES + (torch.float64,)
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    for name, t in ((nq, q), (nk, k), (nv, v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
@@ -88,22 +90,24 @@ def check_inputs(q, k, v, scale, kernels=True):
         if 0 in t.shape:
             raise ValueError(f"{name} has an empty dimension, shape {tuple(t.shape)}; B, H, T and D must be >= 1")
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share one dtype, got q {_dtype_name(q.dtype)}, "
-                        f"k {_dtype_name(k.dtype)}, v {_dtype_name(v.dtype)}")
+        raise TypeError(f"{nq}, {nk} and {nv} must share one dtype, got {nq} {_dtype_name(q.dtype)}, "
+                        f"{nk} {_dtype_name(k.dtype)}, {nv} {_dtype_name(v.dtype)}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device, got q on {q.device}, k on {k.device}, v on {v.device}")
+        raise ValueError(f"{nq}, {nk} and {nv} must be on one device, got {nq} on {q.device}, {nk} on {k.device}, "
+                         f"{nv} on {v.device}")
     if kernels:
-        check_device(q, "q")
+        check_device(q, nq)
 
     (B, Hq, Tq, D), (Bk, Hkv, Tk, Dk) = q.shape, k.shape
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape (B, Hkv, Tk, D), got k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(f"{nk} and {nv} must have the same shape (B, Hkv, Tk, D), got {nk} {tuple(k.shape)}, "
+                         f"{nv} {tuple(v.shape)}")
     if Bk != B:
-        raise ValueError(f"q and k must have the same batch size, got q B={B}, k B={Bk}")
+        raise ValueError(f"{nq} and {nk} must have the same batch size, got {nq} B={B}, {nk} B={Bk}")
     if Dk != D:
-        raise ValueError(f"q and k must have the same head dim, got q D={D}, k D={Dk}")
+        raise ValueError(f"{nq} and {nk} must have the same head dim, got {nq} D={D}, {nk} D={Dk}")
     if Hq % Hkv != 0:
-        raise ValueError(f"q's head count must be a multiple of k's (grouped-query attention), "
+        raise ValueError(f"{nq}'s head count must be a multiple of {nk}'s (grouped-query attention), "
                          f"got Hq={Hq}, Hkv={Hkv}")
     if kernels and D > MAX_HEAD_DIM:
         raise ValueError(f"head dim D={D} is not supported; accepted: 1 to {MAX_HEAD_DIM}")

@@ -42,45 +42,95 @@ from .flash import Mods
 
 
 @triton.jit
+def _sequence_of(CU_Q, block, B, BLOCK_Q: tl.constexpr):
+    # Which sequence of a packed batch owns query block `block`. Sequence b's blocks are numbered
+    # from cu_q[b] // BLOCK_Q + b, which leaves room for all ceil(len_b / BLOCK_Q) of them without
+    # a host read (the grid is fixed by total_q and B alone: CUDA graphs can replay it); the gaps
+    # are blocks past their sequence's end, which return at once. The last b whose first block is
+    # at most `block`, by bisection over the B + 1 offsets.
+    lo = B * 0
+    hi = B - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if tl.load(CU_Q + mid) // BLOCK_Q + mid <= block:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@triton.jit
+def _cache_rows(PAGES, b, pos, ok, stride_pb, num_pages, stride_b, stride_t, PAGE_SIZE: tl.constexpr,
+                PAGED: tl.constexpr):
+    # Where positions `pos` of sequence b's cache live, as offsets from K (or V) along its first two
+    # dimensions. Dense (B, Hkv, Tmax, D): b's row, position pos. Paged (num_pages, PAGE_SIZE, Hkv, D):
+    # the page b's block table names for pos // PAGE_SIZE, slot pos % PAGE_SIZE; a page id outside
+    # [0, num_pages) (an unchecked table) is clamped into it, never read outside the cache.
+    if PAGED:
+        page = tl.load(PAGES + b * stride_pb + pos // PAGE_SIZE, mask=ok, other=0)
+        page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+        return page * stride_b + (pos % PAGE_SIZE).to(tl.int64) * stride_t
+    return b * stride_b + pos.to(tl.int64) * stride_t
+
+
+@triton.jit
 def _decode_split(
-    Q, K, V, SEQLENS, O_PART, LSE_PART, SLOPES,
+    Q, K, V, SEQLENS, CU_Q, PAGES, O_PART, LSE_PART, SLOPES,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
-    Hkv, Tq, Tmax, GROUP,
+    stride_pb,  # the block table's row stride (paged)
+    B, Hkv, Tq, Tmax, num_pages, GROUP,
+    q_blocks,  # dense: query blocks per sequence
     left,      # the window's left bound, or (unbounded) more than any cache length
     qk_scale,  # scale * log2(e): the softmax runs in base 2
     softcap, stride_sb,  # what models add, as in `kernels/flash_fwd.py` (sinks: in the merge)
     NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    PAGED: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    # -- which sequence, k/v head, rows and split; the splits of one head are adjacent (L2)
-    rows_total = GROUP * Tq
+    # -- which query block, k/v head and split; the splits of one head are adjacent (L2)
     pid = tl.program_id(0)
     split = pid % NUM_SPLITS
-    m_block = pid // NUM_SPLITS % tl.cdiv(rows_total, BLOCK_M)
-    bh = pid // NUM_SPLITS // tl.cdiv(rows_total, BLOCK_M)
-    b = (bh // Hkv).to(tl.int64)
-    h_kv = (bh % Hkv).to(tl.int64)
+    h_kv = (pid // NUM_SPLITS % Hkv).to(tl.int64)
+    block = pid // NUM_SPLITS // Hkv
+    if VARLEN:  # packed new tokens (total_q, Hq, D): sequence b's are rows cu_q[b]:cu_q[b + 1]
+        b = _sequence_of(CU_Q, block, B, BLOCK_Q)
+        first = tl.load(CU_Q + b)                     # the sequence's first row among all new tokens
+        q_len = tl.load(CU_Q + b + 1) - first
+        t0 = (block - (first // BLOCK_Q + b)) * BLOCK_Q
+        if t0 >= q_len:
+            return
+        q_off = first
+    else:       # (B, Hq, Tq, D)
+        b = block // q_blocks
+        q_len = Tq
+        first = b * Tq
+        t0 = block % q_blocks * BLOCK_Q
+        q_off = 0
+    b = b.to(tl.int64)
 
-    # -- the rows: query head h_kv * GROUP + g, new token t; row r = g * Tq + t
-    r = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = r < rows_total
-    t = r % Tq
-    h = h_kv * GROUP + r // Tq
+    # -- the rows: BLOCK_Q new tokens t0.. of each query head h_kv * GROUP + g that reads this k/v
+    # head (K and V are loaded once for all of them); row r = g * BLOCK_Q + (t - t0)
+    r = tl.arange(0, BLOCK_M)
+    g = r // BLOCK_Q
+    t = t0 + r % BLOCK_Q
+    row_ok = (g < GROUP) & (t < q_len)
+    h = h_kv * GROUP + g
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + t[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)                # [BLOCK_M, BLOCK_D], registers
+    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + (q_off + t[:, None]).to(tl.int64) * stride_qt
+                + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
 
-    # -- this split's keys: an equal share, whole blocks, of the keys any row may see
+    # -- this split's keys: an equal share, whole blocks, of the keys any of the block's rows may see
     L = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), Tmax)  # unchecked lengths never read outside the cache
-    pos = L - Tq + t                                                               # [BLOCK_M] each row's position
-    lo = tl.maximum(L - Tq - left, 0)
-    per_split = tl.cdiv(tl.cdiv(L - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    pos = L - q_len + t                                                            # [BLOCK_M] each row's position
+    lo = tl.maximum(L - q_len + t0 - left, 0)
+    hi = tl.minimum(L - q_len + t0 + BLOCK_Q, L)                                  # past the block's last position
+    per_split = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = lo + split * per_split
-    stop = tl.minimum(start + per_split, L)
+    stop = tl.minimum(start + per_split, hi)
 
     slope = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_ALIBI:  # the rows are several query heads: one slope each
@@ -88,20 +138,20 @@ def _decode_split(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)                    # running max, base 2
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                                  # running sum
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)                         # running weights @ V
-    k_base = K + b * stride_kb + h_kv * stride_kh
-    v_base = V + b * stride_vb + h_kv * stride_vh
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        keys = offs_n.to(tl.int64)
-        kv_mask = (offs_n < stop)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + keys[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + keys[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        n_ok = offs_n < stop
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k_rows = _cache_rows(PAGES, b, offs_n, n_ok, stride_pb, num_pages, stride_kb, stride_kt, PAGE_SIZE, PAGED)
+        v_rows = _cache_rows(PAGES, b, offs_n, n_ok, stride_pb, num_pages, stride_vb, stride_vt, PAGE_SIZE, PAGED)
+        k = tl.load(K + h_kv * stride_kh + k_rows[:, None] + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(V + h_kv * stride_vh + v_rows[:, None] + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
 
         # -- scores, masked: past this split, after the row's own position, before its window
         s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale                   # [BLOCK_M, BLOCK_N] fp32
         s, _ = score_mods(s, pos, offs_n, softcap, slope[:, None], HAS_SOFTCAP, HAS_ALIBI)
         past = offs_n[None, :] - pos[:, None]
-        visible = (offs_n < stop)[None, :] & (past >= -left) & (past <= 0)
+        visible = n_ok[None, :] & (past >= -left) & (past <= 0)
         s = tl.where(visible, s, float("-inf"))
         # -- online softmax, as in flash's forward (a row with no key yet keeps m = -inf)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -114,7 +164,7 @@ def _decode_split(
 
     # -- the split's partial result: O_s = acc / l (0 when it saw no key), L_s base 2 (-inf then)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    row = (b * GROUP * Hkv + h) * Tq + t                                           # [BLOCK_M] (b, h, t) flattened
+    row = (first + t).to(tl.int64) * (GROUP * Hkv) + h                            # [BLOCK_M] (new token, head)
     part = row * NUM_SPLITS + split
     tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None],
              mask=row_ok[:, None] & d_ok[None, :])
@@ -125,14 +175,14 @@ def _decode_split(
 def _decode_merge(
     O_PART, LSE_PART, O, LSE, SINKS,
     stride_ob, stride_oh, stride_ot, stride_od,
-    Hq, Tq,
+    Hq, Tq,  # packed: Tq = total_q and stride_ob = 0, so that every row is "sequence 0"
     NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_SINKS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)                                            # (b * Hq + h) * Tq + t
-    t = row % Tq
-    h = row // Tq % Hq
-    b = row // Tq // Hq
+    row = tl.program_id(0).to(tl.int64)                                            # new token * Hq + h
+    h = row % Hq
+    t = row // Hq % Tq
+    b = row // Hq // Tq
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     s_ok = offs_s < NUM_SPLITS
@@ -155,7 +205,37 @@ def _decode_merge(
     o = tl.sum(w[:, None] * o_part, 0) / total_safe
     tl.store(O + b * stride_ob + h * stride_oh + t * stride_ot + offs_d * stride_od,
              o.to(O.dtype.element_ty), mask=d_ok)
-    tl.store(LSE + row, tl.where(total == 0.0, float("-inf"), (m + tl.math.log2(total_safe)) * 0.6931471805599453))
+    tl.store(LSE + (b * Hq + h) * Tq + t,
+             tl.where(total == 0.0, float("-inf"), (m + tl.math.log2(total_safe)) * 0.6931471805599453))
+
+
+@triton.jit
+def _append_kv(
+    K_NEW, V_NEW, K, V, SEQLENS, CU_Q, PAGES,
+    stride_nt, stride_nh, stride_nd, stride_wt, stride_wh, stride_wd,  # k_new, v_new (total_q, Hkv, D)
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_pb, Tmax, num_pages,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, PAGE_SIZE: tl.constexpr,
+):
+    # Sequence b's new keys and values, rows cu_q[b]:cu_q[b + 1] of k_new and v_new, written at
+    # positions cache_seqlens[b]... of its pages; one program per (sequence, BLOCK_T tokens, k/v head).
+    # Positions past the table's capacity are not written (an unchecked call's lengths).
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    first = tl.load(CU_Q + b)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    pos = tl.load(SEQLENS + b) + t
+    ok = (t < tl.load(CU_Q + b + 1) - first) & (pos >= 0) & (pos < Tmax)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    src = (first + t).to(tl.int64)
+    k = tl.load(K_NEW + src[:, None] * stride_nt + h * stride_nh + offs_d[None, :] * stride_nd, mask=mask)
+    v = tl.load(V_NEW + src[:, None] * stride_wt + h * stride_wh + offs_d[None, :] * stride_wd, mask=mask)
+    k_rows = _cache_rows(PAGES, b, pos, ok, stride_pb, num_pages, stride_kb, stride_kt, PAGE_SIZE, True)
+    v_rows = _cache_rows(PAGES, b, pos, ok, stride_pb, num_pages, stride_vb, stride_vt, PAGE_SIZE, True)
+    tl.store(K + k_rows[:, None] + h * stride_kh + offs_d[None, :] * stride_kd, k, mask=mask)
+    tl.store(V + v_rows[:, None] + h * stride_vh + offs_d[None, :] * stride_vd, v, mask=mask)
 
 
 # ----------------------------------------------------------------------------- config
@@ -211,6 +291,19 @@ def _check_seqlens(cache_seqlens, B, Tmax, device, read_values):
                          + ", ".join(f"{L} for sequence {b}" for b, L in bad[:4]))
 
 
+def refuse_gradients(name, *tensors):
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        raise RuntimeError(f"{name} has no backward (it is for inference); call it under "
+                           "torch.no_grad(), or use flash_attention to train")
+
+
+def check_num_splits(num_splits):
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
+                                   or not 1 <= num_splits <= MAX_SPLITS):
+        raise ValueError(f"num_splits must be None or an int from 1 to {MAX_SPLITS} (the merge kernel holds every "
+                         f"split's partial output of a row at once), got {num_splits!r}")
+
+
 def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=None, window=None,
                      return_lse=False, check_seqlens=True, softcap=None, sinks=None, alibi_slopes=None):
     """Attention of Tq new tokens per sequence to a KV cache, the cache split across programs.
@@ -236,47 +329,64 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=
     Hkv, Tmax = k_cache.shape[1], k_cache.shape[2]
     _check_seqlens(cache_seqlens, B, Tmax, q.device, check_seqlens)
     left, _ = window_bounds(window, causal=True)
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
-                                       for t in (q, k_cache, v_cache, sinks)):
-        raise RuntimeError("decode_attention has no backward (it is for inference); call it under "
-                           "torch.no_grad(), or use flash_attention to train")
-    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
-                                   or not 1 <= num_splits <= MAX_SPLITS):
-        raise ValueError(f"num_splits must be None or an int from 1 to {MAX_SPLITS} (the merge kernel holds every "
-                         f"split's partial output of a row at once), got {num_splits!r}")
+    refuse_gradients("decode_attention", q, k_cache, v_cache, sinks)
+    check_num_splits(num_splits)
     mods = Mods(*check_mods(q, softcap, sinks, alibi_slopes, batch=B))
     o, lse = _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, left, mods)
     return (o, lse) if return_lse else o
 
 
 def _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, left, mods=None):
-    """Launch the split and merge kernels on checked inputs; returns (out, lse)."""
+    """Launch the split and merge kernels on checked dense inputs; returns (out, lse)."""
     B, Hq, Tq, D = q.shape
-    Hkv, Tmax = k_cache.shape[1], k_cache.shape[2]
-    rows = Hq // Hkv * Tq
-    block_m, block_n, num_warps = blocks(rows, pow2(D), q.element_size())
-    row_blocks = triton.cdiv(rows, block_m)
-    if num_splits is None:
-        num_splits = default_num_splits(B, Hkv, row_blocks, Tmax if left < 0 else min(Tmax, left + Tq), q.device)
-    num_splits = min(num_splits, triton.cdiv(Tmax, block_n))  # a split holds one key block at least
-
-    o_part = torch.empty((B * Hq * Tq, num_splits, D), device=q.device, dtype=torch.float32)
-    lse_part = torch.empty((B * Hq * Tq, num_splits), device=q.device, dtype=torch.float32)
     o = torch.empty_like(q)
     lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
+    split_kv(q, k_cache, v_cache, cache_seqlens, scale, num_splits, left, mods, o, lse, B=B, Tq=Tq,
+             Hkv=k_cache.shape[1], Tmax=k_cache.shape[2], q_strides=q.stride(), k_strides=k_cache.stride(),
+             v_strides=v_cache.stride(), o_strides=o.stride())
+    return o, lse
+
+
+def split_kv(q, k_cache, v_cache, seqlens, scale, num_splits, left, mods, o, lse, *, B, Tq, Hkv, Tmax,
+             q_strides, k_strides, v_strides, o_strides, cu_q=None, pages=None, page_size=1):
+    """The split and merge launches, for a dense cache and q (decode_attention) or a paged cache
+    and packed q (`kernels.paged`). Strides as the kernels take them, (b, h, t, d) for q and o
+    (b = 0 when packed: every row is "sequence 0" with Tq = total_q) and (b or page, h, t or slot,
+    d) for the cache; Tq is the longest sequence's new tokens (packed: max_seqlen_q), Tmax each
+    sequence's capacity. Fills o and lse."""
+    Hq, D = q.shape[-2] if cu_q is not None else q.shape[1], q.shape[-1]
+    group = Hq // Hkv
+    block_m, block_n, num_warps = blocks(group * max(Tq, 1), pow2(D), q.element_size())
+    block_m = max(block_m, triton.next_power_of_2(group))                   # every head of a group in one block
+    block_q = block_m // triton.next_power_of_2(group)                       # new tokens per block
+    rows = o.numel() // D                                                    # new tokens x Hq
+    if cu_q is None:
+        q_blocks = triton.cdiv(Tq, block_q)
+        grid_blocks = B * q_blocks
+    else:  # sequence b's blocks start at cu_q[b] // block_q + b (see _sequence_of): room for all of them
+        q_blocks = 0
+        grid_blocks = q.shape[0] // block_q + B
+    if num_splits is None:
+        num_splits = default_num_splits(1, Hkv, grid_blocks, Tmax if left < 0 else min(Tmax, left + Tq), q.device)
+    num_splits = min(num_splits, triton.cdiv(Tmax, block_n))  # a split holds one key block at least
+
+    o_part = torch.empty((rows, num_splits, D), device=q.device, dtype=torch.float32)
+    lse_part = torch.empty((rows, num_splits), device=q.device, dtype=torch.float32)
     m = meta(q)
     mods = mods or Mods(0.0, None, None)
     sinks, slopes = mods.pointers(lse)
     with on_device(q):
-        wrap_triton(_decode_split)[(B * Hkv * row_blocks * num_splits,)](
-            q, k_cache, v_cache, cache_seqlens, o_part, lse_part, slopes, *strides(q, k_cache, v_cache),
-            Hkv, Tq, Tmax, Hq // Hkv, left if left >= 0 else Tmax + Tq, scale * LOG2E, *mods.scalars(),
-            NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        wrap_triton(_decode_split)[(grid_blocks * Hkv * num_splits,)](
+            q, k_cache, v_cache, seqlens, seqlens if cu_q is None else cu_q, seqlens if pages is None else pages,
+            o_part, lse_part, slopes, *q_strides, *k_strides, *v_strides, 0 if pages is None else pages.stride(0),
+            B, Hkv, Tq, Tmax, 1 if pages is None else k_cache.shape[0], group, q_blocks,
+            left if left >= 0 else Tmax + Tq, scale * LOG2E, *mods.scalars(),
+            NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, PAGE_SIZE=page_size,
+            PAGED=pages is not None, VARLEN=cu_q is not None, num_warps=num_warps,
             **mods.flags(sinks=False), **m,
         )
-        wrap_triton(_decode_merge)[(B * Hq * Tq,)](
-            o_part, lse_part, o, lse, sinks, *strides(o), Hq, Tq,
+        wrap_triton(_decode_merge)[(rows,)](
+            o_part, lse_part, o, lse, sinks, *o_strides, Hq, Tq if cu_q is None else q.shape[0],
             NUM_SPLITS=num_splits, BLOCK_S=pow2(num_splits, least=2),
             HEAD_DIM=m["HEAD_DIM"], BLOCK_D=m["BLOCK_D"], HAS_SINKS=mods.sinks is not None, num_warps=4,
         )
-    return o, lse

@@ -11,8 +11,10 @@ from .naive import (
     decode_attention,
     dropout,
     expand_kv,
+    gather_pages,
     logsumexp,
     masked_scores,
+    paged_attention,
     scores,
     apply_softcap,
     softmax,
@@ -39,5 +41,7 @@ __all__ = [
     "varlen_attention",
     "varlen_logsumexp",
     "decode_attention",
+    "paged_attention",
+    "gather_pages",
     "dropout",
 ]

@@ -222,3 +222,28 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, window=(-1,
                      softcap=softcap, sinks=sinks, alibi_slopes=_per_sequence(alibi_slopes, b))
            for b, L in enumerate(cache_seqlens.tolist())]  # B x (1, Hq, Tq, D)
     return torch.cat(out)                                  # (B, Hq, Tq, D)
+
+
+def gather_pages(cache, block_table, cache_seqlens):
+    """A paged cache's keys (or values) of every sequence, one after another: cache
+    (num_pages, page_size, Hkv, D), sequence b's position j at slot j % page_size of page
+    block_table[b, j // page_size], its first cache_seqlens[b] positions valid."""
+    page_size = cache.shape[1]
+    rows = [block_table[b, j // page_size].long() * page_size + j % page_size   # (L,) rows of the flat cache
+            for b, L in enumerate(cache_seqlens.tolist()) for j in [torch.arange(L, device=cache.device)]]
+    return cache.flatten(0, 1)[torch.cat(rows)]           # (sum L, Hkv, D)
+
+
+def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, scale=None, upcast=True,
+                    window=(-1, -1), softcap=None, sinks=None, alibi_slopes=None):
+    """New tokens attending to a paged KV cache: q (total_q, Hq, D) holds each sequence's new
+    tokens one after another (sequence b's are rows cu_seqlens_q[b]:cu_seqlens_q[b + 1]: one
+    while decoding, many for a chunk of a prompt); k_cache, v_cache (num_pages, page_size, Hkv, D)
+    hold sequence b's first cache_seqlens[b] keys in the pages its block_table row names, the new
+    tokens' own among them (the last). Each sequence is `attention` of its new tokens to its keys,
+    causal bottom-right: each new token sees the cache before it and itself."""
+    cu_seqlens_k = torch.cat([cache_seqlens.new_zeros(1), cache_seqlens.cumsum(0)]).to(torch.int32)  # (B + 1,)
+    k = gather_pages(k_cache, block_table, cache_seqlens)                     # (sum L, Hkv, D)
+    v = gather_pages(v_cache, block_table, cache_seqlens)
+    return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, True, scale, upcast, window, softcap, sinks,
+                            alibi_slopes)                                     # (total_q, Hq, D)
