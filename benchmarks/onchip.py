@@ -48,17 +48,17 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import create_function_from_signature
 
-from attention_kernels.kernels import common, decode, flash, fused, tuning
+from attention_kernels.kernels import common, decode, flash, fused, paged, tuning
 
 SM90 = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on an H100 / H200
 ROW_CANDIDATES = [(128, 8), (64, 4), (64, 8), (32, 2), (32, 4), (16, 1), (16, 2), (16, 4)]  # fused --search
 SEARCH_TILES = [(m, n) for m in (16, 32, 64, 128) for n in (32, 64, 128)]
 KERNELS = ["flash-fwd", "flash-dq", "flash-dkdv", "flash-delta", "fused-fwd", "fused-dq", "decode-split",
-           "decode-merge"]
+           "decode-merge", "paged-split", "paged-append"]
 KERNEL_NAMES = {"_flash_fwd": "flash-fwd", "_flash_bwd_dq": "flash-dq", "_flash_bwd_dkdv": "flash-dkdv",
                 "_fused_fwd": "fused-fwd", "_fused_bwd_dq": "fused-dq", "_decode_split": "decode-split",
-                "_decode_merge": "decode-merge", "_flash_bwd_delta": "flash-delta"}
+                "_decode_merge": "decode-merge", "_flash_bwd_delta": "flash-delta", "_append_kv": "paged-append"}
 
 # ----------------------------------------------------------------------------- the launch
 
@@ -76,7 +76,7 @@ class Launch:
 
     @property
     def name(self):
-        return KERNEL_NAMES[self.fn.__name__]
+        return "paged-split" if self.kwargs.get("PAGED") else KERNEL_NAMES[self.fn.__name__]
 
 
 @contextlib.contextmanager
@@ -92,7 +92,7 @@ def recording():
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append(Launch(self.kernel, args, kwargs))
 
-    modules = (flash, fused, decode)
+    modules = (flash, fused, decode, paged)
     saved = [m.wrap_triton for m in modules]
     for m in modules:
         m.wrap_triton = Recorder
@@ -154,6 +154,11 @@ def launches_of(call):
             fused._run_backward(fq, fk, fk, lse[:, :, :row], torch.empty_like(fq), None, call.causal, scale, mods)
             if not call.dropout:  # decoding is inference: no dropout
                 decode._run_decode(q[:, :, :1], k, v, torch.full((B,), T, dtype=torch.int32), scale, 4, -1, mods)
+        if call.varlen and not call.dropout:  # serving: a paged cache, pages of 16, appending the new tokens
+            page = 16
+            pool = torch.empty(B * T // page + 1, page, call.Hkv, D, dtype=call.dtype)
+            table = torch.zeros(2, B * T // page + 1, dtype=torch.int32)
+            paged._run_paged(q, pool, pool, table, cu[1:], cu, B * T * 3 // 4, k, k, scale, 4, left, mods)
     return launches
 
 

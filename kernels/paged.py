@@ -174,6 +174,15 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_
     mods = Mods(*check_mods(q, softcap, sinks, alibi_slopes, batch=B))
     refuse_gradients("paged_attention", q, k_cache, v_cache, k_new, v_new, sinks)
     q = q if q.stride(-1) == 1 else q.contiguous()
+    o, lse = _run_paged(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, max_seqlen_q, k_new, v_new,
+                        scale, num_splits, left, mods)
+    return (o, lse) if return_lse else o
+
+
+def _run_paged(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, max_seqlen_q, k_new, v_new, scale,
+               num_splits, left, mods):
+    """Launch the append (with k_new) and the split and merge kernels on checked inputs; returns (out, lse)."""
+    B = cu_seqlens_q.shape[0] - 1
     num_pages, page_size, Hkv, D = k_cache.shape
     capacity = block_table.shape[1] * page_size
     block_table, cache_seqlens, cu_seqlens_q = (t.contiguous() for t in (block_table, cache_seqlens, cu_seqlens_q))
@@ -194,7 +203,7 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_
              Tmax=capacity, q_strides=packed(q), k_strides=_cache_strides(k_cache),
              v_strides=_cache_strides(v_cache), o_strides=packed(o), cu_q=cu_seqlens_q, pages=block_table,
              page_size=page_size)
-    return (o, lse) if return_lse else o
+    return o, lse
 
 
 def _cache_strides(cache):

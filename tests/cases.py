@@ -90,6 +90,18 @@ DECODE_CASES = [
     (2, 4, 4, 1, 300, 16, (300, 299), None, (-1, 0)),
 ]
 
+# A paged cache: (new tokens per sequence, keys per sequence (theirs included), Hq, Hkv, D, page
+# size, num_splits, window). Decoding (1) and prefill chunks in one batch; lengths 0, 1, exactly a
+# page, not a page multiple, fewer keys than new tokens; pages of 1 to 256, one page shared by two
+# sequences (the tests shuffle the pool); grouped and multi-query heads; head dims 80 and 96.
+PAGED_CASES = [
+    ((1, 5, 0, 1, 17), (9, 16, 3, 1, 40), 4, 2, 16, 4, None, None),
+    ((1, 1, 1), (16, 1, 33), 4, 1, 32, 16, 3, None),                 # exactly a page; multi-query
+    ((7, 2), (7, 70), 2, 2, 80, 1, None, (5, 0)),                     # pages of one key; a window
+    ((3, 1), (2, 300), 8, 2, 96, 256, 4, None),                       # fewer keys than new tokens
+    ((40,), (97,), 2, 1, 16, 7, None, (-1, 0)),                       # a prefill chunk alone
+]
+
 # Peaky softmax: short rows at large scales, where one key takes nearly all of a row's weight and
 # dS = P * (dP - delta) is a small difference of large terms: (shape, causal, window, scale).
 # With one visible key (Tk = 1, or a (0, 0) window) the true dq and dk are exactly 0.

@@ -1,0 +1,246 @@
+"""Serving over a paged KV cache: `reference.paged_attention` against torch's SDPA, paged_attention
+against the reference (shuffled and shared pages, every page size, prefill chunks and decoding in
+one batch, appends), its input checks, and PagedKVCache's pages through a generation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attention_kernels import reference
+from attention_kernels.kernels import PagedKVCache, decode_attention, paged_attention
+from cases import DEVICE, PAGED_CASES
+from rule import hold_to_rule, seed_of
+
+I32 = dict(dtype=torch.int32, device=DEVICE)
+UNUSED = 1 << 20  # block-table entries past a sequence's pages: never read (a read would fail loudly)
+
+
+def offsets(lengths):
+    return torch.tensor([0, *lengths], device=DEVICE).cumsum(0).to(torch.int32)
+
+
+def paged_inputs(new, lengths, Hq, Hkv, D, page_size, dtype, seed, share=True, spare=3):
+    """q (total_q, Hq, D) and a shuffled pool (num_pages, page_size, Hkv, D) holding `lengths[b]`
+    keys of sequence b, with its block table and lengths; with `share`, sequences 0 and 1 read
+    the same first page (a shared prompt) when both fill one."""
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    need = [-(-L // page_size) for L in lengths]
+    num_pages = sum(need) + spare
+    order = torch.randperm(num_pages, generator=g, device=DEVICE).tolist()  # pages in no particular order
+    table = torch.full((len(lengths), max(need) + 1), UNUSED, **I32)
+    for b, n in enumerate(need):
+        table[b, :n] = torch.tensor(order[:n], **I32)
+        order = order[n:]
+    if share and len(lengths) > 1 and min(lengths[:2]) >= page_size:
+        table[1, 0] = table[0, 0]
+    randn = lambda *shape: torch.randn(shape, generator=g, device=DEVICE, dtype=dtype)
+    q = randn(sum(new), Hq, D)
+    return q, randn(num_pages, page_size, Hkv, D), randn(num_pages, page_size, Hkv, D), table, \
+        torch.tensor(lengths, **I32), offsets(new)
+
+
+def hold_paged(o, lse, q, k_cache, v_cache, table, lengths, cu_q, window=None, **mods):
+    w = window or (-1, -1)
+    spec = lambda q, k, v, upcast=True: reference.paged_attention(q, k, v, table, lengths, cu_q, upcast=upcast,
+                                                                  window=w, **mods)
+    spec_lse = lambda q, k: reference.varlen_logsumexp(q, reference.gather_pages(k, table, lengths), cu_q,
+                                                       offsets(lengths.tolist()), True, window=w, **mods)
+    hold_to_rule(o, lse, (q, k_cache, v_cache), None, spec, spec_lse)
+
+
+def test_reference_is_sdpa_on_the_gathered_cache():
+    # Each sequence's new tokens against its keys gathered from the pages, bottom-right causal
+    new, lengths = (1, 4, 3), (9, 4, 12)
+    q, k_cache, v_cache, table, seqlens, cu = paged_inputs(new, lengths, 4, 2, 16, 4, torch.float64, seed_of("sdpa"))
+    out = reference.paged_attention(q, k_cache, v_cache, table, seqlens, cu)
+    k, v = (reference.gather_pages(c, table, seqlens) for c in (k_cache, v_cache))
+    for b, (q0, q1, k0, k1) in enumerate(zip(cu.tolist(), cu[1:].tolist(), offsets(lengths).tolist(),
+                                             offsets(lengths)[1:].tolist())):
+        Tq, Tk = q1 - q0, k1 - k0
+        visible = torch.ones(Tq, Tk, dtype=torch.bool, device=DEVICE).tril(Tk - Tq)  # (Tq, Tk)
+        one = lambda x: x.transpose(0, 1)[None]                                      # (1, H, T, D)
+        want = F.scaled_dot_product_attention(one(q[q0:q1]), one(k[k0:k1]), one(v[k0:k1]), attn_mask=visible,
+                                              enable_gqa=True)
+        torch.testing.assert_close(out[q0:q1], want[0].transpose(0, 1), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", PAGED_CASES, ids=str)
+def test_paged_matches_reference(poison, case, dtype):
+    new, lengths, Hq, Hkv, D, page_size, num_splits, window = case
+    q, k_cache, v_cache, table, seqlens, cu = paged_inputs(new, lengths, Hq, Hkv, D, page_size, dtype,
+                                                           seed_of("paged", case, dtype))
+    o, lse = paged_attention(q, k_cache, v_cache, table, seqlens, cu, max(new), num_splits=num_splits, window=window,
+                             return_lse=True)
+    hold_paged(o, lse, q, k_cache, v_cache, table, seqlens, cu, window)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_paged_with_softcap_sinks_and_alibi(poison, dtype):
+    new, lengths = (1, 6, 2), (20, 6, 45)
+    q, k_cache, v_cache, table, seqlens, cu = paged_inputs(new, lengths, 4, 2, 32, 8, dtype, seed_of("mods", dtype))
+    g = torch.Generator(DEVICE).manual_seed(1)
+    mods = dict(softcap=5.0, sinks=torch.randn(4, generator=g, device=DEVICE),
+                alibi_slopes=torch.rand(3, 4, generator=g, device=DEVICE))
+    o, lse = paged_attention(q, k_cache, v_cache, table, seqlens, cu, 6, num_splits=2, return_lse=True, **mods)
+    hold_paged(o, lse, q, k_cache, v_cache, table, seqlens, cu, **mods)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_append_writes_the_pages_then_attends(poison, dtype):
+    # k_new, v_new land at positions cache_seqlens[b]... of each sequence's pages (across a page
+    # boundary, into an empty sequence, none for a sequence without new tokens), then count as keys
+    new, before, page_size = (1, 6, 0, 9), (7, 0, 5, 8), 4
+    after = tuple(L + n for L, n in zip(before, new))
+    q, k_cache, v_cache, table, _, cu = paged_inputs(new, after, 4, 2, 16, page_size, dtype, seed_of("append", dtype),
+                                                     share=False)
+    g = torch.Generator(DEVICE).manual_seed(2)
+    k_new, v_new = (torch.randn(sum(new), 2, 16, generator=g, device=DEVICE, dtype=dtype) for _ in range(2))
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    for b, (L, n) in enumerate(zip(before, new)):  # the scatter the call replaces
+        for t in range(n):
+            page, slot = table[b, (L + t) // page_size], (L + t) % page_size
+            want_k[page, slot], want_v[page, slot] = k_new[cu[b] + t], v_new[cu[b] + t]
+    seqlens = torch.tensor(before, **I32)
+    o, lse = paged_attention(q, k_cache, v_cache, table, seqlens, cu, max(new), k_new, v_new, return_lse=True)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v), "the pages differ from the scatter"
+    assert seqlens.tolist() == list(before), "cache_seqlens was changed"
+    hold_paged(o, lse, q, k_cache, v_cache, table, torch.tensor(after, **I32), cu)
+
+
+def test_one_page_per_sequence_is_decode_attention(poison):
+    # A dense cache is a pool of B pages of Tmax: the same kernel, the same numbers
+    B, Hq, Hkv, Tq, Tmax, D = 3, 4, 2, 2, 37, 16
+    g = torch.Generator(DEVICE).manual_seed(seed_of("dense"))
+    q = torch.randn(B, Hq, Tq, D, generator=g, device=DEVICE)
+    k, v = (torch.randn(B, Hkv, Tmax, D, generator=g, device=DEVICE) for _ in range(2))
+    seqlens = torch.tensor([37, 2, 20], **I32)
+    dense = decode_attention(q, k, v, seqlens, num_splits=2)
+    pool = lambda c: c.transpose(1, 2)                                      # (B pages, Tmax, Hkv, D), a view
+    out = paged_attention(q.transpose(1, 2).reshape(B * Tq, Hq, D), pool(k), pool(v), torch.arange(B, **I32)[:, None],
+                          seqlens, offsets([Tq] * B), Tq, num_splits=2)
+    torch.testing.assert_close(out.view(B, Tq, Hq, D).transpose(1, 2), dense, rtol=0, atol=0)
+
+
+def test_unchecked_calls_read_nothing_on_the_host_and_stay_inside_the_pool(poison, monkeypatch):
+    new, lengths = (1, 3), (9, 20)
+    q, k_cache, v_cache, table, seqlens, cu = paged_inputs(new, lengths, 2, 1, 16, 4, torch.float32, seed_of("unchecked"))
+    checked = paged_attention(q, k_cache, v_cache, table, seqlens, cu, 3)
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("read on the host"))
+    torch.testing.assert_close(paged_attention(q, k_cache, v_cache, table, seqlens, cu, 3, check=False), checked,
+                               rtol=0, atol=0)
+    # a length past the table's capacity and a page id past the pool: clamped, finite, no crash
+    bad_table = table.clone()
+    bad_table[0, 0] = 10 ** 6
+    out = paged_attention(q, k_cache, v_cache, bad_table, torch.tensor([9, 10 ** 6], **I32), cu, 3, check=False)
+    assert torch.isfinite(out).all()
+
+
+def base_call(**change):
+    q, k_cache, v_cache, table, seqlens, cu = paged_inputs((1, 3), (9, 20), 4, 2, 16, 4, torch.float32, 0, share=False)
+    args = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu,
+                max_seqlen_q=3)
+    for key, value in change.items():
+        args[key] = value(args) if callable(value) else value
+    return lambda: paged_attention(**args)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (dict(q=lambda a: a["q"][None]), ValueError, "q must have 3 dimensions \\(total_q, Hq, D\\)"),
+    (dict(k_cache=lambda a: a["k_cache"][:, :, :1]), ValueError, "k_cache and v_cache must have the same shape"),
+    (dict(q=lambda a: a["q"].half()), TypeError, "q, k_cache and v_cache must share one dtype"),
+    (dict(q=lambda a: a["q"][:, :3]), ValueError, "multiple of k_cache's"),
+    (dict(k_cache=lambda a: a["k_cache"].transpose(2, 3).contiguous().transpose(2, 3)), ValueError,
+     "k_cache must have unit stride along D"),                                   # (.., D, Hkv) storage
+    (dict(block_table=lambda a: a["block_table"].long()), ValueError, "block_table must be an int32 tensor"),
+    (dict(block_table=lambda a: a["block_table"][:1]), ValueError, "block_table must be an int32 tensor of shape \\(2, any\\)"),
+    (dict(cache_seqlens=lambda a: a["cache_seqlens"][:1]), ValueError, "cache_seqlens must be an int32 tensor of shape \\(2,\\)"),
+    (dict(cu_seqlens_q=[0, 1, 4]), TypeError, "cu_seqlens_q must be a torch.Tensor"),
+    (dict(cu_seqlens_q=torch.tensor([0, 0, 4], **I32)), ValueError, "max_seqlen_q must be >= the most new tokens"),
+    (dict(cu_seqlens_q=torch.tensor([0, 2, 3], **I32)), ValueError, "end at total_q = 4"),
+    (dict(max_seqlen_q=0), ValueError, "max_seqlen_q must be an int from 1 to total_q = 4"),
+    (dict(cache_seqlens=torch.tensor([9, 25], **I32)), ValueError, "\\[0, 24\\] \\(block_table's 6 pages of 4\\), got 25 for"),
+    (dict(cache_seqlens=torch.tensor([-1, 20], **I32)), ValueError, "-1 for sequence 0"),
+    (dict(block_table=lambda a: a["block_table"].index_fill(1, torch.tensor([0], device=DEVICE), 99)),
+     ValueError, "block_table\\[0, 0\\] = 99 names no page: the pool holds"),
+    (dict(k_new=lambda a: torch.zeros(4, 2, 16, device=DEVICE)), ValueError, "k_new and v_new come together"),
+    (dict(k_new=lambda a: torch.zeros(4, 2, 16, device=DEVICE), v_new=lambda a: torch.zeros(4, 2, 16, device=DEVICE),
+          cache_seqlens=torch.tensor([9, 22], **I32)),
+     ValueError, "cache_seqlens \\+ the new tokens .* must lie in \\[0, 24\\] .*, got 25 for sequence 1"),
+    (dict(k_new=lambda a: torch.zeros(3, 2, 16, device=DEVICE), v_new=lambda a: torch.zeros(3, 2, 16, device=DEVICE)),
+     ValueError, "k_new must have shape \\(total_q, Hkv, D\\) = \\(4, 2, 16\\)"),
+    (dict(window=(3, 2)), ValueError, "causal attention means right = 0"),
+    (dict(num_splits=0), ValueError, "num_splits must be None or an int from 1 to 64"),
+])
+def test_bad_paged_inputs_are_refused(change, error, message):
+    with pytest.raises(error, match=message):
+        base_call(**change)()
+
+
+def test_appending_into_a_shared_page_is_refused():
+    q, k_cache, v_cache, table, _, cu = paged_inputs((1, 1), (6, 6), 2, 1, 16, 4, torch.float32, 0, share=False)
+    table[1, 1] = table[0, 1]  # both sequences' second page, where their next keys would go
+    new = torch.zeros(2, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="which sequences \\[0, 1\\] share: copy a shared page"):
+        paged_attention(q, k_cache, v_cache, table, torch.tensor([5, 5], **I32), cu, 1, new, new)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_generation_through_the_pool(poison, dtype):
+    # Three sequences through PagedKVCache: a prompt prefilled in chunks while another decodes, a
+    # third forked from the first (sharing its full pages, copying the page it appends to). Every
+    # step is held to the rule against the reference on each sequence's keys kept densely.
+    Hq, Hkv, D, page_size = 4, 2, 16, 4
+    g = torch.Generator(DEVICE).manual_seed(seed_of("generation", dtype))
+    cache = PagedKVCache(1, 12, page_size, Hkv, D, max_seqs=3, max_pages=5, dtype=dtype, device=DEVICE)
+    dense = {s: (torch.empty(0, Hkv, D, device=DEVICE, dtype=dtype),) * 2 for s in range(3)}
+    steps = [({0: 6, 1: 1}, None), ({0: 3, 1: 1}, None), ({0: 1, 1: 1}, (0, 2)), ({0: 1, 2: 3, 1: 1}, None),
+             ({2: 1, 0: 1}, None)]
+    for counts, fork in steps:
+        if fork:
+            cache.fork(*fork)
+            dense[fork[1]] = dense[fork[0]]
+        seqs, n = list(counts), list(counts.values())
+        for s, c in counts.items():
+            cache.reserve(s, c)
+        q, k_new, v_new = (torch.randn(sum(n), H, D, generator=g, device=DEVICE, dtype=dtype) for H in (Hq, Hkv, Hkv))
+        cu = offsets(n)
+        o, lse = cache.attend(0, q, k_new, v_new, seqs, cu, max(n), return_lse=True)
+        cache.advance(seqs, n)
+        for i, s in enumerate(seqs):  # the dense copy: what the sequence's pages must hold
+            rows = slice(cu[i].item(), cu[i + 1].item())
+            dense[s] = (torch.cat([dense[s][0], k_new[rows]]), torch.cat([dense[s][1], v_new[rows]]))
+        k, v = (torch.cat([dense[s][j] for s in seqs]) for j in (0, 1))
+        lengths = [cache.lengths[s] for s in seqs]
+        assert cache.seqlens[seqs].tolist() == lengths
+        cu_k = offsets(lengths)
+        spec = lambda q, k, v, upcast=True: reference.varlen_attention(q, k, v, cu, cu_k, True, upcast=upcast)
+        hold_to_rule(o, lse, (q, k, v), None, spec, lambda q, k: reference.varlen_logsumexp(q, k, cu, cu_k))
+    assert cache.pages[0][:2] == cache.pages[2][:2] and cache.pages[0][2] != cache.pages[2][2], \
+        "the fork should share the two full pages and copy the third"
+    used = {p for s in range(3) for p in cache.pages[s]}
+    cache.free(0), cache.free(1)
+    assert sorted(cache.free_pages) == sorted(set(range(12)) - set(cache.pages[2]))
+    assert used >= set(cache.pages[2])
+
+
+def test_the_pool_refuses_what_it_cannot_hold():
+    cache = PagedKVCache(1, 3, 4, 1, 16, max_seqs=2, max_pages=2, device=DEVICE)
+    with pytest.raises(ValueError, match="more than its 2 pages of 4"):
+        cache.reserve(0, 9)
+    cache.reserve(0, 8)
+    with pytest.raises(RuntimeError, match="out of pages"):
+        cache.reserve(1, 5)
+    with pytest.raises(ValueError, match="page_size must be an int >= 1"):
+        PagedKVCache(1, 3, 0, 1, 16, 2, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", [
+    ((1,) * 32, tuple(range(100, 32100, 1000)), 32, 8, 128, 16, None, None),
+    ((1, 1, 2048, 4), (16384, 9000, 2048, 4097), 16, 2, 64, 256, None, None),
+    ((16, 1), (8192, 5000), 8, 8, 128, 64, None, (2047, 0)),
+], ids=str)
+def test_paged_long_gpu(poison, case, dtype):
+    test_paged_matches_reference(poison, case, dtype)
