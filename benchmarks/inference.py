@@ -18,6 +18,9 @@ Parts:
             CUDA graph runs it: the default check reads cache_seqlens on the host every call,
             a synchronization SDPA does not make (its cost is the host's launch latency, which
             at short caches can be most of the time).
+    paged   `kernels.paged_attention`: the decode part's one new token per sequence, its cache in
+            a shuffled pool of pages (page sizes 16, 64, 256), against the contiguous cache in
+            `decode_attention` and SDPA, as GB/s of the same bytes (timed with check=False).
     varlen  `kernels.flash_attention_varlen` on B packed sequences of seeded random lengths,
             against the same sequences right-padded to the longest, (B, H, max_len, D), causal
             (right padding keeps causal attention exact on the valid rows), in SDPA and in
@@ -29,10 +32,11 @@ Parts:
 
 Presets:
     gpu     bf16, D = 128. decode: L 1k..64k, B 1, 8, 32, Hq 32 over Hkv 8 and over Hkv 32;
-            num_splits 1, 4, 16, 64 at B 1, Hkv 8, L 16k. varlen: B 16 lengths in [1, 4096] and
+            num_splits 1, 4, 16, 64 at B 1, Hkv 8, L 16k. paged: L 4k and 32k, B 1 and 32, Hq 32
+            over Hkv 8, pages of 16, 64, 256. varlen: B 16 lengths in [1, 4096] and
             B 64 in [1, 1024], H 16. window: B 1, H 16, T 1k..32k, left 255 and 1023.
     tiny    the same code at sizes the CPU interpreter runs in seconds: bf16, D 16; decode B 2,
-            Hq 4 over Hkv 1 and 4, L 32 and 128; varlen B 3 lengths in [1, 40], H 1; window
+            Hq 4 over Hkv 1 and 4, L 32 and 128; paged B 2, Hq 4 over Hkv 1, L 100; varlen B 3 lengths in [1, 40], H 1; window
             B 1, H 1, T 32 to 128, left 15.
 
 Timing is `benchmarks.measure.time_ms`: on a GPU `triton.testing.do_bench` (warm-up, ~100 ms of
@@ -43,8 +47,8 @@ as oom, and the run goes on; it exits 1 if an implementation failed in any other
 
 Writes into --out (default runs/inference-<time>/): inference.csv, one long-format row per part x
 impl x shape x mode (schema in CSV_FIELDS), log.txt (everything printed, with the environment
-and the command), and decode.png (GB/s against L) and window.png (us per token against T), made
-from the CSV.
+and the command), and decode.png and paged.png (GB/s against L) and window.png (us per token
+against T), made from the CSV.
 """
 
 import argparse
@@ -70,13 +74,14 @@ from .measure import ceilings, flops, min_bytes, time_ms  # noqa: E402
 from .plots import line_styles  # noqa: E402
 from .sweep import DTYPES, environment, fmt, run_log  # noqa: E402
 
-PARTS = ("decode", "varlen", "window")
+PARTS = ("decode", "paged", "varlen", "window")
 MODES = ("fwd", "fwd+bwd")
 PRESETS = {
     "gpu": dict(
         dtype=torch.bfloat16, D=128,
         decode=dict(lengths=[1024 * 2**i for i in range(7)], batches=[1, 8, 32], heads=[(32, 8), (32, 32)],
                     splits=[1, 4, 16, 64], splits_at=(1, 32, 8, 16384)),       # (B, Hq, Hkv, L)
+        paged=dict(lengths=[4096, 32768], batches=[1, 32], heads=[(32, 8)], pages=[16, 64, 256]),
         varlen=dict(batches=[(16, 4096), (64, 1024)], H=16),                   # (B, longest allowed)
         window=dict(lengths=[1024 * 2**i for i in range(6)], B=1, H=16, lefts=[255, 1023]),
     ),
@@ -84,6 +89,7 @@ PRESETS = {
         dtype=torch.bfloat16, D=16,
         decode=dict(lengths=[32, 128], batches=[2], heads=[(4, 1), (4, 4)],
                     splits=[1, 8], splits_at=(2, 4, 1, 128)),
+        paged=dict(lengths=[100], batches=[2], heads=[(4, 1)], pages=[16, 64, 256]),
         varlen=dict(batches=[(3, 40)], H=1),
         window=dict(lengths=[32, 64, 128], B=1, H=1, lefts=[15]),
     ),
@@ -102,6 +108,8 @@ CPU_NOTE = ("NOTE: no CUDA GPU, so the kernels run under Triton's CPU interprete
 
 def missing(part):
     """Why a part cannot run with this checkout's kernels, or None if it can."""
+    if part == "paged" and not hasattr(kernels, "paged_attention"):
+        return "kernels.paged_attention does not exist yet"
     if part == "varlen" and not hasattr(kernels, "flash_attention_varlen"):
         return "kernels.flash_attention_varlen does not exist yet"
     if part == "window" and "window" not in inspect.signature(kernels.flash_attention).parameters:
@@ -194,14 +202,60 @@ def decode_groups(p, dtype, D, seed):
                 rows = inputs = q = k_cache = v_cache = None
 
 
+def paged_groups(p, dtype, D, seed):
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    for L in p["lengths"]:
+        for B in p["batches"]:
+            for Hq, Hkv in p["heads"]:
+                q = randn(B, Hq, 1, D, dtype=dtype, g=g)                                 # (B, Hq, 1, D)
+                k_cache, v_cache = (randn(B, Hkv, L, D, dtype=dtype, g=g) for _ in range(2))  # (B, Hkv, L, D)
+                seqlens = torch.full((B,), L, device=DEVICE, dtype=torch.int32)
+                shape = dict(part="paged", mode="fwd", B=B, H=Hq, Hkv=Hkv, Tq=1, Tk=L, D=D, tokens=B,
+                             work=flops(B, Hq, 1, L, D, False, "fwd"),
+                             traffic=(2 * B * Hkv * L * D + 2 * B * Hq * D) * q.element_size())
+                dense = (q, k_cache, v_cache)
+                rows = [(dict(shape, impl="decode"), lambda x=dense, s=seqlens:
+                         lambda: kernels.decode_attention(*x, s, check_seqlens=False))]
+                packed = q[:, :, 0]                                                       # (B, Hq, D): one token each
+                cu = torch.arange(B + 1, device=DEVICE, dtype=torch.int32)
+                for size in p["pages"]:
+                    rows.append((dict(shape, impl=f"paged-{size}"), lambda size=size, x=dense, s=seqlens:
+                                 paged_call(*x, s, size, cu, g)))
+                for backend in SDPA_BACKENDS:
+                    fields = dict(shape, impl=f"sdpa-{backend}")
+                    rows.append((fields, lambda b=backend, f=fields, x=dense: sdpa_decode(b, *x, f)))
+                yield rows
+                rows = dense = q = k_cache = v_cache = packed = None
+
+
+def paged_call(q, k_cache, v_cache, seqlens, page_size, cu, g):
+    """The contiguous cache copied into a pool of pages of `page_size` in shuffled order (made
+    here, outside the timing), and the paged call on it."""
+    B, Hkv, L, D = k_cache.shape
+    per_seq = -(-L // page_size)
+    order = torch.randperm(B * per_seq, generator=torch.Generator().manual_seed(page_size)).to(DEVICE)
+    table = order.view(B, per_seq).to(torch.int32)                                        # (B, pages)
+    pools = []
+    for cache in (k_cache, v_cache):
+        pool = cache.new_zeros(B * per_seq, page_size, Hkv, D)                            # (pages, size, Hkv, D)
+        padded = torch.nn.functional.pad(cache, (0, 0, 0, per_seq * page_size - L))       # (B, Hkv, pages*size, D)
+        pool[table.long().flatten()] = padded.view(B, Hkv, per_seq, page_size, D).permute(0, 2, 3, 1, 4).flatten(0, 1)
+        pools.append(pool)
+    q = q[:, :, 0].contiguous()                                                           # (B, Hq, D): one token each
+    call = lambda: kernels.paged_attention(q, *pools, table, seqlens, cu, 1, check=False)
+    want = kernels.decode_attention(q[:, :, None], k_cache, v_cache, seqlens)[:, :, 0]   # (B, Hq, D)
+    err = (call().float() - want.float()).abs().max().item()
+    if err > 0.02 * max(1.0, want.abs().max().item()):  # the same kernel, other splits: rounding only
+        raise AssertionError(f"paged-{page_size} differs from decode_attention by {err:.3g}: the pool is wrong")
+    return call
+
+
 def auto_splits(B, Hq, Hkv, L, D, q):
-    """How many splits num_splits=None picks here (`kernels.decode.default_num_splits`, given the
-    launcher's row blocks), or None if those helpers have changed."""
+    """How many splits num_splits=None picks here (`kernels.decode.default_num_splits`: one new
+    token is one query block per sequence and k/v head), or None if that rule has changed."""
     try:
-        from attention_kernels.kernels.common import pow2
-        block_m, *_ = kernels.decode.blocks(Hq // Hkv, pow2(D), q.element_size())
-        return kernels.decode.default_num_splits(B, Hkv, -(-(Hq // Hkv) // block_m), L, q.device)
-    except (AttributeError, ImportError, TypeError):
+        return kernels.decode.default_num_splits(B, Hkv, 1, L, q.device)
+    except (AttributeError, TypeError):
         return None
 
 
@@ -296,7 +350,7 @@ def window_groups(p, dtype, D, seed):
         inputs = None
 
 
-GROUPS = {"decode": decode_groups, "varlen": varlen_groups, "window": window_groups}
+GROUPS = {"decode": decode_groups, "paged": paged_groups, "varlen": varlen_groups, "window": window_groups}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -384,6 +438,8 @@ def run(preset, parts, out_dir, command, plots=True, seed=0):
 TABLE = {  # part: the columns that mean something for it, (header, key, format)
     "decode": [("Hkv", "Hkv", "5"), ("L", "Tk", "7"), ("splits", "num_splits", "7"), ("used", "splits_used", "5"),
                ("ms p50", "ms_p50", "10.4g"), ("GB/s", "gbps", "9.4g"), ("frac copy", "frac_copy_ceiling", "10.3g")],
+    "paged": [("Hkv", "Hkv", "5"), ("L", "Tk", "7"), ("ms p50", "ms_p50", "10.4g"), ("GB/s", "gbps", "9.4g"),
+              ("frac copy", "frac_copy_ceiling", "10.3g")],
     "varlen": [("maxT", "Tq", "7"), ("tokens", "tokens", "8"), ("useful", "useful_frac", "8.3g"),
                ("ms p50", "ms_p50", "10.4g"), ("TFLOP/s", "tflops", "9.3g")],
     "window": [("T", "Tq", "7"), ("left", "window_left", "6"), ("ms p50", "ms_p50", "10.4g"),
@@ -409,8 +465,8 @@ def table(say, rows, part):
 
 
 def plot(csv_path, out_dir):
-    """decode.png (GB/s against L, one panel per B and heads, the copy's GB/s as a line) and
-    window.png (us per token against T, one panel per mode); return the paths written."""
+    """decode.png and paged.png (GB/s against L, one panel per B and heads, the copy's GB/s as a
+    line) and window.png (us per token against T, one panel per mode); return the paths written."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -420,6 +476,8 @@ def plot(csv_path, out_dir):
     figures = {
         "decode": ("gbps", "GB/s (bytes of q, valid K and V, o)", "cache length L",
                    lambda r: f"B={r['B']}, Hq={r['H']}, Hkv={r['Hkv']}", lambda r: r["num_splits"] in ("", "auto")),
+        "paged": ("gbps", "GB/s (bytes of q, valid K and V, o)", "cache length L",
+                  lambda r: f"B={r['B']}, Hq={r['H']}, Hkv={r['Hkv']}", lambda r: True),
         "window": ("us_per_token", "us per token", "sequence length T",
                    lambda r: f"{r['mode']}, B={r['B']}, H={r['H']}, D={r['D']}", lambda r: True),
     }
@@ -439,7 +497,7 @@ def plot(csv_path, out_dir):
             for line, style in line_styles(lines).items():  # each line visible where lines coincide
                 xs, ys = zip(*sorted(lines[line]))
                 ax.plot(xs, ys, label=line, **style)
-            if part == "decode":
+            if part in ("decode", "paged"):
                 ax.axhline(float(rows[0]["copy_gbps"]), color="gray", linewidth=1, label="device copy")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log", base=2)

@@ -91,7 +91,7 @@ import torch.nn.functional as F  # noqa: E402
 from attention_kernels import reference  # noqa: E402
 from .measure import peak_mib  # noqa: E402
 from .sweep import environment, fmt, positive, run_log  # noqa: E402
-from attention_kernels.kernels import decode_attention, flash_attention  # noqa: E402
+from attention_kernels.kernels import PagedKVCache, decode_attention, flash_attention  # noqa: E402
 from attention_kernels.kernels.module import MODULE_IMPLS, CausalSelfAttention  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "attention.txt")
@@ -101,6 +101,7 @@ FINAL_STEPS = 10  # "final loss" averages this many last steps
 PROGRESS_LINES = 10  # per impl's training, on stderr: a kernel's run takes a minute on the CPU
 TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2}  # largest |loss - reference's loss| in nats at any step; see the docstring
 LOGITS_TOLERANCE = 1e-4  # largest |logit with the KV cache - without| in generation (fp32); see the docstring
+PAGED_PROMPTS = (1, 2, 3, 5)  # prompt lengths of the batched generation through the paged cache
 CPU_NOTE = ("NOTE: no CUDA GPU, so the kernels run under Triton's CPU interpreter (numpy). Tokens/s "
             "says nothing about GPU speed; the losses and samples are what to compare.")
 
@@ -160,6 +161,52 @@ class KVCache:
         return self.k, self.v
 
 
+class PagedStep:
+    """One step of batched generation through a `kernels.PagedKVCache`: sequence slots `seqs` bring
+    counts[i] new tokens each, packed into one row (1, total_q) in that order (a chunk of a prompt,
+    or the one token a decoding sequence chose last). Each layer's attention appends its keys and
+    values to the sequences' pages and attends over them (`kernels.paged_attention`; impl
+    "reference": the same pages written by indexing, then `reference.paged_attention`)."""
+
+    def __init__(self, cache, seqs, counts, device):
+        for seq, n in zip(seqs, counts):
+            cache.reserve(seq, n)
+        self.cache, self.seqs, self.counts = cache, seqs, counts
+        self.cu = torch.tensor([0, *counts], device=device).cumsum(0).to(torch.int32)  # (B + 1,)
+        self.positions = torch.cat([torch.arange(cache.lengths[s], cache.lengths[s] + n, device=device)
+                                    for s, n in zip(seqs, counts)])       # (total_q,) each token's position
+        self.last = (self.cu[1:] - 1).long()                               # (B,) each sequence's last token
+
+    def layers(self, n):
+        return [PagedLayer(self, i) for i in range(n)]
+
+    def attend(self, layer, q, k, v, impl):
+        cache, index = self.cache, torch.tensor(self.seqs, device=q.device)
+        if impl != "reference":
+            return cache.attend(layer, q, k, v, self.seqs, self.cu, max(self.counts))
+        page_size = cache.page_size
+        pos = self.positions                                               # (total_q,)
+        seq = torch.repeat_interleave(index, torch.tensor(self.counts, device=q.device))  # (total_q,)
+        page = cache.block_table[seq, pos // page_size].long()
+        cache.k[layer][page, pos % page_size] = k                          # the new tokens into their slots
+        cache.v[layer][page, pos % page_size] = v
+        lengths = cache.seqlens[index] + torch.tensor(self.counts, dtype=torch.int32, device=q.device)
+        return reference.paged_attention(q, cache.k[layer], cache.v[layer], cache.block_table[index], lengths, self.cu)
+
+    def done(self):
+        self.cache.advance(self.seqs, self.counts)
+
+
+class PagedLayer:
+    """Layer `layer`'s view of a PagedStep: what CachedSelfAttention receives as its cache."""
+
+    def __init__(self, step, layer):
+        self.step, self.layer = step, layer
+
+    def attend(self, q, k, v, impl):
+        return self.step.attend(self.layer, q, k, v, impl)
+
+
 class CachedSelfAttention(CausalSelfAttention):
     """`kernels.module.CausalSelfAttention` (nanoGPT's, the attention step by `impl`) with a KV
     cache for generation. Given a cache, x holds only the tokens after the cached ones; their k
@@ -171,6 +218,11 @@ class CachedSelfAttention(CausalSelfAttention):
     def forward(self, x, cache=None):
         if cache is None:
             return super().forward(x)
+        if isinstance(cache, PagedLayer):  # several sequences' new tokens packed: x (1, total_q, C)
+            _, T, C = x.shape
+            q, k, v = (t.view(T, self.n_head, self.head_dim) for t in self.c_attn(x[0]).split(C, dim=1))  # (T, H, D)
+            y = cache.attend(q, k, v, self.impl)                           # (T, H, D)
+            return self.resid_dropout(self.c_proj(y.reshape(1, T, C)))
         B, T, C = x.shape                                                  # (B, T, C): the tokens after the cache
         q, k, v = self.c_attn(x).split(C, dim=2)                           # (B, T, C) x 3
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
@@ -224,8 +276,12 @@ class TinyGPT(nn.Module):
         """idx (B, T) character ids; with `caches` (one KVCache per block) the T characters after
         those cached, at the positions after theirs. Positions stop at the block size self.T."""
         B, T = idx.shape                                                   # (B, T) character ids
-        start = caches[0].length if caches else 0
-        x = self.wte(idx) + self.wpe(torch.arange(start, start + T, device=idx.device))  # (B, T, C)
+        if caches and isinstance(caches[0], PagedLayer):                   # packed sequences: their own positions
+            positions = caches[0].step.positions                           # (T,)
+        else:
+            start = caches[0].length if caches else 0
+            positions = torch.arange(start, start + T, device=idx.device)  # (T,)
+        x = self.wte(idx) + self.wpe(positions)                            # (B, T, C)
         for block, cache in zip(self.h, caches or [None] * len(self.h)):
             x = block(x, cache)                                            # (B, T, C)
         logits = self.lm_head(self.ln_f(x))                                # (B, T, vocab)
@@ -359,6 +415,67 @@ def generate(model, idx, max_new_tokens, use_cache=False, greedy=False, temperat
     return (idx, torch.stack(steps, dim=1)) if return_logits else idx  # logits (B, max_new_tokens, vocab)
 
 
+@torch.no_grad()
+def generate_paged(model, prompts, max_new_tokens, chunk=2, page_size=4):
+    """Greedy generation for prompts of different lengths (a list of 1-D tensors) in one batch
+    through a paged KV cache: every step packs each unfinished sequence's new tokens, the next
+    `chunk` characters of a prompt still being read (chunked prefill) or the one character it
+    chose last (decoding), so prompts are read while other sequences decode. A sequence stops
+    after max_new_tokens[i] characters and gives its pages back. Returns each prompt followed by
+    its characters, the logits each was chosen from ((n_i, vocab) each), and how many steps mixed
+    prefill chunks with decoding."""
+    training = model.training
+    model.eval()
+    device = prompts[0].device
+    H, D = model.h[0].attn.n_head, model.h[0].attn.head_dim
+    longest = max(len(p) + n for p, n in zip(prompts, max_new_tokens))
+    if longest > model.T:
+        raise ValueError(f"a prompt and its new tokens make {longest} positions, more than the block size T={model.T}")
+    pages = -(-model.T // page_size)
+    cache = PagedKVCache(len(model.h), len(prompts) * pages, page_size, H, D, max_seqs=len(prompts), max_pages=pages,
+                         dtype=model.lm_head.weight.dtype, device=device)
+    tokens = [p.tolist() for p in prompts]
+    read = [0] * len(prompts)                                          # prompt characters in the cache
+    logits_of = [[] for _ in prompts]
+    mixed = 0
+    while True:
+        live = [i for i, (p, n) in enumerate(zip(prompts, max_new_tokens)) if len(tokens[i]) < len(p) + n]
+        if not live:
+            break
+        feed = [tokens[i][read[i]:read[i] + chunk] if read[i] < len(prompts[i]) else tokens[i][-1:] for i in live]
+        mixed += len({read[i] < len(prompts[i]) for i in live}) == 2
+        step = PagedStep(cache, live, [len(f) for f in feed], device)
+        idx = torch.tensor([sum(feed, [])], device=device)             # (1, total_q)
+        logits, _ = model(idx, caches=step.layers(len(model.h)))      # (1, total_q, vocab)
+        step.done()
+        for j, i in enumerate(live):
+            read[i] += len(feed[j])
+            if read[i] >= len(prompts[i]):                             # its prompt is in: choose the next one
+                row = logits[0, step.last[j]].float()                  # (vocab,)
+                logits_of[i].append(row)
+                tokens[i].append(int(row.argmax()))
+                if len(tokens[i]) == len(prompts[i]) + max_new_tokens[i]:
+                    cache.free(i)
+    model.train(training)
+    return [torch.tensor(t, device=device) for t in tokens], [torch.stack(l) for l in logits_of], mixed
+
+
+def paged_against_unbatched(model, data, T):
+    """Greedy characters after PAGED_PROMPTS prompts of the text (lengths 1, 2, 3, 5, ... below
+    the block size), batched through the paged cache and one at a time through the contiguous
+    cache (`generate`): (same tokens, max |dlogit|, steps that mixed prefill and decoding)."""
+    lengths = [min(n, T - 1) for n in PAGED_PROMPTS]
+    prompts = [data[17 * i:17 * i + n].to(DEVICE) for i, n in enumerate(lengths)]
+    new = [T - n for n in lengths]
+    batched, logits, mixed = generate_paged(model, prompts, new, chunk=2, page_size=max(4, T // 16))
+    same, worst = True, 0.0
+    for p, n, tokens, got in zip(prompts, new, batched, logits):
+        alone, want = generate(model, p[None], n, use_cache=True, greedy=True, return_logits=True)
+        same &= torch.equal(tokens, alone[0])
+        worst = max(worst, (got - want[0]).abs().max().item())
+    return same, worst, mixed
+
+
 def time_generation(model, idx, max_new_tokens, use_cache):
     """(tokens, logits, new tokens per second) of greedy `generate`; on a GPU timed on a second
     run, the first having compiled the kernels (the interpreter compiles nothing)."""
@@ -465,10 +582,12 @@ def main(argv=None):
             prompt = encode("\n", alphabet).to(DEVICE)[None]                # (1, 1)
             cached, cached_logits, cached_per_s = time_generation(model, prompt, cfg.T - 1, use_cache=True)
             uncached, uncached_logits, uncached_per_s = time_generation(model, prompt, cfg.T - 1, use_cache=False)
+            paged_same, paged_dlogits, mixed = paged_against_unbatched(model, data, cfg.T)
             runs[impl] = dict(losses=losses, tokens_per_s=tokens_per_s, peak=peak, sample=text_out,
                               same=torch.equal(cached, uncached),
                               dlogits=(cached_logits - uncached_logits).abs().max().item(),
-                              cached_per_s=cached_per_s, uncached_per_s=uncached_per_s)
+                              cached_per_s=cached_per_s, uncached_per_s=uncached_per_s,
+                              paged_same=paged_same, paged_dlogits=paged_dlogits, mixed=mixed)
             say(f"{impl}: loss {losses[0]:.4f} -> {losses[-1]:.4f} in {time.perf_counter() - start:.1f} s")
     finally:
         torch.set_num_threads(threads)
@@ -494,14 +613,19 @@ def main(argv=None):
         f"step, bound {tolerance:g} nats for {cfg.dtype}")
     say(f"tokens/s: after {WARMUP} warm-up steps; peak MiB: one training step beyond weights and optimizer state")
     say()
-    say(f"{'impl':11}{'same tokens':>12}{'max |dlogit|':>14}{'cached tok/s':>14}{'uncached tok/s':>16}")
+    say(f"{'impl':11}{'same tokens':>12}{'max |dlogit|':>14}{'cached tok/s':>14}{'uncached tok/s':>16}"
+        f"{'paged same':>12}{'paged |dlogit|':>16}{'mixed steps':>13}")
     for impl, run in runs.items():
         say(f"{impl:11}{'yes' if run['same'] else 'no':>12}{fmt(run['dlogits'], '14.2e')}"
-            f"{fmt(run['cached_per_s'], '14.0f')}{fmt(run['uncached_per_s'], '16.0f')}")
+            f"{fmt(run['cached_per_s'], '14.0f')}{fmt(run['uncached_per_s'], '16.0f')}"
+            f"{'yes' if run['paged_same'] else 'no':>12}{fmt(run['paged_dlogits'], '16.2e')}{run['mixed']:>13}")
     say(f"generation: {cfg.T - 1} characters after \"\\n\" up to the block size T={cfg.T}, greedy, fp32"
         f"{', each way timed on its second run' if DEVICE == 'cuda' else ''}")
     say("cached: the prompt once, then each character alone against a KV cache (kernels.decode_attention; "
         "the reference's own for the reference); uncached: the whole sequence every step")
+    say(f"paged: prompts of {', '.join(str(min(n, cfg.T - 1)) for n in PAGED_PROMPTS)} characters generated up to T "
+        "in one batch through a paged KV cache (kernels.paged_attention; prompts read 2 characters a step while "
+        "others decode, 'mixed steps' of them), against each alone through the cache above")
     say()
     for impl, run in runs.items():
         say(f"--- {impl} samples {args.sample} characters:")
@@ -513,6 +637,12 @@ def main(argv=None):
     if differ:
         say(f"FAILED: {', '.join(differ)} generated with the KV cache other tokens, or logits more than "
             f"{LOGITS_TOLERANCE:g} apart, than without it")
+    paged_differ = [impl for impl, run in runs.items()
+                    if not run["paged_same"] or run["paged_dlogits"] > LOGITS_TOLERANCE]
+    if paged_differ:
+        say(f"FAILED: {', '.join(paged_differ)} generated through the paged cache, batched, other tokens, or logits "
+            f"more than {LOGITS_TOLERANCE:g} apart, than each prompt alone through the contiguous cache")
+    differ += paged_differ
     if failed:
         say(f"FAILED: {', '.join(failed)} left the reference's loss by more than {tolerance:g} nats ({cfg.dtype})"
             + ("; sdpa, torch's own attention, is among them: at these settings rounding alone parts the "

@@ -47,7 +47,7 @@ def test_the_run_succeeds_and_writes_the_csv_log_and_plots(tiny_run):
     assert "ceilings:" in log and "copy" in log and "x SDPA" in log
     if inference.DEVICE == "cpu":
         assert "say nothing about GPU speed" in log
-    for name in ("decode", "window"):
+    for name in ("decode", "paged", "window"):
         if any(r["part"] == name for r in rows):
             image = pytest.importorskip("matplotlib.image").imread(out / f"{name}.png")
             assert image.shape[0] > 200 and image.std() > 0.01  # drawn, not blank
@@ -73,6 +73,21 @@ def test_decode_rows_report_bandwidth_against_the_copy(tiny_run):
     for n in p["splits"]:
         (fixed,) = ok(rows, part="decode", impl="decode", num_splits=n, B=B, H=Hq, Hkv=Hkv, Tk=L)
         assert fixed["splits_used"] == str(n)
+
+
+def test_paged_rows_beside_the_contiguous_cache(tiny_run):
+    # each page size, the contiguous decode and SDPA on one shape, GB/s of the same bytes
+    _, rows, _, _ = tiny_run
+    p, D = TINY["paged"], TINY["D"]
+    (Hq, Hkv), B, L = p["heads"][0], p["batches"][0], p["lengths"][0]
+    shape = dict(part="paged", B=B, H=Hq, Hkv=Hkv, Tq=1, Tk=L, D=D)
+    dense = ok(rows, impl="decode", **shape)[0]
+    for size in p["pages"]:
+        (paged,) = ok(rows, impl=f"paged-{size}", **shape)
+        assert float(paged["gbps"]) * float(paged["ms_p50"]) == pytest.approx(
+            float(dense["gbps"]) * float(dense["ms_p50"]), rel=1e-4)  # the same bytes counted
+        assert float(paged["vs_best_sdpa"]) > 0
+    ok(rows, impl="sdpa-math", **shape)
 
 
 @pytest.mark.skipif(inference.missing("varlen") is not None, reason="kernels.flash_attention_varlen not there yet")

@@ -180,6 +180,24 @@ def test_generation_with_the_cache_equals_generation_without(small_init, impl, g
     assert model.training  # generate restores the mode it found
 
 
+@pytest.mark.parametrize("impl", ["flash", "reference"])
+def test_batched_generation_through_pages_equals_each_prompt_alone(small_init, impl):
+    # Prompts of 1 to 9 tokens in one batch through a paged cache (pages of 4, prompts read 3 a step
+    # while others decode, sequences finishing at different steps): each gets the tokens, and the
+    # logits, that it gets alone through the contiguous cache
+    model = small_gpt(impl, small_init)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(VOCAB, (n,), generator=g).to(tinygpt.DEVICE) for n in (5, 1, 9, 2)]
+    new = [12, 20, 7, 15]
+    batched, logits, mixed = tinygpt.generate_paged(model, prompts, new, chunk=3, page_size=4)
+    assert mixed >= 2, "no step read a prompt while another sequence decoded"
+    for p, n, tokens, got in zip(prompts, new, batched, logits):
+        alone, want = tinygpt.generate(model, p[None], n, use_cache=True, greedy=True, return_logits=True)
+        assert torch.equal(tokens, alone[0]), f"prompt {p.tolist()}: {tokens.tolist()} batched, {alone[0].tolist()} alone"
+        assert (got - want[0]).abs().max() <= tinygpt.LOGITS_TOLERANCE
+    assert model.training
+
+
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_generation_past_the_block_size_is_refused(small_init, use_cache):
     model = small_gpt("reference", small_init)
