@@ -15,7 +15,7 @@ the rest run in a fresh child.
   1. correctness  each kernel at a few shapes against the reference under the project's rule
                   (`tests/rule.py`): flash bf16/fp16, D 64/128, causal and full, Tq != Tk, GQA,
                   a (B, T, H, D) layout, TMA on and off, forward and backward; packed batches; a
-                  window; fused; decoding; bitwise-reproducible gradients; and a "peaky softmax"
+                  window; fused; decoding; a paged cache; bitwise-reproducible gradients; and a "peaky softmax"
                   case through flash and SDPA's flash and efficient backends. Outputs poisoned
                   with NaN. One tile per shape class (ATTENTION_KERNELS_AUTOTUNE=0). Several
                   children at once: they mostly compile.
@@ -28,7 +28,8 @@ the rest run in a fresh child.
                   backends, each in its own child, the tuned tiles installed (`kernels.tuning.use`);
                   then flash with a soft-cap, with sinks and with dropout 0.1 on the target shape, beside plain
                   flash; then decoding (B 16, Hq 32 over Hkv 8, D 128, caches of 4k to 64k keys) against
-                  SDPA, in GB/s; FlexAttention last (torch.compile, once per shape).
+                  SDPA, in GB/s, and at 16k keys through pools of pages of 16 and 256 beside it;
+                  FlexAttention last (torch.compile, once per shape).
 Without CUDA the same phases run at tiny sizes under Triton's interpreter, against SDPA math and
 FlexAttention's eager forward; nothing is tuned (tuned.json is {}) but one candidate is
 precompiled for sm_90, to prove that path; the log, the summary and each timing row's device say
@@ -139,6 +140,9 @@ def correctness_checks(cuda, quick):
                   check("rule", "float16", "fused", shape=[2, 8, 2, 129, 129, 32], causal=False),
                   *[check("decode", "bfloat16", "decode", case=[3, 16, 4, Tq, 3000, 128, [3000, 1234, 17], None, None],
                           label=f"B3-H16:4-Tq{Tq}-cache3000(3000,1234,17)-D128") for Tq in (1, 4)],
+                  check("paged", "bfloat16", "paged", case=[[1, 1, 300, 4], [3000, 1234, 300, 17], 16, 4, 128, 16,
+                                                            None, None],
+                        label="new(1,1,300,4)-keys(3000,1234,300,17)-H16:4-D128-page16"),
                   check("determinism", "bfloat16", shape=[2, 16, 4, 2048, 2048, 128])]
         seeds = range(2 if quick else 5)
     else:  # the interpreter: T <= 64, D 16 and 32, fp32 and fp16 (and bf16, which it runs upcast)
@@ -157,6 +161,8 @@ def correctness_checks(cuda, quick):
                   check("rule", "bfloat16", "fused", shape=[1, 2, 2, 33, 33, 16], causal=False),
                   *[check("decode", "float32", "decode", case=[2, 4, 1, Tq, 64, 16, [64, 17], None, None],
                           label=f"B2-H4:1-Tq{Tq}-cache64(64,17)-D16") for Tq in (1, 4)],
+                  check("paged", "float32", "paged", case=[[1, 5, 2], [40, 16, 2], 4, 2, 16, 4, None, None],
+                        label="new(1,5,2)-keys(40,16,2)-H4:2-D16-page4"),
                   check("determinism", "float32", shape=[1, 4, 2, 64, 64, 16])]
         seeds = range(1 if quick else 3)
     # bf16 scores ~16 (scale 2, D 64): the softmax puts nearly all weight on one key; does SDPA
@@ -205,7 +211,11 @@ def timing_units(p, tuned_path):
                    cost=2.0, row=dict(table="timing", part="decode", impl="decode", B=d["B"], H=d["Hq"], Hkv=d["Hkv"],
                                       T=L, D=d["D"], C=d["Hq"] * d["D"], dtype=p["dtype"], causal=True, mode="fwd"),
                    **d) for L in d["lengths"]]
-    units.append(dict(name="decode", kind="timing", specs=decode, weight=4 + 2.0 * len(decode)))
+    # the same decoding through a paged pool (pages of 16 and 256), at the middle length
+    L = d["lengths"][len(d["lengths"]) // 2]
+    decode.append(dict(decode[0], id=f"paged L{L}", kind="paged", L=L, pages=[16, 256], seed=seed_of("paged", L),
+                       cost=3.0, row=dict(decode[0]["row"], part="paged", T=L)))
+    units.append(dict(name="decode", kind="timing", specs=decode, weight=4 + sum(s["cost"] for s in decode)))
     # FlexAttention last: torch.compile takes tens of seconds per shape and mode. Its weight counts
     # the target's rows only (the others, like everyone's D = 64 rows, get what is left at the end),
     # or it would starve the children before it.

@@ -34,6 +34,7 @@ sys.path.append(os.path.join(gpu_check.ROOT, "tests"))
 import cases  # noqa: E402  the rule's numbers (tests/cases.py)
 import rule  # noqa: E402  the project's correctness rule (tests/rule.py)
 import test_decode  # noqa: E402  its decode check, as the test suite runs it
+import test_paged  # noqa: E402  its paged check, likewise
 import test_varlen  # noqa: E402  its packed-batch check
 
 STICKY_EXIT = 3
@@ -140,6 +141,13 @@ def check_decode(spec, dtype):
     return dict(seed="seed_of in tests/test_decode.py")
 
 
+def check_paged(spec, dtype):
+    """tests/test_paged.py's check: prefill chunks and decoding over a shuffled, shared pool."""
+    new, lengths, *rest = spec["case"]
+    test_paged.test_paged_matches_reference(None, (tuple(new), tuple(lengths), *rest), dtype)
+    return dict(seed="seed_of in tests/test_paged.py")
+
+
 def check_determinism(spec, dtype):
     """The backward twice on the same inputs: every gradient bitwise equal (each program writes
     only its own rows, no atomics), the forward too."""
@@ -189,8 +197,8 @@ def check_peaky(spec, dtype):
     return {}
 
 
-CHECKS = {"rule": check_rule, "varlen": check_varlen, "decode": check_decode, "determinism": check_determinism,
-          "peaky": check_peaky}
+CHECKS = {"rule": check_rule, "varlen": check_varlen, "decode": check_decode, "paged": check_paged,
+          "determinism": check_determinism, "peaky": check_peaky}
 
 
 def correctness(spec):
@@ -486,9 +494,14 @@ def attention_row(spec):
 
 def decode_rows(spec):
     """decode_attention, one new token against caches of L keys, and SDPA on the same cache
-    (`benchmarks.inference`'s decode part at one shape), in GB/s."""
-    groups = inference.decode_groups(dict(lengths=[spec["L"]], batches=[spec["B"]], heads=[(spec["Hq"], spec["Hkv"])],
-                                          splits=[], splits_at=None), DTYPES[spec["dtype"]], spec["D"], spec["seed"])
+    (`benchmarks.inference`'s decode part at one shape), in GB/s; kind "paged": its paged part,
+    the same cache also in pools of pages of spec["pages"]."""
+    shape = dict(lengths=[spec["L"]], batches=[spec["B"]], heads=[(spec["Hq"], spec["Hkv"])])
+    if spec["kind"] == "paged":
+        groups = inference.paged_groups(dict(shape, pages=spec["pages"]), DTYPES[spec["dtype"]], spec["D"], spec["seed"])
+    else:
+        groups = inference.decode_groups(dict(shape, splits=[], splits_at=None), DTYPES[spec["dtype"]], spec["D"],
+                                         spec["seed"])
     rows = []
     for group in groups:
         for fields, make in group:
@@ -496,7 +509,7 @@ def decode_rows(spec):
             rows.append(dict(spec["row"], impl=r["impl"], status=r["status"], ms_p20=r.get("ms_p20"),
                              ms_p50=r.get("ms_p50"), ms_p80=r.get("ms_p80"), tflops=r.get("tflops"), gbps=r.get("gbps"),
                              note=f"num_splits {r.get('num_splits')} ({r.get('splits_used')})"
-                             if r["impl"] == "decode" else ""))
+                             if r["impl"] == "decode" and spec["kind"] == "decode" else ""))
     return rows
 
 
@@ -504,7 +517,7 @@ def timing(spec):
     if spec.get("check"):  # the determinism check on the target shape, with the tuned tiles
         install_tuned(spec.get("tuned"))
         return correctness(spec)
-    return decode_rows(spec) if spec["kind"] == "decode" else attention_row(spec)
+    return decode_rows(spec) if spec["kind"] in ("decode", "paged") else attention_row(spec)
 
 
 # ----------------------------------------------------------------------------- the loop

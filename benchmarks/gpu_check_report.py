@@ -18,7 +18,7 @@ import threading
 import time
 
 SDPA = ("sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math")
-VERSUS = (*SDPA, "flex", "flash")  # the implementations each timing row is compared with
+VERSUS = (*SDPA, "flex", "flash", "decode")  # the implementations each timing row is compared with
 CORRECTNESS_FIELDS = ["check", "impl", "dtype", "shape", "layout", "causal", "window", "tma", "seed", "status",
                       "passed", "worst", "max_err", "ref_err", "tol", "ratio", "grad_ratio", "details", "seconds",
                       "message"]
@@ -227,7 +227,7 @@ def summarize(p, results, started, budget):
     decode += [f"| {r['impl']} | {r['B']} | {r['H']}:{r['Hkv']} | {r['T']} | {fmt(r.get('ms_p50'), '.4g')} | "
                f"{fmt(r.get('gbps'), '.4g')} | {fmt(r.get('frac_copy_ceiling'), '.2f')} | "
                f"{fmt(r.get('vs_best_sdpa'))} | "
-               f"{r['status'][:32]} |" for r in rows if r["part"] == "decode"]
+               f"{r['status'][:32]} |" for r in rows if r["part"] in ("decode", "paged")]
     goals = ["| target | measured | target | |", "|---|---|---|---|"]
     goals += [f"| {what} | {fmt(got)} | {fmt(goal)} | {met} |" for what, got, goal, met in targets(p, results)]
     goals_title = ("targets (x: the other's time / flash's, above 1 is faster; bf16, B*T = 16k tokens, H*D = 2048)"

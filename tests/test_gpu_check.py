@@ -62,7 +62,7 @@ def test_every_check_passes(run):
     ours = [r for r in rows if not r["check"].startswith("peaky")]
     failed = [f"{r['check']}: {r['status']} {r['message']}" for r in ours if r["passed"] != "True"]
     assert not failed, "checks that did not pass:\n" + "\n".join(failed)
-    for impl in ("flash", "flash-varlen", "fused", "decode"):
+    for impl in ("flash", "flash-varlen", "fused", "decode", "paged"):
         assert any(r["impl"] == impl for r in ours), f"no check of {impl}"
     checks = " ".join(r["check"] for r in ours)
     for what in ("determinism", "window", "bthd", "ATTENTION_KERNELS_TMA=1", "B1-H4:1"):
@@ -86,6 +86,8 @@ def test_timing_rows_have_numbers_and_ratios(run):
     assert float(timed["flash", "fwd"]["vs_flex"]) > 0  # FlexAttention's forward runs eagerly on the CPU
     decode = [r for r in rows if r["part"] == "decode" and r["impl"] == "decode"]
     assert decode and all(float(r["gbps"]) > 0 and float(r["frac_copy_ceiling"]) > 0 for r in decode)
+    paged = {r["impl"]: r for r in rows if r["part"] == "paged" and r["status"] == "ok"}
+    assert {"decode", "paged-16", "paged-256"} <= set(paged) and float(paged["paged-16"]["vs_decode"]) > 0
 
 
 def test_summary_is_printed_last_and_written(run):
