@@ -176,7 +176,10 @@ def sdpa(backend, causal):
 # made, so that only one shape's inputs (at most 34 GB of cache) are alive at a time.
 
 
-def decode_groups(p, dtype, D, seed):
+def decode_shapes(part, p, dtype, D, seed):
+    """For each (L, B, Hq, Hkv) of a decoding part: one new token per sequence against full caches
+    of L keys, (q (B, Hq, 1, D), k_cache, v_cache (B, Hkv, L, D), cache_seqlens, the rows' shared
+    fields), its bytes those of q, the valid K and V, and o."""
     g = torch.Generator(DEVICE).manual_seed(seed)
     for L in p["lengths"]:
         for B in p["batches"]:
@@ -184,51 +187,47 @@ def decode_groups(p, dtype, D, seed):
                 q = randn(B, Hq, 1, D, dtype=dtype, g=g)                                 # (B, Hq, 1, D)
                 k_cache, v_cache = (randn(B, Hkv, L, D, dtype=dtype, g=g) for _ in range(2))  # (B, Hkv, L, D)
                 seqlens = torch.full((B,), L, device=DEVICE, dtype=torch.int32)
-                shape = dict(part="decode", mode="fwd", B=B, H=Hq, Hkv=Hkv, Tq=1, Tk=L, D=D, tokens=B,
+                shape = dict(part=part, mode="fwd", B=B, H=Hq, Hkv=Hkv, Tq=1, Tk=L, D=D, tokens=B,
                              work=flops(B, Hq, 1, L, D, False, "fwd"),
                              traffic=(2 * B * Hkv * L * D + 2 * B * Hq * D) * q.element_size())
-                splits = [None] + (p["splits"] if (B, Hq, Hkv, L) == p["splits_at"] else [])
-                rows = []
-                inputs = (q, k_cache, v_cache)
-                for n in splits:
-                    fields = dict(shape, impl="decode", num_splits="auto" if n is None else n,
-                                  splits_used=auto_splits(B, Hq, Hkv, L, D, q) if n is None else n)
-                    rows.append((fields, lambda n=n, x=inputs, s=seqlens:
-                                 lambda: kernels.decode_attention(*x, s, num_splits=n, check_seqlens=False)))
-                for backend in SDPA_BACKENDS:
-                    fields = dict(shape, impl=f"sdpa-{backend}")
-                    rows.append((fields, lambda b=backend, f=fields, x=inputs: sdpa_decode(b, *x, f)))
-                yield rows
-                rows = inputs = q = k_cache = v_cache = None
+                yield (q, k_cache, v_cache), seqlens, shape
+                q = k_cache = v_cache = None
+
+
+def sdpa_rows(shape, inputs):
+    rows = []
+    for backend in SDPA_BACKENDS:
+        fields = dict(shape, impl=f"sdpa-{backend}")
+        rows.append((fields, lambda b=backend, f=fields, x=inputs: sdpa_decode(b, *x, f)))
+    return rows
+
+
+def decode_groups(p, dtype, D, seed):
+    for inputs, seqlens, shape in decode_shapes("decode", p, dtype, D, seed):
+        B, Hq, Hkv, L = shape["B"], shape["H"], shape["Hkv"], shape["Tk"]
+        splits = [None] + (p["splits"] if (B, Hq, Hkv, L) == p["splits_at"] else [])
+        rows = []
+        for n in splits:
+            fields = dict(shape, impl="decode", num_splits="auto" if n is None else n,
+                          splits_used=auto_splits(B, Hq, Hkv, L, D, inputs[0]) if n is None else n)
+            rows.append((fields, lambda n=n, x=inputs, s=seqlens:
+                         lambda: kernels.decode_attention(*x, s, num_splits=n, check_seqlens=False)))
+        yield rows + sdpa_rows(shape, inputs)
+        rows = inputs = None
 
 
 def paged_groups(p, dtype, D, seed):
-    g = torch.Generator(DEVICE).manual_seed(seed)
-    for L in p["lengths"]:
-        for B in p["batches"]:
-            for Hq, Hkv in p["heads"]:
-                q = randn(B, Hq, 1, D, dtype=dtype, g=g)                                 # (B, Hq, 1, D)
-                k_cache, v_cache = (randn(B, Hkv, L, D, dtype=dtype, g=g) for _ in range(2))  # (B, Hkv, L, D)
-                seqlens = torch.full((B,), L, device=DEVICE, dtype=torch.int32)
-                shape = dict(part="paged", mode="fwd", B=B, H=Hq, Hkv=Hkv, Tq=1, Tk=L, D=D, tokens=B,
-                             work=flops(B, Hq, 1, L, D, False, "fwd"),
-                             traffic=(2 * B * Hkv * L * D + 2 * B * Hq * D) * q.element_size())
-                dense = (q, k_cache, v_cache)
-                rows = [(dict(shape, impl="decode"), lambda x=dense, s=seqlens:
-                         lambda: kernels.decode_attention(*x, s, check_seqlens=False))]
-                packed = q[:, :, 0]                                                       # (B, Hq, D): one token each
-                cu = torch.arange(B + 1, device=DEVICE, dtype=torch.int32)
-                for size in p["pages"]:
-                    rows.append((dict(shape, impl=f"paged-{size}"), lambda size=size, x=dense, s=seqlens:
-                                 paged_call(*x, s, size, cu, g)))
-                for backend in SDPA_BACKENDS:
-                    fields = dict(shape, impl=f"sdpa-{backend}")
-                    rows.append((fields, lambda b=backend, f=fields, x=dense: sdpa_decode(b, *x, f)))
-                yield rows
-                rows = dense = q = k_cache = v_cache = packed = None
+    for inputs, seqlens, shape in decode_shapes("paged", p, dtype, D, seed):
+        cu = torch.arange(shape["B"] + 1, device=DEVICE, dtype=torch.int32)             # one new token each
+        rows = [(dict(shape, impl="decode"), lambda x=inputs, s=seqlens:
+                 lambda: kernels.decode_attention(*x, s, check_seqlens=False))]
+        rows += [(dict(shape, impl=f"paged-{size}"), lambda size=size, x=inputs, s=seqlens:
+                  paged_call(*x, s, size, cu)) for size in p["pages"]]
+        yield rows + sdpa_rows(shape, inputs)
+        rows = inputs = None
 
 
-def paged_call(q, k_cache, v_cache, seqlens, page_size, cu, g):
+def paged_call(q, k_cache, v_cache, seqlens, page_size, cu):
     """The contiguous cache copied into a pool of pages of `page_size` in shuffled order (made
     here, outside the timing), and the paged call on it."""
     B, Hkv, L, D = k_cache.shape

@@ -95,7 +95,7 @@ DECODE_CASES = [
 # page, not a page multiple, fewer keys than new tokens; pages of 1 to 256, one page shared by two
 # sequences (the tests shuffle the pool); grouped and multi-query heads; head dims 80 and 96.
 PAGED_CASES = [
-    ((1, 5, 0, 1, 17), (9, 16, 3, 1, 40), 4, 2, 16, 4, None, None),
+    ((1, 5, 0, 1, 17, 0), (9, 16, 3, 1, 40, 0), 4, 2, 16, 4, None, None),
     ((1, 1, 1), (16, 1, 33), 4, 1, 32, 16, 3, None),                 # exactly a page; multi-query
     ((7, 2), (7, 70), 2, 2, 80, 1, None, (5, 0)),                     # pages of one key; a window
     ((3, 1), (2, 300), 8, 2, 96, 256, 4, None),                       # fewer keys than new tokens
