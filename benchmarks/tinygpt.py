@@ -46,9 +46,16 @@ and, for generation (T - 1 characters after "\n", greedy, fp32 whatever --dtype)
                    with the cache and without
     cached tok/s   new characters per second with the cache, and without it (on a GPU the second
     uncached tok/s of two runs: the first compiles the kernels)
+    paged same     yes when prompts of 1, 2, 3 and 5 characters, generated up to the block size in
+                   one batch through a paged KV cache (`generate_paged`: prompts read 2 characters
+                   a step while the others decode, `kernels.paged_attention` appending each
+                   layer's keys and values to their pages), give each the tokens it gives alone
+                   through the cache above
+    paged |dlogit| the largest difference between their logits
+    mixed steps    how many of the batch's steps read a prompt while another sequence decoded
 It exits 1 if any impl's loss leaves the reference's by more than TOLERANCE nats at any step, or if
-any impl's generation with the cache gives other tokens than without, or logits more than
-LOGITS_TOLERANCE apart.
+any impl's generation with the cache (contiguous or paged) gives other tokens than without, or
+logits more than LOGITS_TOLERANCE apart.
 
 Why those bounds: two correct attentions round differently, and training amplifies the
 difference. Measured on the seed preset's shape with 2 heads of 8, fp32, the worst seed (with its

@@ -83,8 +83,9 @@ def test_cli_writes_log_and_losses(tmp_path, capsys):
     assert "B=4 T=8 C=16 heads=1 (D=16)" in log and "max |dloss|" in log and "FAILED" not in log
     for impl in tinygpt.IMPLS:
         assert f"--- {impl} samples 10 characters:" in log
-        assert re.search(rf"^{impl} +yes +\S+ +\S+ +\S+$", log, re.M), f"{impl}'s generation row: same tokens"
-    assert "same tokens  max |dlogit|  cached tok/s  uncached tok/s" in log
+        assert re.search(rf"^{impl} +yes +\S+ +\S+ +\S+ +yes +\S+ +[1-9]\d*$", log, re.M), \
+            f"{impl}'s generation row: same tokens, with the cache and through pages, and steps that mixed"
+    assert "same tokens  max |dlogit|  cached tok/s  uncached tok/s  paged same  paged |dlogit|  mixed steps" in log
 
 
 def test_cli_fails_when_a_kernel_leaks_the_future(tmp_path, monkeypatch):
