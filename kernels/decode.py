@@ -6,13 +6,19 @@ cache. One program per query block, as in `kernels/flash.py`, would give a GPU o
 of a few rows each: most of its SMs idle while each program walks the whole cache alone. Instead
 (Dao, Haziza, Massa, Sizov, "Flash-Decoding for long-context inference", 2023):
 
-    split       one program per (sequence, k/v head, split): its share of the cache's valid keys,
-                for every query row that reads this k/v head, [BLOCK_M] rows = the GROUP query
-                heads x Tq new tokens (K and V are read once for all the heads that share them).
+    split       one program per (sequence, block of new tokens, k/v head, split): its share of the
+                keys those tokens see, for every query row that reads this k/v head, [BLOCK_M]
+                rows = the GROUP query heads x BLOCK_Q new tokens (K and V are read once for all
+                the heads that share them).
                 An online softmax over its keys gives a partial output O_s (already divided by
                 its own sum) and log-sum-exp L_s, fp32, into a small (rows, splits) buffer.
     merge       one program per query row: L = log(sum_s exp(L_s)), O = sum_s exp(L_s - L) O_s.
                 A split that saw no key has L_s = -inf and weight 0; a row that saw none is 0.
+
+The same two kernels serve `kernels.paged`: with PAGED the cache is a pool of pages read through
+a block table (`_cache_slots`), and with VARLEN the new tokens are packed (total_q, Hq, D), a
+program's rows BLOCK_Q tokens of one sequence, which it finds by bisecting cu_seqlens_q
+(`_sequence_of`); a prefill chunk's blocks stop at their own last position. Here, dense:
 
 The cache is (B, Hkv, Tmax, D), sequence b's first cache_seqlens[b] positions valid, the new
 tokens' own keys and values among them (the last Tq): the caller writes them into the cache
@@ -60,17 +66,17 @@ def _sequence_of(CU_Q, block, B, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _cache_rows(PAGES, b, pos, ok, stride_pb, num_pages, stride_b, stride_t, PAGE_SIZE: tl.constexpr,
-                PAGED: tl.constexpr):
-    # Where positions `pos` of sequence b's cache live, as offsets from K (or V) along its first two
-    # dimensions. Dense (B, Hkv, Tmax, D): b's row, position pos. Paged (num_pages, PAGE_SIZE, Hkv, D):
-    # the page b's block table names for pos // PAGE_SIZE, slot pos % PAGE_SIZE; a page id outside
+def _cache_slots(PAGES, b, pos, ok, stride_pb, num_pages, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr):
+    # Where positions `pos` of sequence b's cache live, as (index along the cache's first
+    # dimension, index along its position dimension), int64; K's and V's strides make them
+    # offsets. Dense (B, Hkv, Tmax, D): (b, pos). Paged (num_pages, PAGE_SIZE, Hkv, D): the page
+    # b's block table names for pos // PAGE_SIZE and the slot pos % PAGE_SIZE; a page id outside
     # [0, num_pages) (an unchecked table) is clamped into it, never read outside the cache.
     if PAGED:
         page = tl.load(PAGES + b * stride_pb + pos // PAGE_SIZE, mask=ok, other=0)
         page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
-        return page * stride_b + (pos % PAGE_SIZE).to(tl.int64) * stride_t
-    return b * stride_b + pos.to(tl.int64) * stride_t
+        return page, (pos % PAGE_SIZE).to(tl.int64)
+    return b + pos.to(tl.int64) * 0, pos.to(tl.int64)
 
 
 @triton.jit
@@ -126,7 +132,7 @@ def _decode_split(
     # -- this split's keys: an equal share, whole blocks, of the keys any of the block's rows may see
     L = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), Tmax)  # unchecked lengths never read outside the cache
     pos = L - q_len + t                                                            # [BLOCK_M] each row's position
-    lo = tl.maximum(L - q_len + t0 - left, 0)
+    lo = tl.maximum(L - q_len + t0 - left, 0) // BLOCK_N * BLOCK_N  # whole tiles: the mask drops what is before
     hi = tl.minimum(L - q_len + t0 + BLOCK_Q, L)                                  # past the block's last position
     per_split = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = lo + split * per_split
@@ -142,10 +148,16 @@ def _decode_split(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < stop
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k_rows = _cache_rows(PAGES, b, offs_n, n_ok, stride_pb, num_pages, stride_kb, stride_kt, PAGE_SIZE, PAGED)
-        v_rows = _cache_rows(PAGES, b, offs_n, n_ok, stride_pb, num_pages, stride_vb, stride_vt, PAGE_SIZE, PAGED)
-        k = tl.load(K + h_kv * stride_kh + k_rows[:, None] + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(V + h_kv * stride_vh + v_rows[:, None] + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if PAGED and PAGE_SIZE % BLOCK_N == 0:  # tiles start at multiples of BLOCK_N: each lies in one page
+            first_dim, slot = _cache_slots(PAGES, b, n0 + 0 * L, True, stride_pb, num_pages, PAGE_SIZE, PAGED)  # (a tensor
+            # under the interpreter too, whose range() gives ints)
+            slot = slot + tl.arange(0, BLOCK_N)                                   # [BLOCK_N], one table read
+        else:
+            first_dim, slot = _cache_slots(PAGES, b, offs_n, n_ok, stride_pb, num_pages, PAGE_SIZE, PAGED)  # [BLOCK_N]
+        k = tl.load(K + (first_dim * stride_kb + slot * stride_kt + h_kv * stride_kh)[:, None]
+                    + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)                     # [BLOCK_N, BLOCK_D]
+        v = tl.load(V + (first_dim * stride_vb + slot * stride_vt + h_kv * stride_vh)[:, None]
+                    + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
 
         # -- scores, masked: past this split, after the row's own position, before its window
         s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale                   # [BLOCK_M, BLOCK_N] fp32
@@ -232,10 +244,11 @@ def _append_kv(
     src = (first + t).to(tl.int64)
     k = tl.load(K_NEW + src[:, None] * stride_nt + h * stride_nh + offs_d[None, :] * stride_nd, mask=mask)
     v = tl.load(V_NEW + src[:, None] * stride_wt + h * stride_wh + offs_d[None, :] * stride_wd, mask=mask)
-    k_rows = _cache_rows(PAGES, b, pos, ok, stride_pb, num_pages, stride_kb, stride_kt, PAGE_SIZE, True)
-    v_rows = _cache_rows(PAGES, b, pos, ok, stride_pb, num_pages, stride_vb, stride_vt, PAGE_SIZE, True)
-    tl.store(K + k_rows[:, None] + h * stride_kh + offs_d[None, :] * stride_kd, k, mask=mask)
-    tl.store(V + v_rows[:, None] + h * stride_vh + offs_d[None, :] * stride_vd, v, mask=mask)
+    page, slot = _cache_slots(PAGES, b, pos, ok, stride_pb, num_pages, PAGE_SIZE, True)
+    tl.store(K + (page * stride_kb + slot * stride_kt + h * stride_kh)[:, None] + offs_d[None, :] * stride_kd, k,
+             mask=mask)
+    tl.store(V + (page * stride_vb + slot * stride_vt + h * stride_vh)[:, None] + offs_d[None, :] * stride_vd, v,
+             mask=mask)
 
 
 # ----------------------------------------------------------------------------- config

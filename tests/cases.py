@@ -100,6 +100,7 @@ PAGED_CASES = [
     ((7, 2), (7, 70), 2, 2, 80, 1, None, (5, 0)),                     # pages of one key; a window
     ((3, 1), (2, 300), 8, 2, 96, 256, 4, None),                       # fewer keys than new tokens
     ((40,), (97,), 2, 1, 16, 7, None, (-1, 0)),                       # a prefill chunk alone
+    ((2, 1), (70, 200), 4, 2, 32, 64, 3, (40, 0)),                    # tiles within a page; a window
 ]
 
 # Peaky softmax: short rows at large scales, where one key takes nearly all of a row's weight and
