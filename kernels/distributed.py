@@ -164,29 +164,34 @@ def _piece(q_segment, k_segment, q_row, k_row, left, right):
     return (*(int(x) for x in rows), kernel_left, kernel_right)
 
 
-def _merge_whole(pieces):
-    """Join pieces seen whole (window (-1, -1)) whose rows are adjacent on one side and equal on
-    the other into one kernel call: with zigzag, a step's two half-shards against one block."""
+def _merge(pieces):
+    """Fewer kernel calls for the same work: join pieces seen whole (window (-1, -1)) whose rows
+    are adjacent on one side and equal on the other (with zigzag, a step's two half-shards against
+    one block); and a causal square [a, b), the whole block of rows [b, c) against keys [a, b)
+    and the causal square [b, c) into one causal square [a, c) (with zigzag, step 0: local row i
+    sees local key j <= i, whatever the chunks' lengths)."""
     pieces = list(pieces)
-    joined = True
-    while joined:
-        joined = False
-        for i, a in enumerate(pieces):
-            for j, b in enumerate(pieces):
-                if i == j or a[4:] != (-1, -1) or b[4:] != (-1, -1):
+    while True:
+        for a in pieces:
+            for b in pieces:
+                if a is b:
                     continue
-                if a[2:4] == b[2:4] and a[1] == b[0]:       # same keys, queries adjacent
-                    pieces[i] = (a[0], b[1], *a[2:])
-                elif a[0:2] == b[0:2] and a[3] == b[2]:     # same queries, keys adjacent
-                    pieces[i] = (*a[0:3], b[3], -1, -1)
+                if a[4:] == b[4:] == (-1, -1) and a[2:4] == b[2:4] and a[1] == b[0]:   # same keys, queries adjacent
+                    joined, gone = (a[0], b[1], *a[2:]), [a, b]
+                elif a[4:] == b[4:] == (-1, -1) and a[0:2] == b[0:2] and a[3] == b[2]:  # same queries, keys adjacent
+                    joined, gone = (*a[0:3], b[3], -1, -1), [a, b]
+                elif a[4:] == (-1, 0) and a[0:2] == a[2:4] and (a[1], b[1], a[1], b[1], -1, 0) == b \
+                        and (a[1], b[1], a[0], a[1], -1, -1) in pieces:
+                    joined, gone = (a[0], b[1], a[0], b[1], -1, 0), [a, b, (a[1], b[1], a[0], a[1], -1, -1)]
                 else:
                     continue
-                del pieces[j]
-                joined = True
+                pieces = [p for p in pieces if p not in gone] + [joined]
                 break
-            if joined:
-                break
-    return pieces
+            else:
+                continue
+            break
+        else:
+            return sorted(pieces)
 
 
 def _pieces(q_segments, k_segments, left, right):
@@ -202,7 +207,7 @@ def _pieces(q_segments, k_segments, left, right):
                 pieces.append(piece)
             k_row += kseg[1] - kseg[0]
         q_row += qseg[1] - qseg[0]
-    return _merge_whole(pieces)
+    return _merge(pieces)
 
 
 class Ring:
@@ -410,13 +415,14 @@ def _agree(q, k, v, scale, causal, window, layout, group):
         if name != "T_local" and any(m[name] != metas[0][name] for m in metas):
             values = ", ".join(f"rank {r}: {m[name]!r}" for r, m in enumerate(metas))
             raise ValueError(f"ring_attention: every rank must pass the same {name}, got {values}")
-    T = sum(m["T_local"] for m in metas)
+    held = [m["T_local"] for m in metas]
+    T = sum(held)
     expected = [sum(z - a for a, z in shard_segments(T, world, r, layout)) for r in range(world)]
-    for r, m in enumerate(metas):
-        if m["T_local"] != expected[r]:
-            raise ValueError(f"ring_attention: rank {r} of {world} holds {m['T_local']} rows, but a sequence of "
-                             f"T={T} in the {layout!r} layout gives it {expected[r]} (shard_sequence splits it: "
-                             f"{', '.join(map(str, expected))} rows per rank)")
+    for r in range(world):
+        if held[r] != expected[r]:
+            raise ValueError(f"ring_attention: rank {r} of {world} holds {held[r]} rows, but the {layout!r} layout "
+                             f"splits a sequence of T={T} into {', '.join(map(str, expected))} rows per rank (as "
+                             f"shard_sequence does; the ranks hold {', '.join(map(str, held))})")
     return q, k, v, scale, Ring(group, rank, world, T, layout, *window_bounds(window, causal))
 
 
