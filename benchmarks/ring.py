@@ -390,24 +390,26 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", type=positive(int), default=2, help="processes to start (not under torchrun)")
     p.add_argument("--train", action="store_true", help="train the tiny GPT instead of timing")
-    p.add_argument("-B", "--batch", type=positive(int), default=1)
-    p.add_argument("-H", "--heads", type=positive(int), default=2)
-    p.add_argument("--kv-heads", type=positive(int), help="default: --heads")
+    p.add_argument("-B", "--batch", type=positive(int), help="sequences (default 1; --train 2)")
+    p.add_argument("-H", "--heads", type=positive(int), help="query heads (default 2; --train 1)")
+    p.add_argument("--kv-heads", type=positive(int), help="k/v heads (default: --heads)")
     p.add_argument("-T", "--seqlen", type=positive(int), help="the whole sequence (default 64; --train 32)")
     p.add_argument("-D", "--head-dim", type=positive(int), default=16)
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="timing only (--train is fp32)")
     p.add_argument("--layout", choices=["zigzag", "contiguous"], default="zigzag")
     p.add_argument("--full", action="store_true", help="full attention instead of causal")
     p.add_argument("--window", type=positive(int), help="a sliding window of this many keys back (and ahead, --full)")
-    p.add_argument("--repeat", type=positive(int), default=3)
-    p.add_argument("--steps", type=positive(int), default=20, help="--train: training steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeat", type=positive(int), default=3, help="timed runs after a warm-up")
+    p.add_argument("--layers", type=positive(int), default=2, help="--train: transformer blocks")
+    p.add_argument("--steps", type=positive(int), default=10, help="--train: training steps")
+    p.add_argument("--seed", type=int, default=0, help="--train: initial weights and batches")
     p.add_argument("--timeout", type=positive(int), default=600, help="seconds a collective may wait")
     p.add_argument("--out", help="output folder (default: runs/ring-<time>)")
     args = p.parse_args(argv)
-    kv_heads = args.kv_heads or args.heads
-    if args.heads % kv_heads:
-        p.error(f"--kv-heads {kv_heads} must divide --heads {args.heads} (grouped-query attention)")
+    heads = args.heads or (1 if args.train else 2)
+    kv_heads = args.kv_heads or heads
+    if heads % kv_heads:
+        p.error(f"--kv-heads {kv_heads} must divide --heads {heads} (grouped-query attention)")
     T = args.seqlen or (32 if args.train else 64)
     world = int(os.environ.get("WORLD_SIZE", args.world))
     if T < 2 * world:
@@ -415,14 +417,17 @@ def main(argv=None):
     out = args.out or os.path.join("runs", "ring-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     command = shlex.join(["python", "-m", "benchmarks.ring", *argv])
     if args.train:
-        from .tinygpt import Config, WARMUP
+        from .tinygpt import WARMUP, Config
         if args.steps <= WARMUP:
             p.error(f"--steps must be more than tinygpt's {WARMUP} warm-up steps, got {args.steps}")
-        cfg = Config(B=4, T=T, C=32, heads=args.heads, layers=2, steps=args.steps, lr=1e-3)
+        if kv_heads != heads:
+            p.error("--train: tinygpt's model has no grouped heads; leave --kv-heads out")
+        cfg = Config(B=args.batch or 2, T=T, C=heads * args.head_dim, heads=heads, layers=args.layers,
+                     steps=args.steps, lr=1e-3)
         ok = run_ranks(train_rank, world, (cfg, args.seed, out, command), args.timeout)
         raise SystemExit(0 if ok in (True, None) else 1)
-    opts = dict(B=args.batch, H=args.heads, Hkv=kv_heads, T=T, D=args.head_dim, dtype=args.dtype, layout=args.layout,
-                causal=not args.full, window=args.window, repeat=args.repeat)
+    opts = dict(B=args.batch or 1, H=heads, Hkv=kv_heads, T=T, D=args.head_dim, dtype=args.dtype,
+                layout=args.layout, causal=not args.full, window=args.window, repeat=args.repeat)
     run_ranks(bench_rank, world, (opts, out, command), args.timeout)
 
 

@@ -6,6 +6,9 @@
     flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, ...)  packed sequences of any lengths
     decode_attention(q, k_cache, v_cache, cache_seqlens, ...)   new tokens against a KV cache (split-KV)
     dropout_mask(B, Hq, Tq, Tk, dropout_p, seed, device)        the weights a flash call's dropout keeps
+    ring_attention(q, k, v, group=None, layout="zigzag", ...)   one sequence split across processes
+                                                                (torch.distributed), with shard_sequence,
+                                                                gather_sequence, shard_positions
 
 In models:
 
@@ -36,6 +39,7 @@ if __name__ == "kernels":
     _sys.modules["kernels"] = _real
 else:
     from .decode import decode_attention
+    from .distributed import gather_sequence, ring_attention, shard_positions, shard_sequence
     from .dispatch import attention, choose_impl
     from .dropout import dropout_mask
     from .flash import flash_attention, flash_attention_varlen
@@ -47,4 +51,5 @@ else:
 
 __all__ = ["attention", "choose_impl", "flash_attention", "flash_attention_varlen", "decode_attention", "dropout_mask",
            "fused_attention", "scaled_dot_product_attention",
-           "patch_sdpa", "CausalSelfAttention", "swap_attention", "register_transformers"]
+           "patch_sdpa", "CausalSelfAttention", "swap_attention", "register_transformers", "ring_attention",
+           "shard_sequence", "gather_sequence", "shard_positions"]
