@@ -31,7 +31,10 @@ piece of a step is then seen whole (no mask), not at all (skipped, no kernel cal
 (the kernel's window placed by the two segments' positions, `_piece`). Lengths need not divide
 by W or 2W: the first chunks are one row longer. Windows: a step no query of any rank can reach
 is not run at all, compute or messages (use "contiguous" with a window: it is balanced already,
-and only the ranks within the window's reach exchange blocks).
+and only the ranks within the window's reach exchange blocks). Packed batches
+(`ring_attention_varlen`): each sequence is split across the ranks on its own, a rank's rows are
+its share of every sequence, and pieces pair rows of one sequence only; the same code runs them
+as a batch of one.
 
 Checks: before the ring starts, every rank's arguments and shapes are gathered (one small
 all_gather_object), so a bad input on one rank raises the same ValueError (naming that rank) on
@@ -41,6 +44,7 @@ sum runs in a fixed order. Not a torch op: torch.compile breaks the graph around
 """
 
 import math
+import time
 
 import torch
 import torch.distributed as dist
@@ -67,17 +71,40 @@ def _check_layout(layout):
         raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
 
 
-def shard_segments(T, world, rank, layout="zigzag"):
-    """The global positions rank `rank` of `world` holds of a sequence of T: (start, stop) ranges,
-    in the order its rows hold them. Contiguous: the rank-th of W slices; zigzag: chunks rank and
-    2W-1-rank of 2W (the second may be empty when T < 2W)."""
+def _lengths(cu_seqlens):
+    """A packed batch's sequence lengths from its offsets (a list, or an int tensor read on the host)."""
+    offsets = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
+    return [z - a for a, z in zip(offsets, offsets[1:])]
+
+
+def _segments(lengths, world, rank, layout):
+    """The rows rank `rank` holds of sequences of these lengths packed one after another:
+    (sequence, start, stop) ranges of packed rows, in the order the rank holds them. Each
+    sequence is split on its own: contiguous, the rank-th of W slices; zigzag, chunks rank and
+    2W-1-rank of 2W. Empty ranges (sequences shorter than 2W) are left out."""
     _check_layout(layout)
-    if layout == "contiguous":
-        b = chunk_bounds(T, world)
-        return [(b[rank], b[rank + 1])]
-    b = chunk_bounds(T, 2 * world)
-    last = 2 * world - 1 - rank
-    return [(a, z) for a, z in ((b[rank], b[rank + 1]), (b[last], b[last + 1])) if z > a]
+    out, first = [], 0
+    for b, T in enumerate(lengths):
+        if layout == "contiguous":
+            bounds = chunk_bounds(T, world)
+            chunks = [rank]
+        else:
+            bounds = chunk_bounds(T, 2 * world)
+            chunks = [rank, 2 * world - 1 - rank]
+        out += [(b, first + bounds[c], first + bounds[c + 1]) for c in chunks if bounds[c + 1] > bounds[c]]
+        first += T
+    return out
+
+
+def shard_segments(T, world, rank, layout="zigzag", cu_seqlens=None):
+    """The rows rank `rank` of `world` holds of a sequence of T: (start, stop) ranges, in the
+    order its rows hold them. Contiguous: the rank-th of W slices; zigzag: chunks rank and
+    2W-1-rank of 2W (the second empty when T < 2W). With cu_seqlens, T rows hold a packed batch
+    (sequence b is rows cu_seqlens[b]:cu_seqlens[b + 1]), and each sequence is split on its own."""
+    lengths = [T] if cu_seqlens is None else _lengths(cu_seqlens)
+    if sum(lengths) != T:
+        raise ValueError(f"cu_seqlens must end at the packed length {T}, got sequences of {lengths}")
+    return [(a, z) for _, a, z in _segments(lengths, world, rank, layout)]
 
 
 def _rank_world(group):
@@ -86,26 +113,34 @@ def _rank_world(group):
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def shard_sequence(x, group=None, layout="zigzag", dim=1):
+def shard_sequence(x, group=None, layout="zigzag", dim=1, cu_seqlens=None):
     """This rank's rows of a whole tensor, (B, T, ...) by default (`dim` says where T is: 2 for
-    (B, H, T, D)): the positions of `shard_segments` in their order. Every rank passes the same x."""
+    (B, H, T, D), 0 for a packed (total, H, D) batch with `cu_seqlens`, its offsets): the rows of
+    `shard_segments` in their order. Every rank passes the same x."""
     rank, world = _rank_world(group)
     T = x.shape[dim]
-    if T < world:
+    if cu_seqlens is None and T < world:
         raise ValueError(f"a sequence of T={T} rows cannot be split over {world} ranks: each needs at least one")
-    return torch.cat([x.narrow(dim, a, z - a) for a, z in shard_segments(T, world, rank, layout)], dim=dim)
+    rows = shard_segments(T, world, rank, layout, cu_seqlens)
+    return torch.cat([x.narrow(dim, a, z - a) for a, z in rows], dim=dim) if rows else x.narrow(dim, 0, 0)
 
 
-def shard_positions(T, group=None, layout="zigzag", device=None):
-    """The global position ids (int64, (T_local,)) of this rank's rows: what a model's position
-    embedding or rotary table must see in place of arange(T_local)."""
+def shard_positions(T, group=None, layout="zigzag", device=None, cu_seqlens=None):
+    """The position ids (int64, (T_local,)) of this rank's rows, in their sequence: what a model's
+    position embedding or rotary table must see in place of arange(T_local). With cu_seqlens, T
+    is the packed length and positions count from each sequence's start."""
     rank, world = _rank_world(group)
-    return torch.cat([torch.arange(a, z, device=device) for a, z in shard_segments(T, world, rank, layout)])
+    lengths = [T] if cu_seqlens is None else _lengths(cu_seqlens)
+    starts = [sum(lengths[:b]) for b in range(len(lengths))]
+    ranges = [torch.arange(a - starts[b], z - starts[b], device=device)
+              for b, a, z in _segments(lengths, world, rank, layout)]
+    return torch.cat(ranges) if ranges else torch.zeros(0, dtype=torch.long, device=device)
 
 
-def gather_sequence(x, group=None, layout="zigzag", dim=1):
-    """The whole tensor, on every rank, from each rank's shard (the inverse of `shard_sequence`):
-    an all-gather padded to the longest shard. Not differentiable: for outputs and evaluation."""
+def gather_sequence(x, group=None, layout="zigzag", dim=1, cu_seqlens=None):
+    """The whole tensor, on every rank, from each rank's shard (the inverse of `shard_sequence`,
+    with the same dim and cu_seqlens): an all-gather padded to the longest shard. Not
+    differentiable: for outputs and evaluation."""
     rank, world = _rank_world(group)
     n = torch.tensor([x.shape[dim]], device=x.device)
     lengths = [torch.zeros_like(n) for _ in range(world)]
@@ -122,7 +157,7 @@ def gather_sequence(x, group=None, layout="zigzag", dim=1):
     out = x.new_empty(whole)                                               # (.., T, ..)
     for r, part in enumerate(parts):
         at = 0
-        for a, z in shard_segments(T, world, r, layout):
+        for a, z in shard_segments(T, world, r, layout, cu_seqlens):
             out.narrow(dim, a, z - a).copy_(part.narrow(dim, at, z - a))
             at += z - a
     return out
@@ -132,8 +167,9 @@ def gather_sequence(x, group=None, layout="zigzag", dim=1):
 
 
 def _piece(q_segment, k_segment, q_row, k_row, left, right):
-    """What queries at global positions q_segment = (start, stop), held from local row q_row on,
-    do with keys at k_segment, from local row k_row: None when no query sees any key; else the
+    """What queries at global positions q_segment = (sequence, start, stop), held from local row
+    q_row on, do with keys at k_segment, from local row k_row: None when no query sees any key
+    (always, between two sequences of a packed batch); else the
     local rows (q0, q1, k0, k1) worth computing and the flash kernel's window (kernel_left,
     kernel_right), (-1, -1) when every query sees every key.
 
@@ -143,6 +179,9 @@ def _piece(q_segment, k_segment, q_row, k_row, left, right):
     kernel_left = left + k_stop - q_stop and kernel_right = right + q_stop - k_stop. First the
     rows no pair can use are cut off (keys past the last query's reach, queries past the last
     key's, and at the starts likewise), which also keeps both kernel bounds >= 0."""
+    if q_segment[0] != k_segment[0]:
+        return None
+    q_segment, k_segment = q_segment[1:], k_segment[1:]  # positions in the packed rows: their differences count
     L = math.inf if left < 0 else left
     R = math.inf if right < 0 else right
     (qs, qe), (ks, ke) = q_segment, k_segment
@@ -205,8 +244,8 @@ def _pieces(q_segments, k_segments, left, right):
             piece = _piece(qseg, kseg, q_row, k_row, left, right)
             if piece is not None:
                 pieces.append(piece)
-            k_row += kseg[1] - kseg[0]
-        q_row += qseg[1] - qseg[0]
+            k_row += kseg[2] - kseg[1]
+        q_row += qseg[2] - qseg[1]
     return _merge(pieces)
 
 
@@ -215,10 +254,11 @@ class Ring:
     the block of rank (r - s) mod W. `steps` is 1 + the last step at which any rank's queries
     see their block (W for causal or full attention; fewer with a window)."""
 
-    def __init__(self, group, rank, world, T, layout, left, right):
+    def __init__(self, group, rank, world, lengths, layout, left, right):
+        """lengths: the sequences' lengths, [T] for one (B, H, T, D) batch, more for a packed one."""
         self.group, self.rank, self.world = group, rank, world
-        self.segments = [shard_segments(T, world, r, layout) for r in range(world)]
-        self.lengths = [sum(z - a for a, z in segs) for segs in self.segments]
+        self.segments = [_segments(lengths, world, r, layout) for r in range(world)]
+        self.lengths = [sum(z - a for _, a, z in segs) for segs in self.segments]
         plan = lambda r, s: _pieces(self.segments[r], self.segments[(r - s) % world], left, right)
         self.steps = 1 + max(s for r in range(world) for s in range(world) if s == 0 or plan(r, s))
         self.plan = [plan(rank, s) for s in range(self.steps)]
@@ -351,7 +391,6 @@ class _Clock:
             self.start = self._now()
 
     def _now(self):
-        import time
         if self.cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
@@ -387,12 +426,34 @@ class _RingAttention(torch.autograd.Function):
 # ----------------------------------------------------------------------------- checks
 
 
-def _agree(q, k, v, scale, causal, window, layout, group):
+def _check_packed(q, k, v, cu_seqlens):
+    """A packed batch's rows as a batch of one, (1, H, total_local, D) views, and its sequences'
+    lengths from cu_seqlens (the whole batch's offsets, read on the host)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be a 3-dimensional tensor (total_local, H, D), this rank's rows of the "
+                             f"packed batch, got {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 \
+            or cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must be a 1-D int32 tensor of B + 1 >= 2 offsets (the whole batch's, the same on "
+                         f"every rank), got {cu_seqlens!r}")
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"cu_seqlens must start at 0 and never decrease, got {offsets[:8]}")
+    as_batch = lambda t: t.transpose(0, 1)[None]                           # (1, H, total_local, D)
+    return as_batch(q), as_batch(k), as_batch(v), _lengths(offsets)
+
+
+def _agree(q, k, v, scale, causal, window, layout, group, cu_seqlens=None):
     """Check the arguments on this rank, then gather every rank's verdict and metadata, so that
-    all ranks raise the same error, or none does. Returns (q, k, v, scale, left, right, ring)."""
+    all ranks raise the same error, or none does. Returns (q, k, v, scale, ring), q, k and v as
+    (B, H, T_local, D) (a packed batch, with cu_seqlens: a batch of one)."""
     rank, world = _rank_world(group)
     problem, meta = None, None
     try:
+        lengths = None
+        if cu_seqlens is not None:
+            q, k, v, lengths = _check_packed(q, k, v, cu_seqlens)
         q, k, v, scale = check_inputs(q, k, v, scale)
         check_causal(causal)
         left, right = window_bounds(window, causal)
@@ -402,7 +463,8 @@ def _agree(q, k, v, scale, causal, window, layout, group):
                              f"q T_local={q.shape[2]}, k T_local={k.shape[2]}")
         B, Hq, T, D = q.shape
         meta = dict(T_local=T, B=B, Hq=Hq, Hkv=k.shape[1], D=D, dtype=str(q.dtype).replace("torch.", ""),
-                    device=q.device.type, scale=scale, causal=causal, window=(left, right), layout=layout)
+                    device=q.device.type, scale=scale, causal=causal, window=(left, right), layout=layout,
+                    sequences=lengths)
     except (TypeError, ValueError) as e:
         problem = (type(e).__name__, str(e))
     gathered = [None] * world
@@ -416,14 +478,15 @@ def _agree(q, k, v, scale, causal, window, layout, group):
             values = ", ".join(f"rank {r}: {m[name]!r}" for r, m in enumerate(metas))
             raise ValueError(f"ring_attention: every rank must pass the same {name}, got {values}")
     held = [m["T_local"] for m in metas]
-    T = sum(held)
-    expected = [sum(z - a for a, z in shard_segments(T, world, r, layout)) for r in range(world)]
+    lengths = lengths or [sum(held)]
+    what = f"a sequence of T={lengths[0]}" if cu_seqlens is None else f"sequences of {lengths}"
+    expected = [sum(z - a for _, a, z in _segments(lengths, world, r, layout)) for r in range(world)]
     for r in range(world):
         if held[r] != expected[r]:
             raise ValueError(f"ring_attention: rank {r} of {world} holds {held[r]} rows, but the {layout!r} layout "
-                             f"splits a sequence of T={T} into {', '.join(map(str, expected))} rows per rank (as "
+                             f"splits {what} into {', '.join(map(str, expected))} rows per rank (as "
                              f"shard_sequence does; the ranks hold {', '.join(map(str, held))})")
-    return q, k, v, scale, Ring(group, rank, world, T, layout, *window_bounds(window, causal))
+    return q, k, v, scale, Ring(group, rank, world, lengths, layout, left, right)
 
 
 # ----------------------------------------------------------------------------- public
@@ -448,3 +511,21 @@ def ring_attention(q, k, v, group=None, causal=True, scale=None, window=None, la
     q, k, v, scale, ring = _agree(q, k, v, scale, causal, window, layout, group)
     out, lse = _RingAttention.apply(q, k, v, ring, scale)
     return (out, lse) if return_lse else out
+
+
+def ring_attention_varlen(q, k, v, cu_seqlens, group=None, causal=True, scale=None, window=None, layout="zigzag",
+                          return_lse=False):
+    """`ring_attention` over a packed batch of sequences of different lengths, none seeing another
+    (`flash_attention_varlen`'s layout), each sequence split across the ranks on its own: q
+    (total_local, Hq, D) and k, v (total_local, Hkv, D) are this rank's rows of every sequence,
+    as `shard_sequence(x, dim=0, cu_seqlens=cu_seqlens, layout=layout)` cuts them; cu_seqlens
+    is the whole batch's offsets (int32 (B + 1,), the same on every rank; read on the host).
+    Returns this rank's rows of the output, (total_local, Hq, D), and with `return_lse` their
+    log-sum-exp, (Hq, total_local). Every rank must hold at least one row. A kernel call per
+    sequence and piece: for many short sequences, launches add up.
+    """
+    q, k, v = autocast_inputs(q, k, v)
+    q, k, v, scale, ring = _agree(q, k, v, scale, causal, window, layout, group, cu_seqlens)
+    out, lse = _RingAttention.apply(q, k, v, ring, scale)                 # (1, Hq, total_local, D), (1, Hq, total_local)
+    out = out[0].transpose(0, 1)                                           # (total_local, Hq, D)
+    return (out, lse[0]) if return_lse else out

@@ -134,3 +134,11 @@ RING_CASES = [
     (4, Shape(1, 2, 2, 29, 29, 16), False, (3, 5), "zigzag", torch.float32),     # a band across chunk edges
     (4, Shape(1, 2, 2, 18, 18, 16), True, (4, 0), "contiguous", torch.float32),  # 2 of 4 ring steps
 ]
+
+# Packed batches through the ring (ring_attention_varlen): (world, lengths, Hq, Hkv, D, causal, window, layout,
+# dtype). Each sequence is split on its own: one of length 1 lives on one rank, ones shorter than 2W leave
+# chunks empty, and no sequence sees another.
+RING_VARLEN_CASES = [
+    (2, (9, 1, 14, 3), 4, 2, 16, True, None, "zigzag", torch.float32),
+    (2, (13, 6, 20), 2, 1, 16, False, (4, 2), "contiguous", torch.float32),
+]

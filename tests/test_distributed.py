@@ -19,11 +19,12 @@ import torch
 import torch.distributed as dist
 
 from attention_kernels import reference
-from attention_kernels.kernels import flash_attention
-from attention_kernels.kernels.distributed import (Ring, _pieces, gather_sequence, ring_attention, shard_positions,
-                                                   shard_segments, shard_sequence)
+from attention_kernels.kernels import flash_attention, flash_attention_varlen
+from attention_kernels.kernels.distributed import (Ring, _pieces, _segments, gather_sequence, ring_attention,
+                                                   ring_attention_varlen, shard_positions, shard_segments,
+                                                   shard_sequence)
 from benchmarks.ring import Spawned, train_ring, train_single
-from cases import FACTOR, FLOOR, GRAD_FACTOR, RING_CASES
+from cases import FACTOR, FLOOR, GRAD_FACTOR, RING_CASES, RING_VARLEN_CASES, Shape
 from rule import assert_close, seed_of
 
 PG_TIMEOUT_S = 60   # what one collective may wait: the backstop, far above any step here
@@ -34,11 +35,12 @@ DEADLINE_S = 300    # a spawn group's whole run, under `pytest -n 2` on 2 loaded
 
 
 def _visible(P, K, causal, window):
-    """The spec's mask between global query positions P and key positions K (Tq = Tk)."""
+    """The spec's mask between query rows P and key rows K, (sequence, position) pairs each
+    ((n, 2) tensors): the same sequence, and the window (causal: right 0) between positions."""
     left, right = window if window is not None else (-1, -1)
     right = 0 if causal else right
-    d = K[None, :] - P[:, None]                                            # (len(P), len(K))
-    ok = torch.ones_like(d, dtype=torch.bool)
+    d = K[None, :, 1] - P[:, None, 1]                                      # (len(P), len(K))
+    ok = K[None, :, 0] == P[:, None, 0]
     if left >= 0:
         ok &= d >= -left
     if right >= 0:
@@ -47,22 +49,24 @@ def _visible(P, K, causal, window):
 
 
 def _positions(segments):
-    return torch.cat([torch.arange(a, z) for a, z in segments])
+    """(sequence, packed row) of each row a rank holds: packed rows differ as positions do."""
+    return torch.cat([torch.stack([torch.full((z - a,), b), torch.arange(a, z)], dim=1) for b, a, z in segments])
 
 
-PLAN_CASES = [(T, W, layout, causal, window) for T, W in ((1, 1), (7, 2), (8, 2), (23, 2), (9, 4), (37, 4), (64, 4),
-                                                          (50, 3), (16, 8))
+PLAN_CASES = [(lengths, W, layout, causal, window)
+              for lengths, W in (((1,), 1), ((7,), 2), ((8,), 2), ((23,), 2), ((9,), 4), ((37,), 4), ((64,), 4),
+                                 ((50,), 3), ((16,), 8), ((5, 1, 12, 0, 9), 2), ((3, 40, 2), 4))
               for layout in ("zigzag", "contiguous")
               for causal, window in ((True, None), (False, None), (True, (0, 0)), (True, (5, 0)), (False, (3, 5)),
                                      (False, (-1, 2)), (False, (11, -1)))]
 
 
-@pytest.mark.parametrize("T, W, layout, causal, window", PLAN_CASES, ids=str)
-def test_the_plan_computes_every_visible_pair_once(T, W, layout, causal, window):
+@pytest.mark.parametrize("lengths, W, layout, causal, window", PLAN_CASES, ids=str)
+def test_the_plan_computes_every_visible_pair_once(lengths, W, layout, causal, window):
     left, right = window if window is not None else (-1, -1)
     right = 0 if causal else right
-    segments = [shard_segments(T, W, r, layout) for r in range(W)]
-    assert sorted(p for segs in segments for a, z in segs for p in range(a, z)) == list(range(T))
+    segments = [_segments(lengths, W, r, layout) for r in range(W)]
+    assert sorted(p for segs in segments for _, a, z in segs for p in range(a, z)) == list(range(sum(lengths)))
     last_needed = 0
     for r in range(W):
         P = _positions(segments[r])
@@ -77,7 +81,7 @@ def test_the_plan_computes_every_visible_pair_once(T, W, layout, causal, window)
             assert torch.equal(got.bool(), want), f"rank {r} step {s}: {(got.bool() != want).sum()} pairs differ"
             if want.any():
                 last_needed = max(last_needed, s)
-    assert Ring(None, 0, W, T, layout, left, right).steps == last_needed + 1  # no step nobody needs
+    assert Ring(None, 0, W, lengths, layout, left, right).steps == last_needed + 1  # no step nobody needs
 
 
 @pytest.mark.parametrize("W", [2, 3, 4, 8])
@@ -85,7 +89,8 @@ def test_zigzag_balances_causal_work(W):
     # Causal pairs per rank: equal in zigzag when 2W divides T; contiguous gives the last rank
     # about 2W - 1 times the first's
     T = 2 * W * 5
-    work = {layout: [int(_visible(_positions(shard_segments(T, W, r, layout)), torch.arange(T), True, None).sum())
+    everything = _positions([(0, 0, T)])
+    work = {layout: [int(_visible(_positions(_segments([T], W, r, layout)), everything, True, None).sum())
                      for r in range(W)] for layout in ("zigzag", "contiguous")}
     assert len(set(work["zigzag"])) == 1, work
     assert work["contiguous"][-1] / work["contiguous"][0] == pytest.approx(2 * W - 1, rel=0.2), work
@@ -94,23 +99,101 @@ def test_zigzag_balances_causal_work(W):
 # ----------------------------------------------------------------------------- on the ranks
 
 
-def _inputs(shape, dtype, seed):
-    """The whole sequence's q, k, v, the upstream gradients of the output and the log-sum-exp."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(shape.B, shape.Hq, shape.Tq, shape.D, generator=g, dtype=dtype)
-    k, v = (torch.randn(shape.B, shape.Hkv, shape.Tk, shape.D, generator=g, dtype=dtype) for _ in range(2))
-    do = torch.randn(q.shape, generator=g, dtype=dtype)
-    dlse = torch.randn(q.shape[:3], generator=g)
-    return q, k, v, do, dlse
+class Case:
+    """One ring run: the whole sequence's (or packed batch's) inputs and the call's arguments.
+    q (B, Hq, T, D), k, v (B, Hkv, T, D), dlse (B, Hq, T); packed (cu_seqlens given): q (total,
+    Hq, D), k, v (total, Hkv, D), dlse (Hq, total)."""
 
+    def __init__(self, world, shape, causal, window, layout, dtype, lengths=None):
+        g = torch.Generator().manual_seed(seed_of("ring", world, shape, causal, window, layout, dtype, lengths))
+        B, Hq, Hkv, T, D = shape.B, shape.Hq, shape.Hkv, shape.Tq, shape.D
+        if lengths is None:
+            self.q = torch.randn(B, Hq, T, D, generator=g, dtype=dtype)
+            self.k, self.v = (torch.randn(B, Hkv, T, D, generator=g, dtype=dtype) for _ in range(2))
+            self.cu = None
+        else:
+            self.q = torch.randn(T, Hq, D, generator=g, dtype=dtype)
+            self.k, self.v = (torch.randn(T, Hkv, D, generator=g, dtype=dtype) for _ in range(2))
+            self.cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+        self.do = torch.randn(self.q.shape, generator=g, dtype=dtype)
+        self.dlse = torch.randn(self.q.shape[:3] if lengths is None else (Hq, T), generator=g)
+        self.world, self.causal, self.window, self.layout, self.dtype = world, causal, window, layout, dtype
+        self.name = (f"{world} ranks, {shape if lengths is None else f'sequences {lengths}'}, "
+                     f"{'causal' if causal else 'full'}, window {window}, {layout}, {dtype}")
+        # where each result's rows are: out, lse, dq, dk, dv
+        self.row_dims = (2, 2, 2, 2, 2) if lengths is None else (0, 1, 0, 0, 0)
 
-def _ring_run(q, k, v, do, dlse, causal, window, layout):
-    """This rank's (out, lse, dq, dk, dv) of the whole-sequence inputs, through ring_attention."""
-    shard = lambda x: shard_sequence(x, layout=layout, dim=2)
-    q, k, v = (shard(x).requires_grad_() for x in (q, k, v))
-    out, lse = ring_attention(q, k, v, causal=causal, window=window, layout=layout, return_lse=True)
-    torch.autograd.backward([out, lse], [shard(do), shard(dlse[..., None])[..., 0]])
-    return [x.detach() for x in (out, lse, q.grad, k.grad, v.grad)]
+    def rows(self, rank):
+        """The rows rank `rank` holds, in its order."""
+        T = self.q.shape[2 if self.cu is None else 0]
+        return torch.cat([torch.arange(a, z) for a, z in shard_segments(T, self.world, rank, self.layout, self.cu)])
+
+    def run_ring(self):
+        """This rank's (out, lse, dq, dk, dv), through ring_attention or ring_attention_varlen."""
+        shard = lambda x, dim: shard_sequence(x, layout=self.layout, dim=dim, cu_seqlens=self.cu)
+        q, k, v = (shard(x, self.row_dims[2]).requires_grad_() for x in (self.q, self.k, self.v))
+        kwargs = dict(causal=self.causal, window=self.window, layout=self.layout, return_lse=True)
+        if self.cu is None:
+            out, lse = ring_attention(q, k, v, **kwargs)
+        else:
+            out, lse = ring_attention_varlen(q, k, v, self.cu, **kwargs)
+        torch.autograd.backward([out, lse], [shard(self.do, self.row_dims[0]), shard(self.dlse, self.row_dims[1])])
+        return [x.detach() for x in (out, lse, q.grad, k.grad, v.grad)]
+
+    def spec(self):
+        """(truth, low) for out, lse, dq, dk, dv: the reference in float64, and in the inputs'
+        precision (upcast=False, the yardstick), as `rule.hold_to_rule` makes them."""
+        w = {} if self.window is None else {"window": self.window}
+        if self.cu is None:
+            attend = lambda q, k, v, upcast: reference.attention(q, k, v, self.causal, None, upcast, **w)
+            lse_of = lambda q, k: reference.logsumexp(q, k, self.causal, None, **w)
+        else:
+            attend = lambda q, k, v, upcast: reference.varlen_attention(q, k, v, self.cu, self.cu, self.causal, None,
+                                                                        upcast, **w)
+            lse_of = lambda q, k: reference.varlen_logsumexp(q, k, self.cu, self.cu, self.causal, None, **w)
+        results = []
+        for dt, upcast in ((torch.float64, True), (self.dtype, False)):
+            leaves = [x.detach().to(dt).clone().requires_grad_() for x in (self.q, self.k, self.v)]
+            out = attend(*leaves, upcast)
+            if not upcast and not torch.isfinite(out).all():
+                out = attend(*leaves, True)
+            lse = lse_of(*leaves[:2])
+            torch.autograd.backward([out, lse], [self.do.to(dt), self.dlse.to(lse.dtype)])
+            results.append([out, lse, *(x.grad for x in leaves)])
+        return results
+
+    def flash(self):
+        """The same from single-process flash_attention (flash_attention_varlen) on the whole."""
+        leaves = [x.detach().clone().requires_grad_() for x in (self.q, self.k, self.v)]
+        if self.cu is None:
+            out, lse = flash_attention(*leaves, causal=self.causal, window=self.window, return_lse=True)
+        else:
+            longest = int((self.cu[1:] - self.cu[:-1]).max())
+            out, lse = flash_attention_varlen(*leaves, self.cu, self.cu, longest, longest, causal=self.causal,
+                                              window=self.window, return_lse=True)
+        torch.autograd.backward([out, lse], [self.do, self.dlse])
+        return [out, lse, *(x.grad for x in leaves)]
+
+    def whole(self, parts, j):
+        """Result j of every rank (in its rows' order) back in sequence order."""
+        dim = self.row_dims[j]
+        out = torch.empty(*parts[0].shape[:dim], sum(p.shape[dim] for p in parts), *parts[0].shape[dim + 1:],
+                          dtype=parts[0].dtype)
+        for r, part in enumerate(parts):
+            out.index_copy_(dim, self.rows(r), part)
+        return out
+
+    def hold(self, name, got, truth, low, factor, floor, j):
+        try:
+            assert_close(f"{self.name}: {name}", got, truth, low, factor, floor)
+        except AssertionError as e:  # say which rank's rows are wrong, as ring-flash-attention's tests do
+            per_rank = []
+            for r in range(self.world):
+                rows = self.rows(r)
+                err = (got.index_select(self.row_dims[j], rows).double()
+                       - truth.index_select(self.row_dims[j], rows).double()).abs().nan_to_num(float("inf"))
+                per_rank.append(f"rank {r}: max {err.max().item():.3g}, mean {err.mean().item():.3g}")
+            raise AssertionError(f"{e}\n  per rank: " + "; ".join(per_rank)) from None
 
 
 def _errors(rank, world):
@@ -152,17 +235,20 @@ def _abandoned(rank, world):
 
 
 def _on_ranks(rank, world, cases, extras):
-    results = {"cases": [_ring_run(*inputs, causal, window, layout) for inputs, causal, window, layout in cases]}
+    results = {"cases": [case.run_ring() for case in cases]}
     if "deterministic" in extras:  # the first case again: the same bits
-        again = _ring_run(*cases[0][0], *cases[0][1:])
+        again = cases[0].run_ring()
         results["deterministic"] = all(torch.equal(a, b) for a, b in zip(again, results["cases"][0]))
     if "helpers" in extras:
         whole = torch.randn(2, 11, 3, generator=torch.Generator().manual_seed(7))  # (B, T, C)
-        mine = shard_sequence(whole)
-        results["helpers"] = (torch.equal(gather_sequence(mine), whole),
-                              torch.equal(shard_positions(11), shard_sequence(torch.arange(11)[None])[0]),
-                              torch.equal(gather_sequence(shard_sequence(whole, layout="contiguous"), layout="contiguous"),
-                                          whole))
+        cu = torch.tensor([0, 4, 5, 11], dtype=torch.int32)                      # a packed batch of 3 along T
+        results["helpers"] = [
+            torch.equal(gather_sequence(shard_sequence(whole)), whole),
+            torch.equal(gather_sequence(shard_sequence(whole, layout="contiguous"), layout="contiguous"), whole),
+            torch.equal(gather_sequence(shard_sequence(whole, cu_seqlens=cu), cu_seqlens=cu), whole),
+            torch.equal(shard_positions(11), shard_sequence(torch.arange(11)[None])[0]),
+            torch.equal(shard_positions(11, cu_seqlens=cu),
+                        shard_sequence(torch.tensor([[0, 1, 2, 3, 0, 0, 1, 2, 3, 4, 5]]), cu_seqlens=cu)[0])]
     if "errors" in extras:
         results["errors"] = _errors(rank, world)
     if "abandoned" in extras:
@@ -170,77 +256,28 @@ def _on_ranks(rank, world, cases, extras):
     return results
 
 
-def _spec(q, k, v, do, dlse, causal, window):
-    """(truth, low) for out, lse, dq, dk, dv: the reference in float64, and in the inputs' precision
-    (upcast=False, the yardstick), as `rule.hold_to_rule` makes them."""
-    w = {} if window is None else {"window": window}
-    results = []
-    for dt, upcast in ((torch.float64, True), (q.dtype, False)):
-        leaves = [x.detach().to(dt).clone().requires_grad_() for x in (q, k, v)]
-        out = reference.attention(*leaves, causal, None, upcast, **w)
-        if not upcast and not torch.isfinite(out).all():
-            out = reference.attention(*leaves, causal, None, True, **w)
-        lse = reference.logsumexp(*leaves[:2], causal, None, **w)
-        torch.autograd.backward([out, lse], [do.to(dt), dlse.to(lse.dtype)])
-        results.append([out, lse, *(x.grad for x in leaves)])
-    return results
-
-
-def _flash(q, k, v, do, dlse, causal, window):
-    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    out, lse = flash_attention(*leaves, causal=causal, window=window, return_lse=True)
-    torch.autograd.backward([out, lse], [do, dlse])
-    return [out, lse, *(x.grad for x in leaves)]
-
-
-def _whole(parts, layout):
-    """Each rank's rows, (B, H, T_r, ...) in its order, back into one (B, H, T, ...) tensor."""
-    T, world = sum(p.shape[2] for p in parts), len(parts)
-    out = torch.empty(*parts[0].shape[:2], T, *parts[0].shape[3:], dtype=parts[0].dtype)
-    for r, part in enumerate(parts):
-        rows = _positions(shard_segments(T, world, r, layout))
-        out[:, :, rows] = part
-    return out
-
-
-def _hold(name, got, truth, low, factor, floor, layout, world):
-    try:
-        assert_close(name, got, truth, low, factor, floor)
-    except AssertionError as e:  # say which rank's rows are wrong, as ring-flash-attention's tests do
-        T = got.shape[2]
-        per_rank = []
-        for r in range(world):
-            rows = _positions(shard_segments(T, world, r, layout))
-            err = (got[:, :, rows].double() - truth[:, :, rows].double()).abs().nan_to_num(float("inf"))
-            per_rank.append(f"rank {r}: max {err.max().item():.3g}, mean {err.mean().item():.3g}")
-        raise AssertionError(f"{e}\n  per rank: " + "; ".join(per_rank)) from None
-
-
 def check_cases(world, extras):
-    cases = [case for case in RING_CASES if case[0] == world]
-    runs = [(_inputs(shape, dtype, seed_of("ring", world, shape, causal, window, layout, dtype)), causal, window, layout)
-            for _, shape, causal, window, layout, dtype in cases]
-    group = Spawned(_on_ranks, world, (runs, extras), timeout_s=PG_TIMEOUT_S)
-    # the single-process answers meanwhile, in this process
-    expected = [(_spec(*inputs, causal, window), _flash(*inputs, causal, window)) for inputs, causal, window, _ in runs]
+    cases = [Case(*case) for case in RING_CASES if case[0] == world]
+    cases += [Case(w, Shape(1, Hq, Hkv, sum(lengths), sum(lengths), D), causal, window, layout, dtype, lengths)
+              for w, lengths, Hq, Hkv, D, causal, window, layout, dtype in RING_VARLEN_CASES if w == world]
+    group = Spawned(_on_ranks, world, (cases, extras), timeout_s=PG_TIMEOUT_S)
+    expected = [(case.spec(), case.flash()) for case in cases]  # the single-process answers, meanwhile, here
     results = group.join(DEADLINE_S)
-    for i, ((_, shape, causal, window, layout, dtype), ((truth, low), flash)) in enumerate(zip(cases, expected)):
-        got = [_whole([results[r]["cases"][i][j] for r in range(world)], layout) for j in range(5)]
-        where = f"{world} ranks, {shape}, {'causal' if causal else 'full'}, window {window}, {layout}, {dtype}"
-        for name, g, t, lo, f, fl in zip(("out", "lse", "dq", "dk", "dv"), got, truth, low, flash,
-                                         (FLOOR[dtype], FLOOR[torch.float32]) + (FLOOR[dtype],) * 3):
+    for i, (case, ((truth, low), flash)) in enumerate(zip(cases, expected)):
+        for j, name in enumerate(("out", "lse", "dq", "dk", "dv")):
+            got = case.whole([results[r]["cases"][i][j] for r in range(world)], j)
             factor = FACTOR if name in ("out", "lse") else GRAD_FACTOR
-            assert g.dtype == (torch.float32 if name == "lse" else dtype), f"{where}: {name} is {g.dtype}"
-            _hold(f"{where}: {name} against the reference", g, t, lo, factor, fl, layout, world)
-            _hold(f"{where}: {name} against flash_attention on the whole sequence", g, f, lo, factor, fl, layout,
-                  world)
+            floor = FLOOR[torch.float32 if name == "lse" else case.dtype]
+            assert got.dtype == (torch.float32 if name == "lse" else case.dtype), f"{case.name}: {name} is {got.dtype}"
+            case.hold(f"{name} against the reference", got, truth[j], low[j], factor, floor, j)
+            case.hold(f"{name} against single-process flash", got, flash[j], low[j], factor, floor, j)
     return results
 
 
 def test_ring_attention_on_2_ranks():
     results = check_cases(2, ("deterministic", "helpers", "errors", "abandoned"))
     assert all(r["deterministic"] for r in results), "a second run gave other bits"
-    assert all(all(r["helpers"]) for r in results), [r["helpers"] for r in results]
+    assert all(all(r["helpers"]) for r in results), [r["helpers"] for r in results]  # shard, gather, positions
     expected = {"head dim": "ValueError: ring_attention: rank 1 of 2: q and k must have the same head dim",
                 "causal": "ValueError: ring_attention: every rank must pass the same causal, got rank 0: False, "
                           "rank 1: True",
