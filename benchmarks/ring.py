@@ -36,8 +36,10 @@ leaves the reference by more than tinygpt's TOLERANCE (1e-3 nats in fp32).
 import argparse
 import csv
 import datetime
+import math
 import os
 import shlex
+import shutil
 import socket
 import sys
 import tempfile
@@ -109,24 +111,33 @@ class Spawned:
             p.start()
 
     def join(self, deadline_s=None):
-        end = None if deadline_s is None else time.monotonic() + deadline_s
-        for p in self.procs:
-            p.join(None if end is None else max(0.0, end - time.monotonic()))
-        late = [r for r, p in enumerate(self.procs) if p.is_alive()]
-        for p in self.procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        if late:
-            raise TimeoutError(f"ranks {late} of {len(self.procs)} still ran after {deadline_s} s: killed")
-        results, errors = [], []
-        for r, p in enumerate(self.procs):
-            path = os.path.join(self.dir, f"result-{r}.pt")
-            saved = torch.load(path, weights_only=False) if os.path.exists(path) else {"error": f"exit code {p.exitcode}"}
-            errors += [f"rank {r}:\n{saved['error']}"] if "error" in saved else []
-            results.append(saved.get("result"))
+        end = math.inf if deadline_s is None else time.monotonic() + deadline_s
+        try:
+            # a rank that failed leaves the others waiting in a collective until their timeout:
+            # stop them at once instead
+            while any(p.is_alive() for p in self.procs) and time.monotonic() < end:
+                if any(p.exitcode not in (None, 0) for p in self.procs):
+                    break
+                time.sleep(0.05)
+            late = [r for r, p in enumerate(self.procs) if p.is_alive()]
+            for p in self.procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+            results, errors = [], []
+            for r, p in enumerate(self.procs):
+                path = os.path.join(self.dir, f"result-{r}.pt")
+                saved = torch.load(path, weights_only=False) if os.path.exists(path) else {}
+                if "error" in saved:
+                    errors.append(f"rank {r}:\n{saved['error']}")
+                elif "result" not in saved:
+                    errors.append(f"rank {r}: " + ("killed" if r in late else f"exit code {p.exitcode}, no result"))
+                results.append(saved.get("result"))
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
         if errors:
-            raise RuntimeError("\n".join(errors))
+            deadline = f" (after {deadline_s} s, ranks {late} were still running)" if late else ""
+            raise RuntimeError(f"{len(errors)} of {len(self.procs)} ranks failed{deadline}:\n" + "\n".join(errors))
         return results
 
 

@@ -526,6 +526,6 @@ def ring_attention_varlen(q, k, v, cu_seqlens, group=None, causal=True, scale=No
     """
     q, k, v = autocast_inputs(q, k, v)
     q, k, v, scale, ring = _agree(q, k, v, scale, causal, window, layout, group, cu_seqlens)
-    out, lse = _RingAttention.apply(q, k, v, ring, scale)                 # (1, Hq, total_local, D), (1, Hq, total_local)
+    out, lse = _RingAttention.apply(q, k, v, ring, scale)                 # (1, Hq, total_local, D), lse (1, Hq, ..)
     out = out[0].transpose(0, 1)                                           # (total_local, Hq, D)
     return (out, lse[0]) if return_lse else out

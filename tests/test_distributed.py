@@ -11,7 +11,6 @@ without processes, against the masks it must reproduce.
 """
 
 import datetime
-import random
 import time
 
 import pytest
@@ -308,4 +307,4 @@ def test_training_split_over_2_ranks_matches_one_process():
     assert ring[0] == ring[1], "the ranks saw different losses"
     for impl, losses in single.items():
         worst = max(abs(a - b) for a, b in zip(ring[0], losses))
-        assert worst <= TOLERANCE["fp32"], f"ring vs one process ({impl}): {worst:.3g} nats apart, {ring[0]} vs {losses}"
+        assert worst <= TOLERANCE["fp32"], f"ring vs one process ({impl}): {worst:.3g} nats apart: {ring[0]}, {losses}"
