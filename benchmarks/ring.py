@@ -100,7 +100,7 @@ class Spawned:
     """`world` processes, each running fn(rank, world, *args) in a process group of its own
     (`backend`, collectives timing out after timeout_s), started at once; `join` waits for them
     at most `deadline_s` and returns what fn returned on each rank, or raises with every failed
-    rank's traceback. Nothing survives a deadline: the processes are killed."""
+    rank's traceback. Nothing outlives the deadline, or a rank's failure: the rest are killed."""
 
     def __init__(self, fn, world, args=(), backend="gloo", timeout_s=60):
         self.dir = tempfile.mkdtemp(prefix="ring-")
@@ -120,6 +120,7 @@ class Spawned:
                     break
                 time.sleep(0.05)
             late = [r for r, p in enumerate(self.procs) if p.is_alive()]
+            timed_out = bool(late) and time.monotonic() >= end
             for p in self.procs:
                 if p.is_alive():
                     p.kill()
@@ -131,12 +132,12 @@ class Spawned:
                 if "error" in saved:
                     errors.append(f"rank {r}:\n{saved['error']}")
                 elif "result" not in saved:
-                    errors.append(f"rank {r}: " + ("killed" if r in late else f"exit code {p.exitcode}, no result"))
+                    errors.append(f"rank {r}: " + ("stopped" if r in late else f"exit code {p.exitcode}, no result"))
                 results.append(saved.get("result"))
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
         if errors:
-            deadline = f" (after {deadline_s} s, ranks {late} were still running)" if late else ""
+            deadline = f" (ranks {late} were still running at the {deadline_s} s deadline)" if timed_out else ""
             raise RuntimeError(f"{len(errors)} of {len(self.procs)} ranks failed{deadline}:\n" + "\n".join(errors))
         return results
 

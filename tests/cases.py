@@ -142,3 +142,7 @@ RING_VARLEN_CASES = [
     (2, (9, 1, 14, 3), 4, 2, 16, True, None, "zigzag", torch.float32),
     (2, (13, 6, 20), 2, 1, 16, False, (4, 2), "contiguous", torch.float32),
 ]
+
+# A ring over a subgroup of the processes (`group=`: ranks 1 and 3 of 4, so messages go to global ranks that are
+# not the group's): (global ranks, world of all processes, shape, causal, window, layout, dtype).
+RING_SUBGROUP_CASES = [((1, 3), 4, Shape(1, 2, 1, 12, 12, 16), True, None, "zigzag", torch.float32)]

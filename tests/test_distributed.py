@@ -23,7 +23,7 @@ from attention_kernels.kernels.distributed import (Ring, _pieces, _segments, gat
                                                    ring_attention_varlen, shard_positions, shard_segments,
                                                    shard_sequence)
 from benchmarks.ring import Spawned, train_ring, train_single
-from cases import FACTOR, FLOOR, GRAD_FACTOR, RING_CASES, RING_VARLEN_CASES, Shape
+from cases import FACTOR, FLOOR, GRAD_FACTOR, RING_CASES, RING_SUBGROUP_CASES, RING_VARLEN_CASES, Shape
 from rule import assert_close, seed_of
 
 PG_TIMEOUT_S = 60   # what one collective may wait: the backstop, far above any step here
@@ -103,8 +103,9 @@ class Case:
     q (B, Hq, T, D), k, v (B, Hkv, T, D), dlse (B, Hq, T); packed (cu_seqlens given): q (total,
     Hq, D), k, v (total, Hkv, D), dlse (Hq, total)."""
 
-    def __init__(self, world, shape, causal, window, layout, dtype, lengths=None):
-        g = torch.Generator().manual_seed(seed_of("ring", world, shape, causal, window, layout, dtype, lengths))
+    def __init__(self, world, shape, causal, window, layout, dtype, lengths=None, ranks=None):
+        g = torch.Generator().manual_seed(seed_of("ring", world, shape, causal, window, layout, dtype, lengths, ranks))
+        self.ranks = ranks  # the global ranks of its group, in order; None: every process
         B, Hq, Hkv, T, D = shape.B, shape.Hq, shape.Hkv, shape.Tq, shape.D
         if lengths is None:
             self.q = torch.randn(B, Hq, T, D, generator=g, dtype=dtype)
@@ -117,7 +118,8 @@ class Case:
         self.do = torch.randn(self.q.shape, generator=g, dtype=dtype)
         self.dlse = torch.randn(self.q.shape[:3] if lengths is None else (Hq, T), generator=g)
         self.world, self.causal, self.window, self.layout, self.dtype = world, causal, window, layout, dtype
-        self.name = (f"{world} ranks, {shape if lengths is None else f'sequences {lengths}'}, "
+        self.name = (f"{f'{world} ranks' if ranks is None else f'the group of ranks {ranks}'}, "
+                     f"{shape if lengths is None else f'sequences {lengths}'}, "
                      f"{'causal' if causal else 'full'}, window {window}, {layout}, {dtype}")
         # where each result's rows are: out, lse, dq, dk, dv
         self.row_dims = (2, 2, 2, 2, 2) if lengths is None else (0, 1, 0, 0, 0)
@@ -127,11 +129,11 @@ class Case:
         T = self.q.shape[2 if self.cu is None else 0]
         return torch.cat([torch.arange(a, z) for a, z in shard_segments(T, self.world, rank, self.layout, self.cu)])
 
-    def run_ring(self):
+    def run_ring(self, group=None):
         """This rank's (out, lse, dq, dk, dv), through ring_attention or ring_attention_varlen."""
-        shard = lambda x, dim: shard_sequence(x, layout=self.layout, dim=dim, cu_seqlens=self.cu)
+        shard = lambda x, dim: shard_sequence(x, group, layout=self.layout, dim=dim, cu_seqlens=self.cu)
         q, k, v = (shard(x, self.row_dims[2]).requires_grad_() for x in (self.q, self.k, self.v))
-        kwargs = dict(causal=self.causal, window=self.window, layout=self.layout, return_lse=True)
+        kwargs = dict(group=group, causal=self.causal, window=self.window, layout=self.layout, return_lse=True)
         if self.cu is None:
             out, lse = ring_attention(q, k, v, **kwargs)
         else:
@@ -234,7 +236,10 @@ def _abandoned(rank, world):
 
 
 def _on_ranks(rank, world, cases, extras):
-    results = {"cases": [case.run_ring() for case in cases]}
+    # every process makes every subgroup, in the same order (new_group is collective); only its members use it
+    groups = {case.ranks: dist.new_group(list(case.ranks)) for case in cases if case.ranks is not None}
+    results = {"cases": [case.run_ring(groups.get(case.ranks)) if case.ranks is None or rank in case.ranks else None
+                         for case in cases]}
     if "deterministic" in extras:  # the first case again: the same bits
         again = cases[0].run_ring()
         results["deterministic"] = all(torch.equal(a, b) for a, b in zip(again, results["cases"][0]))
@@ -259,12 +264,14 @@ def check_cases(world, extras):
     cases = [Case(*case) for case in RING_CASES if case[0] == world]
     cases += [Case(w, Shape(1, Hq, Hkv, sum(lengths), sum(lengths), D), causal, window, layout, dtype, lengths)
               for w, lengths, Hq, Hkv, D, causal, window, layout, dtype in RING_VARLEN_CASES if w == world]
+    cases += [Case(len(ranks), shape, causal, window, layout, dtype, ranks=ranks)
+              for ranks, w, shape, causal, window, layout, dtype in RING_SUBGROUP_CASES if w == world]
     group = Spawned(_on_ranks, world, (cases, extras), timeout_s=PG_TIMEOUT_S)
     expected = [(case.spec(), case.flash()) for case in cases]  # the single-process answers, meanwhile, here
     results = group.join(DEADLINE_S)
     for i, (case, ((truth, low), flash)) in enumerate(zip(cases, expected)):
         for j, name in enumerate(("out", "lse", "dq", "dk", "dv")):
-            got = case.whole([results[r]["cases"][i][j] for r in range(world)], j)
+            got = case.whole([results[r]["cases"][i][j] for r in (case.ranks or range(world))], j)
             factor = FACTOR if name in ("out", "lse") else GRAD_FACTOR
             floor = FLOOR[torch.float32 if name == "lse" else case.dtype]
             assert got.dtype == (torch.float32 if name == "lse" else case.dtype), f"{case.name}: {name} is {got.dtype}"
