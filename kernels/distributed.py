@@ -497,7 +497,8 @@ def ring_attention(q, k, v, group=None, causal=True, scale=None, window=None, la
     parallelism), forward and backward: each rank passes its shard, q (B, Hq, T_local, D) and k, v
     (B, Hkv, T_local, D), as `shard_sequence(x, layout=layout, dim=2)` cuts them, and gets its
     rows of the output (and with `return_lse` their log-sum-exp, (B, Hq, T_local) fp32, natural
-    log, differentiable), exactly what `flash_attention` gives those rows of the whole sequence.
+    log, differentiable): what `flash_attention` gives those rows of the whole sequence, to
+    rounding (the tests hold both to the same rule).
 
     causal, scale, window: as in `flash_attention`, over global positions (Tq = Tk, so causal is
     query i seeing keys j <= i). layout: "zigzag" (rank r holds chunks r and 2W-1-r of 2W: causal
