@@ -295,8 +295,8 @@ def test_ring_attention_on_2_ranks():
         said = [r["errors"][case] for r in results]
         assert said[0] == said[1], f"{case}: the ranks raised different errors: {said}"
         assert said[0].startswith(start), f"{case}: {said[0]}"
-    error, seconds = results[0]["abandoned"]
-    assert error != "nothing raised" and seconds < PG_TIMEOUT_S, (error, seconds)
+    error, seconds = results[0]["abandoned"]  # the group's 3 s, not the world's 60 s
+    assert "timed out" in error.lower() and seconds < PG_TIMEOUT_S / 2, (error, seconds)
 
 
 def test_ring_attention_on_4_ranks():
