@@ -89,6 +89,7 @@ def _child(fn, rank, world, rendezvous, backend, timeout_s, args):
                                 world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
         result = fn(rank, world, *args)
         torch.save({"result": result}, out)
+        dist.barrier()  # no rank tears its connections down while another may still use them
     except BaseException:
         torch.save({"error": traceback.format_exc()}, out)
         sys.stdout.flush()
