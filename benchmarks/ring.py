@@ -8,9 +8,9 @@ ranks against the same GPT in one process.
     python -m benchmarks.ring --train                 # the tiny GPT on 2 ranks, and in one process
     torchrun --nproc-per-node 8 -m benchmarks.ring -B 1 -H 32 --kv-heads 8 -D 128 -T 131072 --dtype bf16
 
-Without torchrun it starts --world processes itself (gloo on CPU tensors under Triton's
-interpreter; NCCL, one GPU each, when there are enough GPUs), meeting through a file, on the
-loopback interface. Under torchrun (RANK and WORLD_SIZE set) each process is one rank: NCCL on
+Without torchrun it starts --world processes itself, meeting through a file: gloo on CPU tensors
+under Triton's interpreter, on the loopback interface, without a GPU; NCCL, one GPU each, with
+GPUs. Under torchrun (RANK and WORLD_SIZE set) each process is one rank: NCCL on
 its GPU (LOCAL_RANK), gloo on the CPU.
 
 Timing: every rank shards nothing, it draws its own (B, H, T/W, D) q and (B, Hkv, T/W, D) k, v,
@@ -64,8 +64,8 @@ CSV_FIELDS = ["mode", "backend", "world", "rank", "step", "layout", "causal", "w
               "dtype", "pieces", "bytes", "ms_p20", "ms_p50", "ms_p80", "wait_ms_p50", "device", "torch", "triton",
               "commit", "timestamp"]
 CPU_NOTE = ("NOTE: no CUDA GPU: gloo between processes on this machine's loopback, the kernels under Triton's CPU "
-            "interpreter. Compute here is ~10^5 times slower than a GPU's and the link is memory, so these figures "
-            "show the ring's flow and its balance, not GPU speed.")
+            "interpreter (numpy, a program at a time) and the link in memory, so these figures show the ring's flow "
+            "and its balance, not GPU speed.")
 
 # ----------------------------------------------------------------------------- processes
 
@@ -155,7 +155,10 @@ def run_ranks(fn, world, args=(), timeout_s=600):
             return fn(dist.get_rank(), dist.get_world_size(), *args)
         finally:
             dist.destroy_process_group()
-    backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world else "gloo"
+    if torch.cuda.is_available() and torch.cuda.device_count() < world:
+        raise SystemExit(f"--world {world} starts one process per GPU, and there are {torch.cuda.device_count()}: "
+                         "pass a smaller --world (or run under torchrun)")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
     return Spawned(fn, world, args, backend, timeout_s).join()[0]
 
 
