@@ -3,7 +3,7 @@ spawns, on the loopback interface, the kernels under Triton's interpreter.
 
 Every rank's output, log-sum-exp and gradients, put back in sequence order, are held to the rule
 against the reference on the whole sequence (float64 truth, the low-precision yardstick) and
-against single-process `flash_attention` on it. Processes are few and started once per world
+against single-process `flash_attention` on it (`flash_attention_varlen` for packed batches). Processes are few and started once per world
 size (each group runs all its cases), and bounded in time twice: the process group's timeout on
 every collective, and a deadline on the whole group, after which it is killed. The plan (which
 piece of which step each rank computes, with which kernel window) is checked exhaustively here,
@@ -208,10 +208,19 @@ def _errors(rank, world):
         "rows": (x[:, :, :2] if rank == 1 else x, x[:, :, :2] if rank == 1 else x, x[:, :, :2] if rank == 1 else x, {}),
         "layout": (x, x, x, dict(layout="zigzag" if rank == 0 else "contiguous")),
     }
+    packed = torch.randn(5, 2, 16)                                         # 5 rows of sequences of 6 and 4 each
+    cu = torch.tensor([0, 6, 10], dtype=torch.int32)
+    bad_packed = {
+        "cu_seqlens dtype": (cu.long() if rank == 1 else cu),
+        "sequences": (torch.tensor([0, 5, 10], dtype=torch.int32) if rank == 1 else cu),
+    }
     said = {}
-    for case, (q, k, v, kwargs) in bad.items():
+    calls = [(case, lambda q=q, k=k, v=v, kw=kwargs: ring_attention(q, k, v, **kw))
+             for case, (q, k, v, kwargs) in bad.items()]
+    calls += [(case, lambda c=c: ring_attention_varlen(packed, packed, packed, c)) for case, c in bad_packed.items()]
+    for case, call in calls:
         try:
-            ring_attention(q, k, v, **kwargs)
+            call()
             said[case] = "nothing raised"
         except (ValueError, TypeError) as e:
             said[case] = f"{type(e).__name__}: {e}"
@@ -290,7 +299,10 @@ def test_ring_attention_on_2_ranks():
                 "dtype": "ValueError: ring_attention: every rank must pass the same dtype, got rank 0: 'bfloat16'",
                 "rows": "ValueError: ring_attention: rank 0 of 2 holds 5 rows, but the 'zigzag' layout splits a "
                         "sequence of T=7 into 3, 4 rows per rank (as shard_sequence does; the ranks hold 5, 2)",
-                "layout": "ValueError: ring_attention: every rank must pass the same layout"}
+                "layout": "ValueError: ring_attention: every rank must pass the same layout",
+                "cu_seqlens dtype": "ValueError: ring_attention: rank 1 of 2: cu_seqlens must be a 1-D int32 tensor",
+                "sequences": "ValueError: ring_attention: every rank must pass the same sequences, got rank 0: [6, 4], "
+                             "rank 1: [5, 5]"}
     for case, start in expected.items():
         said = [r["errors"][case] for r in results]
         assert said[0] == said[1], f"{case}: the ranks raised different errors: {said}"
