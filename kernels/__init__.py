@@ -7,6 +7,10 @@
     decode_attention(q, k_cache, v_cache, cache_seqlens, ...)   new tokens against a KV cache (split-KV)
     paged_attention(q, k_cache, v_cache, block_table, ...)      prefill chunks and decoding over a paged cache
     dropout_mask(B, Hq, Tq, Tk, dropout_p, seed, device)        the weights a flash call's dropout keeps
+    ring_attention(q, k, v, group=None, layout="zigzag", ...)   one sequence split across processes
+    ring_attention_varlen(q, k, v, cu_seqlens, group=None, ...) (torch.distributed), or a packed batch;
+                                                                shard_sequence, gather_sequence and
+                                                                shard_positions cut and rejoin them
 
 In models:
 
@@ -37,6 +41,7 @@ if __name__ == "kernels":
     _sys.modules["kernels"] = _real
 else:
     from .decode import decode_attention
+    from .distributed import gather_sequence, ring_attention, ring_attention_varlen, shard_positions, shard_sequence
     from .dispatch import attention, choose_impl
     from .dropout import dropout_mask
     from .flash import flash_attention, flash_attention_varlen
@@ -50,4 +55,5 @@ else:
 __all__ = ["attention", "choose_impl", "flash_attention", "flash_attention_varlen", "decode_attention", "dropout_mask",
            "paged_attention", "PagedKVCache",
            "fused_attention", "scaled_dot_product_attention",
-           "patch_sdpa", "CausalSelfAttention", "swap_attention", "register_transformers"]
+           "patch_sdpa", "CausalSelfAttention", "swap_attention", "register_transformers", "ring_attention",
+           "ring_attention_varlen", "shard_sequence", "gather_sequence", "shard_positions"]

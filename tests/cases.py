@@ -134,3 +134,28 @@ LAYOUTS = ["contiguous", "bthd", "d-strided"]
 FACTOR = 2.0
 GRAD_FACTOR = 3.0
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+# Ring attention across processes (tests/test_distributed.py): (world, shape, causal, window, layout, dtype), the
+# whole sequence's shape (Tq = Tk: self-attention). Lengths 2W does not divide (the first chunks a row
+# longer), grouped heads, a window that leaves ring steps out, both layouts, causal and not, one bf16.
+RING_CASES = [
+    (2, Shape(1, 4, 2, 23, 23, 16), True, None, "zigzag", torch.float32),        # GQA 2:1, 23 = 6+6+6+5
+    (2, Shape(1, 2, 2, 21, 21, 16), False, None, "contiguous", torch.float32),
+    (2, Shape(1, 2, 1, 30, 30, 16), True, (6, 0), "contiguous", torch.float32),  # rank 1 reaches 6 keys back
+    (2, Shape(1, 2, 2, 26, 26, 16), True, None, "zigzag", torch.bfloat16),
+    (4, Shape(1, 2, 1, 37, 37, 16), True, None, "zigzag", torch.float32),        # 37 = 5+5+5+5+5+4+4+4
+    (4, Shape(1, 2, 2, 29, 29, 16), False, (3, 5), "zigzag", torch.float32),     # a band across chunk edges
+    (4, Shape(1, 2, 2, 18, 18, 16), True, (4, 0), "contiguous", torch.float32),  # 2 of 4 ring steps
+]
+
+# Packed batches through the ring (ring_attention_varlen): (world, lengths, Hq, Hkv, D, causal, window, layout,
+# dtype). Each sequence is split on its own: one of length 1 lives on one rank, ones shorter than 2W leave
+# chunks empty, and no sequence sees another.
+RING_VARLEN_CASES = [
+    (2, (9, 1, 14, 3), 4, 2, 16, True, None, "zigzag", torch.float32),
+    (2, (13, 6, 20), 2, 1, 16, False, (4, 2), "contiguous", torch.float32),
+]
+
+# A ring over a subgroup of the processes (`group=`: ranks 1 and 3 of 4, so messages go to global ranks that are
+# not the group's): (global ranks, world of all processes, shape, causal, window, layout, dtype).
+RING_SUBGROUP_CASES = [((1, 3), 4, Shape(1, 2, 1, 12, 12, 16), True, None, "zigzag", torch.float32)]

@@ -10,7 +10,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = ["benchmarks.demo", "benchmarks.sweep", "benchmarks.plots", "benchmarks.tinygpt", "benchmarks.inference",
-            "benchmarks.profile", "benchmarks.onchip", "reference.explain", "attention_kernels.kernels.tuning"]
+            "benchmarks.profile", "benchmarks.onchip", "benchmarks.ring", "reference.explain",
+            "attention_kernels.kernels.tuning"]
 MARGIN_S = 5  # what --help may take beyond importing the module (a run of the demo takes a minute)
 
 
