@@ -438,6 +438,8 @@ def generate_paged(model, prompts, max_new_tokens, chunk=2, page_size=4):
     longest = max(len(p) + n for p, n in zip(prompts, max_new_tokens))
     if longest > model.T:
         raise ValueError(f"a prompt and its new tokens make {longest} positions, more than the block size T={model.T}")
+    if min(len(p) for p in prompts) < 1:
+        raise ValueError("every prompt needs a token at least (the first character's logits come from it)")
     pages = -(-model.T // page_size)
     cache = PagedKVCache(len(model.h), len(prompts) * pages, page_size, H, D, max_seqs=len(prompts), max_pages=pages,
                          dtype=model.lm_head.weight.dtype, device=device)
@@ -464,7 +466,9 @@ def generate_paged(model, prompts, max_new_tokens, chunk=2, page_size=4):
                 if len(tokens[i]) == len(prompts[i]) + max_new_tokens[i]:
                     cache.free(i)
     model.train(training)
-    return [torch.tensor(t, device=device) for t in tokens], [torch.stack(l) for l in logits_of], mixed
+    vocab = model.lm_head.out_features
+    return ([torch.tensor(t, device=device) for t in tokens],
+            [torch.stack(l) if l else torch.zeros(0, vocab, device=device) for l in logits_of], mixed)
 
 
 def paged_against_unbatched(model, data, T):

@@ -87,7 +87,7 @@ def _decode_split(
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_pb,  # the block table's row stride (paged)
     B, Hkv, Tq, Tmax, num_pages, GROUP,
-    q_blocks,  # dense: query blocks per sequence
+    q_blocks,  # dense: query blocks per sequence; packed: total_q, the rows of q
     left,      # the window's left bound, or (unbounded) more than any cache length
     qk_scale,  # scale * log2(e): the softmax runs in base 2
     softcap, stride_sb,  # what models add, as in `kernels/flash_fwd.py` (sinks: in the merge)
@@ -103,8 +103,9 @@ def _decode_split(
     block = pid // NUM_SPLITS // Hkv
     if VARLEN:  # packed new tokens (total_q, Hq, D): sequence b's are rows cu_q[b]:cu_q[b + 1]
         b = _sequence_of(CU_Q, block, B, BLOCK_Q)
-        first = tl.load(CU_Q + b)                     # the sequence's first row among all new tokens
-        q_len = tl.load(CU_Q + b + 1) - first
+        # the sequence's rows among all new tokens; unchecked offsets are clamped into q's rows
+        first = tl.minimum(tl.maximum(tl.load(CU_Q + b), 0), q_blocks)
+        q_len = tl.minimum(tl.maximum(tl.load(CU_Q + b + 1), first), q_blocks) - first
         t0 = (block - (first // BLOCK_Q + b)) * BLOCK_Q
         if t0 >= q_len:
             return
@@ -227,7 +228,7 @@ def _append_kv(
     stride_nt, stride_nh, stride_nd, stride_wt, stride_wh, stride_wd,  # k_new, v_new (total_q, Hkv, D)
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_pb, Tmax, num_pages,
+    stride_pb, Tmax, num_pages, total_q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, PAGE_SIZE: tl.constexpr,
 ):
     # Sequence b's new keys and values, rows cu_q[b]:cu_q[b + 1] of k_new and v_new, written at
@@ -235,10 +236,11 @@ def _append_kv(
     # Positions past the table's capacity are not written (an unchecked call's lengths).
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
-    first = tl.load(CU_Q + b)
+    first = tl.minimum(tl.maximum(tl.load(CU_Q + b), 0), total_q)   # unchecked offsets: inside k_new's rows
+    end = tl.minimum(tl.maximum(tl.load(CU_Q + b + 1), first), total_q)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     pos = tl.load(SEQLENS + b) + t
-    ok = (t < tl.load(CU_Q + b + 1) - first) & (pos >= 0) & (pos < Tmax)
+    ok = (t < end - first) & (pos >= 0) & (pos < Tmax)
     offs_d = tl.arange(0, BLOCK_D)
     mask = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     src = (first + t).to(tl.int64)
@@ -377,7 +379,7 @@ def split_kv(q, k_cache, v_cache, seqlens, scale, num_splits, left, mods, o, lse
         q_blocks = triton.cdiv(Tq, block_q)
         grid_blocks = B * q_blocks
     else:  # sequence b's blocks start at cu_q[b] // block_q + b (see _sequence_of): room for all of them
-        q_blocks = 0
+        q_blocks = q.shape[0]  # the kernel clamps unchecked offsets to it
         grid_blocks = q.shape[0] // block_q + B
     if num_splits is None:
         num_splits = default_num_splits(1, Hkv, grid_blocks, Tmax if left < 0 else min(Tmax, left + Tq), q.device)

@@ -25,10 +25,12 @@ append are cache_seqlens + q_len, which `PagedKVCache` keeps.
 
 The kernel is decode's split-KV kernel (`kernels/decode.py`) reading the cache through the block
 table: one program per (block of new tokens of one sequence, k/v head, split), the query heads of
-a group sharing each K/V load. Its grid depends on total_q, B and num_splits only, never on the
-values of the offsets or lengths (a block finds its sequence by bisecting cu_seqlens_q), so with
-`check=False` (no host read) a call can be captured in a CUDA graph and replayed for any
-lengths that fit the same shapes.
+a group sharing each K/V load. Its grid depends on total_q, B, max_seqlen_q and num_splits only,
+never on the values of the offsets or lengths (a block finds its sequence by bisecting
+cu_seqlens_q), so with `check=False` (no host read) a call can be captured in a CUDA graph and
+replayed for any offsets and lengths that fit the same shapes, as long as no sequence brings
+more new tokens than the max_seqlen_q it was captured with (it sizes the append's grid: capture
+with the most a replay will bring, total_q at worst).
 
 `PagedKVCache` is a page pool with a free list and block tables in plain Python, for the demo
 (`python -m benchmarks.tinygpt --paged`) and the tests: not a serving engine.
@@ -70,6 +72,9 @@ def check_paged_inputs(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqle
     if isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor) and k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must have the same shape (num_pages, page_size, Hkv, D), got "
                          f"k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if isinstance(t, torch.Tensor) and 0 in t.shape:
+            raise ValueError(f"{name} has an empty dimension, shape {tuple(t.shape)}: every dimension must be >= 1")
     # dtypes, devices, heads, head dim and scale: the shared check, on (1, H, T, D) views
     view = lambda t: t.transpose(0, 1)[None] if isinstance(t, torch.Tensor) and t.dim() == 3 else t
     first_page = lambda t: t[:1].transpose(1, 2) if isinstance(t, torch.Tensor) else t
@@ -122,21 +127,22 @@ def check_paged_inputs(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqle
         what = "cache_seqlens + the new tokens (k_new is appended)" if k_new is not None else "cache_seqlens"
         raise ValueError(f"{what} must lie in [0, {capacity}] (block_table's {block_table.shape[1]} pages of "
                          f"{page_size}), got " + ", ".join(f"{L} for sequence {b}" for b, L in bad[:4]))
-    owners = {}
+    owners = {}  # page -> the sequences whose positions it holds, once per table entry
     for b, L in enumerate(after):
         for i, page in enumerate(table[b][:triton.cdiv(L, page_size)]):
             if not 0 <= page < num_pages:
                 raise ValueError(f"block_table[{b}, {i}] = {page} names no page: the pool holds {num_pages} "
                                  f"(k_cache.shape[0]), and sequence {b}'s {L} positions use its first "
                                  f"{triton.cdiv(L, page_size)} entries")
-            owners.setdefault(page, set()).add(b)
+            owners.setdefault(page, []).append(b)
     if k_new is not None:
         for b, (L, n) in enumerate(zip(lengths, new)):
-            for i in range(L // page_size, triton.cdiv(L + n, page_size)):
+            for i in range(L // page_size, triton.cdiv(L + n, page_size)) if n else ():
                 if len(owners[table[b][i]]) > 1:
                     raise ValueError(f"k_new would be written into page {table[b][i]} (block_table[{b}, {i}]), which "
-                                     f"sequences {sorted(owners[table[b][i]])} share: copy a shared page before "
-                                     "appending to it (copy-on-write; PagedKVCache does)")
+                                     f"the table names {len(owners[table[b][i]])} times (sequences "
+                                     f"{sorted(set(owners[table[b][i]]))}): copy a shared page before appending to "
+                                     "it (copy-on-write; PagedKVCache does), and name a page once per sequence")
     return q, scale
 
 
@@ -162,9 +168,13 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_
 
     `check=True` reads cu_seqlens_q, cache_seqlens and block_table on the host once (see
     `check_paged_inputs`): a sync per call. `check=False` skips that read (shapes, dtypes and
-    devices are still checked), for CUDA graphs; the kernels then clamp lengths to the table's
-    capacity and page ids into the pool, never touching memory outside them, but a bad table
-    or length is the caller's bug, not an error.
+    devices are still checked), for CUDA graphs; the kernels then clamp offsets into q's rows,
+    lengths to the table's capacity and page ids into the pool, never touching memory outside
+    them, but a bad table, offset or length is the caller's bug, not an error (rows of q that no
+    offset covers, a padded graph batch's, come back unwritten).
+
+    Not cast under autocast (as `decode_attention` is): the pool is written in place, so q,
+    k_new and v_new must already have its dtype.
     """
     q, scale = check_paged_inputs(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, max_seqlen_q,
                                   k_new, v_new, scale, check)
@@ -192,7 +202,7 @@ def _run_paged(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, ma
             wrap_triton(_append_kv)[(B, triton.cdiv(max_seqlen_q, APPEND_BLOCK), Hkv)](
                 k_new, v_new, k_cache, v_cache, cache_seqlens, cu_seqlens_q, block_table,
                 *k_new.stride(), *v_new.stride(), *_cache_strides(k_cache), *_cache_strides(v_cache),
-                block_table.stride(0), capacity, num_pages,
+                block_table.stride(0), capacity, num_pages, q.shape[0],
                 HEAD_DIM=D, BLOCK_D=pow2(D), BLOCK_T=APPEND_BLOCK, PAGE_SIZE=page_size,
             )
         seqlens = cache_seqlens + (cu_seqlens_q[1:] - cu_seqlens_q[:-1])  # on the device: no host read
@@ -221,7 +231,8 @@ class PagedKVCache:
 
         cache = PagedKVCache(layers, num_pages, page_size, Hkv, D, max_seqs, max_pages, dtype, device)
         cache.reserve(seq, n)        pages for n more positions of sequence slot `seq`
-        cache.fork(src, dst)         dst shares src's full pages (a common prompt), copies the last
+        cache.fork(src, dst)         dst shares src's pages (a common prompt); reserve copies one before
+                                     either appends to it
         cache.attend(layer, q, k_new, v_new, seqs, cu_seqlens_q, max_seqlen_q)   paged_attention
         cache.advance(seqs, counts)  after every layer has appended: the lengths grow
         cache.free(seq)
@@ -262,26 +273,33 @@ class PagedKVCache:
             self.block_table[seq, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
 
     def reserve(self, seq, n):
-        """Make room for n more positions of sequence `seq`: new pages from the free list, and the
-        page the first of them lands in copied first if another sequence shares it."""
+        """Make room for n more positions of sequence `seq`: new pages from the free list, and
+        every page the n positions land in copied first if another sequence shares it
+        (copy-on-write). All or nothing: when the pool is short, nothing changes."""
         L, pages = self.lengths[seq], list(self.pages[seq])
         need = triton.cdiv(L + n, self.page_size)
         if need > self.max_pages:
             raise ValueError(f"sequence {seq} would hold {L + n} positions, more than its {self.max_pages} pages of "
                              f"{self.page_size}")
-        last = L // self.page_size
-        if n and last < len(pages) and self.refs[pages[last]] > 1:  # copy-on-write
+        written = range(L // self.page_size, min(need, len(pages))) if n else range(0)
+        shared = [i for i in written if self.refs[pages[i]] > 1]
+        if len(shared) + need - len(pages) > len(self.free_pages):
+            raise RuntimeError(f"the KV pool is out of pages ({len(self.free_pages)} free of {len(self.refs)}, "
+                               f"{len(shared) + need - len(pages)} needed): free a sequence")
+        for i in shared:  # copy-on-write
             copy = self._take()
             for pool in self.k + self.v:
-                pool[copy] = pool[pages[last]]
-            self.refs[pages[last]] -= 1
-            pages[last] = copy
+                pool[copy] = pool[pages[i]]
+            self.refs[pages[i]] -= 1
+            pages[i] = copy
         pages += [self._take() for _ in range(need - len(pages))]
         self._set_pages(seq, pages)
 
     def fork(self, src, dst):
         """Sequence `dst` starts as a copy of `src`: it shares src's pages (a prompt's prefix,
         without copying) until either appends to a shared one."""
+        if src == dst:
+            raise ValueError(f"fork needs two sequence slots, got src = dst = {src}")
         self.free(dst)
         for page in self.pages[src]:
             self.refs[page] += 1

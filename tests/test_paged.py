@@ -12,7 +12,7 @@ from cases import DEVICE, PAGED_CASES
 from rule import hold_to_rule, seed_of
 
 I32 = dict(dtype=torch.int32, device=DEVICE)
-UNUSED = 1 << 20  # block-table entries past a sequence's pages: never read (a read would fail loudly)
+UNUSED = 1 << 20  # block-table entries past a sequence's pages: no position below its length maps there
 
 
 def offsets(lengths):
@@ -126,7 +126,8 @@ def test_unchecked_calls_read_nothing_on_the_host_and_stay_inside_the_pool(poiso
     new, lengths = (1, 3), (9, 20)
     q, k_cache, v_cache, table, seqlens, cu = paged_inputs(new, lengths, 2, 1, 16, 4, torch.float32, seed_of("unchecked"))
     checked = paged_attention(q, k_cache, v_cache, table, seqlens, cu, 3)
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("read on the host"))
+    for name in ("tolist", "item", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, **k: pytest.fail("read on the host"))
     torch.testing.assert_close(paged_attention(q, k_cache, v_cache, table, seqlens, cu, 3, check=False), checked,
                                rtol=0, atol=0)
     # a length past the table's capacity and a page id past the pool: clamped, finite, no crash
@@ -134,6 +135,58 @@ def test_unchecked_calls_read_nothing_on_the_host_and_stay_inside_the_pool(poiso
     bad_table[0, 0] = 10 ** 6
     out = paged_attention(q, k_cache, v_cache, bad_table, torch.tensor([9, 10 ** 6], **I32), cu, 3, check=False)
     assert torch.isfinite(out).all()
+
+
+def test_unchecked_offsets_write_nothing_outside_the_outputs(monkeypatch):
+    # check=False with offsets past total_q: the kernels clamp them into q's rows. The fp32
+    # buffers the launcher allocates (the splits' partial results) are handed out as the front
+    # of larger ones whose tails are a sentinel, which must survive.
+    q, k_cache, v_cache, table, seqlens, _ = paged_inputs((1, 1), (5, 6), 2, 1, 16, 4, torch.float32, 0, share=False)
+    empty, tails = torch.empty, []
+
+    def fenced(*shape, **kw):
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
+        if kw.get("dtype") != torch.float32:
+            return empty(*shape, **kw)
+        n = torch.Size(shape).numel()
+        buffer = empty(n + 4096, dtype=torch.float32, device=kw.get("device", DEVICE)).fill_(1234.5)
+        tails.append((buffer, n))
+        return buffer[:n].view(shape)
+    monkeypatch.setattr(torch, "empty", fenced)
+    garbage = torch.tensor([0, 1, 3], **I32)                                  # ends past total_q = 2
+    new = torch.zeros(2, 1, 16, device=DEVICE)
+    pool = k_cache.clone()
+    paged_attention(q, k_cache, v_cache, table, seqlens, garbage, 2, new, new, num_splits=2, check=False)
+    assert tails and all(bool((b[n:] == 1234.5).all()) for b, n in tails), "written past a buffer's end"
+    untouched = torch.ones(k_cache.shape[:2], dtype=torch.bool, device=DEVICE)
+    untouched[table[0, 1], 1] = untouched[table[1, 1], 2] = False               # the two slots appended to
+    assert torch.equal(k_cache[untouched], pool[untouched])
+
+
+def test_the_pool_copies_every_shared_page_it_writes():
+    # a fork shares pages reserved past the length too (room for a draft of tokens, say); an
+    # append that crosses into them copies each, and neither sequence sees the other's keys
+    cache = PagedKVCache(1, 8, 2, 1, 16, max_seqs=2, max_pages=4, device=DEVICE)
+    cache.reserve(0, 5)                                                    # 3 pages for 5 positions
+    cache.advance([0], [1])                                                # 1 of them filled
+    cache.fork(0, 1)
+    cache.reserve(1, 4)                                                    # positions 1..4: pages 0, 1, 2
+    assert cache.pages[1][:3] != cache.pages[0][:3] and not set(cache.pages[1][:3]) & set(cache.pages[0])
+    assert [cache.refs[p] for p in cache.pages[0]] == [1, 1, 1]
+    with pytest.raises(ValueError, match="fork needs two sequence slots, got src = dst = 1"):
+        cache.fork(1, 1)
+
+
+def test_a_pool_short_of_pages_changes_nothing():
+    cache = PagedKVCache(1, 4, 2, 1, 16, max_seqs=2, max_pages=4, device=DEVICE)
+    cache.reserve(0, 3)
+    cache.advance([0], [3])
+    cache.fork(0, 1)                                                       # shares pages 0 and 1
+    before = (list(map(list, cache.pages)), list(cache.refs), list(cache.free_pages), cache.block_table.clone())
+    with pytest.raises(RuntimeError, match=r"out of pages \(2 free of 4, 3 needed\)"):
+        cache.reserve(1, 4)                                                # a copy of page 1 and 2 new pages
+    assert (list(map(list, cache.pages)), list(cache.refs), list(cache.free_pages)) == before[:3]
+    assert torch.equal(cache.block_table, before[3])
 
 
 def base_call(**change):
@@ -177,11 +230,29 @@ def test_bad_paged_inputs_are_refused(change, error, message):
         base_call(**change)()
 
 
+def test_sequences_without_new_tokens_may_share_their_last_page(poison):
+    q, k_cache, v_cache, table, _, _ = paged_inputs((1, 1), (6, 6), 2, 1, 16, 4, torch.float32, 0, share=False)
+    table[1, 1] = table[0, 1]   # a fork's shared partial page; neither appends to it in this call
+    cu = torch.tensor([0, 0, 0, 1], **I32)                                # only sequence 2 appends
+    spare = sorted(set(range(k_cache.shape[0])) - set(table[:, :2].flatten().tolist()))
+    table = torch.cat([table, torch.tensor([[spare[0], UNUSED, UNUSED]], **I32)])
+    new = torch.zeros(1, 1, 16, device=DEVICE)
+    paged_attention(q[:1], k_cache, v_cache, table, torch.tensor([5, 5, 2], **I32), cu, 1, new, new)
+
+
+def test_a_page_named_twice_in_one_table_row_is_not_appended_to():
+    q, k_cache, v_cache, table, _, cu = paged_inputs((1, 1), (6, 6), 2, 1, 16, 4, torch.float32, 0, share=False)
+    table[0, 1] = table[0, 0]   # positions 0..3 and 4..7 of sequence 0 in one page
+    new = torch.zeros(2, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"which the table names 2 times \(sequences \[0\]\)"):
+        paged_attention(q, k_cache, v_cache, table, torch.tensor([5, 5], **I32), cu, 1, new, new)
+
+
 def test_appending_into_a_shared_page_is_refused():
     q, k_cache, v_cache, table, _, cu = paged_inputs((1, 1), (6, 6), 2, 1, 16, 4, torch.float32, 0, share=False)
     table[1, 1] = table[0, 1]  # both sequences' second page, where their next keys would go
     new = torch.zeros(2, 1, 16, device=DEVICE)
-    with pytest.raises(ValueError, match="which sequences \\[0, 1\\] share: copy a shared page"):
+    with pytest.raises(ValueError, match="names 2 times \\(sequences \\[0, 1\\]\\): copy a shared page"):
         paged_attention(q, k_cache, v_cache, table, torch.tensor([5, 5], **I32), cu, 1, new, new)
 
 
@@ -218,10 +289,9 @@ def test_generation_through_the_pool(poison, dtype):
         hold_to_rule(o, lse, (q, k, v), None, spec, lambda q, k: reference.varlen_logsumexp(q, k, cu, cu_k))
     assert cache.pages[0][:2] == cache.pages[2][:2] and cache.pages[0][2] != cache.pages[2][2], \
         "the fork should share the two full pages and copy the third"
-    used = {p for s in range(3) for p in cache.pages[s]}
     cache.free(0), cache.free(1)
     assert sorted(cache.free_pages) == sorted(set(range(12)) - set(cache.pages[2]))
-    assert used >= set(cache.pages[2])
+    assert [cache.refs[p] for p in cache.pages[2]] == [1] * len(cache.pages[2])
 
 
 def test_the_pool_refuses_what_it_cannot_hold():
