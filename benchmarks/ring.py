@@ -428,8 +428,10 @@ def main(argv=None):
         p.error(f"--kv-heads {kv_heads} must divide --heads {heads} (grouped-query attention)")
     T = args.seqlen or (32 if args.train else 64)
     world = int(os.environ.get("WORLD_SIZE", args.world))
-    if T < 2 * world:
-        p.error(f"-T {T} is too short for {world} ranks: the zigzag layout needs at least 2 rows a rank")
+    least = world * (2 if args.layout == "zigzag" else 1)
+    if T < least:
+        p.error(f"-T {T} is too short for {world} ranks: the {args.layout} layout needs at least "
+                f"{least // world} row{'s' if least > world else ''} a rank")
     out = args.out or os.path.join("runs", "ring-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     command = shlex.join(["python", "-m", "benchmarks.ring", *argv])
     if args.train:

@@ -29,9 +29,13 @@ the sequence into 2W chunks and gives rank r chunks r and 2W-1-r, so under a cau
 rank does the same work (with contiguous slices the last rank does W times the first's). A
 piece of a step is then seen whole (no mask), not at all (skipped, no kernel call) or in part
 (the kernel's window placed by the two segments' positions, `_piece`). Lengths need not divide
-by W or 2W: the first chunks are one row longer. Windows: a step no query of any rank can reach
-is not run at all, compute or messages (use "contiguous" with a window: it is balanced already,
-and only the ranks within the window's reach exchange blocks). Packed batches
+by W or 2W: the first chunks are one row longer. Windows: ring steps past the last one any
+rank's queries can reach are not run at all, compute or messages (use "contiguous" with a
+causal or left-only window: it is balanced already, and only the ranks within the window's
+reach exchange blocks). Blocks travel one way, to rank r+1, so a window that looks ahead
+(right > 0) needs the next rank's block, which arrives only at the last step: its blocks go all
+the way round, the steps between carrying messages with nothing to compute (correct, not cheap;
+a second ring the other way would fix it). Packed batches
 (`ring_attention_varlen`): each sequence is split across the ranks on its own, a rank's rows are
 its share of every sequence, and pieces pair rows of one sequence only; the same code runs them
 as a batch of one.
@@ -43,6 +47,7 @@ never calls) ends with the process group's timeout. Deterministic for a fixed wo
 sum runs in a fixed order. Not a torch op: torch.compile breaks the graph around it.
 """
 
+import functools
 import math
 import time
 
@@ -235,18 +240,31 @@ def _merge(pieces):
 
 def _pieces(q_segments, k_segments, left, right):
     """The kernel calls of one (query shard, K/V block) pair: (q0, q1, k0, k1, left, right) each,
-    local rows and the kernel's window; empty when no query sees any key."""
-    pieces = []
-    q_row = 0
+    local rows and the kernel's window; empty when no query sees any key. Only segments of one
+    sequence can pair, and only their pieces can join: a packed batch of n sequences costs O(n)."""
+    k_rows, row = {}, 0
+    for kseg in k_segments:  # each sequence's key segments, with their first local row
+        k_rows.setdefault(kseg[0], []).append((kseg, row))
+        row += kseg[2] - kseg[1]
+    by_sequence, q_row = {}, 0
     for qseg in q_segments:
-        k_row = 0
-        for kseg in k_segments:
+        for kseg, k_row in k_rows.get(qseg[0], ()):
             piece = _piece(qseg, kseg, q_row, k_row, left, right)
             if piece is not None:
-                pieces.append(piece)
-            k_row += kseg[2] - kseg[1]
+                by_sequence.setdefault(qseg[0], []).append(piece)
         q_row += qseg[2] - qseg[1]
-    return _merge(pieces)
+    return sorted(p for pieces in by_sequence.values() for p in _merge(pieces))
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(lengths, world, layout, left, right):
+    """Every rank's segments and rows, how many ring steps run, and every (rank, step)'s pieces:
+    a pure function of the call's shape, computed once per shape (a model calls it per layer)."""
+    segments = [_segments(list(lengths), world, r, layout) for r in range(world)]
+    rows = [sum(z - a for _, a, z in segs) for segs in segments]
+    plans = [[_pieces(segments[r], segments[(r - s) % world], left, right) for s in range(world)] for r in range(world)]
+    steps = 1 + max(s for r in range(world) for s in range(world) if s == 0 or plans[r][s])
+    return segments, rows, steps, plans
 
 
 class Ring:
@@ -257,11 +275,8 @@ class Ring:
     def __init__(self, group, rank, world, lengths, layout, left, right):
         """lengths: the sequences' lengths, [T] for one (B, H, T, D) batch, more for a packed one."""
         self.group, self.rank, self.world = group, rank, world
-        self.segments = [_segments(lengths, world, r, layout) for r in range(world)]
-        self.lengths = [sum(z - a for _, a, z in segs) for segs in self.segments]
-        plan = lambda r, s: _pieces(self.segments[r], self.segments[(r - s) % world], left, right)
-        self.steps = 1 + max(s for r in range(world) for s in range(world) if s == 0 or plan(r, s))
-        self.plan = [plan(rank, s) for s in range(self.steps)]
+        self.segments, self.lengths, self.steps, plans = _plan(tuple(lengths), world, layout, left, right)
+        self.plan = plans[rank][:self.steps]
 
     def source(self, step):
         """The rank whose block this rank holds at `step`."""
@@ -454,6 +469,10 @@ def _agree(q, k, v, scale, causal, window, layout, group, cu_seqlens=None):
         lengths = None
         if cu_seqlens is not None:
             q, k, v, lengths = _check_packed(q, k, v, cu_seqlens)
+            if q.shape[2] == 0:
+                raise ValueError(f"this rank holds no rows: {layout!r} splits each sequence (lengths "
+                                 f"{lengths[:8]}{' ...' if len(lengths) > 8 else ''}) over {world} ranks, and none "
+                                 "is long enough to give it one; every rank must hold a row")
         q, k, v, scale = check_inputs(q, k, v, scale)
         check_causal(causal)
         left, right = window_bounds(window, causal)
@@ -464,7 +483,8 @@ def _agree(q, k, v, scale, causal, window, layout, group, cu_seqlens=None):
         B, Hq, T, D = q.shape
         meta = dict(T_local=T, B=B, Hq=Hq, Hkv=k.shape[1], D=D, dtype=str(q.dtype).replace("torch.", ""),
                     device=q.device.type, scale=scale, causal=causal, window=(left, right), layout=layout,
-                    sequences=lengths)
+                    sequences=lengths,  # a backward runs the ring again: all ranks or none
+                    gradients=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
     except (TypeError, ValueError) as e:
         problem = (type(e).__name__, str(e))
     gathered = [None] * world

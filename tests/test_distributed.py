@@ -207,17 +207,21 @@ def _errors(rank, world):
                   x.bfloat16() if rank == 0 else x, {}),
         "rows": (x[:, :, :2] if rank == 1 else x, x[:, :, :2] if rank == 1 else x, x[:, :, :2] if rank == 1 else x, {}),
         "layout": (x, x, x, dict(layout="zigzag" if rank == 0 else "contiguous")),
+        "gradients": (x.clone().requires_grad_(rank == 1), x, x, {}),    # a backward on one rank only would hang
     }
     packed = torch.randn(5, 2, 16)                                         # 5 rows of sequences of 6 and 4 each
     cu = torch.tensor([0, 6, 10], dtype=torch.int32)
     bad_packed = {
         "cu_seqlens dtype": (cu.long() if rank == 1 else cu),
         "sequences": (torch.tensor([0, 5, 10], dtype=torch.int32) if rank == 1 else cu),
+        "no rows": torch.tensor([0, 1, 2], dtype=torch.int32),            # sequences of 1: rank 1 holds nothing
     }
     said = {}
     calls = [(case, lambda q=q, k=k, v=v, kw=kwargs: ring_attention(q, k, v, **kw))
              for case, (q, k, v, kwargs) in bad.items()]
-    calls += [(case, lambda c=c: ring_attention_varlen(packed, packed, packed, c)) for case, c in bad_packed.items()]
+    rows = lambda c: packed[:sum(z - a for a, z in shard_segments(int(c[-1]), world, rank, cu_seqlens=c))]  # its share
+    calls += [(case, lambda c=c: ring_attention_varlen(*(rows(c),) * 3, c) if case == "no rows" else
+               ring_attention_varlen(packed, packed, packed, c)) for case, c in bad_packed.items()]
     for case, call in calls:
         try:
             call()
@@ -302,7 +306,11 @@ def test_ring_attention_on_2_ranks():
                 "layout": "ValueError: ring_attention: every rank must pass the same layout",
                 "cu_seqlens dtype": "ValueError: ring_attention: rank 1 of 2: cu_seqlens must be a 1-D int32 tensor",
                 "sequences": "ValueError: ring_attention: every rank must pass the same sequences, got rank 0: [6, 4], "
-                             "rank 1: [5, 5]"}
+                             "rank 1: [5, 5]",
+                "gradients": "ValueError: ring_attention: every rank must pass the same gradients, got rank 0: False, "
+                             "rank 1: True",
+                "no rows": "ValueError: ring_attention: rank 1 of 2: this rank holds no rows: 'zigzag' splits each "
+                           "sequence (lengths [1, 1]) over 2 ranks"}
     for case, start in expected.items():
         said = [r["errors"][case] for r in results]
         assert said[0] == said[1], f"{case}: the ranks raised different errors: {said}"
