@@ -173,6 +173,20 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     return q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), scale
 
 
+def check_int32(name, t, shape, device, what=None, want=None):
+    """An index tensor (offsets, lengths, a block table): int32, of `shape` (None: any size in
+    that dimension), on q's device. `what` says what it holds; `want` replaces the shape as shown."""
+    note = f" ({what})" if what else ""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int32{note}, got {type(t).__name__}")
+    if t.dtype != torch.int32 or t.dim() != len(shape) or any(s is not None and n != s for n, s in zip(t.shape, shape)):
+        want = want or "(" + ", ".join("any" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+        raise ValueError(f"{name} must be an int32 tensor of shape {want}{note}, got {_dtype_name(t.dtype)} "
+                         f"of shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on q's device {device}, got {t.device}")
+
+
 def _is_int(x):
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import INTERPRET, autocast_inputs, check_inputs, check_mods, window_bounds
+from .checks import INTERPRET, autocast_inputs, check_inputs, check_int32, check_mods, window_bounds
 from .common import LOG2E, dot, meta, on_device, pow2, score_mods, strides, wrap_triton
 from .flash import Mods
 
@@ -290,13 +290,7 @@ def default_num_splits(B, Hkv, row_blocks, keys, device):
 
 
 def _check_seqlens(cache_seqlens, B, Tmax, device, read_values):
-    if not isinstance(cache_seqlens, torch.Tensor):
-        raise TypeError(f"cache_seqlens must be a torch.Tensor of int32, got {type(cache_seqlens).__name__}")
-    if cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (B,):
-        raise ValueError(f"cache_seqlens must be an int32 tensor of shape (B,) = ({B},), got "
-                         f"{str(cache_seqlens.dtype).replace('torch.', '')} of shape {tuple(cache_seqlens.shape)}")
-    if cache_seqlens.device != device:
-        raise ValueError(f"cache_seqlens must be on q's device {device}, got {cache_seqlens.device}")
+    check_int32("cache_seqlens", cache_seqlens, (B,), device, want=f"(B,) = ({B},)")
     if not read_values:
         return
     lengths = cache_seqlens.tolist()  # one host read: a length past Tmax would read outside the cache

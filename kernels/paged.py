@@ -39,23 +39,12 @@ with the most a replay will bring, total_q at worst).
 import torch
 import triton
 
-from .checks import SUPPORTED_DTYPES, _dtype_name, _is_int, check_inputs, check_mods, window_bounds
+from .checks import SUPPORTED_DTYPES, _dtype_name, _is_int, check_inputs, check_int32, check_mods, window_bounds
 from .decode import _append_kv, check_num_splits, refuse_gradients, split_kv
 from .common import on_device, pow2, wrap_triton
 from .flash import Mods
 
 APPEND_BLOCK = 16  # new tokens per program of the append kernel
-
-
-def _check_int32(name, t, shape, device, what):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of int32 ({what}), got {type(t).__name__}")
-    if t.dtype != torch.int32 or t.dim() != len(shape) or any(s is not None and n != s for n, s in zip(t.shape, shape)):
-        want = "(" + ", ".join("any" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
-        raise ValueError(f"{name} must be an int32 tensor of shape {want} ({what}), got {_dtype_name(t.dtype)} "
-                         f"of shape {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} must be on q's device {device}, got {t.device}")
 
 
 def check_paged_inputs(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, max_seqlen_q, k_new, v_new,
@@ -99,12 +88,12 @@ def check_paged_inputs(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqle
             if t.dtype != k_cache.dtype or t.device != k_cache.device:
                 raise ValueError(f"{name} must have the cache's dtype {_dtype_name(k_cache.dtype)} and device "
                                  f"{k_cache.device}, got {_dtype_name(t.dtype)} on {t.device}")
-    _check_int32("cu_seqlens_q", cu_seqlens_q, (None,), q.device, "B + 1 offsets of the new tokens")
+    check_int32("cu_seqlens_q", cu_seqlens_q, (None,), q.device, "B + 1 offsets of the new tokens")
     B = cu_seqlens_q.shape[0] - 1
     if B < 1:
         raise ValueError(f"cu_seqlens_q must hold B + 1 >= 2 offsets, got shape {tuple(cu_seqlens_q.shape)}")
-    _check_int32("block_table", block_table, (B, None), q.device, "sequence b's pages, B = len(cu_seqlens_q) - 1")
-    _check_int32("cache_seqlens", cache_seqlens, (B,), q.device, "each sequence's keys in the cache")
+    check_int32("block_table", block_table, (B, None), q.device, "sequence b's pages, B = len(cu_seqlens_q) - 1")
+    check_int32("cache_seqlens", cache_seqlens, (B,), q.device, "each sequence's keys in the cache")
     if block_table.shape[1] < 1:
         raise ValueError(f"block_table must name at least one page per sequence, got shape {tuple(block_table.shape)}")
     if not _is_int(max_seqlen_q) or not 1 <= max_seqlen_q <= total_q:
