@@ -3,14 +3,16 @@ The "Let's build GPT" lecture's own model (gpt.py in karpathy/ng-video-lecture),
 written and again after `swap_attention(model)` puts its attention on the kernels, from the same
 initial weights and the same batches, with the lecture's dropout on: the loss curves side by side.
 
-    python -m benchmarks.tinygpt --model lecture                  # dropout 0.2, the seed preset's sizes
+    python -m benchmarks.tinygpt --model lecture                  # dropout 0.2, the preset's sizes
     python -m benchmarks.tinygpt --model lecture --dropout 0 --impl flash   # the curves must agree
 
 The lecture's hyperparameters scaled to the seed preset: B = 4 sequences of T = 8 characters,
 C = 16 channels in 4 heads of 4, 2 blocks, dropout 0.2, AdamW at lr 1e-3, 200 steps (30 on the
 CPU, where Triton's interpreter draws the dropout decisions in numpy: about 3 s a step with a
 kernel, 4 minutes for the default runs) (the lecture: B 64, T 256, C 384, 6 heads, 6 layers,
-dropout 0.2, lr 3e-4). `Head`, `MultiHeadAttention`,
+dropout 0.2, lr 3e-4). On a GPU the default is tinygpt's gpu preset: B, T, C, steps and lr
+as there, bf16 under the same autocast (--dtype fp32 to turn it off), and its tolerance
+with it; heads and layers stay 4 and 2 unless given. `Head`, `MultiHeadAttention`,
 `FeedForward`, `Block` and `GPTLanguageModel` are the lecture's code with its globals as
 arguments. "lecture" is the model as written (its attention eager PyTorch, its dropout
 nn.Dropout on the weights); each impl is the same model after `swap_attention(model, impl)`: all
@@ -39,8 +41,7 @@ from .impls import DEVICE  # first: sets up the interpreter on a CPU  # noqa: F4
 
 from attention_kernels.kernels import swap_attention  # noqa: E402
 from .sweep import environment, run_log  # noqa: E402
-
-FINAL_STEPS = 10
+from .tinygpt import FINAL_STEPS, autocast, batch_offsets, encode, get_batch, load_text, max_deviation  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- the lecture's model
@@ -150,23 +151,23 @@ class GPTLanguageModel(nn.Module):
 # ----------------------------------------------------------------------------- the run
 
 
-def train(model, data, offsets, T, lr, seed):
-    """Train from the model's weights on the batches `offsets` (steps, B); the dropout draws
-    seeded by `seed` (nn.Dropout's and the kernels' both come from torch's generator)."""
-    from .tinygpt import get_batch
-
+def train(model, data, offsets, T, lr, seed, dtype="fp32"):
+    """Train from the model's weights on the batches `offsets` (steps, B), under tinygpt's
+    autocast for `dtype`; the dropout draws seeded by `seed` (nn.Dropout's and the kernels' both
+    come from torch's generator)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     torch.manual_seed(seed)
     losses = []
     model.train()
     for row in offsets:
         x, y = get_batch(data, row, T)
-        _, loss = model(x, y)
+        with autocast(dtype):
+            _, loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
-    return losses
+        losses.append(loss.detach())  # read at the end: .item() here would sync the GPU every step
+    return torch.stack(losses).tolist()
 
 
 def plot(path, curves):
@@ -189,8 +190,6 @@ def plot(path, curves):
 def run(args, cfg, tolerance):
     """`python -m benchmarks.tinygpt --model lecture`: args from tinygpt's parser, cfg its preset
     (B, T, steps, lr; the lecture's own layout: 4 heads, 2 blocks at the seed preset's C)."""
-    from .tinygpt import batch_offsets, encode, load_text
-
     impls = [i for i in dict.fromkeys(args.impl) if i != "reference"]
     if args.steps is None and DEVICE == "cpu":  # the interpreter draws each dropout decision in numpy: ~3 s a step
         cfg = replace(cfg, steps=30)
@@ -207,7 +206,8 @@ def run(args, cfg, tolerance):
     say(f"the lecture's GPT on {env['device']}: torch {env['torch']}, triton {env['triton']}, commit {env['commit']}")
     say("python -m benchmarks.tinygpt " + " ".join(sys.argv[1:] if args.argv is None else args.argv))
     say(f"B={cfg.B} T={cfg.T} C={cfg.C} heads={heads} (head size {cfg.C // heads}) layers={layers} "
-        f"dropout={args.dropout} steps={cfg.steps} lr={cfg.lr} seed={args.seed}")
+        f"dropout={args.dropout} steps={cfg.steps} lr={cfg.lr} {cfg.dtype}"
+        f"{' (autocast)' if cfg.dtype == 'bf16' else ''} seed={args.seed}")
 
     torch.manual_seed(args.seed)
     make = lambda: GPTLanguageModel(len(alphabet), cfg.C, heads, layers, cfg.T, args.dropout).to(DEVICE)
@@ -220,7 +220,7 @@ def run(args, cfg, tolerance):
             swapped = swap_attention(model, impl=name)
             assert len(swapped) == layers, swapped
         start = time.perf_counter()
-        curves[name] = train(model, data, offsets, cfg.T, cfg.lr, args.seed)
+        curves[name] = train(model, data, offsets, cfg.T, cfg.lr, args.seed, cfg.dtype)
         say(f"{name}: loss {curves[name][0]:.4f} -> {curves[name][-1]:.4f} in {time.perf_counter() - start:.1f} s"
             + ("" if name == "lecture" else f" (swap_attention replaced {', '.join(swapped)})"))
 
@@ -233,7 +233,7 @@ def run(args, cfg, tolerance):
     say(f"{'run':10}{'final loss':>11}{'vs lecture':>12}{'max |dloss|':>13}")
     failed = []
     for name, losses in curves.items():
-        dmax = max(abs(a - b) for a, b in zip(losses, curves["lecture"]))
+        dmax = max_deviation(losses, curves["lecture"])
         say(f"{name:10}{final[name]:11.4f}{final[name] - final['lecture']:+12.4f}{dmax:13.2e}")
         if args.dropout == 0 and dmax > tolerance:
             failed.append(name)
