@@ -205,17 +205,17 @@ def _loops(ttgir):
     return loads, pipelined
 
 
-def loop_sizes(sass, working=False):
-    """Instructions in each loop body of a SASS listing, in program order: a loop is a branch
-    back to an earlier address (Triton's loops are not nested here, but for dk/dv's over the
-    query heads, which encloses the others). `working`: only loops that copy global memory to
-    shared or multiply (not the paged kernel's bisection for its sequence, nor spin-waits)."""
+def loop_sizes(sass):
+    """Instructions in each working loop body of a SASS listing, in program order: a loop is a
+    branch back to an earlier address (Triton's loops are not nested here, but for dk/dv's over
+    the query heads, which encloses the others); working, it copies global memory to shared or
+    multiplies (not the paged kernel's bisection for its sequence, nor spin-waits)."""
     sizes = []
     for addr, target in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+(?:`\()?0x([0-9a-f]+)", sass):
         addr, target = int(addr, 16), int(target, 16)
         if target < addr:
             body = sass[sass.find(f"/*{target:04x}*/"):sass.find(f"/*{addr:04x}*/")]
-            if not working or re.search(r"\b(LDGSTS|UTMALDG|HMMA|HGMMA|FFMA)\b", body):
+            if re.search(r"\b(LDGSTS|UTMALDG|HMMA|HGMMA|FFMA)\b", body):
                 sizes.append((addr - target) // 16 + 1)
     return sizes
 
@@ -247,7 +247,7 @@ def inspect(compiled):
     loads = ", ".join(f"{op} {count(op)}" for op in ("UTMALDG", "LDGSTS", "LDG") if count(op))
     loading, pipelined = _loops(compiled.asm["ttgir"])
     instructions = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, re.M))
-    loops = [n for n in loop_sizes(sass, working=True) if n > 8]  # not spin-waits on a barrier
+    loops = [n for n in loop_sizes(sass) if n > 8]  # not spin-waits on a barrier
     return Binary(compiled.metadata.shared, int(regs), int(stack), mma, loads or "none", f"{pipelined}/{loading}",
                   instructions, min(loops) if loops else 0, loading > 0 and pipelined == loading)
 

@@ -57,9 +57,9 @@ import torch.nn.functional as F  # noqa: E402
 from attention_kernels.kernels.distributed import (_agree, ring_attention, ring_backward, ring_forward,  # noqa: E402
                                                    shard_positions, shard_segments, shard_sequence)
 from attention_kernels.kernels.module import CausalSelfAttention  # noqa: E402
-from .sweep import environment, positive, run_log  # noqa: E402
+from .measure import QUANTILES  # noqa: E402
+from .sweep import DTYPES, environment, positive, run_log  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CSV_FIELDS = ["mode", "backend", "world", "rank", "step", "layout", "causal", "window_left", "B", "H", "Hkv", "T", "D",
               "dtype", "pieces", "bytes", "ms_p20", "ms_p50", "ms_p80", "wait_ms_p50", "device", "torch", "triton",
               "commit", "timestamp"]
@@ -171,7 +171,7 @@ def _device():
 
 def _quantiles(times):
     t = torch.tensor(times, dtype=torch.float64)
-    return [x * 1e3 for x in t.quantile(torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)).tolist()]
+    return [x * 1e3 for x in t.quantile(torch.tensor(QUANTILES, dtype=torch.float64)).tolist()]
 
 
 def _now(device):
@@ -327,10 +327,7 @@ def sharded_loss(model, idx, targets, positions, tokens):
     """TinyGPT's forward on this rank's rows: idx, targets (B, T_local) at global `positions`;
     the cross-entropy summed over them, divided by the whole batch's `tokens`, so that the
     ranks' losses (and gradients) add up to the one-process mean."""
-    x = model.wte(idx) + model.wpe(positions)                              # (B, T_local, C)
-    for block in model.h:
-        x = block(x)                                                       # (B, T_local, C)
-    logits = model.lm_head(model.ln_f(x))                                  # (B, T_local, vocab)
+    logits, _ = model(idx, positions=positions)                           # (B, T_local, vocab)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum") / tokens
 
 
@@ -379,7 +376,7 @@ def train_rank(rank, world, cfg, seed, out_dir, command):
     ring_s = time.perf_counter() - start
     if rank != 0:
         return None
-    from .tinygpt import TOLERANCE
+    from .tinygpt import TOLERANCE, max_deviation
     single = train_single(cfg, seed)
     say = run_log(out_dir)
     say(f"command: {command}")
@@ -389,7 +386,7 @@ def train_rank(rank, world, cfg, seed, out_dir, command):
     say(f"{'step':>5}{'ring':>12}{'flash':>12}{'reference':>12}{'|ring - flash|':>16}{'|ring - ref|':>14}")
     for i, (a, b, c) in enumerate(zip(losses, single["flash"], single["reference"])):
         say(f"{i:>5}{a:>12.6f}{b:>12.6f}{c:>12.6f}{abs(a - b):>16.2e}{abs(a - c):>14.2e}")
-    worst = {impl: max(abs(a - b) for a, b in zip(losses, single[impl])) for impl in single}
+    worst = {impl: max_deviation(losses, single[impl]) for impl in single}
     ok = worst["reference"] <= TOLERANCE["fp32"]
     say(f"max |ring - flash| {worst['flash']:.2e}, max |ring - reference| {worst['reference']:.2e} nats over "
         f"{cfg.steps} steps: {'within' if ok else 'OUTSIDE'} tinygpt's fp32 tolerance {TOLERANCE['fp32']:g}")

@@ -183,21 +183,23 @@ class PagedStep:
         self.positions = torch.cat([torch.arange(cache.lengths[s], cache.lengths[s] + n, device=device)
                                     for s, n in zip(seqs, counts)])       # (total_q,) each token's position
         self.last = (self.cu[1:] - 1).long()                               # (B,) each sequence's last token
+        self.index = torch.tensor(seqs, device=device)                     # (B,) the sequence slots
+        self.new = torch.tensor(counts, dtype=torch.int32, device=device)  # (B,) their new tokens
 
     def layers(self, n):
         return [PagedLayer(self, i) for i in range(n)]
 
     def attend(self, layer, q, k, v, impl):
-        cache, index = self.cache, torch.tensor(self.seqs, device=q.device)
+        cache, index = self.cache, self.index
         if impl != "reference":
             return cache.attend(layer, q, k, v, self.seqs, self.cu, max(self.counts))
         page_size = cache.page_size
         pos = self.positions                                               # (total_q,)
-        seq = torch.repeat_interleave(index, torch.tensor(self.counts, device=q.device))  # (total_q,)
+        seq = torch.repeat_interleave(index, self.new)                     # (total_q,)
         page = cache.block_table[seq, pos // page_size].long()
         cache.k[layer][page, pos % page_size] = k                          # the new tokens into their slots
         cache.v[layer][page, pos % page_size] = v
-        lengths = cache.seqlens[index] + torch.tensor(self.counts, dtype=torch.int32, device=q.device)
+        lengths = cache.seqlens[index] + self.new
         return reference.paged_attention(q, cache.k[layer], cache.v[layer], cache.block_table[index], lengths, self.cu)
 
     def done(self):
@@ -279,13 +281,12 @@ class TinyGPT(nn.Module):
                 std = 0.02 / math.sqrt(2 * cfg.layers) if name.endswith("c_proj.weight") else 0.02
                 nn.init.normal_(p, mean=0.0, std=std)
 
-    def forward(self, idx, targets=None, caches=None):
+    def forward(self, idx, targets=None, caches=None, positions=None):
         """idx (B, T) character ids; with `caches` (one KVCache per block) the T characters after
-        those cached, at the positions after theirs. Positions stop at the block size self.T."""
+        those cached, at the positions after theirs. Positions stop at the block size self.T.
+        `positions` (T,) overrides them: packed sequences' own (PagedStep), a shard's (benchmarks.ring)."""
         B, T = idx.shape                                                   # (B, T) character ids
-        if caches and isinstance(caches[0], PagedLayer):                   # packed sequences: their own positions
-            positions = caches[0].step.positions                           # (T,)
-        else:
+        if positions is None:
             start = caches[0].length if caches else 0
             positions = torch.arange(start, start + T, device=idx.device)  # (T,)
         x = self.wte(idx) + self.wpe(positions)                            # (B, T, C)
@@ -455,7 +456,7 @@ def generate_paged(model, prompts, max_new_tokens, chunk=2, page_size=4):
         mixed += len({read[i] < len(prompts[i]) for i in live}) == 2
         step = PagedStep(cache, live, [len(f) for f in feed], device)
         idx = torch.tensor([sum(feed, [])], device=device)             # (1, total_q)
-        logits, _ = model(idx, caches=step.layers(len(model.h)))      # (1, total_q, vocab)
+        logits, _ = model(idx, caches=step.layers(len(model.h)), positions=step.positions)  # (1, total_q, vocab)
         step.done()
         for j, i in enumerate(live):
             read[i] += len(feed[j])

@@ -150,8 +150,8 @@ def _decode_split(
         n_ok = offs_n < stop
         kv_mask = n_ok[:, None] & d_ok[None, :]
         if PAGED and PAGE_SIZE % BLOCK_N == 0:  # tiles start at multiples of BLOCK_N: each lies in one page
-            first_dim, slot = _cache_slots(PAGES, b, n0 + 0 * L, True, stride_pb, num_pages, PAGE_SIZE, PAGED)  # (a tensor
-            # under the interpreter too, whose range() gives ints)
+            # n0 + 0 * L: a tensor under the interpreter too, whose range() gives ints
+            first_dim, slot = _cache_slots(PAGES, b, n0 + 0 * L, True, stride_pb, num_pages, PAGE_SIZE, PAGED)
             slot = slot + tl.arange(0, BLOCK_N)                                   # [BLOCK_N], one table read
         else:
             first_dim, slot = _cache_slots(PAGES, b, offs_n, n_ok, stride_pb, num_pages, PAGE_SIZE, PAGED)  # [BLOCK_N]

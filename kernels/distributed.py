@@ -54,7 +54,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .checks import autocast_inputs, check_causal, check_inputs, window_bounds
+from .checks import _dtype_name, autocast_inputs, check_causal, check_inputs, window_bounds
 from .flash import LN2
 
 LAYOUTS = ("zigzag", "contiguous")
@@ -481,7 +481,7 @@ def _agree(q, k, v, scale, causal, window, layout, group, cu_seqlens=None):
             raise ValueError(f"q and k must hold the same rows of one sequence (self-attention, sharded), got "
                              f"q T_local={q.shape[2]}, k T_local={k.shape[2]}")
         B, Hq, T, D = q.shape
-        meta = dict(T_local=T, B=B, Hq=Hq, Hkv=k.shape[1], D=D, dtype=str(q.dtype).replace("torch.", ""),
+        meta = dict(T_local=T, B=B, Hq=Hq, Hkv=k.shape[1], D=D, dtype=_dtype_name(q.dtype),
                     device=q.device.type, scale=scale, causal=causal, window=(left, right), layout=layout,
                     sequences=lengths,  # a backward runs the ring again: all ranks or none
                     gradients=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
