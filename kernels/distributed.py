@@ -398,16 +398,20 @@ def ring_backward(do, dlse, q, k, v, out, res, lse, ring, scale, on_step=None):
 
 class _Clock:
     """Times a step's compute and its wait for messages, for benchmarks.ring; reads no clock when
-    nobody listens. On a GPU it synchronizes first, so the times are the work's, not the launches'."""
+    nobody listens. On a GPU it synchronizes the compute stream first, so the times are the work's,
+    not the launches'; only that stream, not the device: NCCL moves the step's messages on a stream
+    of its own, which a device-wide synchronize would wait for inside "compute", leaving the wait 0.
+    After `_wait`, the compute stream waits on NCCL's, so the second read includes the transfer."""
 
     def __init__(self, on_step, q):
         self.on_step, self.cuda = on_step, q.is_cuda
         if on_step:
+            self.stream = torch.cuda.current_stream(q.device) if self.cuda else None
             self.start = self._now()
 
     def _now(self):
         if self.cuda:
-            torch.cuda.synchronize()
+            self.stream.synchronize()
         return time.perf_counter()
 
     def computed(self):
