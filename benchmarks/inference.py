@@ -221,7 +221,7 @@ def paged_groups(p, dtype, D, seed):
         cu = torch.arange(shape["B"] + 1, device=DEVICE, dtype=torch.int32)             # one new token each
         rows = [(dict(shape, impl="decode"), lambda x=inputs, s=seqlens:
                  lambda: kernels.decode_attention(*x, s, check_seqlens=False))]
-        rows += [(dict(shape, impl=f"paged-{size}"), lambda size=size, x=inputs, s=seqlens:
+        rows += [(dict(shape, impl=f"paged-{size}"), lambda size=size, x=inputs, s=seqlens, cu=cu:
                   paged_call(*x, s, size, cu)) for size in p["pages"]]
         yield rows + sdpa_rows(shape, inputs)
         rows = inputs = None

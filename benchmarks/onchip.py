@@ -55,7 +55,7 @@ SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on an H100
 ROW_CANDIDATES = [(128, 8), (64, 4), (64, 8), (32, 2), (32, 4), (16, 1), (16, 2), (16, 4)]  # fused --search
 SEARCH_TILES = [(m, n) for m in (16, 32, 64, 128) for n in (32, 64, 128)]
 KERNELS = ["flash-fwd", "flash-dq", "flash-dkdv", "flash-delta", "fused-fwd", "fused-dq", "decode-split",
-           "decode-merge", "paged-split", "paged-append"]
+           "decode-merge", "paged-split", "paged-split-tiles", "paged-append"]
 KERNEL_NAMES = {"_flash_fwd": "flash-fwd", "_flash_bwd_dq": "flash-dq", "_flash_bwd_dkdv": "flash-dkdv",
                 "_fused_fwd": "fused-fwd", "_fused_bwd_dq": "fused-dq", "_decode_split": "decode-split",
                 "_decode_merge": "decode-merge", "_flash_bwd_delta": "flash-delta", "_append_kv": "paged-append"}
@@ -76,7 +76,9 @@ class Launch:
 
     @property
     def name(self):
-        return "paged-split" if self.kwargs.get("PAGED") else KERNEL_NAMES[self.fn.__name__]
+        if self.kwargs.get("PAGED"):  # pages holding whole key tiles take the kernel's other loop
+            return "paged-split-tiles" if self.kwargs["PAGE_SIZE"] % self.kwargs["BLOCK_N"] == 0 else "paged-split"
+        return KERNEL_NAMES[self.fn.__name__]
 
 
 @contextlib.contextmanager
@@ -154,11 +156,13 @@ def launches_of(call):
             fused._run_backward(fq, fk, fk, lse[:, :, :row], torch.empty_like(fq), None, call.causal, scale, mods)
             if not call.dropout:  # decoding is inference: no dropout
                 decode._run_decode(q[:, :, :1], k, v, torch.full((B,), T, dtype=torch.int32), scale, 4, -1, mods)
-        if call.varlen and not call.dropout:  # serving: a paged cache, pages of 16, appending the new tokens
-            page = 16
-            pool = torch.empty(B * T // page + 1, page, call.Hkv, D, dtype=call.dtype)
-            table = torch.zeros(2, B * T // page + 1, dtype=torch.int32)
-            paged._run_paged(q, pool, pool, table, cu[1:], cu, B * T * 3 // 4, k, k, scale, 4, left, mods)
+        if call.varlen and not call.dropout:  # serving: a paged cache, appending the new tokens
+            # pages of 16: each key's row found through the table; of 256: whole key tiles in a page
+            # (the append and merge again the same, which jobs_for builds once by name)
+            for page in (16, 256):
+                pool = torch.empty(B * T // page + 1, page, call.Hkv, D, dtype=call.dtype)
+                table = torch.zeros(2, B * T // page + 1, dtype=torch.int32)
+                paged._run_paged(q, pool, pool, table, cu[1:], cu, B * T * 3 // 4, k, k, scale, 4, left, mods)
     return launches
 
 
@@ -350,18 +354,18 @@ def main(argv=None):
              for d in args.dtype for D in args.head_dims]
     over = False
     if not args.json:
-        print(f"{'kernel':12} {'dtype':8} {'D':>4} {'mask':6} {'tile':15} {'variant':11} {'shared':>7} "
+        print(f"{'kernel':17} {'dtype':8} {'D':>4} {'mask':6} {'tile':15} {'variant':11} {'shared':>7} "
               f"{'regs':>4} {'spill':>5} {'mma':5} {'loops':5} {'instr':>6} {'main':>5}  loads", flush=True)
     for desc, binary in run(calls, args.kernel, args.search, args.tma, args.limit, args.jobs):
         over |= binary.get("shared", 0) > SHARED_LIMIT
         if args.json:
             print(json.dumps({**desc, **binary}), flush=True)
         elif "error" in binary:
-            print(f"{desc['kernel']:12} {desc['dtype']:8} {desc['D']:4} {desc['mask']:6} {desc['tile']:15} "
+            print(f"{desc['kernel']:17} {desc['dtype']:8} {desc['D']:4} {desc['mask']:6} {desc['tile']:15} "
                   f"{desc['variant']:11} {binary['error']}", flush=True)
         else:
             flag = "  OVER THE SHARED-MEMORY LIMIT" if binary["shared"] > SHARED_LIMIT else ""
-            print(f"{desc['kernel']:12} {desc['dtype']:8} {desc['D']:4} {desc['mask']:6} {desc['tile']:15} "
+            print(f"{desc['kernel']:17} {desc['dtype']:8} {desc['D']:4} {desc['mask']:6} {desc['tile']:15} "
                   f"{desc['variant']:11} {binary['shared'] // 1024:>5}Ki {binary['registers']:4} "
                   f"{binary['spilled']:5} {binary['mma']:5} {binary['loops']:5} {binary['instructions']:6} "
                   f"{binary['main_loop']:5}  "

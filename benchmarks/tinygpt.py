@@ -98,7 +98,7 @@ import torch.nn.functional as F  # noqa: E402
 from attention_kernels import reference  # noqa: E402
 from .measure import peak_mib  # noqa: E402
 from .sweep import environment, fmt, positive, run_log  # noqa: E402
-from attention_kernels.kernels import PagedKVCache, decode_attention, flash_attention  # noqa: E402
+from attention_kernels.kernels import PagedKVCache, decode_attention, flash_attention, paged_attention  # noqa: E402
 from attention_kernels.kernels.module import MODULE_IMPLS, CausalSelfAttention  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "attention.txt")
@@ -183,24 +183,25 @@ class PagedStep:
         self.positions = torch.cat([torch.arange(cache.lengths[s], cache.lengths[s] + n, device=device)
                                     for s, n in zip(seqs, counts)])       # (total_q,) each token's position
         self.last = (self.cu[1:] - 1).long()                               # (B,) each sequence's last token
-        self.index = torch.tensor(seqs, device=device)                     # (B,) the sequence slots
+        index = torch.tensor(seqs, device=device)                          # (B,) the sequence slots
         self.new = torch.tensor(counts, dtype=torch.int32, device=device)  # (B,) their new tokens
+        # the same in every layer (reserve is done, advance comes after the last): gathered once
+        self.table, self.seqlens = cache.block_table[index], cache.seqlens[index]  # (B, max_pages), (B,)
+        seq = torch.repeat_interleave(torch.arange(len(seqs), device=device), self.new)  # (total_q,) row of table
+        page_size = cache.page_size
+        self.page = self.table[seq, self.positions // page_size].long()   # (total_q,) each new token's page
+        self.slot = self.positions % page_size                             # (total_q,) and slot in it
 
     def layers(self, n):
         return [PagedLayer(self, i) for i in range(n)]
 
     def attend(self, layer, q, k, v, impl):
-        cache, index = self.cache, self.index
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         if impl != "reference":
-            return cache.attend(layer, q, k, v, self.seqs, self.cu, max(self.counts))
-        page_size = cache.page_size
-        pos = self.positions                                               # (total_q,)
-        seq = torch.repeat_interleave(index, self.new)                     # (total_q,)
-        page = cache.block_table[seq, pos // page_size].long()
-        cache.k[layer][page, pos % page_size] = k                          # the new tokens into their slots
-        cache.v[layer][page, pos % page_size] = v
-        lengths = cache.seqlens[index] + self.new
-        return reference.paged_attention(q, cache.k[layer], cache.v[layer], cache.block_table[index], lengths, self.cu)
+            return paged_attention(q, k_cache, v_cache, self.table, self.seqlens, self.cu, max(self.counts), k, v)
+        k_cache[self.page, self.slot] = k                                  # the new tokens into their slots
+        v_cache[self.page, self.slot] = v
+        return reference.paged_attention(q, k_cache, v_cache, self.table, self.seqlens + self.new, self.cu)
 
     def done(self):
         self.cache.advance(self.seqs, self.counts)
