@@ -52,6 +52,11 @@ def time_ms(fn):
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
+    return quantiles(times)
+
+
+def quantiles(times):
+    """(p20, p50, p80) of a list of times, in their unit."""
     return tuple(torch.tensor(times, dtype=torch.float64).quantile(torch.tensor(QUANTILES, dtype=torch.float64)).tolist())
 
 

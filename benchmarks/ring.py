@@ -58,7 +58,7 @@ import torch.nn.functional as F  # noqa: E402
 from attention_kernels.kernels.distributed import (_agree, ring_attention, ring_backward, ring_forward,  # noqa: E402
                                                    shard_positions, shard_segments, shard_sequence)
 from attention_kernels.kernels.module import CausalSelfAttention  # noqa: E402
-from .measure import QUANTILES  # noqa: E402
+from .measure import quantiles  # noqa: E402
 from .sweep import DTYPES, environment, positive, run_log  # noqa: E402
 
 CSV_FIELDS = ["mode", "backend", "world", "rank", "step", "layout", "causal", "window_left", "B", "H", "Hkv", "T", "D",
@@ -171,8 +171,8 @@ def _device():
 
 
 def _quantiles(times):
-    t = torch.tensor(times, dtype=torch.float64)
-    return [x * 1e3 for x in t.quantile(torch.tensor(QUANTILES, dtype=torch.float64)).tolist()]
+    """(p20, p50, p80) milliseconds of times in seconds."""
+    return quantiles([t * 1e3 for t in times])
 
 
 def _now(device):
@@ -310,12 +310,13 @@ class RingSelfAttention(CausalSelfAttention):
         super().__init__(*args, **kwargs)
         self.layout, self.group = layout, group
 
-    def forward(self, x, cache=None):
-        B, T, C = x.shape                                                  # (B, T_local, C)
-        q, k, v = self.c_attn(x).split(C, dim=2)                           # (B, T_local, C) x 3
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T_local, D)
-        y = ring_attention(q, k, v, group=self.group, layout=self.layout)  # (B, H, T_local, D)
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))  # (B, T_local, C)
+    def forward(self, x, cache=None):  # a TinyGPT block passes its cache along
+        if cache is not None:
+            raise ValueError("RingSelfAttention is for training: it has no KV cache for generation")
+        return super().forward(x)
+
+    def attend(self, q, k, v):
+        return ring_attention(q, k, v, group=self.group, layout=self.layout)  # (B, H, T_local, D)
 
 
 def ring_model(model, cfg, layout="zigzag", group=None):
@@ -345,10 +346,11 @@ def train_ring(rank, world, cfg, seed, layout="zigzag"):
     model = tinygpt.TinyGPT(len(alphabet), cfg, "reference")               # the weights tinygpt starts from
     offsets = tinygpt.batch_offsets(len(data), cfg, seed)
     model = ring_model(model, cfg, layout).to(DEVICE)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    optimizer = tinygpt.adamw(model, cfg)
     positions = shard_positions(cfg.T, layout=layout, device=DEVICE)       # (T_local,)
     losses = []
     for i in range(cfg.steps):
+        tinygpt.set_lr(optimizer, cfg, i)
         x, y = tinygpt.get_batch(data, offsets[i], cfg.T)                  # (B, T) each, the whole sequences
         x, y = shard_sequence(x, layout=layout), shard_sequence(y, layout=layout)  # (B, T_local)
         loss = sharded_loss(model, x, y, positions, cfg.B * cfg.T)
@@ -429,10 +431,8 @@ def main(argv=None):
         p.error(f"--kv-heads {kv_heads} must divide --heads {heads} (grouped-query attention)")
     T = args.seqlen or (32 if args.train else 64)
     world = int(os.environ.get("WORLD_SIZE", args.world))
-    least = world * (2 if args.layout == "zigzag" else 1)
-    if T < least:
-        p.error(f"-T {T} is too short for {world} ranks: the {args.layout} layout needs at least "
-                f"{least // world} row{'s' if least > world else ''} a rank")
+    if T < world:  # either layout gives every rank a row from T = W on (zigzag's second chunk may be empty)
+        p.error(f"-T {T} is too short for {world} ranks: each needs at least one row")
     out = args.out or os.path.join("runs", "ring-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     command = shlex.join(["python", "-m", "benchmarks.ring", *argv])
     if args.train:

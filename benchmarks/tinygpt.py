@@ -338,6 +338,17 @@ def synchronize():
         torch.cuda.synchronize()
 
 
+def adamw(model, cfg):
+    """The optimizer every training run here uses (benchmarks.ring's too)."""
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+
+
+def set_lr(optimizer, cfg, i):
+    """Step i's learning rate: cfg.lr after a linear warm-up of cfg.lr_warmup steps."""
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr * min(1.0, (i + 1) / (cfg.lr_warmup + 1))
+
+
 def train(impl, cfg, vocab_size, init, data, offsets, progress=None):
     """Train a TinyGPT running `impl` from the weights `init` on the batches `offsets`. Returns
     (model, losses per step, training tokens/s after the warm-up, peak MiB of one step).
@@ -345,12 +356,11 @@ def train(impl, cfg, vocab_size, init, data, offsets, progress=None):
     every = max(1, cfg.steps // PROGRESS_LINES)
     model = TinyGPT(vocab_size, cfg, impl).to(DEVICE)
     model.load_state_dict(init)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    optimizer = adamw(model, cfg)
     losses = []
 
     def step(i):
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (i + 1) / (cfg.lr_warmup + 1))
+        set_lr(optimizer, cfg, i)
         x, y = get_batch(data, offsets[i], cfg.T)    # (B, T) each
         with autocast(cfg.dtype):
             _, loss = model(x, y)

@@ -80,9 +80,15 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)       # (B, H, T, D), a strided view
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)    # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)    # (B, Hkv, T, D)
-        y = _attend(self, q, k, v, self.attn_pdrop)                         # (B, H, T, D)
+        y = self.attend(q, k, v)                                           # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)                             # (B, T, C): heads side by side
         return self.resid_dropout(self.c_proj(y))
+
+    def attend(self, q, k, v):
+        """The attention step alone, q (B, H, T, D), k and v (B, Hkv, T, D) -> (B, H, T, D): what a
+        subclass replaces to attend otherwise with the same projections (benchmarks.ring: a ring
+        across processes)."""
+        return _attend(self, q, k, v, self.attn_pdrop)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # nanoGPT without torch's SDPA (and older nanoGPT always) keeps its causal mask as a
