@@ -6,8 +6,14 @@ import os
 import pytest
 import torch
 
+from interpret import patch_lang_once_per_launch
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    patch_lang_once_per_launch()
 
 
 if os.environ.get("PYTEST_XDIST_WORKER"):

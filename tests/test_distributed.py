@@ -11,6 +11,7 @@ without processes, against the masks it must reproduce.
 """
 
 import datetime
+import os
 import time
 
 import pytest
@@ -24,7 +25,11 @@ from attention_kernels.kernels.distributed import (Ring, _pieces, _segments, gat
                                                    shard_sequence)
 from benchmarks.ring import Spawned, train_ring, train_single
 from cases import FACTOR, FLOOR, GRAD_FACTOR, RING_CASES, RING_SUBGROUP_CASES, RING_VARLEN_CASES, Shape
+from interpret import patch_lang_once_per_launch
 from rule import assert_close, seed_of
+
+if os.environ.get("TRITON_INTERPRET") == "1":  # the ranks, spawned, import this module but not conftest
+    patch_lang_once_per_launch()
 
 PG_TIMEOUT_S = 60   # what one collective may wait: the backstop, far above any step here
 DEADLINE_S = 300    # a spawn group's whole run, under `pytest -n 2` on 2 loaded cores (~25 s alone)
