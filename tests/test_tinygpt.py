@@ -225,7 +225,9 @@ def test_cli_fails_when_the_cache_drops_the_newest_key(tmp_path, monkeypatch):
 def test_the_lecture_model_without_dropout_trains_as_written_on_the_kernels(tmp_path):
     """--model lecture: the lecture's gpt.py after swap_attention follows the model as written,
     step by step, when there is no dropout to draw differently."""
-    argv = ["--model", "lecture", "--dropout", "0", "--impl", "flash", "--steps", "6", "--out", str(tmp_path)]
+    # two sequences a batch, not the preset's four: the lecture's 4 heads of 4 make each kernel step
+    # cost ~1.4 s under the interpreter at B=4 (and 6 steps is the fewest past the warm-up)
+    argv = ["--model", "lecture", "--dropout", "0", "--impl", "flash", "--steps", "6", "-B", "2", "--out", str(tmp_path)]
     assert tinygpt.main(argv) == 0
     rows = list(csv.DictReader(open(tmp_path / "losses.csv")))
     by_run = {run: [float(r["loss"]) for r in rows if r["run"] == run] for run in ("lecture", "flash")}
