@@ -12,8 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    patch_lang_once_per_launch()
+patch_lang_once_per_launch()
 
 
 if os.environ.get("PYTEST_XDIST_WORKER"):

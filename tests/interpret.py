@@ -2,7 +2,9 @@
 conftest.py installs it in every test process; processes a test starts itself (the ring's ranks)
 install it by importing the module that holds their function (tests/test_distributed.py)."""
 
+import functools
 import inspect
+import os
 import threading
 
 
@@ -14,7 +16,9 @@ def patch_lang_once_per_launch():
     repeat changes nothing: the launch's patch is still in place, and a patched builtin is no
     longer a builtin, so it is skipped. Here a helper's call skips it when the launch already
     patched the language modules the helper sees (Triton 3.6 to 3.9; any other layout is left as
-    it is, and the tests are only slower)."""
+    it is, and the tests are only slower). Nothing without TRITON_INTERPRET=1, or a second time."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
     from triton.runtime import interpreter as interp
     import triton.language as tl
     if getattr(interp, "_patched_once_per_launch", False) or not all(
@@ -23,6 +27,7 @@ def patch_lang_once_per_launch():
     patch_lang, launch = interp._patch_lang, interp.GridExecutor.__call__
     launches = threading.local()  # a stack per thread: the language modules each running launch patched
 
+    @functools.lru_cache(maxsize=None)  # per function, not per call: a module's globals do not change
     def langs(fn):
         return frozenset(id(m) for m in fn.__globals__.values() if inspect.ismodule(m) and m in (tl, tl.core))
 

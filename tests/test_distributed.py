@@ -11,7 +11,6 @@ without processes, against the masks it must reproduce.
 """
 
 import datetime
-import os
 import time
 
 import pytest
@@ -28,8 +27,7 @@ from cases import FACTOR, FLOOR, GRAD_FACTOR, RING_CASES, RING_SUBGROUP_CASES, R
 from interpret import patch_lang_once_per_launch
 from rule import assert_close, seed_of
 
-if os.environ.get("TRITON_INTERPRET") == "1":  # the ranks, spawned, import this module but not conftest
-    patch_lang_once_per_launch()
+patch_lang_once_per_launch()  # the ranks, spawned, import this module but not conftest
 
 PG_TIMEOUT_S = 60   # what one collective may wait: the backstop, far above any step here
 DEADLINE_S = 300    # a spawn group's whole run, under `pytest -n 2` on 2 loaded cores (~25 s alone)
