@@ -1,25 +1,38 @@
 """
 attention-kernels under one import name: `import attention_kernels`.
 
-The repository keeps its three packages at the top, `kernels/`, `reference/` and `benchmarks/`;
-they import as `attention_kernels.kernels`, `attention_kernels.reference` and
-`attention_kernels.benchmarks`, never as top-level `kernels` or `reference`: such generic names
-collide (Hugging Face's hub-kernels library is `kernels` too). Installed, the wheel holds them
-under this folder; in a checkout this package finds them beside itself, so
-`PYTHONPATH=. python -m benchmarks.sweep` and the tests run without installing.
+Three subpackages: `attention_kernels.kernels` (the Triton kernels and the ways into models),
+`attention_kernels.reference` (the naive PyTorch specification) and `attention_kernels.benchmarks`
+(sweeps, profiling, the GPU check, a tiny GPT: `python -m attention_kernels.benchmarks.<name>`). Nothing here takes a
+generic top-level name such as `kernels`, which is Hugging Face's hub-kernels library (transformers
+imports it when it is installed).
 
 The kernels' functions are re-exported here:
 
     from attention_kernels import flash_attention, decode_attention, patch_sdpa
     from attention_kernels import reference               # the naive PyTorch specification
+
+They are imported on first use, not with this package: `triton.jit` reads TRITON_INTERPRET when
+the kernels are defined, so a command that turns Triton's interpreter on for a CPU (the benchmarks
+do) must run before the kernels' modules are imported, and importing one of them imports this
+package first.
 """
 
-import os as _os
+# attention_kernels.kernels.__all__, written out so that it needs no import (tests/test_package.py
+# holds the two equal)
+__all__ = ["attention", "choose_impl", "flash_attention", "flash_attention_varlen", "decode_attention", "dropout_mask",
+           "paged_attention", "PagedKVCache", "fused_attention", "scaled_dot_product_attention", "patch_sdpa",
+           "CausalSelfAttention", "swap_attention", "register_transformers", "ring_attention", "ring_attention_varlen",
+           "shard_sequence", "gather_sequence", "shard_positions"]
 
-_here = _os.path.dirname(_os.path.abspath(__file__))
-_checkout = _os.path.dirname(_here)
-if not _os.path.isdir(_os.path.join(_here, "kernels")) and _os.path.isfile(_os.path.join(_checkout, "kernels", "__init__.py")):
-    __path__.append(_checkout)  # a checkout: kernels/, reference/, benchmarks/ are the folders beside this one
 
-from attention_kernels.kernels import *  # noqa: E402,F401,F403  the public functions
-from attention_kernels.kernels import __all__  # noqa: E402
+def __getattr__(name):
+    if name not in __all__:
+        raise AttributeError(f"module 'attention_kernels' has no attribute {name!r}")
+    from attention_kernels import kernels
+    value = globals()[name] = getattr(kernels, name)
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,5 +1,5 @@
 """Make a bare `pytest` work anywhere: without a CUDA GPU the kernels run under Triton's
-interpreter (which must be on before `kernels` is imported), and `gpu` tests are skipped."""
+interpreter (which must be on before `attention_kernels.kernels` is imported), and `gpu` tests are skipped."""
 
 import os
 

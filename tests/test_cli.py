@@ -9,9 +9,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMANDS = ["benchmarks.demo", "benchmarks.sweep", "benchmarks.plots", "benchmarks.tinygpt", "benchmarks.inference",
-            "benchmarks.profile", "benchmarks.onchip", "benchmarks.ring", "reference.explain",
-            "attention_kernels.kernels.tuning"]
+COMMANDS = ["attention_kernels.benchmarks." + name for name in ("demo", "sweep", "plots", "tinygpt", "inference",
+                                                                  "profile", "onchip", "ring", "gpu_check")] + [
+    "attention_kernels.reference.explain", "attention_kernels.kernels.tuning"]
 MARGIN_S = 5  # what --help may take beyond importing the module (a run of the demo takes a minute)
 
 

@@ -1,5 +1,5 @@
 """What the GPU will run, checked without one: every kernel compiled for sm_90 (H100, H200) the
-way Triton's JIT compiles a real launch (`python -m benchmarks.onchip`), through Triton's own
+way Triton's JIT compiles a real launch (`python -m attention_kernels.benchmarks.onchip`), through Triton's own
 ptxas. The interpreter is lenient (it never lowers to the GPU); these tests are not. A change
 that drops a flash kernel off wgmma, makes it spill registers, stops its loads from being
 pipelined, or needs more shared memory than a block has, fails here."""
@@ -28,11 +28,11 @@ ONCHIP_LIMIT = 227 * 1024
 
 
 def onchip(*args):
-    """Run `python -m benchmarks.onchip --json` with these arguments; its binaries as dicts."""
+    """Run `python -m attention_kernels.benchmarks.onchip --json` with these arguments; its binaries as dicts."""
     pytest.importorskip("triton.backends.nvidia", reason="Triton's CUDA backend is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the default; set to silence Triton 3.9's notice
-    cmd = [sys.executable, "-m", "benchmarks.onchip", "--json", "--jobs", "2", *args]
+    cmd = [sys.executable, "-m", "attention_kernels.benchmarks.onchip", "--json", "--jobs", "2", *args]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, f"{' '.join(cmd)} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     binaries = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
@@ -56,7 +56,7 @@ def show(bad):
 def hopper_binaries():
     """The flash kernels' autotuning candidates for a causal (2, 16, 4096, D) call, bf16, D 64
     and 128: what a GPU's autotuner would time for a long sequence; the forward also with TMA.
-    (fp16 shares bf16's tables and compiles to the same instructions: `python -m benchmarks.onchip
+    (fp16 shares bf16's tables and compiles to the same instructions: `python -m attention_kernels.benchmarks.onchip
     --dtype float16` shows it.)"""
     every = ["--dtype", "bfloat16"]
     binaries = onchip("--kernel", "flash-fwd", "flash-dq", "flash-dkdv", *every, "--head-dims", "64", "128",

@@ -1,6 +1,6 @@
 """The README's main command runs end to end (on small shapes here)."""
 
-from benchmarks import demo
+from attention_kernels.benchmarks import demo
 
 
 def test_demo_prints_every_kernel_shape_and_dtype(monkeypatch, capsys):

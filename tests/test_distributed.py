@@ -22,7 +22,7 @@ from attention_kernels.kernels import flash_attention, flash_attention_varlen
 from attention_kernels.kernels.distributed import (Ring, _pieces, _segments, gather_sequence, ring_attention,
                                                    ring_attention_varlen, shard_positions, shard_segments,
                                                    shard_sequence)
-from benchmarks.ring import Spawned, train_ring, train_single
+from attention_kernels.benchmarks.ring import Spawned, train_ring, train_single
 from cases import FACTOR, FLOOR, GRAD_FACTOR, RING_CASES, RING_SUBGROUP_CASES, RING_VARLEN_CASES, Shape
 from interpret import patch_lang_once_per_launch
 from rule import assert_close, seed_of
@@ -329,7 +329,7 @@ def test_ring_attention_on_4_ranks():
 def test_training_split_over_2_ranks_matches_one_process():
     # The tiny GPT, its sequences split over 2 ranks (zigzag), against the same training in one
     # process: equal losses at every step, within tinygpt's rule
-    from benchmarks.tinygpt import TOLERANCE, Config
+    from attention_kernels.benchmarks.tinygpt import TOLERANCE, Config
     cfg = Config(B=1, T=16, C=16, heads=1, layers=1, steps=6, lr=1e-3)  # 1 program a kernel call: fast
     group = Spawned(train_ring, 2, (cfg, 0), timeout_s=PG_TIMEOUT_S)
     single = train_single(cfg, 0)

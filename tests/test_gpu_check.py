@@ -29,7 +29,7 @@ def gpu_check(out, *args, interpret):
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(out), *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "attention_kernels.benchmarks.gpu_check", "--out", str(out), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=240)
 
 
@@ -111,7 +111,7 @@ def test_a_tiny_budget_skips_phases_and_still_writes_everything(tmp_path):
 
 
 def test_help_runs_nothing():
-    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--help"], cwd=ROOT, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "attention_kernels.benchmarks.gpu_check", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0 and "--budget" in done.stdout and "tuned.json" in done.stdout
 
@@ -136,8 +136,8 @@ class FakeAutotuner:
 
 
 def test_tuned_classes_are_read_from_the_autotuners_and_merge(tmp_path, monkeypatch):
-    from benchmarks import onchip
-    from benchmarks.gpu_check_child import capturing, tuned_entry
+    from attention_kernels.benchmarks import onchip
+    from attention_kernels.benchmarks.gpu_check_child import capturing, tuned_entry
     from attention_kernels.kernels import flash, tuning
 
     best = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)

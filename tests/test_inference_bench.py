@@ -7,8 +7,8 @@ import csv
 import pytest
 import torch
 
-from benchmarks import inference
-from benchmarks.measure import flops, min_bytes
+from attention_kernels.benchmarks import inference
+from attention_kernels.benchmarks.measure import flops, min_bytes
 from attention_kernels.reference.naive import window_mask
 
 TINY = inference.PRESETS["tiny"]
@@ -43,7 +43,7 @@ def test_the_run_succeeds_and_writes_the_csv_log_and_plots(tiny_run):
     assert not [r for r in rows if r["status"].startswith("error")]
     for r in rows:
         assert r["dtype"] == "bf16" and float(r["copy_gbps"]) > 0 and r["device"] and r["commit"]
-    assert f"command: python -m benchmarks.inference --preset tiny --out {out}" in log
+    assert f"command: python -m attention_kernels.benchmarks.inference --preset tiny --out {out}" in log
     assert "ceilings:" in log and "copy" in log and "x SDPA" in log
     if inference.DEVICE == "cpu":
         assert "say nothing about GPU speed" in log

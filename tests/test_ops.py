@@ -100,7 +100,7 @@ def test_gpu_ops_name_their_kernels():
     """On a GPU the ops are triton_ops; torch reads `wrap_triton(<kernel>)` in their source to
     know which kernels each launches (its compile cache key changes when they do). Checked in a
     process without the interpreter, where the GPU registration happens even on a CPU machine."""
-    script = ("import attention_kernels; from torch._library.triton import triton_ops_to_kernels as t; "
+    script = ("import attention_kernels.kernels; from torch._library.triton import triton_ops_to_kernels as t; "
               "print({op: sorted(k.fn.__name__ for k in ks) for op, ks in t.items() if op.startswith('attention_')})")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     found = eval(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,

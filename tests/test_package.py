@@ -1,6 +1,6 @@
-"""The installed package: one top-level name, attention_kernels, so that installing it beside
-another package with a generic name (Hugging Face's hub-kernels library is `kernels`) leaves both
-working. Builds the wheel, installs it into a folder of its own and imports it from elsewhere."""
+"""One top-level name, attention_kernels, so that the package beside another with a generic name
+(Hugging Face's hub-kernels library is `kernels`, which transformers imports) leaves both working:
+in a process started at the repository root, and installed from the wheel, imported elsewhere."""
 
 import os
 import subprocess
@@ -49,3 +49,47 @@ def test_installed_beside_another_kernels_package_both_import(wheel, tmp_path):
     who, where, flash_module, reference_module = run.stdout.split()
     assert who == "hub-kernels" and where.startswith(str(site))
     assert flash_module == "attention_kernels.kernels.flash" and reference_module == "attention_kernels.reference.naive"
+
+
+# A process started at the repository root (`python -m pytest`, `python -m attention_kernels...`)
+# has the root on sys.path ahead of site-packages: no folder there may take another package's name.
+AT_THE_ROOT = """
+import importlib.metadata, importlib.util, os, sys
+import kernels
+import transformers.modeling_utils
+import attention_kernels
+from attention_kernels import flash_attention
+dist = importlib.metadata.distribution("kernels")
+print(os.path.realpath(kernels.__file__))
+print(os.path.realpath(dist.locate_file("kernels/__init__.py")))
+print(os.path.realpath(attention_kernels.__file__))
+"""
+
+
+def test_at_the_repository_root_kernels_is_hugging_faces_and_transformers_imports():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env.pop("PYTHONPATH", None)
+    run = subprocess.run([sys.executable, "-c", AT_THE_ROOT], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    imported, installed, ours = run.stdout.split()
+    assert imported == installed, f"`import kernels` at the repository root found {imported}, not Hugging Face's"
+    assert imported != os.path.realpath(os.path.join(ROOT, "kernels", "__init__.py"))
+    assert ours == os.path.realpath(os.path.join(ROOT, "attention_kernels", "__init__.py"))
+
+
+def test_no_folder_at_the_repository_root_is_an_importable_package_but_ours():
+    packages = {name for name in os.listdir(ROOT) if os.path.isfile(os.path.join(ROOT, name, "__init__.py"))}
+    assert packages == {"attention_kernels"}, packages
+
+
+def test_the_top_level_names_are_the_kernels_and_importing_a_subpackage_leaves_the_kernels_alone():
+    code = ("import sys, attention_kernels, attention_kernels.reference, attention_kernels.benchmarks; "
+            "loaded = 'attention_kernels.kernels' in sys.modules; "
+            "from attention_kernels import kernels; "
+            "print(loaded, attention_kernels.__all__ == kernels.__all__, "
+            "all(getattr(attention_kernels, n) is getattr(kernels, n) for n in kernels.__all__))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["False", "True", "True"]

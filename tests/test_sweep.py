@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from benchmarks import plots, profile, sweep
-from benchmarks.measure import flops, min_bytes
+from attention_kernels.benchmarks import plots, profile, sweep
+from attention_kernels.benchmarks.measure import flops, min_bytes
 
 
 def run(tmp_path, *argv):
@@ -140,7 +140,7 @@ def test_profile_prints_the_ncu_command(capsys):
     profile.main(["--impl", "flash", "--mode", "bwd", "-T", "512", "--ncu"])
     line = capsys.readouterr().out.strip()
     assert line.startswith("ncu --nvtx --nvtx-include profiled/ -k regex:_flash_bwd_dkdv --launch-count 1")
-    assert "-m benchmarks.profile --impl flash --mode bwd" in line and "-T 512" in line and "--no-trace" in line
+    assert "-m attention_kernels.benchmarks.profile --impl flash --mode bwd" in line and "-T 512" in line and "--no-trace" in line
 
 
 def test_a_failing_impl_is_recorded_and_fails_the_run(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import tinygpt
+from attention_kernels.benchmarks import tinygpt
 from attention_kernels import kernels  # noqa: E402  (its submodules below, by attribute)
 import attention_kernels.kernels.module
 

@@ -55,7 +55,7 @@ def test_bad_windows_are_refused(window, causal, message):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="timed under the interpreter, where time counts the work done; "
-                    "on a GPU, `python -m benchmarks.inference --part window` measures it")
+                    "on a GPU, `python -m attention_kernels.benchmarks.inference --part window` measures it")
 def test_windowed_cost_is_linear_in_T():
     # A window of 32 keys: 4x the length, about 4x the time (key blocks outside the window are
     # skipped). Were they only masked, the causal triangle would make it about 10x here.

@@ -3,9 +3,9 @@ The one prepared command for a short window on a GPU (an H200 lent for minutes):
 correctness first, then the flash kernels' tiles tuned, then timings against each backend of
 torch's SDPA and FlexAttention, everything written to one folder as it happens.
 
-    PYTHONPATH=. PYTHONUNBUFFERED=1 python -m benchmarks.gpu_check --out $OUT   # on the GPU, <= 8 min
-    python -m benchmarks.gpu_check --out runs/gpu-check-cpu     # no GPU: tiny sizes, interpreter, ~1 min
-    python -m benchmarks.gpu_check --out DIR --quick            # fewer checks and shapes: a rerun
+    PYTHONPATH=. PYTHONUNBUFFERED=1 python -m attention_kernels.benchmarks.gpu_check --out $OUT   # on the GPU, <= 8 min
+    python -m attention_kernels.benchmarks.gpu_check --out runs/gpu-check-cpu     # no GPU: tiny sizes, interpreter, ~1 min
+    python -m attention_kernels.benchmarks.gpu_check --out DIR --quick            # fewer checks and shapes: a rerun
 
 Phases, in order. Each runs in child processes (`--worker`, `benchmarks/gpu_check_child.py`),
 every row within a time limit, so that a hang or an illegal memory access costs that row, not the
@@ -70,7 +70,7 @@ import zlib
 
 from .gpu_check_report import CPU_NOTE, Results, summarize
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the folder holding attention_kernels
 MODES = ("fwd", "bwd", "fwd+bwd")
 MIN_START = 3.0  # seconds: a child started with less time than this before its deadline would only import
 ENDS = {"ceilings": 0.08, "correctness": 0.33, "tuning": 0.68, "timing": 1.0}  # each phase's end, in budgets
@@ -232,7 +232,7 @@ class Child:
     compile workers, torch.compile's), the specs on its stdin as JSON, its output read by a thread."""
 
     def __init__(self, kind, specs, env):
-        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_check", "--worker", kind], cwd=ROOT,
+        self.proc = subprocess.Popen([sys.executable, "-m", "attention_kernels.benchmarks.gpu_check", "--worker", kind], cwd=ROOT,
                                      env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, errors="replace", start_new_session=True)
         self.lines = queue.Queue()
@@ -404,7 +404,7 @@ def precompile_one(job, target):
 def environment(argv, budget):
     import torch
     import triton
-    return dict(command=" ".join(["python", "-m", "benchmarks.gpu_check", *argv]),
+    return dict(command=" ".join(["python", "-m", "attention_kernels.benchmarks.gpu_check", *argv]),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 hostname=socket.gethostname(), python=platform.python_version(), torch=torch.__version__,
                 triton=triton.__version__, cuda=torch.cuda.is_available(), budget_s=budget,

@@ -3,11 +3,11 @@ Which tiles the flash kernels launch with, on a GPU.
 
 Two tables:
   - `CANDIDATES`: the tiles the autotuner may time for a shape class, chosen by compiling each for
-    sm_90 the way the JIT specialises a real launch (`python -m benchmarks.onchip --search`) and
+    sm_90 the way the JIT specialises a real launch (`python -m attention_kernels.benchmarks.onchip --search`) and
     keeping those that run on wgmma (HGMMA) with no register spills, and 16-row tiles only where
     the queries (or keys) are too few for more.
   - `kernels/tuned.json`: the tile measured fastest, per GPU name and shape class, written by a
-    GPU run (`python -m benchmarks.gpu_check --out DIR`, then `python -m attention_kernels.kernels.tuning merge
+    GPU run (`python -m attention_kernels.benchmarks.gpu_check --out DIR`, then `python -m attention_kernels.kernels.tuning merge
     DIR/tuned.json`), never by hand. The launchers read it first; a class it lacks is autotuned
     among the candidates on its first launch. ATTENTION_KERNELS_AUTOTUNE=1 times the candidates
     of every class, measured or not; ATTENTION_KERNELS_AUTOTUNE=0 never times: the table's tile,
@@ -38,7 +38,7 @@ AUTOTUNE_ENV = "ATTENTION_KERNELS_AUTOTUNE"  # "1": time the candidates, table o
 # query rows and BLOCK_N keys in every kernel: fwd and dq keep BLOCK_M query rows resident and
 # loop over key blocks; dk/dv keeps BLOCK_N keys resident and loops over query blocks.
 # Figures: registers, bytes spilled, MMA kind, for bf16 with (B, H, T, D) = (2, 16, 4096, D)
-# compiled with Triton 3.6 for sm_90 (`python -m benchmarks.onchip --search`).
+# compiled with Triton 3.6 for sm_90 (`python -m attention_kernels.benchmarks.onchip --search`).
 CANDIDATES = {
     "fwd": {
         (2, 64): [

@@ -23,34 +23,20 @@ The kernels are also the torch ops `torch.ops.attention_kernels.{flash,fused}_{f
 and `flash_varlen_{forward,backward}`, which torch.compile compiles without graph breaks (the
 varlen function's host check of cu_seqlens is one; decode_attention is a plain function). Run on CUDA tensors on a GPU, or on CPU
 tensors under Triton's interpreter: set TRITON_INTERPRET=1 before importing this package.
-Its import name is `attention_kernels.kernels` (see `attention_kernels/__init__.py`); the same
-functions are `attention_kernels.flash_attention` and so on.
+The same functions are `attention_kernels.flash_attention` and so on.
 """
 
-if __name__ == "kernels":
-    # This folder imported by its bare name, from a checkout (the repository on sys.path, as with
-    # `python -m` from its root; transformers probes every `kernels` it finds for Hugging Face's
-    # hub-kernels library). Be attention_kernels.kernels, its submodules too, so that nothing is
-    # loaded twice (twice would register the torch ops twice). Installed, there is no `kernels`.
-    import importlib as _importlib
-    import sys as _sys
-    _real = _importlib.import_module("attention_kernels.kernels")
-    for _name, _module in list(_sys.modules.items()):
-        if _name.startswith("attention_kernels.kernels."):
-            _sys.modules["kernels." + _name[len("attention_kernels.kernels."):]] = _module
-    _sys.modules["kernels"] = _real
-else:
-    from .decode import decode_attention
-    from .distributed import gather_sequence, ring_attention, ring_attention_varlen, shard_positions, shard_sequence
-    from .dispatch import attention, choose_impl
-    from .dropout import dropout_mask
-    from .flash import flash_attention, flash_attention_varlen
-    from .fused import fused_attention
-    from .paged import PagedKVCache, paged_attention
-    from .hf import register_transformers
-    from .module import CausalSelfAttention, swap_attention
-    from .sdpa import patch_sdpa, scaled_dot_product_attention
-    from . import tuning  # noqa: F401  (a submodule of the package from the start: see above)
+from .decode import decode_attention
+from .distributed import gather_sequence, ring_attention, ring_attention_varlen, shard_positions, shard_sequence
+from .dispatch import attention, choose_impl
+from .dropout import dropout_mask
+from .flash import flash_attention, flash_attention_varlen
+from .fused import fused_attention
+from .paged import PagedKVCache, paged_attention
+from .hf import register_transformers
+from .module import CausalSelfAttention, swap_attention
+from .sdpa import patch_sdpa, scaled_dot_product_attention
+from . import tuning  # noqa: F401  (attention_kernels.kernels.tuning, the tile table's command)
 
 __all__ = ["attention", "choose_impl", "flash_attention", "flash_attention_varlen", "decode_attention", "dropout_mask",
            "paged_attention", "PagedKVCache",

@@ -2,7 +2,7 @@
 A first look: run each kernel on a few shapes, forward and backward, and print how far it is
 from the float64 reference next to how far the reference itself lands in the same precision.
 
-    python -m benchmarks.demo
+    python -m attention_kernels.benchmarks.demo
 
 Without a CUDA GPU it turns Triton's interpreter on and runs on the CPU at small sizes; those
 timings say nothing about GPU speed.
@@ -15,7 +15,7 @@ import time
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before `kernels` is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before `attention_kernels.kernels` is imported
 
 from attention_kernels import reference  # noqa: E402
 from attention_kernels.kernels import flash_attention, fused_attention  # noqa: E402

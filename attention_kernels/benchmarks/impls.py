@@ -4,7 +4,7 @@ the reference (eager PyTorch), the fused and flash kernels, and torch's own
 `scaled_dot_product_attention` with one backend forced through `torch.nn.attention.sdpa_kernel`.
 
 Importing this module turns Triton's interpreter on when there is no CUDA GPU, so that the
-kernels run on the CPU; it must come before anything else imports `kernels`.
+kernels run on the CPU; it must come before anything else imports `attention_kernels.kernels`.
 """
 
 import os

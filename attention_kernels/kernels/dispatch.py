@@ -17,7 +17,7 @@ def choose_impl(head_dim, Tk, dtype):
     """The kernel `impl="auto"` runs for this head dim, key length and dtype.
 
     Until it is measured on a GPU, the rule follows what fits on chip: the fused kernel keeps a
-    whole row of keys in registers, and compiling it for an H100 (`python -m benchmarks.onchip`)
+    whole row of keys in registers, and compiling it for an H100 (`python -m attention_kernels.benchmarks.onchip`)
     shows no register spills for 16-bit rows up to 256 keys at D <= 64, nor for fp32 rows up to
     128 keys at D <= 32. There "auto" runs fused (one pass, exact softmax); everywhere else it
     runs flash, which has no length limit.

@@ -3,8 +3,8 @@ The "Let's build GPT" lecture's own model (gpt.py in karpathy/ng-video-lecture),
 written and again after `swap_attention(model)` puts its attention on the kernels, from the same
 initial weights and the same batches, with the lecture's dropout on: the loss curves side by side.
 
-    python -m benchmarks.tinygpt --model lecture                  # dropout 0.2, the preset's sizes
-    python -m benchmarks.tinygpt --model lecture --dropout 0 --impl flash   # the curves must agree
+    python -m attention_kernels.benchmarks.tinygpt --model lecture                  # dropout 0.2, the preset's sizes
+    python -m attention_kernels.benchmarks.tinygpt --model lecture --dropout 0 --impl flash   # the curves must agree
 
 The lecture's hyperparameters scaled to the seed preset: B = 4 sequences of T = 8 characters,
 C = 16 channels in 4 heads of 4, 2 blocks, dropout 0.2, AdamW at lr 1e-3, 200 steps (30 on the
@@ -188,7 +188,7 @@ def plot(path, curves):
 
 
 def run(args, cfg, tolerance):
-    """`python -m benchmarks.tinygpt --model lecture`: args from tinygpt's parser, cfg its preset
+    """`python -m attention_kernels.benchmarks.tinygpt --model lecture`: args from tinygpt's parser, cfg its preset
     (B, T, steps, lr; the lecture's own layout: 4 heads, 2 blocks at the seed preset's C)."""
     impls = [i for i in dict.fromkeys(args.impl) if i != "reference"]
     if args.steps is None and DEVICE == "cpu":  # the interpreter draws each dropout decision in numpy: ~3 s a step
@@ -204,7 +204,7 @@ def run(args, cfg, tolerance):
     offsets = batch_offsets(len(data), cfg, args.seed)
     env = environment()
     say(f"the lecture's GPT on {env['device']}: torch {env['torch']}, triton {env['triton']}, commit {env['commit']}")
-    say("python -m benchmarks.tinygpt " + " ".join(sys.argv[1:] if args.argv is None else args.argv))
+    say("python -m attention_kernels.benchmarks.tinygpt " + " ".join(sys.argv[1:] if args.argv is None else args.argv))
     say(f"B={cfg.B} T={cfg.T} C={cfg.C} heads={heads} (head size {cfg.C // heads}) layers={layers} "
         f"dropout={args.dropout} steps={cfg.steps} lr={cfg.lr} {cfg.dtype}"
         f"{' (autocast)' if cfg.dtype == 'bf16' else ''} seed={args.seed}")

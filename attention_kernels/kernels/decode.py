@@ -31,7 +31,7 @@ only j >= p - left. Keys outside the window are not read: a split covers
 program, but no more than one per MIN_SPLIT_KEYS keys of the longest possible cache (rounded
 up), and at most MAX_SPLITS. Decoding reads the
 whole cache once and does little arithmetic per byte: it is memory-bound, so its measure is GB/s
-against the device's copy bandwidth (`python -m benchmarks.inference`).
+against the device's copy bandwidth (`python -m attention_kernels.benchmarks.inference`).
 
 Inference only: no backward (use `flash_attention` to train). Precision as in `kernels/flash.py`.
 """
@@ -270,7 +270,7 @@ def blocks(rows, block_d, itemsize):
     """(BLOCK_M, BLOCK_N, num_warps): every row of a k/v head in one block up to 64 (tl.dot needs
     16); key blocks of 64 while a K row is at most 256 bytes, else 32 (32 under the interpreter,
     so that tests cross several); 8 warps past 128 bytes. Compiled for an H100 with
-    `python -m benchmarks.onchip --kernel decode-split`, these spill no registers except at fp32
+    `python -m attention_kernels.benchmarks.onchip --kernel decode-split`, these spill no registers except at fp32
     D = 256 (24 bytes), where 4 warps or 64 keys spill hundreds to thousands."""
     row_bytes = block_d * itemsize
     block_m = min(pow2(rows), 64)

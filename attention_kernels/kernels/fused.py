@@ -194,7 +194,7 @@ def max_seqlen(head_dim, dtype):
     The K and V tiles of a whole row, [ROW, D], live in shared memory, which an H100 gives a block
     227 KiB of: 16-bit tiles of up to 64K elements fit, fp32 tiles (IEEE dots stage more) of up
     to 16K elements, and ROW stays <= 1024. Measured at compile time for sm_90 by
-    `python -m benchmarks.onchip`; rows past about 256 keys also spill registers (slower, not
+    `python -m attention_kernels.benchmarks.onchip`; rows past about 256 keys also spill registers (slower, not
     wrong). fp16 / bf16: D <= 64 -> 1024, D <= 128 -> 512, D <= 256 -> 256; fp32: D <= 16 ->
     1024, D <= 32 -> 512, D <= 64 -> 256, D <= 128 -> 128, D <= 256 -> 64.
     """

@@ -1,5 +1,5 @@
 """The readable specification of causal attention (`reference/naive.py`), the flash kernel's
-tiled forward written the same way (`reference/tiled.py`), and `python -m reference.explain`,
+tiled forward written the same way (`reference/tiled.py`), and `python -m attention_kernels.reference.explain`,
 which prints every step."""
 
 from .naive import (

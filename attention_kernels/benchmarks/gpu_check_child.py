@@ -2,7 +2,7 @@
 What runs inside `benchmarks.gpu_check`'s child processes: one function per kind of spec, each
 taking a spec (a JSON dict from the parent) and returning rows (JSON dicts) for the parent's files.
 
-    python -m benchmarks.gpu_check --worker correctness < specs.json   # how the parent starts one
+    python -m attention_kernels.benchmarks.gpu_check --worker correctness < specs.json   # how the parent starts one
 
 On stdout: "@@start <id>" before each spec, "@@row <json>" per row, "@@done <id>" after it;
 anything else is log. After an error that leaves CUDA unusable (an illegal memory access poisons

@@ -2,7 +2,7 @@
 The one input check every kernel's launcher calls, and where the kernels may run.
 
 Kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter, which must be
-switched on (TRITON_INTERPRET=1) before `kernels` is imported: `triton.jit` reads it when
+switched on (TRITON_INTERPRET=1) before `attention_kernels.kernels` is imported: `triton.jit` reads it when
 each kernel is defined.
 """
 
@@ -65,7 +65,7 @@ def check_device(t, name):
         raise ValueError(
             f"{name} is a CPU tensor, but the Triton kernels run on a CUDA GPU. To run them on the CPU "
             "(slowly) use Triton's interpreter: set TRITON_INTERPRET=1 in the environment before "
-            "`kernels` is imported."
+            "attention_kernels.kernels is imported."
         )
     raise ValueError(f"{name} is on device {t.device}; the kernels accept CUDA tensors (or CPU tensors "
                      "under TRITON_INTERPRET=1)")

@@ -4,12 +4,12 @@ output, with its shape, its values and one line on what it does and why; the bac
 the output's gradient back to x and the weights; the same output and gradients the flash
 kernel's way, block by block; and the steps drawn as one figure.
 
-    python -m reference.explain                         # B=1, T=2, C=3, one head: the project's seed
-    python -m reference.explain --integers              # small integer inputs, checkable by hand
-    python -m reference.explain -T 8 -C 16 --heads 4 --png attention.png
-    python -m reference.explain --tiled --block-size 1  # running max, sum and accumulator per key block
-    python -m reference.explain --backward              # then every gradient, checked against autograd
-    python -m reference.explain --tiled --backward      # and the flash backward's tiles: P recomputed
+    python -m attention_kernels.reference.explain                         # B=1, T=2, C=3, one head: the project's seed
+    python -m attention_kernels.reference.explain --integers              # small integer inputs, checkable by hand
+    python -m attention_kernels.reference.explain -T 8 -C 16 --heads 4 --png attention.png
+    python -m attention_kernels.reference.explain --tiled --block-size 1  # running max, sum and accumulator per key block
+    python -m attention_kernels.reference.explain --backward              # then every gradient, checked against autograd
+    python -m attention_kernels.reference.explain --tiled --backward      # and the flash backward's tiles: P recomputed
 
 The numbers come from the project's own code: the reference's named steps (`reference/naive.py`)
 and the flash kernel's update rule (`reference/tiled.py`, tested against `kernels.flash_attention`).
@@ -380,8 +380,8 @@ def draw(steps, path, backward=()):
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.suptitle(f"causal self-attention, step by step: forward (steps 1-{len(steps)}), then backward (steps "
-                 f"{len(steps) + 1}-{len(steps) + len(backward)}, purple and orange) (python -m reference.explain "
-                 "--backward)" if backward else "causal self-attention, step by step (python -m reference.explain)",
+                 f"{len(steps) + 1}-{len(steps) + len(backward)}, purple and orange) (python -m attention_kernels.reference.explain "
+                 "--backward)" if backward else "causal self-attention, step by step (python -m attention_kernels.reference.explain)",
                  fontsize=15)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=100)

@@ -3,7 +3,7 @@ Plots made from a sweep's CSV, each against the sequence length T per implementa
 time and peak memory. One panel per (mode, causal, dtype, D); rows that did not run
 (unsupported, oom) are left out.
 
-    python -m benchmarks.plots runs/sweep-<time>/sweep.csv [--out DIR]
+    python -m attention_kernels.benchmarks.plots runs/sweep-<time>/sweep.csv [--out DIR]
 
 Both axes are logarithmic, so that growth in T reads as a slope (T^2 for the reference's memory,
 T for flash's) and kernels a thousand times apart share a panel. Lines often lie on one another

@@ -2,11 +2,11 @@
 What runs on an H100 or H200: compile the kernels for sm_90 exactly as Triton's JIT does for a
 real launch, on any machine, no GPU needed, and read each binary.
 
-    python -m benchmarks.onchip                                   # every kernel, its candidates
-    python -m benchmarks.onchip --kernel flash-dkdv --dtype bfloat16 --head-dims 128
-    python -m benchmarks.onchip --kernel flash-fwd --tma           # the forward through TMA too
-    python -m benchmarks.onchip --search --kernel flash-dq --head-dims 128   # every tile
-    python -m benchmarks.onchip --json > binaries.jsonl            # one JSON object a binary
+    python -m attention_kernels.benchmarks.onchip                                   # every kernel, its candidates
+    python -m attention_kernels.benchmarks.onchip --kernel flash-dkdv --dtype bfloat16 --head-dims 128
+    python -m attention_kernels.benchmarks.onchip --kernel flash-fwd --tma           # the forward through TMA too
+    python -m attention_kernels.benchmarks.onchip --search --kernel flash-dq --head-dims 128   # every tile
+    python -m attention_kernels.benchmarks.onchip --json > binaries.jsonl            # one JSON object a binary
 
 How: each kernel's own launcher runs on CPU tensors of a real shape ((B, H, T, D) = (2, 16,
 --seq, D) by default; --gqa, --full, --window, --varlen change the call) with its Triton launch

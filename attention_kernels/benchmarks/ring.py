@@ -3,10 +3,10 @@ Ring attention across processes (`kernels.distributed`): how long each ring step
 how long it then waits for its messages, and a tiny GPT trained with its sequence split across
 ranks against the same GPT in one process.
 
-    python -m benchmarks.ring                         # the CPU: 2 gloo processes on loopback, interpreter
-    python -m benchmarks.ring --world 4 -T 96 --layout contiguous
-    python -m benchmarks.ring --train                 # the tiny GPT on 2 ranks, and in one process
-    torchrun --nproc-per-node 8 -m benchmarks.ring -B 1 -H 32 --kv-heads 8 -D 128 -T 131072 --dtype bf16
+    python -m attention_kernels.benchmarks.ring                         # the CPU: 2 gloo processes on loopback, interpreter
+    python -m attention_kernels.benchmarks.ring --world 4 -T 96 --layout contiguous
+    python -m attention_kernels.benchmarks.ring --train                 # the tiny GPT on 2 ranks, and in one process
+    torchrun --nproc-per-node 8 -m attention_kernels.benchmarks.ring -B 1 -H 32 --kv-heads 8 -D 128 -T 131072 --dtype bf16
 
 Without torchrun it starts --world processes itself, meeting through a file: gloo on CPU tensors
 under Triton's interpreter, on the loopback interface, without a GPU; NCCL, one GPU each, with
@@ -434,7 +434,7 @@ def main(argv=None):
     if T < world:  # either layout gives every rank a row from T = W on (zigzag's second chunk may be empty)
         p.error(f"-T {T} is too short for {world} ranks: each needs at least one row")
     out = args.out or os.path.join("runs", "ring-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    command = shlex.join(["python", "-m", "benchmarks.ring", *argv])
+    command = shlex.join(["python", "-m", "attention_kernels.benchmarks.ring", *argv])
     if args.train:
         from .tinygpt import WARMUP, Config
         if args.steps <= WARMUP:

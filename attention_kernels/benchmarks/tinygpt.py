@@ -3,10 +3,10 @@ A tiny character-level GPT trained once per attention implementation, from the s
 same initial weights and the same batches, so that the loss curves can be laid on top of each
 other: the kernels are right inside a model when the curves agree to rounding.
 
-    python -m benchmarks.tinygpt                              # `gpu` preset on a GPU, `seed` on the CPU
-    python -m benchmarks.tinygpt --preset seed --steps 100 --impl flash sdpa
-    python -m benchmarks.tinygpt -T 64 -C 64 --heads 4 --layers 2 --data my.txt
-    python -m benchmarks.tinygpt --model lecture              # the lecture's gpt.py, with dropout, on the kernels
+    python -m attention_kernels.benchmarks.tinygpt                              # `gpu` preset on a GPU, `seed` on the CPU
+    python -m attention_kernels.benchmarks.tinygpt --preset seed --steps 100 --impl flash sdpa
+    python -m attention_kernels.benchmarks.tinygpt -T 64 -C 64 --heads 4 --layers 2 --data my.txt
+    python -m attention_kernels.benchmarks.tinygpt --model lecture              # the lecture's gpt.py, with dropout, on the kernels
 
 The model is nanoGPT's: token and position embeddings, `layers` blocks of LayerNorm -> causal
 self-attention -> residual, LayerNorm -> MLP (4C, GELU) -> residual, a final LayerNorm and an lm
@@ -580,7 +580,7 @@ def main(argv=None):
     offsets = batch_offsets(len(data), cfg, args.seed)
     env = environment()
     say(f"tinygpt on {env['device']}: torch {env['torch']}, triton {env['triton']}, commit {env['commit']}")
-    say("python -m benchmarks.tinygpt " + " ".join(sys.argv[1:] if argv is None else argv))
+    say("python -m attention_kernels.benchmarks.tinygpt " + " ".join(sys.argv[1:] if argv is None else argv))
     say(f"preset {preset}: B={cfg.B} T={cfg.T} C={cfg.C} heads={cfg.heads} (D={cfg.C // cfg.heads}) "
         f"layers={cfg.layers} steps={cfg.steps} lr={cfg.lr} dtype={cfg.dtype}"
         f"{' (autocast)' if cfg.dtype == 'bf16' else ''} seed={args.seed}; {n_params} parameters")

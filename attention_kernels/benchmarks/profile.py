@@ -3,9 +3,9 @@ Profile one shape of one implementation: warm up (a GPU autotunes here), then ru
 iterations under torch.profiler, each inside an NVTX range, write a Chrome trace and print a
 per-kernel summary.
 
-    python -m benchmarks.profile --impl flash --mode fwd+bwd -B 4 -T 4096 -C 2048 -H 16
-    python -m benchmarks.profile --impl flash --mode fwd --ncu      # print the ncu command line
-    python -m benchmarks.profile --impl flash --proton              # Triton's proton, if installed
+    python -m attention_kernels.benchmarks.profile --impl flash --mode fwd+bwd -B 4 -T 4096 -C 2048 -H 16
+    python -m attention_kernels.benchmarks.profile --impl flash --mode fwd --ncu      # print the ncu command line
+    python -m attention_kernels.benchmarks.profile --impl flash --proton              # Triton's proton, if installed
 
 Open the trace (default profile-<impl>-<mode>.json) in https://ui.perfetto.dev or
 chrome://tracing. `--ncu` prints the Nsight Compute command that captures one launch of the
@@ -50,7 +50,7 @@ def ncu_command(args):
             "--iters", 1, "--no-trace"]
     name = f"{args.impl}-{args.mode.replace('+', '')}-B{args.batch}-T{args.seqlen}-D{args.width // args.heads}"
     return (f"ncu --nvtx --nvtx-include {RANGE}/ {pick}--launch-count 1 --set full -o {name} "
-            f"{shlex.quote(sys.executable)} -m benchmarks.profile {shlex.join(map(str, rest))}")
+            f"{shlex.quote(sys.executable)} -m attention_kernels.benchmarks.profile {shlex.join(map(str, rest))}")
 
 
 def run_proton(call, args):

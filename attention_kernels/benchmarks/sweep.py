@@ -3,9 +3,9 @@ The benchmark sweep: each implementation over batch B, sequence length T, model 
 count H (head dim D = C / H), dtype, causal or not, and mode (fwd, bwd, fwd+bwd), against every
 backend of torch's `scaled_dot_product_attention` in the same run.
 
-    python -m benchmarks.sweep                     # `standard` preset on a GPU, `scaling` on the CPU
-    python -m benchmarks.sweep --preset scaling    # T doubling: time and memory growth
-    python -m benchmarks.sweep -B 4 -T 1024 4096 -C 2048 -H 16 32 --mode fwd --impl flash sdpa-flash
+    python -m attention_kernels.benchmarks.sweep                     # `standard` preset on a GPU, `scaling` on the CPU
+    python -m attention_kernels.benchmarks.sweep --preset scaling    # T doubling: time and memory growth
+    python -m attention_kernels.benchmarks.sweep -B 4 -T 1024 4096 -C 2048 -H 16 32 --mode fwd --impl flash sdpa-flash
 
 Presets (shapes as (B, T, C, H)):
     standard   the FlashAttention papers' shapes: B * T = 16k tokens, C = 2048, H = 32 and 16
@@ -19,7 +19,7 @@ H 16) give the product of their values; --tokens N sets B = N // T for each T.
 
 Writes into --out (default runs/sweep-<time>/): sweep.csv, one row per impl x shape x dtype x
 causal x mode (schema in CSV_FIELDS); tflops.png, time.png and memory.png against T, made from the CSV
-(`python -m benchmarks.plots sweep.csv` redraws them); log.txt, everything printed. The printed
+(`python -m attention_kernels.benchmarks.plots sweep.csv` redraws them); log.txt, everything printed. The printed
 table gives each impl's speed as a ratio to the fastest SDPA backend on the same row. An impl
 that refuses a shape is recorded as unsupported, out-of-memory as oom; the sweep goes on. It
 exits 1 if an implementation failed in any other way.

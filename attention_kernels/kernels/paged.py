@@ -33,7 +33,7 @@ more new tokens than the max_seqlen_q it was captured with (it sizes the append'
 with the most a replay will bring, total_q at worst).
 
 `PagedKVCache` is a page pool with a free list and block tables in plain Python, for the demo
-(`python -m benchmarks.tinygpt --paged`) and the tests: not a serving engine.
+(`python -m attention_kernels.benchmarks.tinygpt --paged`) and the tests: not a serving engine.
 """
 
 import torch

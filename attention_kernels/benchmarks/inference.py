@@ -2,9 +2,9 @@
 The inference-time kernels against torch's `scaled_dot_product_attention`, in one run: decoding
 against a KV cache, packed variable-length batches, and sliding windows.
 
-    python -m benchmarks.inference                      # `gpu` preset on a GPU, `tiny` on the CPU
-    python -m benchmarks.inference --part decode        # one part (or two)
-    python -m benchmarks.inference --preset tiny --out runs/inference-smoke
+    python -m attention_kernels.benchmarks.inference                      # `gpu` preset on a GPU, `tiny` on the CPU
+    python -m attention_kernels.benchmarks.inference --part decode        # one part (or two)
+    python -m attention_kernels.benchmarks.inference --preset tiny --out runs/inference-smoke
 
 Parts:
     decode  `kernels.decode_attention`: one new token per sequence against a cache of length L
@@ -534,7 +534,7 @@ def main(argv=None):
         raise SystemExit("the gpu preset needs a GPU (caches of 64k keys under the CPU interpreter would take "
                          "hours); on the CPU use --preset tiny")
     out = args.out or os.path.join("runs", "inference-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    command = shlex.join(["python", "-m", "benchmarks.inference", *argv])
+    command = shlex.join(["python", "-m", "attention_kernels.benchmarks.inference", *argv])
     threads = torch.get_num_threads()
     if DEVICE == "cpu":  # tensors of a few KB: handing ops to a second OpenMP thread costs more than the op
         torch.set_num_threads(1)

@@ -1,0 +1,1 @@
+"""Benchmarks and demos: run as `python -m attention_kernels.benchmarks.<name>`."""

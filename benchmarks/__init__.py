@@ -1,1 +1,0 @@
-"""Benchmarks and demos: run as `python -m benchmarks.<name>`."""
