@@ -6,7 +6,7 @@ import torch
 
 from attention_kernels import kernels  # noqa: E402  (its submodules below, by attribute)
 import attention_kernels.kernels.checks
-from cases import DEVICE, KERNELS
+from attention_kernels.testing.cases import DEVICE, KERNELS
 from attention_kernels.kernels import attention
 from attention_kernels.kernels.checks import check_inputs
 

@@ -5,34 +5,16 @@ import pytest
 import torch
 
 from attention_kernels import reference
-from cases import DECODE_CASES, DEVICE, Shape
+from attention_kernels.testing.checks import check_decode, decode_inputs
+from attention_kernels.testing.cases import DECODE_CASES, DEVICE
 from attention_kernels.kernels import decode, decode_attention
-from rule import hold_to_rule, make_qkv, seed_of
-
-
-def decode_inputs(B, Hq, Hkv, Tq, Tmax, D, lengths, dtype, seed):
-    q, k_cache, v_cache, _ = make_qkv(Shape(B, Hq, Hkv, Tq, Tmax, D), dtype, "bthd", seed)
-    lengths = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
-    return q.detach(), k_cache.detach(), v_cache.detach(), lengths
-
-
-def decode_logsumexp(q, k_cache, cache_seqlens, window):
-    """Each new token's log-sum-exp over the keys it sees, per sequence, as the reference has it."""
-    return torch.cat([reference.logsumexp(q[b:b + 1], k_cache[b:b + 1, :, :L], True, window=window)
-                      for b, L in enumerate(cache_seqlens.tolist())])  # (B, Hq, Tq)
+from attention_kernels.testing.rule import seed_of
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", DECODE_CASES, ids=str)
 def test_decode_matches_reference(poison, case, dtype):
-    *sizes, lengths, num_splits, window = case
-    q, k_cache, v_cache, seqlens = decode_inputs(*sizes, lengths, dtype, seed_of("decode", case, dtype))
-    o, lse = decode_attention(q, k_cache, v_cache, seqlens, num_splits=num_splits, window=window, return_lse=True)
-    w = window or (-1, -1)
-    spec = lambda q, k, v, upcast=True: reference.decode_attention(q, k, v, seqlens, window=w) if upcast else \
-        torch.cat([reference.attention(q[b:b + 1], k[b:b + 1, :, :L], v[b:b + 1, :, :L], True, upcast=False, window=w)
-                   for b, L in enumerate(seqlens.tolist())])
-    hold_to_rule(o, lse, (q, k_cache, v_cache), None, spec, lambda q, k: decode_logsumexp(q, k, seqlens, w))
+    check_decode(case, dtype)
 
 
 def test_every_split_count_agrees(poison):

@@ -6,10 +6,10 @@ import torch
 from attention_kernels import kernels  # noqa: E402  (its submodules below, by attribute)
 import attention_kernels.kernels.dispatch
 from attention_kernels import reference
-from cases import Shape
+from attention_kernels.testing.cases import Shape
 from attention_kernels.kernels import attention, choose_impl
 from attention_kernels.kernels.fused import max_seqlen
-from rule import make_qkv, seed_of
+from attention_kernels.testing.rule import make_qkv, seed_of
 
 
 @pytest.fixture

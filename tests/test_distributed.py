@@ -23,9 +23,9 @@ from attention_kernels.kernels.distributed import (Ring, _pieces, _segments, gat
                                                    ring_attention_varlen, shard_positions, shard_segments,
                                                    shard_sequence)
 from attention_kernels.benchmarks.ring import Spawned, train_ring, train_single
-from cases import FACTOR, FLOOR, GRAD_FACTOR, RING_CASES, RING_SUBGROUP_CASES, RING_VARLEN_CASES, Shape
+from attention_kernels.testing.cases import FACTOR, FLOOR, GRAD_FACTOR, RING_CASES, RING_SUBGROUP_CASES, RING_VARLEN_CASES, Shape
 from interpret import patch_lang_once_per_launch
-from rule import assert_close, seed_of
+from attention_kernels.testing.rule import assert_close, seed_of
 
 patch_lang_once_per_launch()  # the ranks, spawned, import this module but not conftest
 

@@ -8,8 +8,8 @@ import torch
 
 from attention_kernels import attention, dropout_mask, flash_attention, flash_attention_varlen, fused_attention, \
     reference
-from cases import DEVICE, FACTOR, FLOOR, Shape
-from rule import assert_close, hold_to_rule, make_packed, make_qkv, seed_of
+from attention_kernels.testing.cases import DEVICE, FACTOR, FLOOR, Shape
+from attention_kernels.testing.rule import assert_close, hold_to_rule, make_packed, make_qkv, seed_of
 
 SHAPES = [  # grouped heads and Tq != Tk, a head dim of 80 without a causal mask, one query
     (Shape(2, 4, 2, 37, 53, 32), True, None),

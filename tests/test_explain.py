@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from attention_kernels import reference
-from cases import DEVICE
+from attention_kernels.testing.cases import DEVICE
 from attention_kernels.kernels import flash, flash_attention
 from attention_kernels.reference import explain
 from attention_kernels.reference.tiled import flash_backward, flash_forward
-from rule import seed_of
+from attention_kernels.testing.rule import seed_of
 
 SIZES = [(1, 2, 3, 1), (2, 8, 16, 4), (1, 5, 6, 2)]  # (B, T, C, heads): the seed, its first sketch, odd
 

@@ -6,11 +6,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from attention_kernels import reference
-from cases import Shape
+from attention_kernels.testing.cases import Shape
 from attention_kernels.kernels import flash, flash_attention
 from attention_kernels.kernels.checks import INTERPRET
 from attention_kernels.kernels.fused import max_seqlen
-from rule import check_against_reference, make_qkv, seed_of
+from attention_kernels.testing.rule import check_against_reference, make_qkv, seed_of
 
 # (fwd and dq blocks, dk/dv blocks) as (BLOCK_M, BLOCK_N): equal, and unequal both ways round
 BLOCKS = [((16, 16), (16, 16)), ((16, 64), (64, 16)), ((64, 16), (16, 64))]

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from cases import Shape
+from attention_kernels.testing.cases import Shape
 from attention_kernels.kernels import fused_attention
 from attention_kernels.kernels.fused import max_seqlen
-from rule import check_against_reference, make_qkv, seed_of
+from attention_kernels.testing.rule import check_against_reference, make_qkv, seed_of
 
 
 def test_at_the_row_limit(poison):

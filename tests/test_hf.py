@@ -24,9 +24,9 @@ from transformers.masking_utils import (AttentionMaskInterface, and_masks, bidir
 
 from attention_kernels import kernels  # noqa: E402  (its submodules below, by attribute)
 import attention_kernels.kernels.hf  # noqa: E402
-from cases import DEVICE, FACTOR, FLOOR, GRAD_FACTOR  # noqa: E402
+from attention_kernels.testing.cases import DEVICE, FACTOR, FLOOR, GRAD_FACTOR  # noqa: E402
 from attention_kernels.kernels.hf import CALLS, kernel_attention_forward, kernel_mask, register_transformers  # noqa: E402
-from rule import assert_close, seed_of  # noqa: E402
+from attention_kernels.testing.rule import assert_close, seed_of  # noqa: E402
 
 IMPLS = ["fused", "flash"]
 T = 12          # short: the interpreter is slow

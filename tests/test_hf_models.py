@@ -22,7 +22,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from attention_kernels.kernels import hf  # noqa: E402
 from attention_kernels.kernels.hf import CALLS, model_problem, register_transformers  # noqa: E402
-from cases import DEVICE  # noqa: E402
+from attention_kernels.testing.cases import DEVICE  # noqa: E402
 
 T = 12
 VOCAB = 100

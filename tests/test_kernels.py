@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from attention_kernels import reference
-from cases import CPU_SHAPES, DTYPES, GPU_SHAPES, KERNELS, LAYOUTS, PEAKY_CASES, Shape
+from attention_kernels.testing.cases import CPU_SHAPES, DTYPES, GPU_SHAPES, KERNELS, LAYOUTS, PEAKY_CASES, Shape
 from attention_kernels.kernels.fused import fused_attention, max_seqlen
-from rule import check_against_reference, make_qkv, seed_of
+from attention_kernels.testing.rule import check_against_reference, make_qkv, seed_of
 
 kernels = pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.__name__)
 

@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cases import DEVICE, FACTOR, FLOOR, GRAD_FACTOR
+from attention_kernels.testing.cases import DEVICE, FACTOR, FLOOR, GRAD_FACTOR
 from attention_kernels.benchmarks.lecture import Block, Head
 from attention_kernels.kernels import CausalSelfAttention, swap_attention
-from rule import assert_close, seed_of
+from attention_kernels.testing.rule import assert_close, seed_of
 
 
 class NanoGPTAttention(nn.Module):

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cases import DEVICE, Shape
+from attention_kernels.testing.cases import DEVICE, Shape
 from attention_kernels.kernels import CausalSelfAttention, attention, flash_attention, fused_attention
-from rule import make_qkv, seed_of
+from attention_kernels.testing.rule import make_qkv, seed_of
 
 OPS = torch.ops.attention_kernels
 SHAPE = Shape(2, 4, 2, 19, 23, 16)  # grouped heads, Tq != Tk, lengths that miss the blocks

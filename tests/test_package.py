@@ -93,3 +93,56 @@ def test_the_top_level_names_are_the_kernels_and_importing_a_subpackage_leaves_t
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split() == ["False", "True", "True"]
+
+
+def test_the_gpu_command_and_the_rule_run_from_the_installed_wheel(wheel, tmp_path):
+    site = tmp_path / "site"
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
+                                str(wheel)], capture_output=True, text=True, timeout=600)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    env = {**os.environ, "PYTHONPATH": str(site), "TRITON_INTERPRET": "1"}
+    help_ = subprocess.run([sys.executable, "-m", "attention_kernels.benchmarks.gpu_check", "--help"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert help_.returncode == 0 and "--budget" in help_.stdout, help_.stderr[-3000:]
+    code = ("from attention_kernels.testing import Shape, check_against_reference, make_qkv; "
+            "from attention_kernels import flash_attention; import attention_kernels.testing as t; "
+            "q, k, v, do = make_qkv(Shape(1, 2, 1, 9, 9, 16), __import__('torch').float32, seed=1); "
+            "check_against_reference(flash_attention, q, k, v, do); print(t.__file__)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().startswith(str(site))
+
+
+def _imports(path, module):
+    """The attention_kernels modules that `module` (at `path`) imports, at the top or inside a function."""
+    import ast
+    package = module if path.endswith("__init__.py") else module.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+            found |= {base} | {f"{base}.{a.name}" for a in node.names}
+    return {name for name in found if name.startswith("attention_kernels")}
+
+
+def test_no_module_reaches_for_the_tests_or_sys_path_and_none_imports_another_that_imports_it():
+    modules = {}
+    for folder, _, files in os.walk(os.path.join(ROOT, "attention_kernels")):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                dotted = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".").removesuffix(".__init__")
+                modules[dotted] = path
+                text = open(path).read()
+                assert "sys.path" not in text, f"{dotted} touches sys.path"
+    graph = {m: {i for i in _imports(p, m) if i in modules and i != m} for m, p in modules.items()}
+    leaves = {m for m, p in modules.items() if not p.endswith("__init__.py")}  # a package's __init__ gathers
+    pairs = sorted((a, b) for a in leaves for b in graph[a] & leaves if a < b and a in graph[b])
+    assert not pairs, f"modules that import each other: {pairs}"
+    assert "attention_kernels.benchmarks.sweep" in graph and graph["attention_kernels.benchmarks.gpu_check_child"]

@@ -8,45 +8,9 @@ import torch.nn.functional as F
 
 from attention_kernels import reference
 from attention_kernels.kernels import PagedKVCache, decode_attention, paged_attention
-from cases import DEVICE, PAGED_CASES
-from rule import hold_to_rule, seed_of
-
-I32 = dict(dtype=torch.int32, device=DEVICE)
-UNUSED = 1 << 20  # block-table entries past a sequence's pages: no position below its length maps there
-
-
-def offsets(lengths):
-    return torch.tensor([0, *lengths], device=DEVICE).cumsum(0).to(torch.int32)
-
-
-def paged_inputs(new, lengths, Hq, Hkv, D, page_size, dtype, seed, share=True, spare=3):
-    """q (total_q, Hq, D) and a shuffled pool (num_pages, page_size, Hkv, D) holding `lengths[b]`
-    keys of sequence b, with its block table and lengths; with `share`, sequences 0 and 1 read
-    the same first page (a shared prompt) when both fill one."""
-    g = torch.Generator(DEVICE).manual_seed(seed)
-    need = [-(-L // page_size) for L in lengths]
-    num_pages = sum(need) + spare
-    order = torch.randperm(num_pages, generator=g, device=DEVICE).tolist()  # pages in no particular order
-    table = torch.full((len(lengths), max(need) + 1), UNUSED, **I32)
-    for b, n in enumerate(need):
-        table[b, :n] = torch.tensor(order[:n], **I32)
-        order = order[n:]
-    if share and len(lengths) > 1 and min(lengths[:2]) >= page_size:
-        table[1, 0] = table[0, 0]
-    randn = lambda *shape: torch.randn(shape, generator=g, device=DEVICE, dtype=dtype)
-    q = randn(sum(new), Hq, D)
-    return q, randn(num_pages, page_size, Hkv, D), randn(num_pages, page_size, Hkv, D), table, \
-        torch.tensor(lengths, **I32), offsets(new)
-
-
-def hold_paged(o, lse, q, k_cache, v_cache, table, lengths, cu_q, window=None, **mods):
-    w = window or (-1, -1)
-    spec = lambda q, k, v, upcast=True: reference.paged_attention(q, k, v, table, lengths, cu_q, upcast=upcast,
-                                                                  window=w, **mods)
-    spec_lse = lambda q, k: reference.varlen_logsumexp(q, reference.gather_pages(k, table, lengths), cu_q,
-                                                       offsets(lengths.tolist()), True, window=w, **mods)
-    hold_to_rule(o, lse, (q, k_cache, v_cache), None, spec, spec_lse)
-
+from attention_kernels.testing.checks import I32, UNUSED, check_paged, hold_paged, offsets, paged_inputs
+from attention_kernels.testing.cases import DEVICE, PAGED_CASES
+from attention_kernels.testing.rule import hold_to_rule, seed_of
 
 def test_reference_is_sdpa_on_the_gathered_cache():
     # Each sequence's new tokens against its keys gathered from the pages, bottom-right causal
@@ -67,12 +31,7 @@ def test_reference_is_sdpa_on_the_gathered_cache():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", PAGED_CASES, ids=str)
 def test_paged_matches_reference(poison, case, dtype):
-    new, lengths, Hq, Hkv, D, page_size, num_splits, window = case
-    q, k_cache, v_cache, table, seqlens, cu = paged_inputs(new, lengths, Hq, Hkv, D, page_size, dtype,
-                                                           seed_of("paged", case, dtype))
-    o, lse = paged_attention(q, k_cache, v_cache, table, seqlens, cu, max(new), num_splits=num_splits, window=window,
-                             return_lse=True)
-    hold_paged(o, lse, q, k_cache, v_cache, table, seqlens, cu, window)
+    check_paged(case, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from attention_kernels import reference
-from cases import CPU_SHAPES, Shape
-from rule import make_qkv, seed_of
+from attention_kernels.testing.cases import CPU_SHAPES, Shape
+from attention_kernels.testing.rule import make_qkv, seed_of
 
 
 def sdpa(q, k, v, causal):

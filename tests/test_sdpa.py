@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cases import DEVICE, FACTOR, FLOOR, GRAD_FACTOR, Shape
+from attention_kernels.testing.cases import DEVICE, FACTOR, FLOOR, GRAD_FACTOR, Shape
 from attention_kernels.kernels import (attention, flash_attention, flash_attention_varlen, fused_attention, patch_sdpa,
                      scaled_dot_product_attention)
-from rule import assert_close, make_qkv, seed_of
+from attention_kernels.testing.rule import assert_close, make_qkv, seed_of
 
 TORCH_SDPA = F.scaled_dot_product_attention
 

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from cases import DEVICE, Shape
+from attention_kernels.testing.cases import DEVICE, Shape
 from attention_kernels.kernels import flash, flash_attention, flash_attention_varlen, tuning
 from attention_kernels.kernels.checks import INTERPRET
-from rule import check_against_reference, make_packed, make_qkv, seed_of
+from attention_kernels.testing.rule import check_against_reference, make_packed, make_qkv, seed_of
 
 # ----------------------------------------------------------------------------- TMA
 

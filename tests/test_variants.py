@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from attention_kernels import (attention, decode_attention, flash_attention, flash_attention_varlen, fused_attention,
                                reference)
-from cases import DEVICE, FACTOR, FLOOR, GRAD_FACTOR, Shape
-from rule import assert_close, make_packed, make_qkv, seed_of
+from attention_kernels.testing.cases import DEVICE, FACTOR, FLOOR, GRAD_FACTOR, Shape
+from attention_kernels.testing.rule import assert_close, make_packed, make_qkv, seed_of
 
 MODS = {  # name: (softcap, sinks?, alibi?)
     "softcap": (2.0, False, False),

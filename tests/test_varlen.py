@@ -4,22 +4,10 @@
 import pytest
 import torch
 
-from attention_kernels import reference
-from cases import DEVICE, VARLEN_CASES
+from attention_kernels.testing.checks import check_varlen
+from attention_kernels.testing.cases import DEVICE, VARLEN_CASES
 from attention_kernels.kernels import flash_attention_varlen
-from rule import hold_to_rule, make_packed, seed_of
-
-
-def check_varlen(lengths_q, lengths_k, Hq, Hkv, D, causal, window, dtype, strided=False, use_lse=False, scale=None):
-    q, k, v, do, cu_q, cu_k = make_packed(lengths_q, lengths_k, Hq, Hkv, D, dtype,
-                                          seed_of("varlen", lengths_q, lengths_k, Hq, D, dtype, scale), strided)
-    o, lse = flash_attention_varlen(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), causal, scale=scale,
-                                    return_lse=True, window=window)
-    w = {} if window is None else {"window": window}
-    spec = lambda q, k, v, upcast=True: reference.varlen_attention(q, k, v, cu_q, cu_k, causal, scale, upcast, **w)
-    spec_lse = lambda q, k: reference.varlen_logsumexp(q, k, cu_q, cu_k, causal, scale, **w)
-    dlse = torch.randn(lse.shape, generator=torch.Generator(q.device).manual_seed(3), device=q.device) if use_lse else None
-    hold_to_rule(o, lse, (q, k, v), do, spec, spec_lse, dlse)
+from attention_kernels.testing.rule import make_packed, seed_of
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)

@@ -6,10 +6,10 @@ import time
 import pytest
 import torch
 
-from cases import WINDOW_CASES, Shape
+from attention_kernels.testing.cases import WINDOW_CASES, Shape
 from attention_kernels.kernels import flash, flash_attention
 from attention_kernels.kernels.checks import INTERPRET
-from rule import check_against_reference, make_qkv, seed_of
+from attention_kernels.testing.rule import check_against_reference, make_qkv, seed_of
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)

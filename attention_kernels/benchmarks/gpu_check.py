@@ -7,13 +7,13 @@ torch's SDPA and FlexAttention, everything written to one folder as it happens.
     python -m attention_kernels.benchmarks.gpu_check --out runs/gpu-check-cpu     # no GPU: tiny sizes, interpreter, ~1 min
     python -m attention_kernels.benchmarks.gpu_check --out DIR --quick            # fewer checks and shapes: a rerun
 
-Phases, in order. Each runs in child processes (`--worker`, `benchmarks/gpu_check_child.py`),
+Phases, in order. Each runs in child processes (`--worker`, `gpu_check_child.py`),
 every row within a time limit, so that a hang or an illegal memory access costs that row, not the
 run: a child that dies, hangs or loses its CUDA context is killed, its row recorded as such, and
 the rest run in a fresh child.
-  0. ceilings     `benchmarks.measure.ceilings()`: bf16 8192^3 matmul TFLOP/s, device copy GB/s.
+  0. ceilings     `measure.ceilings()`: bf16 8192^3 matmul TFLOP/s, device copy GB/s.
   1. correctness  each kernel at a few shapes against the reference under the project's rule
-                  (`tests/rule.py`): flash bf16/fp16, D 64/128, causal and full, Tq != Tk, GQA,
+                  (`attention_kernels.testing`): flash bf16/fp16, D 64/128, causal and full, Tq != Tk, GQA,
                   a (B, T, H, D) layout, TMA on and off, forward and backward; packed batches; a
                   window; fused; decoding; a paged cache; bitwise-reproducible gradients; and a "peaky softmax"
                   case through flash and SDPA's flash and efficient backends. Outputs poisoned
@@ -70,7 +70,8 @@ import zlib
 
 from .gpu_check_report import CPU_NOTE, Results, summarize
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the folder holding attention_kernels
+# The folder that holds this attention_kernels (a checkout, or site-packages): the children import the same one
+HOME = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODES = ("fwd", "bwd", "fwd+bwd")
 MIN_START = 3.0  # seconds: a child started with less time than this before its deadline would only import
 ENDS = {"ceilings": 0.08, "correctness": 0.33, "tuning": 0.68, "timing": 1.0}  # each phase's end, in budgets
@@ -232,7 +233,7 @@ class Child:
     compile workers, torch.compile's), the specs on its stdin as JSON, its output read by a thread."""
 
     def __init__(self, kind, specs, env):
-        self.proc = subprocess.Popen([sys.executable, "-m", "attention_kernels.benchmarks.gpu_check", "--worker", kind], cwd=ROOT,
+        self.proc = subprocess.Popen([sys.executable, "-m", "attention_kernels.benchmarks.gpu_check", "--worker", kind],
                                      env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, errors="replace", start_new_session=True)
         self.lines = queue.Queue()
@@ -345,57 +346,12 @@ def run_units(units, deadline, results, env, lanes=1):
 
 
 def child_env(**changes):
-    """The environment of the children: this one, the repository importable, output unbuffered,
+    """The environment of the children: this one, this attention_kernels importable, output unbuffered,
     the kernels' switches at their defaults unless `changes` set them."""
     env = {k: v for k, v in os.environ.items() if k not in ("ATTENTION_KERNELS_AUTOTUNE", "ATTENTION_KERNELS_TMA")}
-    env.update(PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    env.update(PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [HOME, os.environ.get("PYTHONPATH")])))
     env.update(changes)
     return env
-
-
-# ----------------------------------------------------------------------------- compile workers
-# Run in the tuning child's spawned process pool: here, because a spawned worker imports this
-# module anyway (it is __main__) and this module imports nothing heavy at the top.
-
-
-def precompile_jobs(classes, max_jobs):
-    """Every flash binary the autotuner will time for these (T, D, causal) classes: (Call, launch
-    index, tile, overrides), one per binary. Neither T nor the mask changes the binary here (both
-    are runtime integers, multiples of 16 and never 1: Triton 3.6's binder gives causal and full,
-    T 2k and 16k, the same specialization), so they are compiled once; should that change, the
-    autotuner compiles the rest and the tuning rows count them as cache misses."""
-    import torch
-    from . import onchip
-    jobs, seen = [], set()
-    for T, D, causal in classes:
-        call = onchip.Call(torch.bfloat16, D, T, TOKENS // T, WIDTH // D, WIDTH // D, causal)
-        flash_kernels = ["flash-fwd", "flash-dq", "flash-dkdv"]
-        for index, launch, config, overrides in onchip.jobs_for(call, flash_kernels, tma=True):
-            described = onchip.describe(call, launch, config, overrides)
-            binary = tuple(v for k, v in described.items() if k not in ("T", "mask"))
-            if binary not in seen:
-                seen.add(binary)
-                jobs.append((call, index, config, overrides))
-    return jobs[:max_jobs]
-
-
-def precompile_one(job, target):
-    """Compile one binary into Triton's on-disk cache, as the JIT will for this GPU; (error or
-    None, seconds)."""
-    import inspect
-    from . import onchip
-    call, index, config, overrides = job
-    start = time.perf_counter()
-    try:
-        launch = onchip.launches_of(call)[index]
-        if target is not None and "target" in inspect.signature(onchip.compile_like_jit).parameters:
-            overrides = dict(overrides, target=target)
-        elif target is not None:  # compile_like_jit reads its module's SM90 at each call
-            onchip.SM90 = target
-        onchip.compile_like_jit(launch, config, **overrides)
-        return None, time.perf_counter() - start
-    except Exception as e:  # noqa: BLE001  the autotuner compiles what this could not
-        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}", time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------- main
@@ -457,7 +413,8 @@ def main(argv=None):
              for i in range(min(p["lanes"], len(checks)))]
     phase("correctness", units, lanes=len(units), ATTENTION_KERNELS_AUTOTUNE="0")
     pre_seconds = 0.18 * args.budget  # the precompile's part of the tuning phase
-    tune = [dict(id="precompile", kind="precompile", classes=p["classes"], max_jobs=p["max_jobs"], seconds=pre_seconds,
+    tune = [dict(id="precompile", kind="precompile", classes=p["classes"], max_jobs=p["max_jobs"], tokens=TOKENS,
+                 width=WIDTH, seconds=pre_seconds,
                  limit=pre_seconds + 60, row=dict(table="tuning", step="precompile"))]
     tune += [dict(id=f"tune T{T} D{D} {'causal' if c else 'full'}", kind="tune", T=T, D=D, causal=c, B=TOKENS // T,
                   H=WIDTH // D, seed=seed_of("tune", T, D, c), limit=120,

@@ -27,15 +27,10 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import sdpa_kernel  # noqa: E402
 
 from attention_kernels import reference  # noqa: E402
-from . import gpu_check, inference, measure, sweep  # noqa: E402
+from . import compile_workers, inference, measure, sweep  # noqa: E402
 from attention_kernels.kernels import flash, flash_attention, fused_attention, tuning  # noqa: E402
 
-sys.path.append(os.path.join(gpu_check.ROOT, "tests"))
-import cases  # noqa: E402  the rule's numbers (tests/cases.py)
-import rule  # noqa: E402  the project's correctness rule (tests/rule.py)
-import test_decode  # noqa: E402  its decode check, as the test suite runs it
-import test_paged  # noqa: E402  its paged check, likewise
-import test_varlen  # noqa: E402  its packed-batch check
+from attention_kernels.testing import cases, checks, rule  # noqa: E402  the correctness rule, as the tests run it
 
 STICKY_EXIT = 3
 STICKY = re.compile(r"CUDA error|illegal memory access|unspecified launch failure|AcceleratorError|device-side assert")
@@ -56,20 +51,6 @@ def sync():
 
 
 @contextlib.contextmanager
-def poisoned():
-    """tests/conftest.py's `poison` fixture as a context: every float tensor torch.empty and
-    torch.empty_like hand out is full of NaN, so an output element a kernel forgets fails."""
-    empty, empty_like = torch.empty, torch.empty_like
-    filled = lambda t: t.fill_(float("nan")) if t.is_floating_point() else t
-    torch.empty = lambda *a, **kw: filled(empty(*a, **kw))
-    torch.empty_like = lambda *a, **kw: filled(empty_like(*a, **kw))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = empty, empty_like
-
-
-@contextlib.contextmanager
 def tma_setting(value):
     """ATTENTION_KERNELS_TMA for the calls inside (`flash.use_tma` reads it at every launch)."""
     saved = os.environ.get(flash.TMA_ENV)
@@ -83,27 +64,14 @@ def tma_setting(value):
             os.environ[flash.TMA_ENV] = saved
 
 
-def rule_numbers(got, truth, low, factor, floor):
-    """(max error, the low-precision reference's max error, tolerance) as tests/rule.py's
-    assert_close computes them; replicated here because it puts them only in its failure message."""
-    got, truth, low = (x.detach().double() for x in (got, truth, low))
-    fin = ~torch.isinf(truth)
-    if not fin.any():
-        return 0.0, 0.0, floor
-    err = torch.where(fin, got - truth, 0).abs().max().item()
-    base = torch.where(fin, low - truth, 0).abs().max().item()
-    scale = max(1.0, torch.where(fin, truth, 0).abs().max().item())
-    return err, base, factor * base + floor * scale
-
-
 @contextlib.contextmanager
 def rule_report(found):
-    """Within: tests/rule.py's comparisons append (quantity, error, tolerance, failure message)
+    """Within: the rule's comparisons (attention_kernels.testing.rule) append (quantity, error, tolerance, failure message)
     to `found` and go on, so that one row reports every quantity, not only the first failure."""
     assert_close = rule.assert_close
 
     def record(name, got, truth, low, factor, floor):
-        err, base, tol = rule_numbers(got, truth, low, factor, floor)
+        err, base, tol = rule.margins(got, truth, low, factor, floor)
         try:
             assert_close(name, got, truth, low, factor, floor)
             message = ""
@@ -119,7 +87,7 @@ def rule_report(found):
 
 
 def check_rule(spec, dtype):
-    """A kernel against the reference, forward and backward (tests/rule.py)."""
+    """A kernel against the reference, forward and backward (the rule's check_against_reference)."""
     kernel = {"flash": flash_attention, "fused": fused_attention}[spec["impl"]]
     q, k, v, do = rule.make_qkv(cases.Shape(*spec["shape"]), dtype, spec["layout"], spec["seed"])
     window = tuple(spec["window"]) if spec["window"] else None
@@ -128,24 +96,24 @@ def check_rule(spec, dtype):
 
 
 def check_varlen(spec, dtype):
-    """tests/test_varlen.py's check: forward and backward of a packed batch."""
+    """The packed-batch check the tests run: forward and backward."""
     lengths = spec["lengths"]
-    test_varlen.check_varlen(lengths, lengths, *spec["heads"], spec["D"], spec["causal"], spec["window"], dtype)
-    return dict(seed="seed_of in tests/test_varlen.py")
+    checks.check_varlen(lengths, lengths, *spec["heads"], spec["D"], spec["causal"], spec["window"], dtype)
+    return dict(seed="seed_of in attention_kernels.testing.checks")
 
 
 def check_decode(spec, dtype):
-    """tests/test_decode.py's check (its `poison` argument is the fixture, which it does not use)."""
+    """The decode check the tests run."""
     *sizes, lengths, splits, window = spec["case"]
-    test_decode.test_decode_matches_reference(None, (*sizes, tuple(lengths), splits, window), dtype)
-    return dict(seed="seed_of in tests/test_decode.py")
+    checks.check_decode((*sizes, tuple(lengths), splits, window), dtype)
+    return dict(seed="seed_of in attention_kernels.testing.checks")
 
 
 def check_paged(spec, dtype):
-    """tests/test_paged.py's check: prefill chunks and decoding over a shuffled, shared pool."""
+    """The paged check the tests run: prefill chunks and decoding over a shuffled, shared pool."""
     new, lengths, *rest = spec["case"]
-    test_paged.test_paged_matches_reference(None, (tuple(new), tuple(lengths), *rest), dtype)
-    return dict(seed="seed_of in tests/test_paged.py")
+    checks.check_paged((tuple(new), tuple(lengths), *rest), dtype)
+    return dict(seed="seed_of in attention_kernels.testing.checks")
 
 
 def check_determinism(spec, dtype):
@@ -208,7 +176,7 @@ def correctness(spec):
     spec = dict(spec, found=found)
     start = time.perf_counter()
     try:
-        with tma_setting(spec.get("tma")), poisoned(), rule_report(found):
+        with tma_setting(spec.get("tma")), rule.poisoned(), rule_report(found):
             row.update(CHECKS[spec["check"]](spec, DTYPES[spec["dtype"]]))
         sync()
         row["status"] = "ok"
@@ -281,8 +249,9 @@ def precompile(spec):
     start = time.perf_counter()
     with compile_env():  # spawned workers take the environment as it is when each starts: at submit
         pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-        jobs = pool.submit(gpu_check.precompile_jobs, spec["classes"], spec["max_jobs"]).result(timeout=spec["seconds"])
-        futures = [pool.submit(gpu_check.precompile_one, job, target) for job in jobs]
+        jobs = pool.submit(compile_workers.precompile_jobs, spec["classes"], spec["max_jobs"], spec["tokens"],
+                           spec["width"]).result(timeout=spec["seconds"])
+        futures = [pool.submit(compile_workers.precompile_one, job, target) for job in jobs]
     done, late = cf.wait(futures, timeout=max(1.0, spec["seconds"] - (time.perf_counter() - start)))
     if late:  # out of time: stop the compiles still running (the autotuner compiles what is missing)
         for f in late:

@@ -55,7 +55,6 @@ import argparse
 import csv
 import datetime
 import importlib.util
-import inspect
 import os
 import shlex
 import sys
@@ -101,20 +100,6 @@ CSV_FIELDS = ["part", "impl", "mode", "B", "H", "Hkv", "Tq", "Tk", "D", "dtype",
               "device", "torch", "triton", "commit", "timestamp"]
 CPU_NOTE = ("NOTE: no CUDA GPU, so the kernels run under Triton's CPU interpreter (numpy) at tiny sizes. "
             "These timings say nothing about GPU speed; they show the benchmark's flow end to end.")
-
-
-# ----------------------------------------------------------------------------- what exists
-
-
-def missing(part):
-    """Why a part cannot run with this checkout's kernels, or None if it can."""
-    if part == "paged" and not hasattr(kernels, "paged_attention"):
-        return "kernels.paged_attention does not exist yet"
-    if part == "varlen" and not hasattr(kernels, "flash_attention_varlen"):
-        return "kernels.flash_attention_varlen does not exist yet"
-    if part == "window" and "window" not in inspect.signature(kernels.flash_attention).parameters:
-        return "kernels.flash_attention takes no window argument yet"
-    return None
 
 
 # ----------------------------------------------------------------------------- one row
@@ -396,10 +381,6 @@ def run(preset, parts, out_dir, command, plots=True, seed=0):
     writer.writeheader()
     rows, failed, start = [], False, time.perf_counter()
     for part in parts:
-        why = missing(part)
-        if why:
-            say(f"skipping {part}: {why}")
-            continue
         say(f"{part} ...")
         for group in GROUPS[part](p[part], dtype, D, seed):
             done = [measure_row(fields, make, ceiling) for fields, make in group]

@@ -41,7 +41,7 @@ from .impls import DEVICE  # first: sets up the interpreter on a CPU  # noqa: F4
 
 from attention_kernels.kernels import swap_attention  # noqa: E402
 from .sweep import environment, run_log  # noqa: E402
-from .tinygpt import FINAL_STEPS, autocast, batch_offsets, encode, get_batch, load_text, max_deviation  # noqa: E402
+from .training import FINAL_STEPS, autocast, batch_offsets, encode, get_batch, load_text, max_deviation  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- the lecture's model

@@ -98,13 +98,13 @@ import torch.nn.functional as F  # noqa: E402
 from attention_kernels import reference  # noqa: E402
 from .measure import peak_mib  # noqa: E402
 from .sweep import environment, fmt, positive, run_log  # noqa: E402
+from .training import (DATA, FINAL_STEPS, adamw, autocast, batch_offsets, encode, get_batch, load_text,  # noqa: E402,F401
+                       max_deviation, set_lr, synchronize)
 from attention_kernels.kernels import PagedKVCache, decode_attention, flash_attention, paged_attention  # noqa: E402
 from attention_kernels.kernels.module import MODULE_IMPLS, CausalSelfAttention  # noqa: E402
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "attention.txt")
 IMPLS = ("reference", "fused", "flash", "sdpa")
 WARMUP = 5       # untimed steps; the last one is measured for memory (autotuning and AdamW state exist by then)
-FINAL_STEPS = 10  # "final loss" averages this many last steps
 PROGRESS_LINES = 10  # per impl's training, on stderr: a kernel's run takes a minute on the CPU
 TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2}  # largest |loss - reference's loss| in nats at any step; see the docstring
 LOGITS_TOLERANCE = 1e-4  # largest |logit with the KV cache - without| in generation (fp32); see the docstring
@@ -299,54 +299,7 @@ class TinyGPT(nn.Module):
         return logits, F.cross_entropy(logits.float().view(B * T, -1), targets.view(B * T))
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def load_text(path=DATA):
-    """(text, alphabet): the alphabet is the text's characters, sorted; a character's id is its index."""
-    text = open(path, encoding="utf-8").read()
-    return text, "".join(sorted(set(text)))
-
-
-def encode(text, alphabet):
-    index = {ch: i for i, ch in enumerate(alphabet)}
-    return torch.tensor([index[ch] for ch in text], dtype=torch.long)
-
-
-def batch_offsets(n_tokens, cfg, seed):
-    """(steps, B) start offsets of every batch of the run, drawn once so every impl sees the same."""
-    if n_tokens <= cfg.T:
-        raise SystemExit(f"the text has {n_tokens} characters; a context of T={cfg.T} needs more than that")
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(n_tokens - cfg.T, (cfg.steps, cfg.B), generator=g)
-
-
-def get_batch(data, offsets, T):
-    idx = offsets[:, None] + torch.arange(T)          # (B, T) positions in the text
-    return data[idx].to(DEVICE), data[idx + 1].to(DEVICE)  # inputs, and the next character of each
-
-
 # ----------------------------------------------------------------------------- training
-
-
-def autocast(dtype):
-    return torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=dtype == "bf16")
-
-
-def synchronize():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
-def adamw(model, cfg):
-    """The optimizer every training run here uses (benchmarks.ring's too)."""
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
-
-
-def set_lr(optimizer, cfg, i):
-    """Step i's learning rate: cfg.lr after a linear warm-up of cfg.lr_warmup steps."""
-    for group in optimizer.param_groups:
-        group["lr"] = cfg.lr * min(1.0, (i + 1) / (cfg.lr_warmup + 1))
 
 
 def train(impl, cfg, vocab_size, init, data, offsets, progress=None):
@@ -509,11 +462,6 @@ def time_generation(model, idx, max_new_tokens, use_cache):
     tokens, logits = generate(model, idx, max_new_tokens, use_cache, greedy=True, return_logits=True)
     synchronize()
     return tokens, logits, idx.shape[0] * max_new_tokens / (time.perf_counter() - start)
-
-
-def max_deviation(losses, baseline):
-    """The largest |loss - baseline| at the same step."""
-    return max(abs(a - b) for a, b in zip(losses, baseline))
 
 
 # ----------------------------------------------------------------------------- the run

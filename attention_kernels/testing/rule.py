@@ -1,4 +1,6 @@
 """The correctness rule, in one place: make inputs, run a kernel and the reference, compare.
+The tests, the GPU command (`attention_kernels.benchmarks.gpu_check`) and anyone testing a kernel
+of their own use it.
 
 Truth is `reference.attention` in float64 on the same rounded inputs. The same reference computed
 in the input's own precision (upcast=False) measures what that precision costs by itself; a
@@ -6,12 +8,13 @@ kernel passes when its max error is at most FACTOR times that (GRAD_FACTOR for g
 a small floor, relative to the tensor's largest value.
 """
 
+import contextlib
 import zlib
 
 import torch
 
 from attention_kernels import reference
-from cases import DEVICE, FACTOR, FLOOR, GRAD_FACTOR
+from attention_kernels.testing.cases import DEVICE, FACTOR, FLOOR, GRAD_FACTOR
 
 
 def seed_of(*parts):
@@ -42,29 +45,54 @@ def make_qkv(shape, dtype, layout="contiguous", seed=0):
     return q, k, v, do
 
 
+def margins(got, truth, low, factor, floor):
+    """(max |got - truth|, max |low - truth|, the tolerance) over the finite elements of the truth:
+    the numbers the rule compares."""
+    got, truth, low = got.detach().double(), truth.detach().double(), low.detach().double()
+    fin = ~torch.isinf(truth)
+    if not fin.any():
+        return 0.0, 0.0, floor
+    err = torch.where(fin, got - truth, 0).abs().max().item()
+    base = torch.where(fin, low - truth, 0).abs().max().item()
+    scale = max(1.0, torch.where(fin, truth, 0).abs().max().item())
+    return err, base, factor * base + floor * scale
+
+
 def assert_close(name, got, truth, low, factor, floor):
     """max |got - truth| <= factor * max |low - truth| + floor * max(1, max |truth|);
-    -inf must match -inf exactly."""
+    -inf must match -inf exactly; NaN fails."""
     assert got.shape == truth.shape, f"{name}: shape {tuple(got.shape)}, expected {tuple(truth.shape)}"
-    got, truth, low = got.detach().double(), truth.detach().double(), low.detach().double()
+    got, truth = got.detach().double(), truth.detach().double()
     inf = torch.isinf(truth)
     if not torch.equal(torch.isinf(got) & (got < 0), inf & (truth < 0)):
         where = (torch.isinf(got) != inf).nonzero()[:3].tolist()
         raise AssertionError(f"{name}: -inf in different places than the truth, first at {where}")
-    fin = ~inf
-    err = torch.where(fin, got - truth, 0).abs()
-    base = torch.where(fin, low - truth, 0).abs().max().item() if fin.any() else 0.0
-    scale = max(1.0, torch.where(fin, truth, 0).abs().max().item()) if fin.any() else 1.0
-    tol = factor * base + floor * scale
+    _, base, tol = margins(got, truth, low, factor, floor)
+    err = torch.where(inf, 0, got - truth).abs()
     bad = ~(err <= tol)  # nan fails too
     if bad.any():
         first = tuple(bad.nonzero()[0].tolist())
+        scale_floor = tol - factor * base
         raise AssertionError(
             f"{name}: max error {err.max().item():.3g} > tolerance {tol:.3g} (= {factor} x the "
-            f"low-precision reference's {base:.3g} + floor {floor * scale:.3g}); {bad.sum().item()} of "
+            f"low-precision reference's {base:.3g} + floor {scale_floor:.3g}); {bad.sum().item()} of "
             f"{bad.numel()} elements exceed it, first at {first}: got {got[first].item():.6g}, "
             f"truth {truth[first].item():.6g}"
         )
+
+
+@contextlib.contextmanager
+def poisoned():
+    """Within: every float tensor that torch.empty and torch.empty_like hand out is full of NaN,
+    so an output element a kernel forgets to write fails the comparison instead of passing by luck."""
+    empty, empty_like = torch.empty, torch.empty_like
+    filled = lambda t: t.fill_(float("nan")) if t.is_floating_point() else t
+    torch.empty = lambda *a, **kw: filled(empty(*a, **kw))
+    torch.empty_like = lambda *a, **kw: filled(empty_like(*a, **kw))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = empty, empty_like
 
 
 def check_against_reference(kernel, q, k, v, do, causal=True, scale=None, backward=True, window=None, dlse=None):

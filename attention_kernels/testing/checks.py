@@ -1,0 +1,104 @@
+"""The checks that the tests and the GPU command share, one per entry point whose inputs take
+more than a shape to make: a packed batch, a KV cache, a paged pool. Each makes seeded inputs for
+one case of `cases`, runs the kernel and holds it to the rule (`rule.hold_to_rule`); a failure
+raises AssertionError naming the tensor and the worst element."""
+
+import torch
+
+from attention_kernels import reference
+from attention_kernels.kernels import decode_attention, flash_attention_varlen, paged_attention
+from attention_kernels.testing.cases import DEVICE, Shape
+from attention_kernels.testing.rule import hold_to_rule, make_packed, make_qkv, seed_of
+
+I32 = dict(dtype=torch.int32, device=DEVICE)
+UNUSED = 1 << 20  # block-table entries past a sequence's pages: no position below its length maps there
+
+
+# ----------------------------------------------------------------------------- packed batches
+
+
+def check_varlen(lengths_q, lengths_k, Hq, Hkv, D, causal, window, dtype, strided=False, use_lse=False, scale=None):
+    """flash_attention_varlen on a packed batch, forward and backward (with `use_lse`, through its
+    log-sum-exp too), held to the rule; `strided`: rows not adjacent in memory."""
+    q, k, v, do, cu_q, cu_k = make_packed(lengths_q, lengths_k, Hq, Hkv, D, dtype,
+                                          seed_of("varlen", lengths_q, lengths_k, Hq, D, dtype, scale), strided)
+    o, lse = flash_attention_varlen(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), causal, scale=scale,
+                                    return_lse=True, window=window)
+    w = {} if window is None else {"window": window}
+    spec = lambda q, k, v, upcast=True: reference.varlen_attention(q, k, v, cu_q, cu_k, causal, scale, upcast, **w)
+    spec_lse = lambda q, k: reference.varlen_logsumexp(q, k, cu_q, cu_k, causal, scale, **w)
+    dlse = torch.randn(lse.shape, generator=torch.Generator(q.device).manual_seed(3), device=q.device) if use_lse else None
+    hold_to_rule(o, lse, (q, k, v), do, spec, spec_lse, dlse)
+
+
+# ----------------------------------------------------------------------------- decoding against a cache
+
+
+def decode_inputs(B, Hq, Hkv, Tq, Tmax, D, lengths, dtype, seed):
+    q, k_cache, v_cache, _ = make_qkv(Shape(B, Hq, Hkv, Tq, Tmax, D), dtype, "bthd", seed)
+    lengths = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    return q.detach(), k_cache.detach(), v_cache.detach(), lengths
+
+
+def decode_logsumexp(q, k_cache, cache_seqlens, window):
+    """Each new token's log-sum-exp over the keys it sees, per sequence, as the reference has it."""
+    return torch.cat([reference.logsumexp(q[b:b + 1], k_cache[b:b + 1, :, :L], True, window=window)
+                      for b, L in enumerate(cache_seqlens.tolist())])  # (B, Hq, Tq)
+
+
+def check_decode(case, dtype):
+    """decode_attention on a DECODE_CASES case, forward, held to the rule."""
+    *sizes, lengths, num_splits, window = case
+    q, k_cache, v_cache, seqlens = decode_inputs(*sizes, lengths, dtype, seed_of("decode", case, dtype))
+    o, lse = decode_attention(q, k_cache, v_cache, seqlens, num_splits=num_splits, window=window, return_lse=True)
+    w = window or (-1, -1)
+    spec = lambda q, k, v, upcast=True: reference.decode_attention(q, k, v, seqlens, window=w) if upcast else \
+        torch.cat([reference.attention(q[b:b + 1], k[b:b + 1, :, :L], v[b:b + 1, :, :L], True, upcast=False, window=w)
+                   for b, L in enumerate(seqlens.tolist())])
+    hold_to_rule(o, lse, (q, k_cache, v_cache), None, spec, lambda q, k: decode_logsumexp(q, k, seqlens, w))
+
+
+# ----------------------------------------------------------------------------- a paged cache
+
+
+def offsets(lengths):
+    return torch.tensor([0, *lengths], device=DEVICE).cumsum(0).to(torch.int32)
+
+
+def paged_inputs(new, lengths, Hq, Hkv, D, page_size, dtype, seed, share=True, spare=3):
+    """q (total_q, Hq, D) and a shuffled pool (num_pages, page_size, Hkv, D) holding `lengths[b]`
+    keys of sequence b, with its block table and lengths; with `share`, sequences 0 and 1 read
+    the same first page (a shared prompt) when both fill one."""
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    need = [-(-L // page_size) for L in lengths]
+    num_pages = sum(need) + spare
+    order = torch.randperm(num_pages, generator=g, device=DEVICE).tolist()  # pages in no particular order
+    table = torch.full((len(lengths), max(need) + 1), UNUSED, **I32)
+    for b, n in enumerate(need):
+        table[b, :n] = torch.tensor(order[:n], **I32)
+        order = order[n:]
+    if share and len(lengths) > 1 and min(lengths[:2]) >= page_size:
+        table[1, 0] = table[0, 0]
+    randn = lambda *shape: torch.randn(shape, generator=g, device=DEVICE, dtype=dtype)
+    q = randn(sum(new), Hq, D)
+    return q, randn(num_pages, page_size, Hkv, D), randn(num_pages, page_size, Hkv, D), table, \
+        torch.tensor(lengths, **I32), offsets(new)
+
+
+def hold_paged(o, lse, q, k_cache, v_cache, table, lengths, cu_q, window=None, **mods):
+    w = window or (-1, -1)
+    spec = lambda q, k, v, upcast=True: reference.paged_attention(q, k, v, table, lengths, cu_q, upcast=upcast,
+                                                                  window=w, **mods)
+    spec_lse = lambda q, k: reference.varlen_logsumexp(q, reference.gather_pages(k, table, lengths), cu_q,
+                                                       offsets(lengths.tolist()), True, window=w, **mods)
+    hold_to_rule(o, lse, (q, k_cache, v_cache), None, spec, spec_lse)
+
+
+def check_paged(case, dtype):
+    """paged_attention on a PAGED_CASES case (a shuffled pool, a shared page), forward, held to the rule."""
+    new, lengths, Hq, Hkv, D, page_size, num_splits, window = case
+    q, k_cache, v_cache, table, seqlens, cu = paged_inputs(new, lengths, Hq, Hkv, D, page_size, dtype,
+                                                           seed_of("paged", case, dtype))
+    o, lse = paged_attention(q, k_cache, v_cache, table, seqlens, cu, max(new), num_splits=num_splits, window=window,
+                             return_lse=True)
+    hold_paged(o, lse, q, k_cache, v_cache, table, seqlens, cu, window)
