@@ -13,7 +13,7 @@ import pytest
 import torch
 import triton
 
-GPU_TRITON = "3.6."  # the version on the project's GPU machine (../shared/GPU.md)
+GPU_TRITON = "3.6."  # the version Hopper machines run with torch 2.11
 ON_GPU_TRITON = triton.__version__.startswith(GPU_TRITON)
 
 pytestmark = [

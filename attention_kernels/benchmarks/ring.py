@@ -20,7 +20,7 @@ step's kernels (and merge), and wait_ms, the time after them until the step's me
 which is the communication compute did not hide. Whole calls are timed on --repeat more runs
 without the step clock. Apart from attention it times a ring exchange alone (each rank sends a K/V
 block to the next, receives one from the previous; then the backward's fp32 dK/dV block): what a
-step would cost if nothing overlapped. The model in the README: a step takes max(compute,
+step would cost if nothing overlapped. The model in docs/distributed.md: a step takes max(compute,
 transfer) once both overlap, so communication is free while a step's compute outlasts moving a
 block. Printed on rank 0, and written to --out (default runs/ring-<time>/): ring.csv (schema in
 CSV_FIELDS: one row per mode x rank x step, and the exchanges and whole calls) and log.txt.

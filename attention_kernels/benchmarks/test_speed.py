@@ -2,8 +2,8 @@
 Timings to compare two commits with pytest-benchmark; separate from the correctness tests
 (`tests/`) and not run by CI:
 
-    python -m pytest benchmarks/test_speed.py --benchmark-autosave      # on the first commit
-    python -m pytest benchmarks/test_speed.py --benchmark-compare       # on the second: against the last save
+    python -m pytest attention_kernels/benchmarks/test_speed.py --benchmark-autosave      # on the first commit
+    python -m pytest attention_kernels/benchmarks/test_speed.py --benchmark-compare       # on the second: against the last save
 
 Each implementation at a few fixed shapes, fwd and fwd+bwd, bf16, causal. On a GPU every timed
 call ends with torch.cuda.synchronize(), so it times the kernels and not only their launch; the
