@@ -139,30 +139,33 @@ def launches_of(call):
         lse = torch.empty(B, call.Hq, T)
     v = torch.empty_like(k)
     left, right = flash.window_bounds(call.window, call.causal)
-    scale = D ** -0.5
-    mods = flash.Mods(0.0, None, None)
+    variant = common.Variant(left=left, right=right)
     if call.mods:
-        mods = flash.Mods(30.0, torch.zeros(call.Hq), torch.ones(call.Hq))
+        variant = variant._replace(softcap=30.0, sinks=torch.zeros(call.Hq), alibi_slopes=torch.ones(call.Hq))
     if call.dropout:
-        mods = mods._replace(dropout_p=0.1, seed=1)
+        variant = variant._replace(dropout_p=0.1, seed=1)
+    scale = D ** -0.5
     with recording() as launches:
         residual = call.dtype != torch.float32  # a training call: the forward keeps O's rounding residual
-        o, _, res = flash._run_forward(q, k, v, batch, left, right, scale, mods, residual)
-        flash._run_backward(q, k, v, o, res, lse, torch.empty_like(q), None, batch, left, right, scale, mods)
+        o, _, res = flash._run_forward(q, k, v, batch, scale, variant, residual)
+        flash._run_backward(q, k, v, o, res, lse, torch.empty_like(q), None, batch, scale, variant)
         if not call.varlen and call.window is None:
             row = common.pow2(min(T, fused.max_seqlen(D, call.dtype)))
             fq, fk = q[:, :, :row], k[:, :, :row]
-            fused._run_forward(fq, fk, fk, call.causal, scale, mods)
-            fused._run_backward(fq, fk, fk, lse[:, :, :row], torch.empty_like(fq), None, call.causal, scale, mods)
+            whole = variant._replace(left=-1, right=0 if call.causal else -1)  # fused: causal or full only
+            fused._run_forward(fq, fk, fk, scale, whole)
+            fused._run_backward(fq, fk, fk, lse[:, :, :row], torch.empty_like(fq), None, scale, whole)
             if not call.dropout:  # decoding is inference: no dropout
-                decode._run_decode(q[:, :, :1], k, v, torch.full((B,), T, dtype=torch.int32), scale, 4, -1, mods)
+                decode._run_decode(q[:, :, :1], k, v, torch.full((B,), T, dtype=torch.int32), scale, 4,
+                                   variant._replace(left=-1, right=0))
         if call.varlen and not call.dropout:  # serving: a paged cache, appending the new tokens
             # pages of 16: each key's row found through the table; of 256: whole key tiles in a page
             # (the append and merge again the same, which jobs_for builds once by name)
             for page in (16, 256):
                 pool = torch.empty(B * T // page + 1, page, call.Hkv, D, dtype=call.dtype)
                 table = torch.zeros(2, B * T // page + 1, dtype=torch.int32)
-                paged._run_paged(q, pool, pool, table, cu[1:], cu, B * T * 3 // 4, k, k, scale, 4, left, mods)
+                paged._run_paged(q, pool, pool, table, cu[1:], cu, B * T * 3 // 4, k, k, scale, 4,
+                                 variant._replace(right=0))
     return launches
 
 

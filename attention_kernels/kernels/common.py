@@ -3,10 +3,13 @@ What the fused and flash kernel files share: small `@triton.jit` helpers and lau
 """
 
 import contextlib
+import inspect
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from .checks import INTERPRET
 
@@ -125,7 +128,8 @@ def window_args(left, right, Tq, Tk):
     Tq + Tk, wider than any query-key distance, so an unbounded side is one comparison like any
     other, and the kernels' int32 sums of positions and bounds cannot overflow."""
     unbounded = Tq + Tk
-    return (min(left, unbounded) if left >= 0 else unbounded), (min(right, unbounded) if right >= 0 else unbounded)
+    return dict(left=min(left, unbounded) if left >= 0 else unbounded,
+                right=min(right, unbounded) if right >= 0 else unbounded)
 
 
 def on_device(t):
@@ -134,8 +138,73 @@ def on_device(t):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def strides(*tensors):
-    return [s for t in tensors for s in t.stride()]
+def stride_args(dims, **strides):
+    """The kernels' stride arguments by name: stride_<tensor><dim> for each tensor named, its
+    strides given in the order of `dims` ("bhtd": batch, head, row, d)."""
+    out = {}
+    for name, values in strides.items():
+        if len(values) != len(dims):
+            raise ValueError(f"{name}: {len(values)} strides for the {len(dims)} dimensions {dims!r}")
+        out.update({f"stride_{name}{d}": s for d, s in zip(dims, values)})
+    return out
+
+
+def strides(**tensors):
+    """stride_<name>b, h, t, d of (B, H, T, D) tensors given by name: strides(q=q, o=o)."""
+    return stride_args("bhtd", **{name: t.stride() for name, t in tensors.items()})
+
+
+class Variant(NamedTuple):
+    """What a call adds to plain attention, as one value from the public functions through the
+    ops and launchers to the kernels' arguments (`score_args`, `sink_args`, `dropout_args`):
+
+        left, right     the window around each query's diagonal key, -1 for an unbounded side
+                        (`checks.window_bounds`): (-1, 0) causal, (-1, -1) full
+        softcap         the soft-cap (0: none), and sinks (Hq,) and alibi_slopes (Hq,) or (B, Hq),
+        sinks,          fp32 or None (`checks.check_mods`)
+        alibi_slopes
+        dropout_p, seed attention-weight dropout and the call's Philox seed (`dropout.check_dropout`)
+
+    The field names are the torch ops' argument names (`op_args`). A NamedTuple, not a dataclass:
+    torch.compile traces the public functions that build one without a graph break."""
+    left: int = -1
+    right: int = -1
+    softcap: float = 0.0
+    sinks: Optional[Tensor] = None
+    alibi_slopes: Optional[Tensor] = None
+    dropout_p: float = 0.0
+    seed: int = 0
+
+    @property
+    def causal(self):
+        """For the fused kernels, which take causal or full attention only."""
+        return self.right == 0
+
+    def op_args(self):
+        """The fields by name, as the flash ops take them."""
+        return dict(left=self.left, right=self.right, **self.mod_args())
+
+    def mod_args(self):
+        """What models add and dropout by name, as the fused ops take them (`causal` for the window)."""
+        return dict(softcap=self.softcap, sinks=self.sinks, alibi_slopes=self.alibi_slopes, dropout_p=self.dropout_p,
+                    seed=self.seed)
+
+    def score_args(self, placeholder):
+        """The arguments of `score_mods` in every kernel: the soft-cap in base 2, the slopes (or an
+        unread placeholder tensor) and their batch stride, 0 when one slope serves every sequence."""
+        slopes = self.alibi_slopes
+        return dict(SLOPES=placeholder if slopes is None else slopes, softcap=self.softcap * LOG2E,
+                    stride_sb=0 if slopes is None or slopes.dim() == 1 else slopes.stride(0),
+                    HAS_SOFTCAP=self.softcap > 0, HAS_ALIBI=slopes is not None)
+
+    def sink_args(self, placeholder):
+        """The sinks of the kernels that finish a row's softmax (or an unread placeholder tensor)."""
+        return dict(SINKS=placeholder if self.sinks is None else self.sinks, HAS_SINKS=self.sinks is not None)
+
+    def dropout_args(self):
+        """The Philox seed, the probability and the kept weights' scale, 1 / (1 - p)."""
+        return dict(seed=self.seed, p_drop=self.dropout_p, keep_scale=1.0 / (1.0 - self.dropout_p),
+                    HAS_DROPOUT=self.dropout_p > 0)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -149,16 +218,18 @@ def wrap_triton(kernel):
     return kernel if INTERPRET else torch.library.wrap_triton(kernel)
 
 
-def forward_outputs(q, *args):
+def forward_outputs(q, **unused):
     """The empty (out, lse) a forward op fills: out like q, lse (B, Hq, Tq) fp32. Also the ops'
     fake implementation under the interpreter: the same shapes, strides and dtypes."""
     B, Hq, Tq, D = q.shape
     return torch.empty_like(q), torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
 
 
-def gradient_outputs(q, k, v, *args):
-    """The shapes of a backward op's (dq, dk, dv), for its fake implementation."""
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def gradient_outputs(q, k, v, sinks=None, **unused):
+    """The shapes of a backward op's (dq, dk, dv, dsinks), for its fake implementation: dsinks
+    (Hq,) fp32, or empty without sinks."""
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty(0 if sinks is None else sinks.shape[0], device=q.device, dtype=torch.float32))
 
 
 def kernel_op(name, fake):
@@ -170,12 +241,47 @@ def kernel_op(name, fake):
     kernel on torch.compile's fake tensors, which hold no data (torch.compile still compiles
     around it without a graph break). Either way the op has no aliasing or mutation, so
     `torch.library.opcheck` holds it to the full custom-op contract.
+
+    `fake` takes the op's arguments by name. The op's `arg_names` are its parameters in schema
+    order, as its autograd (`register_autograd`) gets them.
     """
     def register(fn):
         qualname = f"attention_kernels::{name}"
+        names = tuple(inspect.signature(fn).parameters)
         if not INTERPRET:
-            return torch.library.triton_op(qualname, fn, mutates_args=())
-        op = torch.library.custom_op(qualname, fn, mutates_args=())
-        op.register_fake(fake)
+            op = torch.library.triton_op(qualname, fn, mutates_args=())
+        else:
+            op = torch.library.custom_op(qualname, fn, mutates_args=())
+            op.register_fake(lambda *args, **kwargs: fake(**dict(zip(names, args)), **kwargs))
+        op.arg_names = names
         return op
     return register
+
+
+def register_autograd(forward, backward, outputs):
+    """Differentiate the op `forward` through the op `backward`, every value by name. The backward
+    takes the forward's inputs and outputs (named `outputs`) that share its parameters' names,
+    and do and dlse, the gradients of the first two outputs (dlse: zeros, or None when the caller
+    never used the log-sum-exp); it returns (dq, dk, dv, dsinks), for the forward's inputs of
+    those names, dsinks only where sinks were given. An empty "res" (no rounding residual) reaches
+    the backward as None."""
+    def setup_context(ctx, inputs, output):
+        named = {**dict(zip(forward.arg_names, inputs)), **dict(zip(outputs, output))}
+        kept = {name: x for name, x in named.items() if name in backward.arg_names}
+        ctx.tensor_names = [name for name, x in kept.items() if x is None or isinstance(x, Tensor)]
+        ctx.save_for_backward(*(kept[name] for name in ctx.tensor_names))
+        ctx.constants = {name: x for name, x in kept.items() if name not in ctx.tensor_names}
+        if "res" in named:  # O's rounding residual: read by the backward, never differentiated
+            ctx.mark_non_differentiable(named["res"])
+
+    def gradients(ctx, do, dlse, *unused):
+        named = {**dict(zip(ctx.tensor_names, ctx.saved_tensors)), **ctx.constants}
+        named["do"] = torch.zeros_like(named["o"]) if do is None else do
+        named["dlse"] = dlse
+        if "res" in named and not named["res"].numel():
+            named["res"] = None
+        dq, dk, dv, dsinks = backward(**named)
+        grads = dict(q=dq, k=dk, v=dv, sinks=None if named["sinks"] is None else dsinks)
+        return tuple(grads.get(name) for name in forward.arg_names)
+
+    forward.register_autograd(gradients, setup_context=setup_context)

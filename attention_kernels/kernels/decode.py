@@ -41,8 +41,7 @@ import triton
 import triton.language as tl
 
 from .checks import INTERPRET, autocast_inputs, check_inputs, check_int32, check_mods, window_bounds
-from .common import LOG2E, dot, meta, on_device, pow2, score_mods, strides, wrap_triton
-from .flash import Mods
+from .common import LOG2E, Variant, dot, meta, on_device, pow2, score_mods, stride_args, wrap_triton
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -340,29 +339,31 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=
     left, _ = window_bounds(window, causal=True)
     refuse_gradients("decode_attention", q, k_cache, v_cache, sinks)
     check_num_splits(num_splits)
-    mods = Mods(*check_mods(q, softcap, sinks, alibi_slopes, batch=B))
-    o, lse = _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, left, mods)
+    softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=B)
+    variant = Variant(left=left, right=0, softcap=softcap, sinks=sinks, alibi_slopes=slopes)
+    o, lse = _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, variant)
     return (o, lse) if return_lse else o
 
 
-def _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, left, mods=None):
+def _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, variant):
     """Launch the split and merge kernels on checked dense inputs; returns (out, lse)."""
     B, Hq, Tq, D = q.shape
     o = torch.empty_like(q)
     lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
-    split_kv(q, k_cache, v_cache, cache_seqlens, scale, num_splits, left, mods, o, lse, B=B, Tq=Tq,
+    split_kv(q, k_cache, v_cache, cache_seqlens, scale, num_splits, variant, o, lse, B=B, Tq=Tq,
              Hkv=k_cache.shape[1], Tmax=k_cache.shape[2], q_strides=q.stride(), k_strides=k_cache.stride(),
              v_strides=v_cache.stride(), o_strides=o.stride())
     return o, lse
 
 
-def split_kv(q, k_cache, v_cache, seqlens, scale, num_splits, left, mods, o, lse, *, B, Tq, Hkv, Tmax,
+def split_kv(q, k_cache, v_cache, seqlens, scale, num_splits, variant, o, lse, *, B, Tq, Hkv, Tmax,
              q_strides, k_strides, v_strides, o_strides, cu_q=None, pages=None, page_size=1):
-    """The split and merge launches, for a dense cache and q (decode_attention) or a paged cache
-    and packed q (`kernels.paged`). Strides as the kernels take them, (b, h, t, d) for q and o
-    (b = 0 when packed: every row is "sequence 0" with Tq = total_q) and (b or page, h, t or slot,
-    d) for the cache; Tq is the longest sequence's new tokens (packed: max_seqlen_q), Tmax each
-    sequence's capacity. Fills o and lse."""
+    """The split launch and the merge (`merge_splits`), for a dense cache and q (decode_attention)
+    or a paged cache and packed q (`kernels.paged`). Strides as the kernels take them, (b, h, t, d)
+    for q and o (b = 0 when packed: every row is "sequence 0" with Tq = total_q) and (b or page, h,
+    t or slot, d) for the cache; Tq is the longest sequence's new tokens (packed: max_seqlen_q),
+    Tmax each sequence's capacity. The variant's window is (left, 0); it has no dropout. Fills o
+    and lse."""
     Hq, D = q.shape[-2] if cu_q is not None else q.shape[1], q.shape[-1]
     group = Hq // Hkv
     block_m, block_n, num_warps = blocks(group * max(Tq, 1), pow2(D), q.element_size())
@@ -375,27 +376,34 @@ def split_kv(q, k_cache, v_cache, seqlens, scale, num_splits, left, mods, o, lse
     else:  # sequence b's blocks start at cu_q[b] // block_q + b (see _sequence_of): room for all of them
         q_blocks = q.shape[0]  # the kernel clamps unchecked offsets to it
         grid_blocks = q.shape[0] // block_q + B
+    left = variant.left
     if num_splits is None:
         num_splits = default_num_splits(1, Hkv, grid_blocks, Tmax if left < 0 else min(Tmax, left + Tq), q.device)
     num_splits = min(num_splits, triton.cdiv(Tmax, block_n))  # a split holds one key block at least
 
     o_part = torch.empty((rows, num_splits, D), device=q.device, dtype=torch.float32)
     lse_part = torch.empty((rows, num_splits), device=q.device, dtype=torch.float32)
-    m = meta(q)
-    mods = mods or Mods(0.0, None, None)
-    sinks, slopes = mods.pointers(lse)
     with on_device(q):
         wrap_triton(_decode_split)[(grid_blocks * Hkv * num_splits,)](
-            q, k_cache, v_cache, seqlens, seqlens if cu_q is None else cu_q, seqlens if pages is None else pages,
-            o_part, lse_part, slopes, *q_strides, *k_strides, *v_strides, 0 if pages is None else pages.stride(0),
-            B, Hkv, Tq, Tmax, 1 if pages is None else k_cache.shape[0], group, q_blocks,
-            left if left >= 0 else Tmax + Tq, scale * LOG2E, *mods.scalars(),
+            Q=q, K=k_cache, V=v_cache, SEQLENS=seqlens, CU_Q=seqlens if cu_q is None else cu_q,
+            PAGES=seqlens if pages is None else pages, O_PART=o_part, LSE_PART=lse_part,
+            **stride_args("bhtd", q=q_strides, k=k_strides, v=v_strides),
+            stride_pb=0 if pages is None else pages.stride(0), B=B, Hkv=Hkv, Tq=Tq, Tmax=Tmax,
+            num_pages=1 if pages is None else k_cache.shape[0], GROUP=group, q_blocks=q_blocks,
+            left=left if left >= 0 else Tmax + Tq, qk_scale=scale * LOG2E, **variant.score_args(lse),
             NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, PAGE_SIZE=page_size,
-            PAGED=pages is not None, VARLEN=cu_q is not None, num_warps=num_warps,
-            **mods.flags(sinks=False), **m,
+            PAGED=pages is not None, VARLEN=cu_q is not None, num_warps=num_warps, **meta(q),
         )
-        wrap_triton(_decode_merge)[(rows,)](
-            o_part, lse_part, o, lse, sinks, *o_strides, Hq, Tq if cu_q is None else q.shape[0],
-            NUM_SPLITS=num_splits, BLOCK_S=pow2(num_splits, least=2),
-            HEAD_DIM=m["HEAD_DIM"], BLOCK_D=m["BLOCK_D"], HAS_SINKS=mods.sinks is not None, num_warps=4,
-        )
+        merge_splits(o_part, lse_part, o, lse, variant, Hq=Hq, Tq=Tq if cu_q is None else q.shape[0],
+                     o_strides=o_strides)
+
+
+def merge_splits(o_part, lse_part, o, lse, variant, *, Hq, Tq, o_strides):
+    """Each row's splits into o and lse, the sinks in the denominator (`_decode_merge`); Tq and
+    o's (b, h, t, d) strides as in `split_kv`, packed: total_q and a batch stride of 0."""
+    rows, num_splits, D = o_part.shape
+    wrap_triton(_decode_merge)[(rows,)](
+        O_PART=o_part, LSE_PART=lse_part, O=o, LSE=lse, **variant.sink_args(lse),
+        **stride_args("bhtd", o=o_strides), Hq=Hq, Tq=Tq, NUM_SPLITS=num_splits,
+        BLOCK_S=pow2(num_splits, least=2), HEAD_DIM=D, BLOCK_D=pow2(D), num_warps=4,
+    )

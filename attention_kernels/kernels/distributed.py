@@ -55,6 +55,7 @@ import torch
 import torch.distributed as dist
 
 from .checks import _dtype_name, autocast_inputs, check_causal, check_inputs, window_bounds
+from .common import Variant
 from .flash import LN2
 
 LAYOUTS = ("zigzag", "contiguous")
@@ -315,13 +316,17 @@ def merge(out, lse, o, lse_step):
     out.copy_((out * a[..., None] + o.float() * b[..., None]) / total[..., None])
 
 
-def _flash_forward(q, k, v, left, right, scale, residual):
-    return torch.ops.attention_kernels.flash_forward(q, k, v, left, right, scale, 0.0, None, None, 0.0, 0, residual)
+def _flash_forward(q, k, v, window, scale, residual):
+    """One piece's flash forward: (o, base-2 lse, o's rounding residual); `window` a Variant with
+    the piece's window alone (the ring adds nothing else to attention)."""
+    return torch.ops.attention_kernels.flash_forward(q, k, v, scale=scale, residual=residual, **window.op_args())
 
 
-def _flash_backward(q, k, v, o, res, lse, do, dlse, left, right, scale):
-    return torch.ops.attention_kernels.flash_backward(q, k, v, o, res, lse, do, dlse, left, right, scale, 0.0, None,
-                                                      None, 0.0, 0)[:3]
+def _flash_backward(q, k, v, o, res, lse, do, dlse, window, scale):
+    """One piece's flash backward: (dq, dk, dv)."""
+    dq, dk, dv, _ = torch.ops.attention_kernels.flash_backward(q, k, v, o, res, lse, do, dlse, scale=scale,
+                                                               **window.op_args())
+    return dq, dk, dv
 
 
 def ring_forward(q, k, v, ring, scale, on_step=None):
@@ -340,8 +345,8 @@ def ring_forward(q, k, v, ring, scale, on_step=None):
             arriving = kv.new_empty(2, *k.shape[:2], ring.lengths[ring.source(s + 1)], D)
             pending = ring.start(sends=[(kv, 1, 2 * s)], recvs=[(arriving, -1, 2 * s)])
         for q0, q1, k0, k1, left, right in ring.plan[s]:
-            o, lse2, res = _flash_forward(q[:, :, q0:q1], kv[0, :, :, k0:k1], kv[1, :, :, k0:k1], left, right, scale,
-                                          sixteen)
+            o, lse2, res = _flash_forward(q[:, :, q0:q1], kv[0, :, :, k0:k1], kv[1, :, :, k0:k1],
+                                          Variant(left=left, right=right), scale, sixteen)
             merge(acc[:, :, q0:q1], lse[:, :, q0:q1], o.float() + res.float() if sixteen else o, lse2)
         clock.computed()
         _wait(pending)
@@ -376,8 +381,8 @@ def ring_backward(do, dlse, q, k, v, out, res, lse, ring, scale, on_step=None):
             rows = lambda x: x[:, :, q0:q1]
             dq_p, dk_p, dv_p = _flash_backward(
                 rows(q), kv[0, :, :, k0:k1], kv[1, :, :, k0:k1], rows(out), None if res is None else rows(res),
-                rows(lse).contiguous(), rows(do), None if dlse is None else rows(dlse).contiguous(), left, right,
-                scale)
+                rows(lse).contiguous(), rows(do), None if dlse is None else rows(dlse).contiguous(),
+                Variant(left=left, right=right), scale)
             dq[:, :, q0:q1] += dq_p.float()
             mine[0, :, :, k0:k1] += dk_p.float()
             mine[1, :, :, k0:k1] += dv_p.float()

@@ -38,8 +38,8 @@ def draw_seed():
 
 
 @triton.jit
-def _dropout_mask(KEEP, seed, p_drop, Hq, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    bh = tl.program_id(0)
+def _dropout_mask(KEEP, seed, p_drop, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    bh = tl.program_id(0)  # b * Hq + h, as the attention kernels number a head
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     base = KEEP + bh.to(tl.int64) * Tq * Tk
     for start in range(0, Tk, BLOCK_N):
@@ -57,6 +57,7 @@ def dropout_mask(B, Hq, Tq, Tk, dropout_p, seed, device):
     keep = torch.empty(B, Hq, Tq, Tk, dtype=torch.int8, device=device)
     block_m, block_n = 32, 32
     with on_device(keep):
-        wrap_triton(_dropout_mask)[(B * Hq, triton.cdiv(Tq, block_m))](keep, seed, float(dropout_p), Hq, Tq, Tk,
-                                                                       BLOCK_M=block_m, BLOCK_N=block_n)
+        wrap_triton(_dropout_mask)[(B * Hq, triton.cdiv(Tq, block_m))](
+            KEEP=keep, seed=seed, p_drop=float(dropout_p), Tq=Tq, Tk=Tk, BLOCK_M=block_m, BLOCK_N=block_n,
+        )
     return keep.bool()

@@ -3,8 +3,9 @@ Flash attention: keys and values in tiles, an online softmax, any sequence lengt
 
 The kernels live in `kernels/flash_fwd.py` (the forward, and the block geometry of masks and
 windows) and `kernels/flash_bwd.py` (delta, dq, dk/dv); their docstrings give the algorithm.
-This file launches them, registers them as torch ops with autograd, and holds the public
-functions.
+This file launches them (one launcher a kernel, every argument by name: the layout's from
+`Batch`, the window's and what models add from `common.Variant`), registers them as torch ops
+with autograd, and holds the public functions.
 
 The mask is a window around each query's diagonal key (bottom-right alignment): query i sees key
 j when i - left <= j - (Tk - Tq) <= i + right; causal is (unbounded, 0), full attention unbounded
@@ -44,8 +45,8 @@ from . import tuning
 from .checks import (INTERPRET, autocast_inputs, check_inputs, check_mods, check_varlen_inputs,
                      last_dim_contiguous, window_bounds)
 from .dropout import check_dropout
-from .common import LOG2E, gradient_outputs, kernel_op, meta, on_device, strides, \
-    window_args, wrap_triton
+from .common import (LOG2E, Variant, gradient_outputs, kernel_op, meta, on_device, register_autograd, stride_args,
+                     window_args, wrap_triton)
 from .flash_bwd import _flash_bwd_delta, _flash_bwd_dkdv, _flash_bwd_dq
 from .flash_fwd import _flash_fwd
 
@@ -122,7 +123,8 @@ def _tma_scratch(size, alignment, stream):
 class Batch(NamedTuple):
     """How the rows of q and k, v are laid out. (B, H, T, D) tensors: B sequences of Tq, Tk rows.
     Packed (total, H, D) tensors: B = len(cu_seqlens) - 1 sequences, sequence b in rows
-    cu_seqlens[b]:cu_seqlens[b + 1], Tq and Tk then the longest (they size the grid)."""
+    cu_seqlens[b]:cu_seqlens[b + 1], Tq and Tk then the longest (they size the grid). Its methods
+    give the flash kernels' arguments by name."""
     B: int
     Hq: int
     Hkv: int
@@ -135,30 +137,33 @@ class Batch(NamedTuple):
     def packed(self):
         return self.cu_q is not None
 
-    def strides(self, *tensors):
-        """Four strides per tensor, (batch, head, row, d); packed tensors have no batch stride,
-        each program offsets to its sequence's first row."""
+    def strides(self, **tensors):
+        """stride_<name>b, h, t of each tensor named; packed tensors have no batch stride, each
+        program offsets to its sequence's first row. The head dim has unit stride (the checks
+        make it so: `checks.last_dim_contiguous`), so the kernels take none for it."""
         if not self.packed:
-            return strides(*tensors)
-        return [s for t in tensors for s in (0, t.stride(1), t.stride(0), t.stride(2))]
+            return stride_args("bht", **{name: t.stride()[:3] for name, t in tensors.items()})
+        return stride_args("bht", **{name: (0, t.stride(1), t.stride(0)) for name, t in tensors.items()})
 
     def row_strides(self, lse):
         """(batch, head) strides of the fp32 per-row tensors, LSE and delta: (B, Hq, Tq), or
         (Hq, total_q) packed, where a program adds its sequence's first row."""
-        return (0, lse.stride(0)) if self.packed else (lse.stride(0), lse.stride(1))
+        if self.packed:
+            return dict(stride_lb=0, stride_lh=lse.stride(0))
+        return dict(stride_lb=lse.stride(0), stride_lh=lse.stride(1))
 
     def sequences(self, q):
-        """The kernels' CU_Q, CU_K arguments (q as an unread placeholder when not packed)."""
-        return (self.cu_q, self.cu_k) if self.packed else (q, q)
+        """CU_Q, CU_K: the offsets, or q as an unread placeholder when not packed."""
+        return dict(CU_Q=self.cu_q, CU_K=self.cu_k) if self.packed else dict(CU_Q=q, CU_K=q)
 
-    def sizes(self, left, right):
-        """Tq, Tk, left, right: what every flash kernel takes after Hq (Hkv for dk/dv)."""
-        return (self.Tq, self.Tk, *window_args(left, right, self.Tq, self.Tk))
+    def sizes(self, variant):
+        """Tq, Tk and the window (`common.window_args`), as every flash kernel takes them."""
+        return dict(Tq=self.Tq, Tk=self.Tk, **window_args(variant.left, variant.right, self.Tq, self.Tk))
 
-    def keys(self, left, right):
+    def keys(self, variant):
         """The autotuner's key arguments, and the query heads per k/v head (a constexpr)."""
         return dict(q_bucket=tuning.t_bucket(self.Tq), k_bucket=tuning.t_bucket(self.Tk),
-                    window_key=tuning.window_key(left, right, self.Tk), GROUP=self.Hq // self.Hkv)
+                    window_key=tuning.window_key(variant.left, variant.right, self.Tk), GROUP=self.Hq // self.Hkv)
 
 
 def _dense(q, k):
@@ -184,38 +189,7 @@ def needs_residual(q, k, v):
     return q.dtype != torch.float32 and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
 
 
-class Mods(NamedTuple):
-    """What models add to plain attention, as the kernels take it (`checks.check_mods`): the
-    soft-cap (0: none), the sinks (Hq,) and ALiBi slopes (Hq,) or (B, Hq), fp32, or None; and
-    attention-weight dropout with its probability and the call's Philox seed."""
-    softcap: float
-    sinks: Optional[Tensor]
-    slopes: Optional[Tensor]
-    dropout_p: float = 0.0
-    seed: int = 0
-
-    def dropout(self):
-        """The kernels' seed, p_drop, keep_scale arguments."""
-        return self.seed, self.dropout_p, 1.0 / (1.0 - self.dropout_p)
-
-    def pointers(self, placeholder):
-        """SINKS, SLOPES: the tensors, or an unread placeholder."""
-        return (placeholder if self.sinks is None else self.sinks), (placeholder if self.slopes is None else self.slopes)
-
-    def scalars(self):
-        """The soft-cap in base 2 and the slopes' batch stride."""
-        stride_sb = 0 if self.slopes is None or self.slopes.dim() == 1 else self.slopes.stride(0)
-        return self.softcap * LOG2E, stride_sb
-
-    def flags(self, sinks=True, dropout=False):
-        """The constexprs of a kernel that takes sinks (the forwards) and dropout (flash's)."""
-        flags = dict(HAS_SOFTCAP=self.softcap > 0, HAS_ALIBI=self.slopes is not None)
-        if dropout:
-            flags["HAS_DROPOUT"] = self.dropout_p > 0
-        return {**flags, "HAS_SINKS": self.sinks is not None} if sinks else flags
-
-
-def _run_forward(q, k, v, batch, left, right, scale, mods, residual):
+def _run_forward(q, k, v, batch, scale, variant, residual):
     o, lse, res = _outputs(q, residual, batch.packed)
     tma = use_tma(q, k, v, o)
     if tma and not INTERPRET:
@@ -223,29 +197,52 @@ def _run_forward(q, k, v, batch, left, right, scale, mods, residual):
     grid = lambda meta: (batch.B * batch.Hq * triton.cdiv(batch.Tq, meta["BLOCK_M"]),)
     with on_device(q):
         wrap_triton(_fwd_kernel)[grid](
-            q, k, v, o, res if residual else o, lse, *batch.sequences(q), *mods.pointers(lse),
-            *batch.strides(q, k, v, o), *batch.row_strides(lse), batch.Hq, *batch.sizes(left, right), scale * LOG2E,
-            *mods.scalars(), *mods.dropout(), **batch.keys(left, right), TMA=tma, RESIDUAL=residual,
-            **mods.flags(dropout=True),
-            VARLEN=batch.packed, LEFT_BOUNDED=left >= 0, **meta(q), **_blocks("fwd"),
+            Q=q, K=k, V=v, O=o, RES=res if residual else o, LSE=lse, **batch.sequences(q),
+            **batch.strides(q=q, k=k, v=v, o=o), **batch.row_strides(lse), Hq=batch.Hq, **batch.sizes(variant),
+            qk_scale=scale * LOG2E, **variant.score_args(lse), **variant.sink_args(lse), **variant.dropout_args(),
+            **batch.keys(variant), TMA=tma, RESIDUAL=residual, VARLEN=batch.packed, LEFT_BOUNDED=variant.left >= 0,
+            **meta(q), **_blocks("fwd"),
         )
     return o, lse, res
 
 
-def dkdv(q, k, v, do, lse, delta, window, scale, batch=None, mods=Mods(0.0, None, None)):
+def _delta(q, o, res, do, lse, dlse, batch):
+    """delta = rowsum(dO * O) - dLSE per query row, like lse (`kernels/flash_bwd.py`)."""
+    delta = torch.empty_like(lse)
+    # delta is per row: a packed batch is one sequence of all its rows here
+    rows = Batch(1, batch.Hq, batch.Hkv, q.shape[0], 0, batch.cu_q, batch.cu_k) if batch.packed else batch
+    wrap_triton(_flash_bwd_delta)[(rows.B * rows.Hq * triton.cdiv(rows.Tq, DELTA_BLOCK_M),)](
+        O=o, RES=o if res is None else res, DO=do, DLSE=delta if dlse is None else dlse.contiguous(), DELTA=delta,
+        **rows.strides(o=o, do=do), Hq=rows.Hq, Tq=rows.Tq, HAS_RES=res is not None, HAS_DLSE=dlse is not None,
+        BLOCK_M=DELTA_BLOCK_M, **meta(q),
+    )
+    return delta
+
+
+def dkdv(q, k, v, do, lse, delta, scale, variant, batch=None):
     """dK and dV from the saved base-2 log-sum-exp and delta (fused uses it too)."""
     batch = batch or _dense(q, k)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    softcap, stride_sb = mods.scalars()
     grid = lambda meta: (batch.B * batch.Hkv * triton.cdiv(batch.Tk, meta["BLOCK_N"]),)
     wrap_triton(_dkdv_kernel)[grid](
-        q, k, v, do, dk, dv, lse, delta, *batch.sequences(q), *batch.strides(q, k, v, do, dk, dv),
-        *batch.row_strides(lse), batch.Hq, batch.Hkv, *batch.sizes(*window), scale, scale * LOG2E,
-        softcap, mods.pointers(lse)[1], stride_sb, *mods.dropout(), **batch.keys(*window),
-        **mods.flags(sinks=False, dropout=True),
-        VARLEN=batch.packed, **meta(q), **_blocks("dkdv"),
+        Q=q, K=k, V=v, DO=do, DK=dk, DV=dv, LSE=lse, DELTA=delta, **batch.sequences(q),
+        **batch.strides(q=q, k=k, v=v, do=do, dk=dk, dv=dv), **batch.row_strides(lse), Hq=batch.Hq, Hkv=batch.Hkv,
+        **batch.sizes(variant), scale=scale, qk_scale=scale * LOG2E, **variant.score_args(lse),
+        **variant.dropout_args(), **batch.keys(variant), VARLEN=batch.packed, **meta(q), **_blocks("dkdv"),
     )
     return dk, dv
+
+
+def _dq(q, k, v, do, lse, delta, scale, variant, batch):
+    dq = torch.empty_like(q)
+    grid = lambda meta: (batch.B * batch.Hq * triton.cdiv(batch.Tq, meta["BLOCK_M"]),)
+    wrap_triton(_dq_kernel)[grid](
+        Q=q, K=k, V=v, DO=do, DQ=dq, LSE=lse, DELTA=delta, **batch.sequences(q),
+        **batch.strides(q=q, k=k, v=v, do=do, dq=dq), **batch.row_strides(lse), Hq=batch.Hq, **batch.sizes(variant),
+        scale=scale, qk_scale=scale * LOG2E, **variant.score_args(lse), **variant.dropout_args(),
+        **batch.keys(variant), VARLEN=batch.packed, LEFT_BOUNDED=variant.left >= 0, **meta(q), **_blocks("dq"),
+    )
+    return dq
 
 
 def sink_gradient(sinks, lse, delta):
@@ -259,106 +256,64 @@ def sink_gradient(sinks, lse, delta):
     return -(p_sink * delta).sum(dim=[d for d in range(lse.dim()) if d != head])  # (Hq,)
 
 
-def _run_backward(q, k, v, o, res, lse, do, dlse, batch, left, right, scale, mods):
+def _run_backward(q, k, v, o, res, lse, do, dlse, batch, scale, variant):
     do = last_dim_contiguous(do)
-    delta = torch.empty_like(lse)
-    has_res = res is not None and res.numel() > 0
-    # delta is per row: a packed batch is one sequence of all its rows here
-    rows = Batch(1, batch.Hq, batch.Hkv, q.shape[0], 0, batch.cu_q, batch.cu_k) if batch.packed else batch
-    d = meta(q)
-    softcap, stride_sb = mods.scalars()
     with on_device(q):
-        wrap_triton(_flash_bwd_delta)[(rows.B * rows.Hq * triton.cdiv(rows.Tq, DELTA_BLOCK_M),)](
-            o, res if has_res else o, do, delta if dlse is None else dlse.contiguous(), delta, *rows.strides(o, do),
-            rows.Hq, rows.Tq, HAS_RES=has_res, HAS_DLSE=dlse is not None, BLOCK_M=DELTA_BLOCK_M, **d,
-        )
-        dk, dv = dkdv(q, k, v, do, lse, delta, (left, right), scale, batch, mods)
-        dq = torch.empty_like(q)
-        grid = lambda meta: (batch.B * batch.Hq * triton.cdiv(batch.Tq, meta["BLOCK_M"]),)
-        wrap_triton(_dq_kernel)[grid](
-            q, k, v, do, dq, lse, delta, *batch.sequences(q), *batch.strides(q, k, v, do, dq),
-            *batch.row_strides(lse), batch.Hq, *batch.sizes(left, right), scale, scale * LOG2E,
-            softcap, mods.pointers(lse)[1], stride_sb, *mods.dropout(), **batch.keys(left, right),
-            **mods.flags(sinks=False, dropout=True),
-            VARLEN=batch.packed, LEFT_BOUNDED=left >= 0, **d, **_blocks("dq"),
-        )
-    dsinks = q.new_empty(0, dtype=torch.float32) if mods.sinks is None else sink_gradient(mods.sinks, lse, delta)
+        delta = _delta(q, o, res if res is not None and res.numel() > 0 else None, do, lse, dlse, batch)
+        dk, dv = dkdv(q, k, v, do, lse, delta, scale, variant, batch)
+        dq = _dq(q, k, v, do, lse, delta, scale, variant, batch)
+    sinks = variant.sinks
+    dsinks = q.new_empty(0, dtype=torch.float32) if sinks is None else sink_gradient(sinks, lse, delta)
     return dq, dk, dv, dsinks
 
 
-def _gradient_outputs(q, k, v, *args):
-    """The shapes of a backward op's (dq, dk, dv, dsinks): dsinks (Hq,) fp32, or empty without
-    sinks. Every backward op ends with (..., sinks, alibi_slopes, dropout_p, seed)."""
-    sinks = args[-4]
-    return (*gradient_outputs(q, k, v), torch.empty(0 if sinks is None else sinks.shape[0], device=q.device,
-                                                    dtype=torch.float32))
+# The ops: their schemas (what torch.compile and opcheck see) take the variant's fields one by one,
+# by the names `Variant` gives them; the bodies gather them back into one.
 
 
-@kernel_op("flash_forward", fake=lambda q, k, v, *args: _outputs(q, args[-1], False))
+@kernel_op("flash_forward", fake=lambda q, residual, **_: _outputs(q, residual, packed=False))
 def _forward(q: Tensor, k: Tensor, v: Tensor, left: int, right: int, scale: float, softcap: float,
              sinks: Optional[Tensor], alibi_slopes: Optional[Tensor], dropout_p: float, seed: int,
              residual: bool) -> tuple[Tensor, Tensor, Tensor]:
-    mods = Mods(softcap, sinks, alibi_slopes, dropout_p, seed)
-    return _run_forward(q, k, v, _dense(q, k), left, right, scale, mods, residual)
+    variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
+                      dropout_p=dropout_p, seed=seed)
+    return _run_forward(q, k, v, _dense(q, k), scale, variant, residual)
 
 
-@kernel_op("flash_backward", fake=_gradient_outputs)
+@kernel_op("flash_backward", fake=gradient_outputs)
 def _backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, res: Optional[Tensor], lse: Tensor, do: Tensor,
               dlse: Optional[Tensor], left: int, right: int, scale: float, softcap: float, sinks: Optional[Tensor],
               alibi_slopes: Optional[Tensor], dropout_p: float, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _run_backward(q, k, v, o, res, lse, do, dlse, _dense(q, k), left, right, scale,
-                         Mods(softcap, sinks, alibi_slopes, dropout_p, seed))
+    variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
+                      dropout_p=dropout_p, seed=seed)
+    return _run_backward(q, k, v, o, res, lse, do, dlse, _dense(q, k), scale, variant)
 
 
-@kernel_op("flash_varlen_forward", fake=lambda q, *args: _outputs(q, args[-1], True))
+@kernel_op("flash_varlen_forward", fake=lambda q, residual, **_: _outputs(q, residual, packed=True))
 def _varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                     max_seqlen_q: int, max_seqlen_k: int, left: int, right: int, scale: float, softcap: float,
                     sinks: Optional[Tensor], alibi_slopes: Optional[Tensor], dropout_p: float, seed: int,
                     residual: bool) -> tuple[Tensor, Tensor, Tensor]:
     batch = _packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return _run_forward(q, k, v, batch, left, right, scale, Mods(softcap, sinks, alibi_slopes, dropout_p, seed),
-                        residual)
+    variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
+                      dropout_p=dropout_p, seed=seed)
+    return _run_forward(q, k, v, batch, scale, variant, residual)
 
 
-@kernel_op("flash_varlen_backward", fake=_gradient_outputs)
+@kernel_op("flash_varlen_backward", fake=gradient_outputs)
 def _varlen_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, res: Optional[Tensor], lse: Tensor, do: Tensor,
                      dlse: Optional[Tensor], cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                      max_seqlen_k: int, left: int, right: int, scale: float, softcap: float,
                      sinks: Optional[Tensor], alibi_slopes: Optional[Tensor], dropout_p: float,
                      seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     batch = _packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return _run_backward(q, k, v, o, res, lse, do, dlse, batch, left, right, scale,
-                         Mods(softcap, sinks, alibi_slopes, dropout_p, seed))
+    variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
+                      dropout_p=dropout_p, seed=seed)
+    return _run_backward(q, k, v, o, res, lse, do, dlse, batch, scale, variant)
 
 
-# ----------------------------------------------------------------------------- autograd
-
-
-def _save(ctx, inputs, output):
-    # inputs: q, k, v, (packed: cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), left, right,
-    # scale, softcap, sinks, alibi_slopes, dropout_p, seed, residual
-    q, k, v, *rest, softcap, sinks, slopes, dropout_p, seed, _ = inputs
-    o, lse, res = output
-    ctx.save_for_backward(q, k, v, o, res, lse, sinks, slopes, *[x for x in rest if isinstance(x, Tensor)])
-    ctx.rest = [x for x in rest if not isinstance(x, Tensor)]
-    ctx.softcap, ctx.dropout = softcap, (dropout_p, seed)
-    ctx.mark_non_differentiable(res)
-
-
-def _gradients(ctx, do, dlse, dres):
-    # dlse: the log-sum-exp's gradient (zeros or None when the caller never used it)
-    q, k, v, o, res, lse, sinks, slopes, *cu_seqlens = ctx.saved_tensors
-    if do is None:
-        do = torch.zeros_like(o)
-    backward = _varlen_backward if cu_seqlens else _backward
-    dq, dk, dv, dsinks = backward(q, k, v, o, res if res.numel() else None, lse, do, dlse, *cu_seqlens, *ctx.rest,
-                                  ctx.softcap, sinks, slopes, *ctx.dropout)
-    skipped = [None] * (len(cu_seqlens) + len(ctx.rest))
-    return dq, dk, dv, *skipped, None, (dsinks if sinks is not None else None), None, None, None, None
-
-
-_forward.register_autograd(_gradients, setup_context=_save)
-_varlen_forward.register_autograd(_gradients, setup_context=_save)
+register_autograd(_forward, _backward, outputs=("o", "lse", "res"))
+register_autograd(_varlen_forward, _varlen_backward, outputs=("o", "lse", "res"))
 
 
 # ----------------------------------------------------------------------------- public
@@ -388,8 +343,9 @@ def flash_attention(q, k, v, causal=True, scale=None, return_lse=False, window=N
     left, right = window_bounds(window, causal)
     softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=q.shape[0])
     dropout_p, seed = check_dropout(dropout_p, dropout_seed)
-    o, lse2, _ = _forward(q, k, v, left, right, scale, softcap, sinks, slopes, dropout_p, seed,
-                          needs_residual(q, k, v))
+    variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=slopes, dropout_p=dropout_p,
+                      seed=seed)
+    o, lse2, _ = _forward(q, k, v, scale=scale, residual=needs_residual(q, k, v), **variant.op_args())
     return (o, lse2 * LN2) if return_lse else o
 
 
@@ -421,7 +377,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     left, right = window_bounds(window, causal)
     softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=cu_seqlens_q.shape[0] - 1)
     dropout_p, seed = check_dropout(dropout_p, dropout_seed)
+    variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=slopes, dropout_p=dropout_p,
+                      seed=seed)
     o, lse2, _ = _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                                 left, right, scale, softcap, sinks, slopes, dropout_p, seed,
-                                 needs_residual(q, k, v))
+                                 scale=scale, residual=needs_residual(q, k, v), **variant.op_args())
     return (o, lse2 * LN2) if return_lse else o

@@ -31,8 +31,8 @@ from .flash_fwd import key_blocks, load_tile, query_blocks, sequence, store_tile
 @triton.jit
 def _flash_bwd_delta(
     O, RES, DO, DLSE, DELTA,
-    stride_ob, stride_oh, stride_ot, stride_od,      # RES has O's strides
-    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_ob, stride_oh, stride_ot,      # RES has O's strides; the head dim has unit stride
+    stride_dob, stride_doh, stride_dot,
     Hq, Tq,
     HAS_RES: tl.constexpr, HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -116,11 +116,11 @@ def _dq_inner(
 @triton.jit
 def _flash_bwd_dq(
     Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
-    stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_dob, stride_doh, stride_dot, stride_dod,
-    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    stride_qb, stride_qh, stride_qt,  # batch, head, row; the head dim has unit stride (`checks.last_dim_contiguous`)
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dqb, stride_dqh, stride_dqt,
     stride_lb, stride_lh,  # LSE and DELTA
     Hq, Tq, Tk,
     left, right,
@@ -233,12 +233,12 @@ def _dkdv_inner(
 @triton.jit
 def _flash_bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
-    stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_dob, stride_doh, stride_dot, stride_dod,
-    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+    stride_qb, stride_qh, stride_qt,  # batch, head, row; the head dim has unit stride (`checks.last_dim_contiguous`)
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dkb, stride_dkh, stride_dkt,
+    stride_dvb, stride_dvh, stride_dvt,
     stride_lb, stride_lh,  # LSE and DELTA
     Hq, Hkv, Tq, Tk,
     left, right,

@@ -163,10 +163,10 @@ def _fwd_inner(
 def _flash_fwd(
     Q, K, V, O, RES, LSE, CU_Q, CU_K,  # RES: like O (read only with RESIDUAL)
     SINKS, SLOPES,         # (Hq,) sink logits, (B or 1, Hq) ALiBi slopes, fp32 (read only when present)
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
-    stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_qb, stride_qh, stride_qt,  # batch, head, row; the head dim has unit stride (`checks.last_dim_contiguous`)
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,  # RES has O's strides
     stride_lb, stride_lh,  # LSE: (B, Hq, Tq), or (Hq, total_q) packed
     Hq, Tq, Tk,            # Tq, Tk: the lengths, or (VARLEN) the longest, which sizes the grid
     left, right,           # the window, unbounded sides as wide as Tq + Tk (`common.window_args`)
@@ -181,8 +181,6 @@ def _flash_fwd(
     HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, LEFT_BOUNDED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    # The head dim has unit stride (the launchers make it so): stride_*d are unread. RES has O's
-    # strides.
     b, h, h_kv, m_block = head_and_query_block(tl.cdiv(Tq, BLOCK_M), Hq, GROUP)
     q0, Tq, k0, Tk = sequence(CU_Q, CU_K, b, Tq, Tk, VARLEN)
     m0 = m_block * BLOCK_M

@@ -37,10 +37,10 @@ from torch import Tensor
 import triton.language as tl
 
 from .checks import INTERPRET, autocast_inputs, check_causal, check_inputs, check_mods, last_dim_contiguous
-from .common import (LOG2E, dot, dropout_keep, forward_outputs, head_and_query_block, kernel_op, mask_scores, meta,
-                     on_device, pow2, score_mods, strides, wrap_triton)
+from .common import (LOG2E, Variant, dot, dropout_keep, forward_outputs, gradient_outputs, head_and_query_block,
+                     kernel_op, mask_scores, meta, on_device, pow2, register_autograd, score_mods, strides, wrap_triton)
 from .dropout import check_dropout
-from .flash import LN2, Mods, _gradient_outputs, dkdv, sink_gradient
+from .flash import LN2, dkdv, sink_gradient
 
 # ----------------------------------------------------------------------------- forward
 
@@ -227,7 +227,7 @@ def row_config(Tq, row, head_dim, dtype):
 # ----------------------------------------------------------------------------- launchers
 
 
-def _run_forward(q, k, v, causal, scale, mods):
+def _run_forward(q, k, v, scale, variant):
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     row = pow2(int(Tk))  # a constexpr: under torch.compile's dynamic shapes this specialises Tk
@@ -236,14 +236,15 @@ def _run_forward(q, k, v, causal, scale, mods):
     o, lse = forward_outputs(q)
     with on_device(q):
         wrap_triton(_fused_fwd)[(B * Hq * num_m_blocks,)](
-            q, k, v, o, lse, *mods.pointers(lse), *strides(q, k, v, o),
-            Hq, Tq, Tk, Hq // Hkv, num_m_blocks, scale * LOG2E, *mods.scalars(), *mods.dropout(),
-            BLOCK_M=block_m, ROW=row, num_warps=num_warps, CAUSAL=causal, **mods.flags(dropout=True), **meta(q),
+            Q=q, K=k, V=v, O=o, LSE=lse, **strides(q=q, k=k, v=v, o=o), Hq=Hq, Tq=Tq, Tk=Tk, GROUP=Hq // Hkv,
+            num_m_blocks=num_m_blocks, qk_scale=scale * LOG2E, **variant.score_args(lse), **variant.sink_args(lse),
+            **variant.dropout_args(), BLOCK_M=block_m, ROW=row, CAUSAL=variant.causal, num_warps=num_warps,
+            **meta(q),
         )
     return o, lse
 
 
-def _run_backward(q, k, v, lse, do, dlse, causal, scale, mods):
+def _run_backward(q, k, v, lse, do, dlse, scale, variant):
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     do = last_dim_contiguous(do)
@@ -253,47 +254,47 @@ def _run_backward(q, k, v, lse, do, dlse, causal, scale, mods):
     dq, delta = torch.empty_like(q), torch.empty_like(lse)
     with on_device(q):
         wrap_triton(_fused_bwd_dq)[(B * Hq * num_m_blocks,)](
-            q, k, v, do, dq, delta if dlse is None else dlse.contiguous(), delta, *mods.pointers(lse),
-            *strides(q, k, v, do, dq), Hq, Tq, Tk, Hq // Hkv, num_m_blocks, scale, scale * LOG2E, *mods.scalars(),
-            *mods.dropout(), BLOCK_M=block_m, ROW=row, num_warps=num_warps, CAUSAL=causal, HAS_DLSE=dlse is not None,
-            **mods.flags(dropout=True), **meta(q),
+            Q=q, K=k, V=v, DO=do, DQ=dq, DLSE=delta if dlse is None else dlse.contiguous(), DELTA=delta,
+            **strides(q=q, k=k, v=v, do=do, dq=dq), Hq=Hq, Tq=Tq, Tk=Tk, GROUP=Hq // Hkv, num_m_blocks=num_m_blocks,
+            scale=scale, qk_scale=scale * LOG2E, **variant.score_args(lse), **variant.sink_args(lse),
+            **variant.dropout_args(), BLOCK_M=block_m, ROW=row, CAUSAL=variant.causal, HAS_DLSE=dlse is not None,
+            num_warps=num_warps, **meta(q),
         )
         # the flash kernel's dk/dv: tiles, no row limit
-        dk, dv = dkdv(q, k, v, do, lse, delta, (-1, 0 if causal else -1), scale, mods=mods)
-    dsinks = q.new_empty(0, dtype=torch.float32) if mods.sinks is None else sink_gradient(mods.sinks, lse, delta)
+        dk, dv = dkdv(q, k, v, do, lse, delta, scale, variant)
+    sinks = variant.sinks
+    dsinks = q.new_empty(0, dtype=torch.float32) if sinks is None else sink_gradient(sinks, lse, delta)
     return dq, dk, dv, dsinks
+
+
+# The ops take the variant's fields by `Variant`'s names, with `causal` for its window: (-1, 0)
+# causal, (-1, -1) full.
+
+
+def _variant(causal, softcap, sinks, alibi_slopes, dropout_p, seed):
+    return Variant(left=-1, right=0 if causal else -1, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
+                   dropout_p=dropout_p, seed=seed)
 
 
 @kernel_op("fused_forward", fake=forward_outputs)
 def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, softcap: float, sinks: Optional[Tensor],
              alibi_slopes: Optional[Tensor], dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
-    return _run_forward(q, k, v, causal, scale, Mods(softcap, sinks, alibi_slopes, dropout_p, seed))
+    variant = _variant(causal=causal, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                       seed=seed)
+    return _run_forward(q, k, v, scale, variant)
 
 
-@kernel_op("fused_backward", fake=_gradient_outputs)
+@kernel_op("fused_backward", fake=gradient_outputs)
 def _backward(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, do: Tensor, dlse: Optional[Tensor], causal: bool,
               scale: float, softcap: float, sinks: Optional[Tensor], alibi_slopes: Optional[Tensor], dropout_p: float,
               seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _run_backward(q, k, v, lse, do, dlse, causal, scale, Mods(softcap, sinks, alibi_slopes, dropout_p, seed))
+    variant = _variant(causal=causal, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                       seed=seed)
+    return _run_backward(q, k, v, lse, do, dlse, scale, variant)
 
 
-# ----------------------------------------------------------------------------- autograd
-
-
-def _save(ctx, inputs, output):
-    q, k, v, causal, scale, softcap, sinks, slopes, dropout_p, seed = inputs
-    ctx.save_for_backward(q, k, v, output[1], sinks, slopes)  # the lse; not o: the backward gets delta from P, dP
-    ctx.causal, ctx.scale, ctx.softcap, ctx.dropout = causal, scale, softcap, (dropout_p, seed)
-
-
-def _gradients(ctx, do, dlse):
-    q, k, v, lse, sinks, slopes = ctx.saved_tensors
-    dq, dk, dv, dsinks = _backward(q, k, v, lse, do, dlse, ctx.causal, ctx.scale, ctx.softcap, sinks, slopes,
-                                   *ctx.dropout)
-    return dq, dk, dv, None, None, None, (dsinks if sinks is not None else None), None, None, None
-
-
-_forward.register_autograd(_gradients, setup_context=_save)
+# the backward reads the lse, not o: it gets delta from P and dP
+register_autograd(_forward, _backward, outputs=("o", "lse"))
 
 
 # ----------------------------------------------------------------------------- public
@@ -314,5 +315,7 @@ def fused_attention(q, k, v, causal=True, scale=None, return_lse=False, softcap=
     check_row(k, q.dtype)
     softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=q.shape[0])
     dropout_p, seed = check_dropout(dropout_p, dropout_seed)
-    o, lse2 = _forward(q, k, v, check_causal(causal), scale, softcap, sinks, slopes, dropout_p, seed)
+    variant = Variant(left=-1, right=0 if check_causal(causal) else -1, softcap=softcap, sinks=sinks,
+                      alibi_slopes=slopes, dropout_p=dropout_p, seed=seed)
+    o, lse2 = _forward(q, k, v, causal=variant.causal, scale=scale, **variant.mod_args())
     return (o, lse2 * LN2) if return_lse else o

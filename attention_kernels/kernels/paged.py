@@ -41,8 +41,7 @@ import triton
 
 from .checks import SUPPORTED_DTYPES, _dtype_name, _is_int, check_inputs, check_int32, check_mods, window_bounds
 from .decode import _append_kv, check_num_splits, refuse_gradients, split_kv
-from .common import on_device, pow2, wrap_triton
-from .flash import Mods
+from .common import Variant, on_device, pow2, stride_args, wrap_triton
 
 APPEND_BLOCK = 16  # new tokens per program of the append kernel
 
@@ -170,16 +169,17 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_
     left, _ = window_bounds(window, causal=True)
     check_num_splits(num_splits)
     B = cu_seqlens_q.shape[0] - 1
-    mods = Mods(*check_mods(q, softcap, sinks, alibi_slopes, batch=B))
+    softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=B)
+    variant = Variant(left=left, right=0, softcap=softcap, sinks=sinks, alibi_slopes=slopes)
     refuse_gradients("paged_attention", q, k_cache, v_cache, k_new, v_new, sinks)
     q = q if q.stride(-1) == 1 else q.contiguous()
     o, lse = _run_paged(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, max_seqlen_q, k_new, v_new,
-                        scale, num_splits, left, mods)
+                        scale, num_splits, variant)
     return (o, lse) if return_lse else o
 
 
 def _run_paged(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, max_seqlen_q, k_new, v_new, scale,
-               num_splits, left, mods):
+               num_splits, variant):
     """Launch the append (with k_new) and the split and merge kernels on checked inputs; returns (out, lse)."""
     B = cu_seqlens_q.shape[0] - 1
     num_pages, page_size, Hkv, D = k_cache.shape
@@ -189,16 +189,17 @@ def _run_paged(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, ma
     if k_new is not None:
         with on_device(q):
             wrap_triton(_append_kv)[(B, triton.cdiv(max_seqlen_q, APPEND_BLOCK), Hkv)](
-                k_new, v_new, k_cache, v_cache, cache_seqlens, cu_seqlens_q, block_table,
-                *k_new.stride(), *v_new.stride(), *_cache_strides(k_cache), *_cache_strides(v_cache),
-                block_table.stride(0), capacity, num_pages, q.shape[0],
+                K_NEW=k_new, V_NEW=v_new, K=k_cache, V=v_cache, SEQLENS=cache_seqlens, CU_Q=cu_seqlens_q,
+                PAGES=block_table, **stride_args("thd", n=k_new.stride(), w=v_new.stride()),
+                **stride_args("bhtd", k=_cache_strides(k_cache), v=_cache_strides(v_cache)),
+                stride_pb=block_table.stride(0), Tmax=capacity, num_pages=num_pages, total_q=q.shape[0],
                 HEAD_DIM=D, BLOCK_D=pow2(D), BLOCK_T=APPEND_BLOCK, PAGE_SIZE=page_size,
             )
         seqlens = cache_seqlens + (cu_seqlens_q[1:] - cu_seqlens_q[:-1])  # on the device: no host read
     o = torch.empty_like(q)
     lse = torch.empty((q.shape[1], q.shape[0]), device=q.device, dtype=torch.float32)
     packed = lambda t: (0, t.stride(1), t.stride(0), t.stride(2))  # (b, h, t, d): every row is "sequence 0"
-    split_kv(q, k_cache, v_cache, seqlens, scale, num_splits, left, mods, o, lse, B=B, Tq=max_seqlen_q, Hkv=Hkv,
+    split_kv(q, k_cache, v_cache, seqlens, scale, num_splits, variant, o, lse, B=B, Tq=max_seqlen_q, Hkv=Hkv,
              Tmax=capacity, q_strides=packed(q), k_strides=_cache_strides(k_cache),
              v_strides=_cache_strides(v_cache), o_strides=packed(o), cu_q=cu_seqlens_q, pages=block_table,
              page_size=page_size)
