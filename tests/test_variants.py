@@ -8,9 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from attention_kernels import (attention, decode_attention, flash_attention, flash_attention_varlen, fused_attention,
                                reference)
+from attention_kernels.kernels import common
 from attention_kernels.testing.cases import DEVICE, FACTOR, FLOOR, GRAD_FACTOR, Shape
 from attention_kernels.testing.rule import assert_close, make_packed, make_qkv, seed_of
 
@@ -56,12 +59,13 @@ def hold_mods_to_rule(kernel_out, inputs, sinks, do, dlse, spec, spec_lse):
         assert_close(name, x.grad, x64.grad, xl.grad, GRAD_FACTOR, floor)
 
 
-def check(kernel, shape, dtype, causal, name, window=None, scale=None, seed=0, sink_scale=1.0, gain=1.0):
+def check(kernel, shape, dtype, causal, name, window=None, scale=None, seed=0, sink_scale=1.0, gain=1.0, softcap=None):
     q, k, v, do = make_qkv(shape, dtype, "bthd", seed_of(kernel.__name__, shape, dtype, causal, name, window, seed))
     if gain != 1.0:
         with torch.no_grad():
             q.mul_(gain), k.mul_(gain)
-    softcap, sinks, slopes = mod_inputs(name, shape.Hq, shape.B, dtype, seed, sink_scale)
+    cap, sinks, slopes = mod_inputs(name, shape.Hq, shape.B, dtype, seed, sink_scale)
+    softcap = cap if softcap is None else softcap
     mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=slopes)
     w = {} if window is None else {"window": window}
     out = kernel(q, k, v, causal=causal, scale=scale, return_lse=True, **w, **mods)
@@ -143,6 +147,37 @@ def test_a_softcap_that_binds_and_scores_near_1e4(poison, kernel, softcap):
     spec = lambda qkv, s, upcast=True: reference.attention(*qkv, True, None, upcast, softcap=softcap)
     spec_lse = lambda qkv, s: reference.logsumexp(qkv[0], qkv[1], True, softcap=softcap)
     hold_mods_to_rule((o, lse), (q, k, v), None, do, torch.zeros_like(lse), spec, spec_lse)
+
+
+@triton.jit
+def _tanh_of(X, Y, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Y + offs, common.tanh(tl.load(X + offs, mask=offs < N)), mask=offs < N)
+
+
+def test_the_kernels_tanh_is_accurate_over_the_whole_range():
+    # every score s / cap the soft-cap can meet, 1e-38 to 1e4 and their negatives, against float64
+    x = torch.cat([torch.logspace(-38, 4, 4001), torch.linspace(-3, 3, 2001)]).to(DEVICE)
+    x = torch.cat([x, -x]).float()
+    y = torch.empty_like(x)
+    _tanh_of[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+    truth = torch.tanh(x.double())
+    ulps = ((y.double() - truth).abs() / torch.finfo(torch.float32).eps / truth.abs().clamp_min(1e-38)).max().item()
+    assert ulps <= 8, f"tanh is {ulps:.3g} float32 epsilons off (relative)"
+
+
+@pytest.mark.parametrize("kernel", [flash_attention, fused_attention], ids=lambda k: k.__name__)
+@pytest.mark.parametrize("softcap", [1e3, 1e8, 1e30])
+def test_a_softcap_too_large_to_bind_is_plain_attention(poison, kernel, softcap):
+    # s / cap is tiny: tanh must keep its digits, or the cap multiplies its error back into every
+    # score (fp32 failed the rule from a cap of 1e3; at 1e8 every weight came out uniform)
+    check(kernel, Shape(1, 2, 1, 33, 40, 32), torch.float32, True, "softcap", softcap=softcap)
+
+
+def test_a_softcap_past_float32_is_refused():
+    q, k, v, _ = make_qkv(Shape(1, 1, 1, 4, 4, 16), torch.float32, seed=0)
+    with pytest.raises(ValueError, match="softcap must be at most .*got 3e\\+38"):
+        flash_attention(q, k, v, softcap=3e38)
 
 
 @pytest.mark.parametrize("kernel", [flash_attention, fused_attention], ids=lambda k: k.__name__)

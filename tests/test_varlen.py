@@ -50,8 +50,10 @@ def test_unchecked_offsets_give_the_same_result(poison, monkeypatch):
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("the offsets were read on the host"))
     torch.testing.assert_close(flash_attention_varlen(q, k, v, cu, cu, 19, 19, check_seqlens=False), checked,
                                rtol=0, atol=0)
-    with pytest.raises(ValueError, match="max_seqlen_k must be an int from 0 to the packed length 23"):
+    with pytest.raises(TypeError, match=r"max_seqlen_k must be an int, got 19.0 \(float\)"):
         flash_attention_varlen(q, k, v, cu, cu, 19, 19.0, check_seqlens=False)
+    with pytest.raises(ValueError, match="max_seqlen_k must be an int from 0 to the packed length 23"):
+        flash_attention_varlen(q, k, v, cu, cu, 19, 24, check_seqlens=False)
 
 
 def packed():

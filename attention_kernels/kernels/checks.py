@@ -156,9 +156,11 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must hold the same number of sequences, got "
                          f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+    pairs = tuple((name, cu, total, as_int(longest, name.replace("cu_seqlens", "max_seqlen")))
+                  for name, cu, total, longest in pairs)
     for name, _, total, longest in pairs:  # the grid is sized by max_seqlen: no longer than all the rows
         max_name = name.replace("cu_seqlens", "max_seqlen")
-        if not _is_int(longest) or not 0 <= longest <= total:
+        if not 0 <= longest <= total:
             raise ValueError(f"{max_name} must be an int from 0 to the packed length {total} (the longest "
                              f"sequence's length, which sizes the grid), got {longest!r}")
     offsets = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist() if read_values else []  # the one host read
@@ -168,9 +170,9 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
                              f"got {values[:8]}{' ...' if len(values) > 8 else ''}")
         lengths = [b - a for a, b in zip(values, values[1:])]
         max_name = name.replace("cu_seqlens", "max_seqlen")
-        if not _is_int(longest) or longest < max(lengths):
+        if longest < max(lengths):
             raise ValueError(f"{max_name} must be an int >= the longest sequence, {max(lengths)}, got {longest!r}")
-    return q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), scale
+    return q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), pairs[0][3], pairs[1][3], scale
 
 
 def check_int32(name, t, shape, device, what=None, want=None):
@@ -185,6 +187,9 @@ def check_int32(name, t, shape, device, what=None, want=None):
                          f"of shape {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} must be on q's device {device}, got {t.device}")
+
+
+MAX_SOFTCAP = torch.finfo(torch.float32).max / math.log2(math.e) / 2  # softcap * log2(e) in fp32, with room
 
 
 def _is_int(x):
@@ -204,6 +209,9 @@ def check_mods(q, softcap=None, sinks=None, alibi_slopes=None, batch=None, kerne
         raise TypeError(f"softcap must be a real number or None, got {type(softcap).__name__}")
     elif not (math.isfinite(softcap) and softcap > 0):
         raise ValueError(f"softcap must be finite and > 0 (logits become softcap * tanh(s / softcap)), got {softcap}")
+    elif softcap > MAX_SOFTCAP:
+        raise ValueError(f"softcap must be at most {MAX_SOFTCAP:.4g}, got {softcap:.4g}: the kernels hold "
+                         "softcap * log2(e) in float32 (a cap that large changes no float32 score anyway)")
     else:
         cap = float(softcap)
 
@@ -224,6 +232,8 @@ def check_mods(q, softcap=None, sinks=None, alibi_slopes=None, batch=None, kerne
         return t.float().contiguous() if kernels else t
 
     sinks = tensor("sinks", sinks, [(Hq,)])
+    if sinks is not None and kernels:  # a sink of +inf takes all the weight (outputs 0), as 1e30 does; the
+        sinks = sinks.clamp(max=1e30)  # kernels scale logits by log2(e), which would take a larger one past fp32
     slopes = tensor("alibi_slopes", alibi_slopes, [(Hq,)] + ([(batch, Hq)] if batch is not None else []))
     if slopes is not None and slopes.requires_grad and torch.is_grad_enabled():
         raise ValueError("alibi_slopes are constants to the kernels (no gradient reaches them): pass "
@@ -231,11 +241,26 @@ def check_mods(q, softcap=None, sinks=None, alibi_slopes=None, batch=None, kerne
     return (cap if kernels or cap else None), sinks, slopes
 
 
-def check_causal(causal, name="causal"):
+def check_flag(value, name):
     """A flag that must be a bool: "no", 1 or a tensor are refused rather than read as truthy."""
-    if not isinstance(causal, bool):
-        raise TypeError(f"{name} must be True or False, got {causal!r} ({type(causal).__name__})")
-    return causal
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_causal(causal, name="causal"):
+    return check_flag(causal, name)
+
+
+def as_int(value, name, what="an int"):
+    """An integer argument as a Python int, converted once: a Python or numpy integer, or a 0-d
+    integer tensor (read on the host). Bools, floats and other tensors are refused by name."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
+            and not value.is_complex() and value.dtype != torch.bool:
+        return int(value.item())
+    if not _is_int(value):
+        raise TypeError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
+    return int(value)
 
 
 def window_bounds(window, causal):

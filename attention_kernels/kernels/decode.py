@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import INTERPRET, autocast_inputs, check_inputs, check_int32, check_mods, window_bounds
+from .checks import INTERPRET, autocast_inputs, check_flag, check_inputs, check_int32, check_mods, window_bounds
 from .common import LOG2E, Variant, dot, meta, on_device, pow2, score_mods, stride_args, wrap_triton
 
 # ----------------------------------------------------------------------------- kernels
@@ -332,10 +332,13 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=
     length into [0, Tmax], so it never reads outside the cache, but an out-of-range length is
     the caller's bug, not an error.
     """
-    q, k_cache, v_cache, scale = check_inputs(*autocast_inputs(q, k_cache, v_cache), scale)
+    q, k_cache, v_cache, scale = check_inputs(*autocast_inputs(q, k_cache, v_cache), scale,
+                                              names=("q", "k_cache", "v_cache"))
     B, Hq, Tq, D = q.shape
-    Hkv, Tmax = k_cache.shape[1], k_cache.shape[2]
-    _check_seqlens(cache_seqlens, B, Tmax, q.device, check_seqlens)
+    Tmax = k_cache.shape[2]
+    check_flag(return_lse, "return_lse")
+    _check_seqlens(cache_seqlens, B, Tmax, q.device, check_flag(check_seqlens, "check_seqlens"))
+    cache_seqlens = cache_seqlens.contiguous()  # the kernels read it as contiguous: a strided view moved lengths
     left, _ = window_bounds(window, causal=True)
     refuse_gradients("decode_attention", q, k_cache, v_cache, sinks)
     check_num_splits(num_splits)

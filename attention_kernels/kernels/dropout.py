@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import as_int
 from .common import dropout_keep, on_device, wrap_triton
 
 
@@ -53,7 +54,14 @@ def dropout_mask(B, Hq, Tq, Tk, dropout_p, seed, device):
     """The (B, Hq, Tq, Tk) bool mask of the weights a flash or fused call with this dropout_p and seed
     keeps: weight (b, h, i, j) of query i and key j, positions in their sequence. For a packed
     batch, sequence b's mask is [b, :, :len_q, :len_k] of the mask for (B, Hq, max_seqlen_q,
-    max_seqlen_k)."""
+    max_seqlen_k). Checked like a kernel call's dropout: sizes >= 1, p in [0, 1), a seed in [0, 2**63)."""
+    B, Hq, Tq, Tk = (as_int(n, name, "an int >= 1") for n, name in ((B, "B"), (Hq, "Hq"), (Tq, "Tq"), (Tk, "Tk")))
+    for name, n in (("B", B), ("Hq", Hq), ("Tq", Tq), ("Tk", Tk)):
+        if n < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {n}")
+    if seed is None:
+        raise TypeError("seed must be the call's dropout seed, an int in [0, 2**63), got None")
+    dropout_p, _ = check_dropout(dropout_p, seed)
     keep = torch.empty(B, Hq, Tq, Tk, dtype=torch.int8, device=device)
     block_m, block_n = 32, 32
     with on_device(keep):

@@ -42,7 +42,7 @@ import triton
 from torch import Tensor
 
 from . import tuning
-from .checks import (INTERPRET, autocast_inputs, check_inputs, check_mods, check_varlen_inputs,
+from .checks import (INTERPRET, autocast_inputs, check_flag, check_inputs, check_mods, check_varlen_inputs,
                      last_dim_contiguous, window_bounds)
 from .dropout import check_dropout
 from .common import (LOG2E, Variant, gradient_outputs, kernel_op, meta, on_device, register_autograd, stride_args,
@@ -340,6 +340,7 @@ def flash_attention(q, k, v, causal=True, scale=None, return_lse=False, window=N
     `kernels.dropout_mask` gives the weights a seed keeps. The log-sum-exp is the undropped one.
     """
     q, k, v, scale = check_inputs(*autocast_inputs(q, k, v), scale)
+    check_flag(return_lse, "return_lse")
     left, right = window_bounds(window, causal)
     softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=q.shape[0])
     dropout_p, seed = check_dropout(dropout_p, dropout_seed)
@@ -371,14 +372,14 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     are per sequence.
     """
     q, k, v = autocast_inputs(q, k, v)
-    q, k, v, cu_seqlens_q, cu_seqlens_k, scale = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k,
-                                                                     max_seqlen_q, max_seqlen_k, scale,
-                                                                     check_seqlens)
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale = check_varlen_inputs(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, check_flag(check_seqlens, "check_seqlens"))
+    check_flag(return_lse, "return_lse")
     left, right = window_bounds(window, causal)
     softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=cu_seqlens_q.shape[0] - 1)
     dropout_p, seed = check_dropout(dropout_p, dropout_seed)
     variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=slopes, dropout_p=dropout_p,
                       seed=seed)
-    o, lse2, _ = _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+    o, lse2, _ = _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                  scale=scale, residual=needs_residual(q, k, v), **variant.op_args())
     return (o, lse2 * LN2) if return_lse else o

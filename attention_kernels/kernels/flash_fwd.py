@@ -228,8 +228,9 @@ def _flash_fwd(
     if HAS_SINKS:  # the head's sink logit joins the denominator (weight, no value): GPT-OSS
         sink = tl.load(SINKS + h) * 1.4426950408889634                     # base 2
         m_sink = tl.maximum(m_i, sink)
-        alpha = tl.math.exp2(m_i - m_sink)                                 # 0 for a row that saw no key
-        l_i = l_i * alpha + tl.math.exp2(sink - m_sink)
+        m_use = tl.where(m_sink == float("-inf"), 0.0, m_sink)             # no key and a sink of -inf: 0, not nan
+        alpha = tl.math.exp2(m_i - m_use)                                  # 0 for a row that saw no key
+        l_i = l_i * alpha + tl.math.exp2(sink - m_use)
         acc = acc * alpha[:, None]
         m_i = m_sink
     # -- divide by the row sum once; a row that saw no key has l = 0 and gives 0 / 1 = 0

@@ -36,7 +36,8 @@ import triton
 from torch import Tensor
 import triton.language as tl
 
-from .checks import INTERPRET, autocast_inputs, check_causal, check_inputs, check_mods, last_dim_contiguous
+from .checks import (INTERPRET, autocast_inputs, check_causal, check_flag, check_inputs, check_mods,
+                     last_dim_contiguous)
 from .common import (LOG2E, Variant, dot, dropout_keep, forward_outputs, gradient_outputs, head_and_query_block,
                      kernel_op, mask_scores, meta, on_device, pow2, register_autograd, score_mods, strides, wrap_triton)
 from .dropout import check_dropout
@@ -313,6 +314,7 @@ def fused_attention(q, k, v, causal=True, scale=None, return_lse=False, softcap=
     """
     q, k, v, scale = check_inputs(*autocast_inputs(q, k, v), scale)
     check_row(k, q.dtype)
+    check_flag(return_lse, "return_lse")
     softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=q.shape[0])
     dropout_p, seed = check_dropout(dropout_p, dropout_seed)
     variant = Variant(left=-1, right=0 if check_causal(causal) else -1, softcap=softcap, sinks=sinks,

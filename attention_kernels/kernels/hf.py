@@ -13,7 +13,7 @@ otherwise (transformers' SDPA, or the model's eager attention where it softcaps 
 which SDPA lacks). A mask is never dropped, and a model is never run with a mask it did not ask for.
 
 Which models: those whose attention goes through transformers' attention interface. A model class
-that computes attention itself and only reads the mask (BLOOM, XGLM, MPT, Falcon, GPT-Neo, ...:
+that computes attention itself and only reads the mask (BLOOM, XGLM, MPT, GPT-Neo, ...:
 `_supports_attention_backend` False and no attention-interface call in its module) is refused when
 the implementation is set, with its class and the reason: it would read the kernels' mask as its
 own and compute something else.

@@ -39,7 +39,8 @@ with the most a replay will bring, total_q at worst).
 import torch
 import triton
 
-from .checks import SUPPORTED_DTYPES, _dtype_name, _is_int, check_inputs, check_int32, check_mods, window_bounds
+from .checks import (SUPPORTED_DTYPES, _dtype_name, _is_int, as_int, check_flag, check_inputs, check_int32, check_mods,
+                     window_bounds)
 from .decode import _append_kv, check_num_splits, refuse_gradients, split_kv
 from .common import Variant, on_device, pow2, stride_args, wrap_triton
 
@@ -48,7 +49,7 @@ APPEND_BLOCK = 16  # new tokens per program of the append kernel
 
 def check_paged_inputs(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, max_seqlen_q, k_new, v_new,
                        scale, read_values):
-    """Validate a paged call; return q, scale. With read_values, one host read of cu_seqlens_q,
+    """Validate a paged call; return q, max_seqlen_q as an int, scale. With read_values, one host read of cu_seqlens_q,
     cache_seqlens and block_table checks the offsets, that every length fits the table, that every
     page a sequence reads or writes is in the pool, and that no page written is another
     sequence's too (a shared page must be copied before it is appended to)."""
@@ -95,11 +96,12 @@ def check_paged_inputs(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqle
     check_int32("cache_seqlens", cache_seqlens, (B,), q.device, "each sequence's keys in the cache")
     if block_table.shape[1] < 1:
         raise ValueError(f"block_table must name at least one page per sequence, got shape {tuple(block_table.shape)}")
-    if not _is_int(max_seqlen_q) or not 1 <= max_seqlen_q <= total_q:
+    max_seqlen_q = as_int(max_seqlen_q, "max_seqlen_q")
+    if not 1 <= max_seqlen_q <= total_q:
         raise ValueError(f"max_seqlen_q must be an int from 1 to total_q = {total_q} (the most new tokens of one "
                          f"sequence, which sizes the append's grid), got {max_seqlen_q!r}")
-    if not read_values:
-        return q, scale
+    if not check_flag(read_values, "check"):
+        return q, max_seqlen_q, scale
 
     cu, lengths, table = cu_seqlens_q.tolist(), cache_seqlens.tolist(), block_table.tolist()  # the one host read
     if cu[0] != 0 or cu[-1] != total_q or any(b < a for a, b in zip(cu, cu[1:])):
@@ -131,7 +133,7 @@ def check_paged_inputs(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqle
                                      f"the table names {len(owners[table[b][i]])} times (sequences "
                                      f"{sorted(set(owners[table[b][i]]))}): copy a shared page before appending to "
                                      "it (copy-on-write; PagedKVCache does), and name a page once per sequence")
-    return q, scale
+    return q, max_seqlen_q, scale
 
 
 def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, max_seqlen_q, k_new=None,
@@ -164,8 +166,9 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_
     Not cast under autocast (as `decode_attention` is): the pool is written in place, so q,
     k_new and v_new must already have its dtype.
     """
-    q, scale = check_paged_inputs(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, max_seqlen_q,
-                                  k_new, v_new, scale, check)
+    q, max_seqlen_q, scale = check_paged_inputs(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q,
+                                                max_seqlen_q, k_new, v_new, scale, check)
+    check_flag(return_lse, "return_lse")
     left, _ = window_bounds(window, causal=True)
     check_num_splits(num_splits)
     B = cu_seqlens_q.shape[0] - 1
@@ -257,6 +260,11 @@ class PagedKVCache:
         self.refs[page] = 1
         return page
 
+    def _slot(self, seq):
+        if not _is_int(seq) or not 0 <= seq < len(self.pages):
+            raise ValueError(f"seq must be a sequence slot from 0 to {len(self.pages) - 1}, got {seq!r}")
+        return int(seq)
+
     def _set_pages(self, seq, pages):
         self.pages[seq] = pages
         if pages:
@@ -266,6 +274,9 @@ class PagedKVCache:
         """Make room for n more positions of sequence `seq`: new pages from the free list, and
         every page the n positions land in copied first if another sequence shares it
         (copy-on-write). All or nothing: when the pool is short, nothing changes."""
+        seq = self._slot(seq)
+        if not _is_int(n) or n < 0:
+            raise ValueError(f"n must be an int >= 0 (positions to make room for), got {n!r}")
         L, pages = self.lengths[seq], list(self.pages[seq])
         need = triton.cdiv(L + n, self.page_size)
         if need > self.max_pages:
@@ -314,7 +325,18 @@ class PagedKVCache:
                                cu_seqlens_q, max_seqlen_q, k_new, v_new, **kwargs)
 
     def advance(self, seqs, counts):
-        """Sequences `seqs` hold counts[i] more positions (every layer has appended them)."""
+        """Sequences `seqs` hold counts[i] more positions (every layer has appended them), within
+        the positions reserve() made room for. All or nothing: a bad entry changes no length."""
+        seqs, counts = list(seqs), list(counts)
+        if len(seqs) != len(counts):
+            raise ValueError(f"seqs and counts must have the same length, got {len(seqs)} and {len(counts)}")
+        if any(not _is_int(n) or n < 0 for n in counts):
+            raise ValueError(f"counts must be ints >= 0, got {counts}")
+        for seq, n in zip(map(self._slot, seqs), counts):
+            room = len(self.pages[seq]) * self.page_size
+            if self.lengths[seq] + n > room:
+                raise ValueError(f"sequence {seq} would hold {self.lengths[seq] + n} positions, but only {room} are "
+                                 "reserved: reserve() before advancing")
         for seq, n in zip(seqs, counts):
             self.lengths[seq] += n
         index = torch.tensor(seqs, device=self.seqlens.device)

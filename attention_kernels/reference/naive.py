@@ -111,7 +111,8 @@ def softmax(s, sinks=None):
     e = torch.exp(s - m)                                   # (B, Hq, Tq, Tk)
     total = e.sum(dim=-1, keepdim=True)                    # (B, Hq, Tq, 1)
     if sinks is not None:
-        total = total + torch.exp(sink - m)                # (B, Hq, Tq, 1) the sink's share of the denominator
+        share = torch.exp(sink - m).masked_fill(sink == m, 1.0)  # (B, Hq, Tq, 1) a sink of +inf: exp(inf - inf) is 1
+        total = total + share                              # (B, Hq, Tq, 1) the sink's share of the denominator
     return e / total.masked_fill(total == 0, 1.0)          # (B, Hq, Tq, Tk) an empty row stays 0, not 0/0
 
 
@@ -154,7 +155,8 @@ def attention(q, k, v, causal=True, scale=None, upcast=True, window=(-1, -1), so
     (Hq,) or (B, Hq), and dropout of the weights with probability `dropout_p`, keeping those
     where `dropout_mask` (B, Hq, Tq, Tk) is True."""
     if k.shape[2] == 0:                                    # no keys at all (an empty sequence): every row is empty
-        return torch.zeros_like(q) + 0 * v.sum() + (0 * sinks.sum() if sinks is not None else 0)  # (B, Hq, Tq, D)
+        kept = 0 * sinks.nan_to_num(posinf=0.0, neginf=0.0).sum() if sinks is not None else 0  # in the graph, not inf * 0
+        return torch.zeros_like(q) + 0 * v.sum() + kept    # (B, Hq, Tq, D)
     s = masked_scores(q, k, causal, scale, upcast, window, softcap, alibi_slopes)  # (B, Hq, Tq, Tk)
     w = softmax(s, sinks)                                  # (B, Hq, Tq, Tk)
     if dropout_p > 0:
