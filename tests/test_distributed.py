@@ -304,8 +304,10 @@ def test_ring_attention_on_2_ranks():
                 "causal": "ValueError: ring_attention: every rank must pass the same causal, got rank 0: False, "
                           "rank 1: True",
                 "dtype": "ValueError: ring_attention: every rank must pass the same dtype, got rank 0: 'bfloat16'",
-                "rows": "ValueError: ring_attention: rank 0 of 2 holds 5 rows, but the 'zigzag' layout splits a "
-                        "sequence of T=7 into 3, 4 rows per rank (as shard_sequence does; the ranks hold 5, 2)",
+                # rank 1 is short (2 rows of 5): it is named, not rank 0, whose 5 rows fit T = 9 to 11
+                "rows": "ValueError: ring_attention: rank 1 of 2 holds 2 rows, but the 'zigzag' layout gives it 4 or "
+                        "5 or 6 of a sequence of T=9 or 10 or 11, the split the other ranks' rows fit (as "
+                        "shard_sequence does; the ranks hold 5, 2)",
                 "layout": "ValueError: ring_attention: every rank must pass the same layout",
                 "cu_seqlens dtype": "ValueError: ring_attention: rank 1 of 2: cu_seqlens must be a 1-D int32 tensor",
                 "sequences": "ValueError: ring_attention: every rank must pass the same sequences, got rank 0: [6, 4], "

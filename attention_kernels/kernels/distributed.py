@@ -468,6 +468,27 @@ def _check_packed(q, k, v, cu_seqlens):
     return as_batch(q), as_batch(k), as_batch(v), _lengths(offsets)
 
 
+def _check_dense_split(held, split, world, layout):
+    """The ranks' rows of one sequence, `held`, must be `split([T])` for some T. When they are not,
+    name a rank that differs from the split of a T that the most ranks agree with, a rank short of
+    rows before one with too many (the sum of the rows is the wrong T to compare with: a short
+    rank makes it short too, and the message blamed a rank that held the right rows)."""
+    T = sum(held)
+    if split([T]) == held:
+        return
+    wrong = lambda T: [r for r in range(world) if split([T])[r] != held[r]]
+    candidates = range(max(world, T - 2 * world), T + 2 * world + 1)
+    fewest = min(len(wrong(t)) for t in candidates)
+    best = [t for t in candidates if len(wrong(t)) == fewest]
+    short = [t for t in best if all(held[r] < split([t])[r] for r in wrong(t))]  # the likelier slip: rows missing
+    r = wrong((short or best)[0])[0]
+    best = [t for t in (short or best) if wrong(t)[0] == r]
+    gives = " or ".join(str(n) for n in sorted({split([t])[r] for t in best}))
+    raise ValueError(f"ring_attention: rank {r} of {world} holds {held[r]} rows, but the {layout!r} layout gives "
+                     f"it {gives} of a sequence of T={' or '.join(map(str, best))}, the split the other ranks' rows "
+                     f"fit (as shard_sequence does; the ranks hold {', '.join(map(str, held))})")
+
+
 def _agree(q, k, v, scale, causal, window, layout, group, cu_seqlens=None):
     """Check the arguments on this rank, then gather every rank's verdict and metadata, so that
     all ranks raise the same error, or none does. Returns (q, k, v, scale, ring), q, k and v as
@@ -507,13 +528,15 @@ def _agree(q, k, v, scale, causal, window, layout, group, cu_seqlens=None):
             values = ", ".join(f"rank {r}: {m[name]!r}" for r, m in enumerate(metas))
             raise ValueError(f"ring_attention: every rank must pass the same {name}, got {values}")
     held = [m["T_local"] for m in metas]
-    lengths = lengths or [sum(held)]
-    what = f"a sequence of T={lengths[0]}" if cu_seqlens is None else f"sequences of {lengths}"
-    expected = [sum(z - a for _, a, z in _segments(lengths, world, r, layout)) for r in range(world)]
+    split = lambda lengths: [sum(z - a for _, a, z in _segments(lengths, world, r, layout)) for r in range(world)]
+    if lengths is None:  # T is not passed: the ranks' rows add up to it, unless some rank is short or long
+        _check_dense_split(held, split, world, layout)
+        lengths = [sum(held)]
+    expected = split(lengths)
     for r in range(world):
         if held[r] != expected[r]:
             raise ValueError(f"ring_attention: rank {r} of {world} holds {held[r]} rows, but the {layout!r} layout "
-                             f"splits {what} into {', '.join(map(str, expected))} rows per rank (as "
+                             f"splits sequences of {lengths} into {', '.join(map(str, expected))} rows per rank (as "
                              f"shard_sequence does; the ranks hold {', '.join(map(str, held))})")
     return q, k, v, scale, Ring(group, rank, world, lengths, layout, left, right)
 
