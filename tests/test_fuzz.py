@@ -1,4 +1,5 @@
-"""Property-based fuzzing: hypothesis draws whole configurations of every entry point (dtypes,
+"""Property-based fuzzing: hypothesis draws whole configurations of every entry point (the
+kernels, `attention`, the SDPA drop-in and nanoGPT's module; dtypes,
 degenerate shapes, strided views of every tensor, grouped heads, windows, softcap, sinks, ALiBi
 and dropout together, extreme but legal values, integers of every kind) and holds each draw to
 the project's rule against the float64 reference (`attention_kernels.testing`).
@@ -28,6 +29,7 @@ from hypothesis import strategies as st  # noqa: E402
 from attention_kernels import (attention, decode_attention, dropout_mask, flash_attention,  # noqa: E402
                                flash_attention_varlen, fused_attention, paged_attention, reference,
                                scaled_dot_product_attention)
+from attention_kernels.kernels import CausalSelfAttention  # noqa: E402
 from attention_kernels.kernels.fused import max_seqlen  # noqa: E402
 from attention_kernels.testing import hold_to_rule, poisoned  # noqa: E402
 from attention_kernels.testing.cases import DEVICE  # noqa: E402
@@ -449,6 +451,46 @@ def check_sdpa_draw(cfg):
 def test_the_sdpa_drop_in_holds_the_rule_on_any_draw(cfg):
     pasteable("check_sdpa_draw", cfg)
     check_sdpa_draw(cfg)
+
+
+# ----------------------------------------------------------------------------- nanoGPT's module
+
+
+@st.composite
+def module_configs(draw):
+    n_kv_head = draw(st.integers(1, 2))
+    n_head = n_kv_head * draw(st.sampled_from([1, 2, 3]))
+    return dict(n_head=n_head, n_kv_head=n_kv_head, head_dim=draw(st.sampled_from([16, 32, 80])),
+                B=draw(st.integers(1, 2)), T=draw(st.sampled_from([1, 5, 17, 40])), dtype=draw(st.sampled_from(DTYPES)),
+                impl=draw(st.sampled_from(["fused", "flash", "auto"])), bias=draw(st.booleans()),
+                layout=draw(LAYOUTS), seed=draw(st.integers(0, 2**32 - 1)), backward=draw(st.booleans()))
+
+
+def check_module_draw(cfg):
+    """One draw of CausalSelfAttention on the kernels against the same weights on the reference."""
+    torch.manual_seed(cfg["seed"])
+    C = cfg["n_head"] * cfg["head_dim"]
+    make = lambda impl: CausalSelfAttention(C, cfg["n_head"], bias=cfg["bias"], n_kv_head=cfg["n_kv_head"], impl=impl)
+    ours = make(cfg["impl"]).to(DEVICE, cfg["dtype"]).eval()
+    low = make("reference").to(DEVICE, cfg["dtype"]).eval()
+    low.load_state_dict(ours.state_dict())
+    truth = make("reference").to(DEVICE, torch.float64).eval()
+    truth.load_state_dict({name: w.double() for name, w in ours.state_dict().items()})
+    g = torch.Generator(DEVICE).manual_seed(cfg["seed"])
+    x = leaf(strided(torch.randn(cfg["B"], cfg["T"], C, generator=g, device=DEVICE, dtype=cfg["dtype"]), cfg["layout"]))
+    do = torch.randn(x.shape, generator=g, device=DEVICE, dtype=cfg["dtype"])
+    with poisoned():
+        o = ours(x)
+    spec = lambda x, upcast=True: truth(x.double()).to(x.dtype) if upcast and x.dtype != torch.float64 else \
+        (truth(x) if upcast else low(x))
+    hold_to_rule(o, None, (x,), do if cfg["backward"] else None, spec)
+
+
+@draws(20)
+@given(module_configs())
+def test_the_module_holds_the_rule_on_any_draw(cfg):
+    pasteable("check_module_draw", cfg)
+    check_module_draw(cfg)
 
 
 def test_the_profile_is_known():
