@@ -141,6 +141,10 @@ def test_integers_of_any_kind_are_taken_where_an_int_is(kind):
     assert torch.equal(flash_attention_varlen(**{**args, "max_seqlen_q": kind(3), "max_seqlen_k": kind(3)}), want)
     assert torch.equal(paged_attention(**{**paged, "max_seqlen_q": kind(1)}), paged_attention(**paged))
     assert dropout_mask(**{**mask(), "Tq": kind(5)}).shape == (1, 2, 5, 5)
+    assert torch.equal(dropout_mask(**{**mask(), "seed": kind(7)}), dropout_mask(**{**mask(), "seed": 7}))
+    q = dense()["q"]
+    assert torch.equal(flash_attention(q, q, q, dropout_p=0.5, dropout_seed=kind(7)),
+                       flash_attention(q, q, q, dropout_p=0.5, dropout_seed=7))
 
 
 def test_the_page_pool_refuses_bad_calls_by_name():

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import as_int
+from .checks import _is_int, as_int
 from .common import dropout_keep, on_device, wrap_triton
 
 
@@ -25,12 +25,13 @@ def check_dropout(dropout_p, dropout_seed=None):
         raise TypeError(f"dropout_p must be a real number in [0, 1), got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1) (the probability of dropping a weight), got {dropout_p}")
-    if dropout_seed is not None and (isinstance(dropout_seed, bool) or not isinstance(dropout_seed, int)
-                                     or not 0 <= dropout_seed < 2 ** 63):
+    if isinstance(dropout_seed, torch.Tensor):  # a 0-d integer tensor, read once; others refused by name
+        dropout_seed = as_int(dropout_seed, "dropout_seed", "an int in [0, 2**63) or None")
+    if dropout_seed is not None and (not _is_int(dropout_seed) or not 0 <= dropout_seed < 2 ** 63):
         raise ValueError(f"dropout_seed must be an int in [0, 2**63) or None, got {dropout_seed!r}")
     if dropout_p == 0.0:
         return 0.0, 0
-    return float(dropout_p), draw_seed() if dropout_seed is None else dropout_seed
+    return float(dropout_p), draw_seed() if dropout_seed is None else int(dropout_seed)  # a numpy int too
 
 
 def draw_seed():
@@ -62,6 +63,7 @@ def dropout_mask(B, Hq, Tq, Tk, dropout_p, seed, device):
     if seed is None:
         raise TypeError("seed must be the call's dropout seed, an int in [0, 2**63), got None")
     dropout_p, _ = check_dropout(dropout_p, seed)
+    seed = int(seed)  # checked: an integer of any kind, in [0, 2**63)
     keep = torch.empty(B, Hq, Tq, Tk, dtype=torch.int8, device=device)
     block_m, block_n = 32, 32
     with on_device(keep):
