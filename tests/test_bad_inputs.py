@@ -1,5 +1,5 @@
 """Bad input, generated: for every entry point, a call that works, then every argument in turn
-replaced by each illegal value of its kind (wrong type, dtype, shape, out-of-range numbers and
+replaced by each illegal value of its kind (wrong type, dtype, device, shape, out-of-range numbers and
 indices, non-bool flags, integers that are not integers). Each must raise ValueError or TypeError
 whose message names the argument: never a crash inside Triton, never a silent clamp, never a
 skipped check. (tests/test_checks.py holds the exact messages of the common cases.)"""
@@ -47,21 +47,23 @@ def mask():
 NOT_A_FLAG = ["yes", 2, 1.0, None, torch.tensor(True)]
 NOT_AN_INT = ["3", 1.5, float("nan"), True, torch.tensor(1.0), [3]]
 BAD = {
-    "tensor": lambda t: [t.tolist(), t.double(), t.to(torch.int32), t[0], t.unsqueeze(0), t.narrow(-1, 0, 0)],
-    "index": lambda t: [t.tolist(), t.float(), t.long(), t.unsqueeze(0), t[:0]],
+    "tensor": lambda t: [t.tolist(), t.double(), t.to(torch.int32), t[0], t.unsqueeze(0), t.narrow(-1, 0, 0),
+                         t.to("meta")],
+    "index": lambda t: [t.tolist(), t.float(), t.long(), t.unsqueeze(0), t[:0], t.to("meta")],
     "flag": lambda _: NOT_A_FLAG,
     "scale": lambda _: [0.0, -1.0, float("nan"), float("inf"), "0.1", torch.ones(2)],
     "window": lambda _: [(1,), (-2, 0), (1.5, 0), "3,0", (0, 0, 0), 3],
     "softcap": lambda _: [0.0, -1.0, float("nan"), float("inf"), "30", 1e39],
     "sinks": lambda _: [torch.zeros(3, device=DEVICE), torch.zeros(1, 2, device=DEVICE),
-                        torch.zeros(2, dtype=torch.int32, device=DEVICE), [0.0, 0.0]],
+                        torch.zeros(2, dtype=torch.int32, device=DEVICE), [0.0, 0.0], torch.zeros(2, device="meta")],
     "slopes": lambda _: [torch.ones(3, device=DEVICE), torch.ones(1, 1, 2, device=DEVICE),
-                         torch.ones(2, dtype=torch.int32, device=DEVICE), [0.5, 0.5]],
+                         torch.ones(2, dtype=torch.int32, device=DEVICE), [0.5, 0.5], torch.ones(2, device="meta")],
     "p": lambda _: [-0.1, 1.0, 1.5, float("nan"), "0.1"],
     "seed": lambda _: [-1, 2**64, 1.5, "1", None],
     "count": lambda _: [-1, *NOT_AN_INT],                      # a size: B, Hq, Tq, Tk, max_seqlen
     "splits": lambda _: [0, -1, 1.5, "2", True],
     "impl": lambda _: ["triton", 1, None],
+    "device": lambda _: ["meta", "nowhere", 3, torch.float32],
 }
 
 ENTRY_POINTS = {
@@ -87,7 +89,7 @@ ENTRY_POINTS = {
         cu_seqlens_q="index", max_seqlen_q="count", scale="scale", num_splits="splits", softcap="softcap",
         sinks="sinks", alibi_slopes="slopes", return_lse="flag", check="flag")),
     "dropout_mask": (dropout_mask, mask, dict(B="count", Hq="count", Tq="count", Tk="count", dropout_p="p",
-                                              seed="seed")),
+                                              seed="seed", device="device")),
 }
 
 # (entry point, argument, bad value's index) that are not errors, and why.

@@ -282,6 +282,12 @@ def check_cases(world, extras):
               for w, lengths, Hq, Hkv, D, causal, window, layout, dtype in RING_VARLEN_CASES if w == world]
     cases += [Case(len(ranks), shape, causal, window, layout, dtype, ranks=ranks)
               for ranks, w, shape, causal, window, layout, dtype in RING_SUBGROUP_CASES if w == world]
+    return run_cases(world, cases, extras)
+
+
+def run_cases(world, cases, extras=()):
+    """Run `cases` on `world` spawned ranks, hold every result to the rule, and return what the
+    ranks returned (tests/test_fuzz.py draws its cases and runs them here too)."""
     group = Spawned(_on_ranks, world, (cases, extras), timeout_s=PG_TIMEOUT_S)
     expected = [(case.spec(), case.flash()) for case in cases]  # the single-process answers, meanwhile, here
     results = group.join(DEADLINE_S)

@@ -1,5 +1,5 @@
 """Property-based fuzzing: hypothesis draws whole configurations of every entry point (the
-kernels, `attention`, the SDPA drop-in and nanoGPT's module; dtypes,
+kernels, `attention`, the SDPA drop-in, nanoGPT's module and ring attention on 2 gloo processes; dtypes,
 degenerate shapes, strided views of every tensor, grouped heads, windows, softcap, sinks, ALiBi
 and dropout together, extreme but legal values, integers of every kind) and holds each draw to
 the project's rule against the float64 reference (`attention_kernels.testing`).
@@ -32,7 +32,9 @@ from attention_kernels import (attention, decode_attention, dropout_mask, flash_
 from attention_kernels.kernels import CausalSelfAttention  # noqa: E402
 from attention_kernels.kernels.fused import max_seqlen  # noqa: E402
 from attention_kernels.testing import hold_to_rule, poisoned  # noqa: E402
-from attention_kernels.testing.cases import DEVICE  # noqa: E402
+from attention_kernels.kernels.distributed import _segments  # noqa: E402
+from attention_kernels.testing.cases import DEVICE, Shape  # noqa: E402
+from test_distributed import Case, run_cases  # noqa: E402
 
 PROFILE = os.environ.get("ATTENTION_KERNELS_FUZZ", "ci")
 if PROFILE not in ("ci", "long"):
@@ -156,6 +158,8 @@ def check_dense(cfg):
                                                              rand(B, Hkv, Tk, D), rand(B, Hq, Tq, D)), cfg["layouts"]))
     do = do.detach()
     kw = variant_tensors(cfg["variants"])
+    if "sinks" in kw and cfg["backward"] and torch.isfinite(kw["sinks"]).all():
+        kw["sinks"].requires_grad_()
     window = cfg.get("window")
     with poisoned():
         if cfg["kernel"] == "attention":
@@ -169,10 +173,14 @@ def check_dense(cfg):
     w = tuple(window) if window is not None else (-1, -1)
     ref = reference_variants(kw)
     drop = dict(dropout_p=kw["dropout_p"], dropout_mask=keep) if keep is not None else {}
-    spec = lambda q, k, v, upcast=True: reference.attention(q, k, v, cfg["causal"], cfg["scale"], upcast, w, **ref,
-                                                            **drop)
-    spec_lse = lambda q, k: reference.logsumexp(q, k, cfg["causal"], cfg["scale"], w, **ref)
-    hold_to_rule(o, lse, (q, k, v), do if cfg["backward"] else None, spec, spec_lse)
+    # finite sinks are a leaf too: their gradient is held to the rule with q's, k's and v's
+    sinks = kw.get("sinks")
+    inputs = (q, k, v) + ((sinks,) if sinks is not None and sinks.requires_grad else ())
+    spec = lambda q, k, v, s=sinks, upcast=True: reference.attention(
+        q, k, v, cfg["causal"], cfg["scale"], upcast, w, **{**ref, "sinks": s} if "sinks" in ref else ref, **drop)
+    spec_lse = lambda q, k, s=sinks: reference.logsumexp(q, k, cfg["causal"], cfg["scale"], w,
+                                                         **{**ref, "sinks": s} if "sinks" in ref else ref)
+    hold_to_rule(o, lse, inputs, do if cfg["backward"] else None, spec, spec_lse)
 
 
 def pasteable(name, cfg):
@@ -491,6 +499,43 @@ def check_module_draw(cfg):
 def test_the_module_holds_the_rule_on_any_draw(cfg):
     pasteable("check_module_draw", cfg)
     check_module_draw(cfg)
+
+
+# ----------------------------------------------------------------------------- ring attention on 2 processes
+
+
+@st.composite
+def ring_configs(draw):
+    """A few ring cases for one group of 2 gloo processes (starting them costs seconds, so a draw
+    is a list): one sequence or a packed batch, causal or full, windows, GQA, both layouts, every
+    dtype; every rank holds rows (the ring refuses a rank with none)."""
+    cases = []
+    for _ in range(3):
+        Hkv = draw(st.integers(1, 2))
+        Hq, D = Hkv * draw(st.sampled_from([1, 2])), draw(st.sampled_from([16, 32, 80]))
+        causal, layout, dtype = draw(st.booleans()), draw(st.sampled_from(["zigzag", "contiguous"])), draw(
+            st.sampled_from(DTYPES))
+        window = None
+        if draw(st.booleans()):
+            window = (draw(st.sampled_from([-1, 0, 3, 9])), draw(st.sampled_from([-1, 0] if causal else [-1, 0, 4])))
+        lengths = None
+        if draw(st.booleans()):
+            lengths = tuple(draw(st.lists(st.integers(0, 19), min_size=1, max_size=4)))
+            T = sum(lengths)
+            hypothesis.assume(all(_segments(lengths, 2, r, layout) for r in range(2)))
+        else:
+            T = draw(st.integers(2, 40))
+        shape = Shape(draw(st.integers(1, 2)) if lengths is None else 1, Hq, Hkv, T, T, D)
+        cases.append((shape, causal, window, layout, dtype, lengths))
+    return cases
+
+
+@settings(max_examples={"ci": 3, "long": 12}[PROFILE], **COMMON)  # a draw starts 2 processes: seconds each
+@given(ring_configs())
+def test_ring_attention_holds_the_rule_on_any_draw(cases):
+    # every rank's output, log-sum-exp and gradients against the reference and one-process flash
+    pasteable("run_cases", cases)
+    run_cases(2, [Case(2, *case) for case in cases])
 
 
 def test_the_profile_is_known():

@@ -71,6 +71,20 @@ def check_device(t, name):
                      "under TRITON_INTERPRET=1)")
 
 
+def as_device(device, name):
+    """A device argument (a torch.device, a name such as "cuda:0", or a CUDA index) as the
+    torch.device the kernels will run on, refused by name where they cannot."""
+    try:
+        d = torch.device(device)
+    except (TypeError, RuntimeError, ValueError):
+        raise ValueError(f"{name} must be a torch.device, a device name such as 'cuda' or a CUDA index, "
+                         f"got {device!r}") from None
+    if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"{name} is {d}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    check_device(torch.empty(0, device=d), name)
+    return d
+
+
 def check_inputs(q, k, v, scale, kernels=True, names=("q", "k", "v")):
     """Validate q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D) and the scale; return them ready for a
     kernel: last dimension contiguous (other strides are passed to the kernel, so a (B, T, H, D)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import _is_int, as_int
+from .checks import _is_int, as_device, as_int
 from .common import dropout_keep, on_device, wrap_triton
 
 
@@ -64,6 +64,7 @@ def dropout_mask(B, Hq, Tq, Tk, dropout_p, seed, device):
         raise TypeError("seed must be the call's dropout seed, an int in [0, 2**63), got None")
     dropout_p, _ = check_dropout(dropout_p, seed)
     seed = int(seed)  # checked: an integer of any kind, in [0, 2**63)
+    device = as_device(device, "device")
     keep = torch.empty(B, Hq, Tq, Tk, dtype=torch.int8, device=device)
     block_m, block_n = 32, 32
     with on_device(keep):
