@@ -3,6 +3,7 @@ the tiled traces follow the flash kernel, and the picture is drawn."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from attention_kernels import reference
 from attention_kernels.testing.cases import DEVICE
@@ -27,6 +28,9 @@ def test_trace_ends_in_the_reference_output(B, T, C, H, integers):
     torch.testing.assert_close(q, (x @ w_q).view(B, T, H, D).transpose(1, 2), rtol=0, atol=0)
     expected = reference.attention(q, k, v).transpose(1, 2).reshape(B, T, C)
     assert torch.equal(steps[-1].tensors["y"], expected)
+    # and that is causal attention at the default scale 1/sqrt(D) as torch has it, not only as the reference does
+    torch.testing.assert_close(steps[-1].tensors["y"], F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                               .transpose(1, 2).reshape(B, T, C), rtol=0, atol=1e-12)
     weights = steps[-3].tensors["weights"]
     torch.testing.assert_close(weights.sum(-1), torch.ones(B, H, T, dtype=weights.dtype))
     assert (weights.triu(1) == 0).all()  # nothing from the future

@@ -23,8 +23,10 @@ from transformers.masking_utils import (AttentionMaskInterface, and_masks, bidir
                                         sliding_window_causal_mask_function)
 
 from attention_kernels import kernels  # noqa: E402  (its submodules below, by attribute)
+import attention_kernels.kernels.dropout as dropout_module  # noqa: E402
 import attention_kernels.kernels.hf  # noqa: E402
 from attention_kernels.testing.cases import DEVICE, FACTOR, FLOOR, GRAD_FACTOR  # noqa: E402
+from attention_kernels.kernels import dropout_mask  # noqa: E402
 from attention_kernels.kernels.hf import CALLS, kernel_attention_forward, kernel_mask, register_transformers  # noqa: E402
 from attention_kernels.testing.rule import assert_close, seed_of  # noqa: E402
 
@@ -430,12 +432,25 @@ def test_importing_kernels_does_not_import_transformers():
     assert result.returncode == 0, result.stderr
 
 
-def test_training_with_attention_dropout_runs_on_the_kernels(names):
+def test_training_with_attention_dropout_runs_on_the_kernels(monkeypatch):
     """Llama's attention_dropout while training: the flash kernel drops the weights itself
-    (reproducible under torch.manual_seed), where it once fell back to SDPA."""
-    config = llama()
-    config.attention_dropout = 0.5
-    model = build(config, names["fused"], seed=seed_of("hf dropout")).train()
+    (reproducible under torch.manual_seed), where it once fell back to SDPA, as torch's dropout
+    does: each layer's output is written out from its inputs and the mask its seed names (a
+    padded batch runs packed: sequence b's mask is [b, :, :L_b, :L_b] of the (B, Hq, max L, max L)
+    mask)."""
+    seen, seeds, draw = [], [], dropout_module.draw_seed
+    monkeypatch.setattr(dropout_module, "draw_seed", lambda: seeds.append(draw()) or seeds[-1])
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        out = kernel_attention_forward(module, query, key, value, attention_mask, impl="fused", **kwargs)
+        seen.append((query.detach(), key.detach(), value.detach(), attention_mask, kwargs, out[0].detach()))
+        return out
+
+    AttentionInterface.register("attention_kernels_recording", recording)
+    AttentionMaskInterface.register("attention_kernels_recording", kernel_mask)
+    p, config = 0.5, llama()
+    config.attention_dropout = p
+    model = build(config, "attention_kernels_recording", seed=seed_of("hf dropout")).train()
     ids, mask, _ = draw_inputs("left", seed_of("hf dropout inputs"))
     torch.manual_seed(0)
     a, calls = counted(lambda: model(input_ids=ids, attention_mask=mask).logits)
@@ -444,5 +459,19 @@ def test_training_with_attention_dropout_runs_on_the_kernels(names):
     c = model(input_ids=ids, attention_mask=mask).logits
     assert calls == {"kernels": LAYERS}
     assert torch.equal(a, b) and not torch.equal(a, c)
+    assert len(seeds) == len(seen) == 3 * LAYERS and seeds[:LAYERS] == seeds[LAYERS:2 * LAYERS]
+    lengths = mask.sum(-1).tolist()                                                     # left padding: rows end at T
+    for (q, k, v, valid, kwargs, out), seed in zip(seen, seeds):
+        assert kwargs["dropout"] == p and torch.equal(valid, mask.bool())
+        B, Hq = q.shape[:2]
+        keep = dropout_mask(B, Hq, max(lengths), max(lengths), p, seed, DEVICE)
+        for b_, L in enumerate(lengths):
+            qb, kb, vb = (x[b_, :, T - L:].double() for x in (q, k, v))                 # (H, L, D)
+            kb, vb = (x.repeat_interleave(Hq // x.shape[0], 0) for x in (kb, vb))       # q head h on k/v head h // 2
+            s = (qb @ kb.transpose(-1, -2) * kwargs["scaling"]).masked_fill(
+                torch.ones(L, L, dtype=torch.bool, device=DEVICE).triu(1), float("-inf"))
+            w = torch.where(keep[b_, :, :L, :L], torch.softmax(s, -1) / (1 - p), 0.0)  # F.dropout's convention
+            torch.testing.assert_close(out[b_, T - L:].double(), (w @ vb).transpose(0, 1), rtol=1e-5, atol=1e-5)
+            assert torch.equal(out[b_, :T - L], torch.zeros_like(out[b_, :T - L]))      # padded rows
     model.eval()
     assert not torch.allclose(model(input_ids=ids, attention_mask=mask).logits, a, atol=1e-4)

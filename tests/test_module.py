@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from attention_kernels.testing.cases import DEVICE, FACTOR, FLOOR, GRAD_FACTOR
 from attention_kernels.benchmarks.lecture import Block, Head
-from attention_kernels.kernels import CausalSelfAttention, swap_attention
+from attention_kernels.kernels import CausalSelfAttention, dropout_mask, swap_attention
+import attention_kernels.kernels.dropout as dropout_module
 from attention_kernels.testing.rule import assert_close, seed_of
 
 
@@ -109,30 +110,59 @@ def test_swap_keeps_sharing_and_frozen_parameters():
         swap_attention(NanoGPTAttention(16, 2))
 
 
-def test_grouped_query_variant_matches_the_reference():
+def test_grouped_query_variant_matches_torch_sdpa():
+    # the truth is torch's SDPA (enable_gqa) in float64, not the project's reference
     torch.manual_seed(seed_of("gqa"))
     ours = CausalSelfAttention(64, 4, n_kv_head=1, impl="flash").to(DEVICE)   # multi-query, D = 16
     assert ours.c_attn.out_features == 64 + 2 * 16
     truth, low = copy.deepcopy(ours).double(), copy.deepcopy(ours)
-    truth.impl, low.impl = "reference", "sdpa"
+    truth.impl, low.impl = "sdpa", "sdpa"
     x, dy = inputs(2, 19, 64, seed_of("gqa x"))
     got, want, base = ours(x), truth(x.detach().double()), low(x.detach())
     assert_close("y", got, want, base, FACTOR, FLOOR[torch.float32])
     got.backward(dy)  # the backward runs through the shared k/v head
 
 
-def test_training_with_dropout_runs_the_kernels_with_dropout():
+def record_dropout_seeds(monkeypatch):
+    """The seeds the kernels' calls draw from torch's generator, in call order."""
+    seeds, draw = [], dropout_module.draw_seed
+    monkeypatch.setattr(dropout_module, "draw_seed", lambda: seeds.append(draw()) or seeds[-1])
+    return seeds
+
+
+def written_out_causal_dropout(q, k, v, keep, p):
+    """float64 causal attention of q, k, v (B, H, T, D) with dropout as torch's F.dropout has it:
+    softmax(q k^T / sqrt(D) + causal mask), kept weights times 1 / (1 - p), dropped ones 0, @ v."""
+    q, k, v = (x.double() for x in (q, k, v))
+    T = q.shape[2]
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    w = torch.softmax((q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(future, float("-inf")), -1)
+    return torch.where(keep, w / (1 - p), 0.0) @ v                                    # (B, H, T, D)
+
+
+def test_training_with_dropout_runs_the_kernels_with_dropout(monkeypatch):
     """Training with dropout drops attention weights on the kernel (here fused), reproducibly
-    under torch.manual_seed; eval mode has none."""
+    under torch.manual_seed, as torch's dropout does (written out, with the call's mask); eval
+    mode has none."""
     torch.manual_seed(seed_of("dropout"))
-    ours = CausalSelfAttention(32, 2, dropout=0.5, impl="fused").to(DEVICE).train()
+    p = 0.5
+    ours = CausalSelfAttention(32, 2, dropout=p, impl="fused").to(DEVICE).train()
     ours.resid_dropout.p = 0.0  # only the attention weights' dropout left on
     x, _ = inputs(2, 8, 32, seed_of("dropout x"))
+    seeds = record_dropout_seeds(monkeypatch)
     torch.manual_seed(3)
     got = ours(x)
     torch.manual_seed(3)
     assert torch.equal(got, ours(x))
     assert not torch.equal(got, ours(x))
+    assert len(seeds) == 3 and seeds[0] == seeds[1] != seeds[2]
+    # the truth: nanoGPT's projections in float64, the attention written out with the call's mask
+    m64 = copy.deepcopy(ours).double()
+    B, T, C = x.shape
+    q, k, v = (t.view(B, T, 2, 16).transpose(1, 2) for t in m64.c_attn(x.detach().double()).split(C, dim=2))
+    keep = dropout_mask(B, 2, T, T, p, seeds[0], DEVICE)
+    y = written_out_causal_dropout(q, k, v, keep, p).transpose(1, 2).reshape(B, T, C)
+    torch.testing.assert_close(got.double(), m64.c_proj(y), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(ours.eval()(x), got, atol=1e-3)
     torch_path = copy.deepcopy(ours)
     torch_path.impl = "sdpa"
@@ -220,18 +250,32 @@ def test_swap_keeps_the_state_dict_and_computes_the_same(make, swapped):
     check_module(ours, theirs, *inputs(2, 8, C, seed_of("swap layouts", make.__name__)))
 
 
-def test_the_lecture_trains_with_dropout_on_the_kernels():
+def test_the_lecture_trains_with_dropout_on_the_kernels(monkeypatch):
     """With the lecture's dropout 0.2, training drops attention weights on the kernel, never
-    silently not; eval runs the kernels and equals the original."""
+    silently not, as torch's dropout does (each layer's output written out with its call's mask);
+    eval runs the kernels and equals the original."""
     theirs = lecture_model(dropout=0.2)
     ours = copy.deepcopy(theirs)
     swap_attention(ours)
     for name, m in ours.named_modules():  # only the attention weights' dropout left on
         if isinstance(m, nn.Dropout) and ".heads." not in name:
             m.p = 0.0
+    seen = []  # (layer, its input, its output), in call order
+    for block in ours:
+        block.sa.register_forward_hook(lambda module, args, out: seen.append((module, args[0], out)))
+    seeds = record_dropout_seeds(monkeypatch)
     x, _ = inputs(2, 8, 16, seed_of("lecture dropout"))
     a, b = ours(x), ours(x)
     assert not torch.equal(a, b)  # weights dropped, differently each call
+    assert len(seeds) == len(seen) == 4 and len(set(seeds)) == 4  # one draw per layer and call
+    for (layer, h, out), seed in zip(seen, seeds):
+        q, k, v = (torch.stack([getattr(head, name)(h).double() for head in layer.heads], 1)  # (B, H, T, hs)
+                   for name in ("query", "key", "value"))
+        keep = dropout_mask(h.shape[0], len(layer.heads), h.shape[1], h.shape[1], 0.2, seed, DEVICE)
+        y = written_out_causal_dropout(q, k, v, keep, 0.2)
+        y = y.transpose(1, 2).reshape(h.shape[0], h.shape[1], -1)                    # (B, T, H * hs)
+        want = F.linear(y, layer.proj.weight.double(), layer.proj.bias.double())
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
     theirs.eval(), ours.eval()
     assert torch.allclose(ours(x), theirs(x), atol=1e-5)
 

@@ -12,20 +12,36 @@ from attention_kernels.testing.checks import I32, UNUSED, check_paged, hold_page
 from attention_kernels.testing.cases import DEVICE, PAGED_CASES
 from attention_kernels.testing.rule import hold_to_rule, seed_of
 
+def written_out_gather(cache, table, lengths):
+    """Sequence b's first lengths[b] keys (or values), one position at a time: position j lives at
+    slot j % page_size of page table[b, j // page_size]. A list of (L_b, Hkv, D)."""
+    page_size = cache.shape[1]
+    return [torch.stack([cache[int(table[b, j // page_size]), j % page_size] for j in range(L)])
+            if L else cache.new_zeros(0, *cache.shape[2:]) for b, L in enumerate(lengths)]
+
+
+def sdpa_bottom_right(q, k, v):
+    """New tokens q (Tq, Hq, D) against their sequence's keys (Tk, Hkv, D), query t at position
+    Tk - Tq + t seeing keys up to it; a query that sees no key gives zeros."""
+    Tq, Tk = q.shape[0], k.shape[0]
+    visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)  # (Tq, Tk)
+    one = lambda x: x.transpose(0, 1)[None]                                         # (1, H, T, D)
+    o = F.scaled_dot_product_attention(one(q), one(k), one(v), attn_mask=visible, enable_gqa=True)[0]
+    return torch.where(visible.any(-1)[None, :, None], o, 0.0).transpose(0, 1)      # (Tq, Hq, D)
+
+
 def test_reference_is_sdpa_on_the_gathered_cache():
-    # Each sequence's new tokens against its keys gathered from the pages, bottom-right causal
-    new, lengths = (1, 4, 3), (9, 4, 12)
+    # Each sequence's new tokens against its keys gathered from the pages (written out here, not
+    # reference.gather_pages), bottom-right causal; a shared first page, a shuffled pool
+    new, lengths = (1, 4, 3, 2), (9, 4, 12, 0)
     q, k_cache, v_cache, table, seqlens, cu = paged_inputs(new, lengths, 4, 2, 16, 4, torch.float64, seed_of("sdpa"))
+    assert table[1, 0] == table[0, 0]  # the shared page
     out = reference.paged_attention(q, k_cache, v_cache, table, seqlens, cu)
-    k, v = (reference.gather_pages(c, table, seqlens) for c in (k_cache, v_cache))
-    for b, (q0, q1, k0, k1) in enumerate(zip(cu.tolist(), cu[1:].tolist(), offsets(lengths).tolist(),
-                                             offsets(lengths)[1:].tolist())):
-        Tq, Tk = q1 - q0, k1 - k0
-        visible = torch.ones(Tq, Tk, dtype=torch.bool, device=DEVICE).tril(Tk - Tq)  # (Tq, Tk)
-        one = lambda x: x.transpose(0, 1)[None]                                      # (1, H, T, D)
-        want = F.scaled_dot_product_attention(one(q[q0:q1]), one(k[k0:k1]), one(v[k0:k1]), attn_mask=visible,
-                                              enable_gqa=True)
-        torch.testing.assert_close(out[q0:q1], want[0].transpose(0, 1), rtol=0, atol=1e-12)
+    ks, vs = (written_out_gather(c, table, lengths) for c in (k_cache, v_cache))
+    for c, gathered in ((k_cache, ks), (v_cache, vs)):
+        assert torch.equal(reference.gather_pages(c, table, seqlens), torch.cat(gathered))
+    for b, (q0, q1) in enumerate(zip(cu.tolist(), cu[1:].tolist())):
+        torch.testing.assert_close(out[q0:q1], sdpa_bottom_right(q[q0:q1], ks[b], vs[b]), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -190,13 +206,29 @@ def test_bad_paged_inputs_are_refused(change, error, message):
 
 
 def test_sequences_without_new_tokens_may_share_their_last_page(poison):
+    # A fork's shared partial page is no obstacle to a call in which neither sequence sharing it
+    # appends: only the appending sequence's slot is written, and its token attends as it should
     q, k_cache, v_cache, table, _, _ = paged_inputs((1, 1), (6, 6), 2, 1, 16, 4, torch.float32, 0, share=False)
     table[1, 1] = table[0, 1]   # a fork's shared partial page; neither appends to it in this call
     cu = torch.tensor([0, 0, 0, 1], **I32)                                # only sequence 2 appends
     spare = sorted(set(range(k_cache.shape[0])) - set(table[:, :2].flatten().tolist()))
     table = torch.cat([table, torch.tensor([[spare[0], UNUSED, UNUSED]], **I32)])
-    new = torch.zeros(1, 1, 16, device=DEVICE)
-    paged_attention(q[:1], k_cache, v_cache, table, torch.tensor([5, 5, 2], **I32), cu, 1, new, new)
+    g = torch.Generator(DEVICE).manual_seed(5)
+    k_new, v_new = (torch.randn(1, 1, 16, generator=g, device=DEVICE) for _ in range(2))
+    seqlens = torch.tensor([5, 5, 2], **I32)
+    pool_k, pool_v = k_cache.clone(), v_cache.clone()
+    out = paged_attention(q[:1], k_cache, v_cache, table, seqlens, cu, 1, k_new, v_new)
+    assert seqlens.tolist() == [5, 5, 2], "cache_seqlens was changed"
+    written = torch.zeros(k_cache.shape[:2], dtype=torch.bool, device=DEVICE)
+    written[spare[0], 2] = True                                           # sequence 2's position 2
+    for cache, pool, x in ((k_cache, pool_k, k_new), (v_cache, pool_v, v_new)):
+        assert torch.equal(cache[written], x), "the new token is not at its slot"
+        assert torch.equal(cache[~written], pool[~written]), "a slot other than the appended one changed"
+    # sequence 2's one new token sees its 3 keys: the 2 in its page before it and its own
+    ks, vs = (written_out_gather(c, table, [5, 5, 3]) for c in (k_cache, v_cache))
+    assert torch.equal(ks[0][4], pool_k[table[0, 1], 0]) and torch.equal(ks[1][4], ks[0][4])  # the shared page
+    torch.testing.assert_close(out, sdpa_bottom_right(q[:1].double(), ks[2].double(), vs[2].double()).float(),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_a_page_named_twice_in_one_table_row_is_not_appended_to():

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from attention_kernels.testing.cases import DEVICE, FACTOR, FLOOR, GRAD_FACTOR, Shape
-from attention_kernels.kernels import (attention, flash_attention, flash_attention_varlen, fused_attention, patch_sdpa,
-                     scaled_dot_product_attention)
+from attention_kernels.kernels import (attention, dropout_mask, flash_attention, flash_attention_varlen, fused_attention,
+                                       patch_sdpa, scaled_dot_product_attention)
+import attention_kernels.kernels.dropout as dropout_module  # its draw_seed, which the tests record
 from attention_kernels.testing.rule import assert_close, make_qkv, seed_of
 
 TORCH_SDPA = F.scaled_dot_product_attention
@@ -78,20 +79,45 @@ def test_fallbacks_are_torch_and_counted():
     assert torch.equal(masked, TORCH_SDPA(q, k, v, attn_mask=mask))
 
 
-@pytest.mark.parametrize("impl", ["auto", "fused"])
-def test_dropout_runs_on_the_kernels(impl):
+def record_dropout_seeds(monkeypatch):
+    """The seeds the kernels' calls draw from torch's generator, in call order."""
+    seeds, draw = [], dropout_module.draw_seed
+    monkeypatch.setattr(dropout_module, "draw_seed", lambda: seeds.append(draw()) or seeds[-1])
+    return seeds
+
+
+def written_out_sdpa_dropout(q, k, v, keep, p):
+    """torch's SDPA with is_causal (Tq = Tk) and dropout, in float64, written out: softmax(q k^T /
+    sqrt(D) + causal mask), a kept weight times 1 / (1 - p) and a dropped one 0 (F.dropout's
+    convention), @ v; query head h on k/v head h // (Hq / Hkv) (enable_gqa)."""
+    q, k, v = (x.detach().double() for x in (q, k, v))
+    group, T = q.shape[1] // k.shape[1], q.shape[2]
+    k, v = (x.repeat_interleave(group, dim=1) for x in (k, v))
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    w = torch.softmax((q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).masked_fill(future, float("-inf")), -1)
+    return torch.where(keep, w / (1 - p), 0.0) @ v
+
+
+@pytest.mark.parametrize("impl", ["auto", "fused", "flash"])
+def test_dropout_runs_on_the_kernels(impl, monkeypatch):
     """dropout_p > 0 (nanoGPT training with dropout): the kernels drop the weights themselves, a
-    seed from torch's generator, so torch.manual_seed repeats a call."""
-    q, k, v, _ = make_qkv(Shape(1, 2, 2, 12, 12, 16), torch.float32, seed=seed_of("dropout"))
+    seed from torch's generator, so torch.manual_seed repeats a call; the output is torch's
+    dropout convention with the mask the seed names, written out."""
+    p, shape = 0.5, Shape(1, 4, 2, 12, 12, 16)
+    q, k, v, _ = make_qkv(shape, torch.float32, seed=seed_of("dropout"))
+    seeds = record_dropout_seeds(monkeypatch)
     with patch_sdpa(impl=impl) as calls:
         torch.manual_seed(5)
-        a = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5, is_causal=True)
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=True)
         torch.manual_seed(5)
-        b = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5, is_causal=True)
-        c = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5, is_causal=True)
+        b = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=True)
+        c = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=True)
     assert calls.kernel == 3 and not calls.fallback, calls
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert not torch.allclose(a, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-3)
+    assert len(seeds) == 3 and seeds[0] == seeds[1] != seeds[2]
+    for out, seed in ((a, seeds[0]), (c, seeds[2])):
+        keep = dropout_mask(shape.B, shape.Hq, shape.Tq, shape.Tk, p, seed, DEVICE)
+        torch.testing.assert_close(out.double(), written_out_sdpa_dropout(q, k, v, keep, p), rtol=1e-5, atol=1e-5)
 
 
 def test_rows_too_long_for_a_forced_fused_fall_back():

@@ -1,5 +1,6 @@
 """Sliding-window attention on the flash kernel: window=(left, right) against the reference, at
-any block sizes, with its errors; and a fixed window's cost growing linearly in T."""
+any block sizes, with its errors; ALiBi over keys ahead of the query (full attention and windows)
+against its bias written out; and a fixed window's cost growing linearly in T."""
 
 import time
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from attention_kernels.testing.cases import WINDOW_CASES, Shape
-from attention_kernels.kernels import flash, flash_attention
+from attention_kernels.kernels import flash, flash_attention, fused_attention
 from attention_kernels.kernels.checks import INTERPRET
 from attention_kernels.testing.rule import check_against_reference, make_qkv, seed_of
 
@@ -38,6 +39,34 @@ def test_huge_window_bounds_are_unbounded(poison, causal, window):
     # INT32_MAX is a common spelling of "no bound": the kernels' int32 block arithmetic must not wrap
     q, k, v, do = make_qkv(Shape(1, 2, 1, 40, 45, 16), torch.float32, seed=seed_of("huge window", window))
     check_against_reference(flash_attention, q, k, v, do, causal, window=window)
+
+
+@pytest.mark.parametrize("kernel, Tq, Tk, window", [(flash_attention, 13, 21, (3, 5)), (flash_attention, 21, 13, (-1, -1)),
+                                                     (fused_attention, 21, 13, None)],
+                         ids=lambda x: x.__name__ if callable(x) else str(x))
+def test_alibi_without_a_causal_mask_penalises_keys_ahead(poison, kernel, Tq, Tk, window):
+    """ALiBi with keys ahead of the query visible: FlashAttention's bias -slope * |i + Tk - Tq - j|,
+    written out here (not the reference's), forward and backward, grouped heads, Tq != Tk."""
+    q, k, v, do = make_qkv(Shape(2, 4, 2, Tq, Tk, 16), torch.float32, seed=seed_of("alibi ahead", Tq, Tk, window))
+    slopes = torch.tensor([[0.5, 0.25, 0.125, 1.0], [0.3, 0.7, 0.05, 0.2]], device=q.device)   # (B, Hq)
+    w = {} if window is None else {"window": window}
+    o = kernel(q, k, v, causal=False, alibi_slopes=slopes, **w)
+    left, right = window or (-1, -1)
+    i, j = torch.arange(Tq, device=q.device)[:, None], torch.arange(Tk, device=q.device)[None, :]
+    past = j - (i + Tk - Tq)                                                             # key j past query i's diagonal
+    visible = ((past >= -left) if left >= 0 else True) & ((past <= right) if right >= 0 else True)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    kv = [h // 2 for h in range(4)]                                                      # q head h on k/v head h // 2
+    s = torch.stack([q64[:, h] @ k64[:, kv[h]].transpose(-1, -2) / 4.0 for h in range(4)], 1)  # (B, Hq, Tq, Tk)
+    bias = -slopes.double()[:, :, None, None] * past.abs()                               # keys ahead penalised too
+    p = torch.softmax((s + bias).masked_fill(~torch.as_tensor(visible, device=q.device), float("-inf")), -1)
+    truth = torch.stack([p[:, h] @ v64[:, kv[h]] for h in range(4)], 1)                  # (B, Hq, Tq, D)
+    torch.testing.assert_close(o.double(), truth, rtol=1e-5, atol=1e-5)
+    o.backward(do)
+    truth.backward(do.double())
+    for name, x, x64 in zip(("dq", "dk", "dv"), (q, k, v), (q64, k64, v64)):
+        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("window, causal, message", [
