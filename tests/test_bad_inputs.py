@@ -83,11 +83,12 @@ ENTRY_POINTS = {
         dropout_seed="seed")),
     "decode_attention": (decode_attention, cache, dict(
         q="tensor", k_cache="tensor", v_cache="tensor", cache_seqlens="index", scale="scale", num_splits="splits",
-        return_lse="flag", check_seqlens="flag", softcap="softcap", sinks="sinks", alibi_slopes="slopes")),
+        return_lse="flag", check_seqlens="flag", softcap="softcap", sinks="sinks", alibi_slopes="slopes",
+        causal="flag")),
     "paged_attention": (paged_attention, pages, dict(
         q="tensor", k_cache="tensor", v_cache="tensor", block_table="index", cache_seqlens="index",
         cu_seqlens_q="index", max_seqlen_q="count", scale="scale", num_splits="splits", softcap="softcap",
-        sinks="sinks", alibi_slopes="slopes", return_lse="flag", check="flag")),
+        sinks="sinks", alibi_slopes="slopes", return_lse="flag", check="flag", causal="flag")),
     "dropout_mask": (dropout_mask, mask, dict(B="count", Hq="count", Tq="count", Tk="count", dropout_p="p",
                                               seed="seed", device="device")),
 }
@@ -97,6 +98,8 @@ ALLOWED = {
     ("attention", "dropout_seed", 4),            # None: a fresh seed, as in every entry point taking dropout
     ("flash_attention", "dropout_seed", 4), ("fused_attention", "dropout_seed", 4),
     ("flash_attention_varlen", "dropout_seed", 4),
+    ("decode_attention", "cache_seqlens", 0),    # a list of lengths, and int64 ones: converted to int32
+    ("decode_attention", "cache_seqlens", 2),
 }
 
 

@@ -283,26 +283,40 @@ def decode_configs(draw):
     cfg = dict(B=B, Hkv=Hkv, Hq=Hkv * draw(st.sampled_from([1, 2, 4])), Tq=Tq, Tmax=Tmax, lengths=lengths,
                D=draw(HEAD_DIMS), dtype=draw(st.sampled_from(DTYPES)), seed=draw(st.integers(0, 2**32 - 1)),
                layouts=[draw(LAYOUTS) for _ in range(4)], num_splits=draw(st.sampled_from([None, 1, 3, 8])),
-               scale=draw(st.sampled_from([None, 0.05, 1.0])))
+               scale=draw(st.sampled_from([None, 0.05, 1.0])), causal=draw(st.sampled_from([True, True, False])),
+               lengths_kind=draw(st.sampled_from(["int32", "int32", "int64", "list", "int"])))
+    if cfg["lengths_kind"] == "int":  # one length for every sequence
+        cfg["lengths"] = [lengths[0]] * B
     if draw(st.booleans()):
-        cfg["window"] = (draw(st.sampled_from([-1, 0, 3, 20])), 0)
+        cfg["window"] = (draw(st.sampled_from([-1, 0, 3, 20])), 0 if cfg["causal"] else draw(st.sampled_from([-1, 0, 2])))
     cfg["variants"] = draw(variants(cfg["Hq"], B, dropout=False))
     return cfg
 
 
+def lengths_as(lengths, kind, layout):
+    """Cache lengths as a call may give them: an int32 tensor (a strided view), int64, a list, one int."""
+    if kind == "int":
+        return lengths[0]
+    if kind == "list":
+        return list(lengths)
+    dtype = torch.int32 if kind == "int32" else torch.int64
+    return strided(torch.tensor(lengths, dtype=dtype, device=DEVICE), layout)
+
+
 def check_decode_draw(cfg):
-    """One draw of decode_attention against the reference, cache lengths as any strided int32 view."""
+    """One draw of decode_attention against the reference, cache lengths of any kind (`lengths_as`)."""
     B, Hq, Hkv, Tq, Tmax, D, dtype = (cfg[n] for n in ("B", "Hq", "Hkv", "Tq", "Tmax", "D", "dtype"))
     g = torch.Generator(DEVICE).manual_seed(cfg["seed"])
     rand = lambda *shape: torch.randn(shape, generator=g, device=DEVICE, dtype=dtype)
     q, k_cache, v_cache = (strided(t, how) for t, how in zip((rand(B, Hq, Tq, D), rand(B, Hkv, Tmax, D),
                                                               rand(B, Hkv, Tmax, D)), cfg["layouts"]))
-    seqlens = strided(torch.tensor(cfg["lengths"], dtype=torch.int32, device=DEVICE), cfg["layouts"][3])
+    seqlens = lengths_as(cfg["lengths"], cfg.get("lengths_kind", "int32"), cfg["layouts"][3])
     kw = variant_tensors(cfg["variants"])
     window = cfg.get("window")
+    causal = cfg.get("causal", True)
     with poisoned():
         o, lse = decode_attention(q, k_cache, v_cache, seqlens, cfg["scale"], cfg["num_splits"], window,
-                                  return_lse=True, **kw)
+                                  return_lse=True, causal=causal, **kw)
     w = tuple(window) if window is not None else (-1, -1)
     ref = reference_variants(kw)
     lengths = cfg["lengths"]
@@ -312,9 +326,9 @@ def check_decode_draw(cfg):
         return ref if slopes is None or slopes.dim() == 1 else {**ref, "alibi_slopes": slopes[b]}
 
     spec = lambda q, k, v, upcast=True: torch.cat([
-        reference.attention(q[b:b + 1], k[b:b + 1, :, :L], v[b:b + 1, :, :L], True, cfg["scale"], upcast, w,
+        reference.attention(q[b:b + 1], k[b:b + 1, :, :L], v[b:b + 1, :, :L], causal, cfg["scale"], upcast, w,
                             **per_sequence(b)) for b, L in enumerate(lengths)])
-    spec_lse = lambda q, k: torch.cat([reference.logsumexp(q[b:b + 1], k[b:b + 1, :, :L], True, cfg["scale"], w,
+    spec_lse = lambda q, k: torch.cat([reference.logsumexp(q[b:b + 1], k[b:b + 1, :, :L], causal, cfg["scale"], w,
                                                            **per_sequence(b)) for b, L in enumerate(lengths)])
     hold_to_rule(o, lse, (q, k_cache, v_cache), None, spec, spec_lse)
 
@@ -342,9 +356,10 @@ def paged_configs(draw):
                append=draw(st.booleans()), D=draw(HEAD_DIMS), dtype=draw(st.sampled_from(DTYPES)),
                seed=draw(st.integers(0, 2**32 - 1)), num_splits=draw(st.sampled_from([None, 1, 4])),
                max_kind=draw(st.sampled_from(["int", "numpy", "tensor"])), spare=draw(st.integers(0, 3)),
-               layouts=[draw(st.sampled_from(["contiguous", "sliced"])) for _ in range(3)])
+               layouts=[draw(st.sampled_from(["contiguous", "sliced"])) for _ in range(3)],
+               causal=draw(st.sampled_from([True, True, False])))
     if draw(st.booleans()):
-        cfg["window"] = (draw(st.sampled_from([-1, 0, 6])), 0)
+        cfg["window"] = (draw(st.sampled_from([-1, 0, 6])), 0 if cfg["causal"] else draw(st.sampled_from([-1, 0, 3])))
     cfg["variants"] = draw(variants(cfg["Hq"], B, dropout=False))
     return cfg
 
@@ -386,7 +401,8 @@ def check_paged_draw(cfg):
     table_v, seqlens_v, cu_v = (strided(t, how) for t, how in zip((table, seqlens, cu_q), cfg["layouts"]))
     with poisoned():
         o, lse = paged_attention(q, call_k, call_v, table_v, seqlens_v, cu_v, max_q, **extra, scale=None,
-                                 window=window, num_splits=cfg["num_splits"], return_lse=True, **kw)
+                                 window=window, num_splits=cfg["num_splits"], return_lse=True,
+                                 causal=cfg.get("causal", True), **kw)
     if cfg["append"]:
         torch.testing.assert_close(call_k, k_cache, rtol=0, atol=0)
         torch.testing.assert_close(call_v, v_cache, rtol=0, atol=0)
@@ -394,10 +410,11 @@ def check_paged_draw(cfg):
     ref = reference_variants(kw)
     lengths = torch.tensor(total, dtype=torch.int32, device=DEVICE)
     cu_k = torch.tensor([0, *total], device=DEVICE).cumsum(0).to(torch.int32)
+    causal = cfg.get("causal", True)
     spec = lambda q, k, v, upcast=True: reference.paged_attention(q, k, v, table, lengths, cu_q, upcast=upcast,
-                                                                  window=w, **ref)
+                                                                  window=w, causal=causal, **ref)
     spec_lse = lambda q, k: reference.varlen_logsumexp(q, reference.gather_pages(k, table, lengths), cu_q, cu_k,
-                                                       True, window=w, **ref)
+                                                       causal, window=w, **ref)
     hold_to_rule(o, lse, (q, k_cache, v_cache), None, spec, spec_lse)
 
 

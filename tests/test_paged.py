@@ -61,6 +61,21 @@ def test_paged_with_softcap_sinks_and_alibi(poison, dtype):
     hold_paged(o, lse, q, k_cache, v_cache, table, seqlens, cu, **mods)
 
 
+@pytest.mark.parametrize("window", [None, (3, 2), (-1, 4), (5, 0)], ids=str)
+def test_paged_without_a_causal_mask(poison, window):
+    # each new token sees every valid key of its sequence (within the window, on both sides of
+    # its bottom-right position): cross-attention to a cache, or new tokens that see each other
+    new, lengths = (1, 6, 3, 0), (20, 6, 45, 4)
+    q, k_cache, v_cache, table, seqlens, cu = paged_inputs(new, lengths, 4, 2, 16, 8, torch.float32,
+                                                           seed_of("full", window))
+    o, lse = paged_attention(q, k_cache, v_cache, table, seqlens, cu, 6, num_splits=2, window=window,
+                             return_lse=True, causal=False)
+    hold_paged(o, lse, q, k_cache, v_cache, table, seqlens, cu, window, causal=False)
+    if window is None:  # and not the causal answer: the first of sequence 1's 6 new tokens sees all 6 keys
+        causal = paged_attention(q, k_cache, v_cache, table, seqlens, cu, 6, num_splits=2)
+        assert not torch.allclose(o[1], causal[1]) and torch.allclose(o[6], causal[6])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_append_writes_the_pages_then_attends(poison, dtype):
     # k_new, v_new land at positions cache_seqlens[b]... of each sequence's pages (across a page

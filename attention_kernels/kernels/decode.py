@@ -40,7 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import INTERPRET, autocast_inputs, check_flag, check_inputs, check_int32, check_mods, window_bounds
+from .checks import (INTERPRET, _is_int, autocast_inputs, check_causal, check_flag, check_inputs, check_int32,
+                     check_mods, window_bounds)
 from .common import LOG2E, Variant, dot, meta, on_device, pow2, score_mods, stride_args, wrap_triton
 
 # ----------------------------------------------------------------------------- kernels
@@ -88,12 +89,13 @@ def _decode_split(
     B, Hkv, Tq, Tmax, num_pages, GROUP,
     q_blocks,  # dense: query blocks per sequence; packed: total_q, the rows of q
     left,      # the window's left bound, or (unbounded) more than any cache length
+    right,     # not causal: the window's right bound, or (unbounded) more than any cache length
     qk_scale,  # scale * log2(e): the softmax runs in base 2
     softcap, stride_sb,  # what models add, as in `kernels/flash_fwd.py` (sinks: in the merge)
     NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # -- which query block, k/v head and split; the splits of one head are adjacent (L2)
     pid = tl.program_id(0)
@@ -133,7 +135,10 @@ def _decode_split(
     L = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), Tmax)  # unchecked lengths never read outside the cache
     pos = L - q_len + t                                                            # [BLOCK_M] each row's position
     lo = tl.maximum(L - q_len + t0 - left, 0) // BLOCK_N * BLOCK_N  # whole tiles: the mask drops what is before
-    hi = tl.minimum(L - q_len + t0 + BLOCK_Q, L)                                  # past the block's last position
+    if CAUSAL:
+        hi = tl.minimum(L - q_len + t0 + BLOCK_Q, L)                              # past the block's last position
+    else:                                                                         # ... and `right` keys past it
+        hi = tl.minimum(L - q_len + t0 + BLOCK_Q + right, L)
     per_split = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = lo + split * per_split
     stop = tl.minimum(start + per_split, hi)
@@ -163,7 +168,10 @@ def _decode_split(
         s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale                   # [BLOCK_M, BLOCK_N] fp32
         s, _ = score_mods(s, pos, offs_n, softcap, slope[:, None], HAS_SOFTCAP, HAS_ALIBI)
         past = offs_n[None, :] - pos[:, None]
-        visible = n_ok[None, :] & (past >= -left) & (past <= 0)
+        if CAUSAL:
+            visible = n_ok[None, :] & (past >= -left) & (past <= 0)
+        else:
+            visible = n_ok[None, :] & (past >= -left) & (past <= right)
         s = tl.where(visible, s, float("-inf"))
         # -- online softmax, as in flash's forward (a row with no key yet keeps m = -inf)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -288,6 +296,22 @@ def default_num_splits(B, Hkv, row_blocks, keys, device):
 # ----------------------------------------------------------------------------- launcher
 
 
+def as_lengths(lengths, B, device):
+    """cache_seqlens as the kernels read it, int32 (B,) on q's device: from an int (every
+    sequence's length), a list or tuple of B ints, or an integer tensor (int64 is converted:
+    a copy; int32 is taken as it is). Anything else is left for `check_int32` to refuse."""
+    if _is_int(lengths):
+        return torch.full((B,), int(lengths), dtype=torch.int32, device=device)
+    if isinstance(lengths, (list, tuple)) and all(_is_int(n) for n in lengths):
+        return torch.tensor([int(n) for n in lengths], dtype=torch.int32, device=device)
+    if isinstance(lengths, torch.Tensor) and lengths.dtype == torch.int64 and lengths.device == device:
+        if lengths.numel() and not -2**31 <= int(lengths.min()) <= int(lengths.max()) < 2**31:  # a host read, once
+            raise ValueError(f"cache_seqlens must lie in [0, Tmax] (int32), got values from {int(lengths.min())} "
+                             f"to {int(lengths.max())}")
+        return lengths.to(torch.int32)
+    return lengths
+
+
 def _check_seqlens(cache_seqlens, B, Tmax, device, read_values):
     check_int32("cache_seqlens", cache_seqlens, (B,), device, want=f"(B,) = ({B},)")
     if not read_values:
@@ -313,14 +337,18 @@ def check_num_splits(num_splits):
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=None, window=None,
-                     return_lse=False, check_seqlens=True, softcap=None, sinks=None, alibi_slopes=None):
+                     return_lse=False, check_seqlens=True, softcap=None, sinks=None, alibi_slopes=None, causal=True):
     """Attention of Tq new tokens per sequence to a KV cache, the cache split across programs.
 
     q (B, Hq, Tq, D), Tq the new tokens (1 to 16 is the usual; any works); k_cache, v_cache
-    (B, Hkv, Tmax, D), Hq % Hkv == 0, any strides; cache_seqlens int32 (B,): sequence b's valid
-    cache length, the new tokens' keys included (they are its last Tq). Equal to
-    `reference.decode_attention`: causal, each new token sees the cache up to itself. `window`
-    (left, 0) limits it to the `left` keys before it. num_splits: how many programs share one
+    (B, Hkv, Tmax, D), Hq % Hkv == 0, any strides; cache_seqlens (B,): sequence b's valid cache
+    length, the new tokens' keys included (they are its last Tq), an int32 tensor (an int64 one,
+    a list of ints, or one int for every sequence are converted). Equal to
+    `reference.decode_attention`: causal, each new token sees the cache up to itself; `window`
+    (left, 0) limits it to the `left` keys before it. `causal=False`: each new token sees the
+    whole valid cache (cross-attention to an encoder's keys, or new tokens that see each other),
+    or with a window (left, right) the keys from `left` before its position to `right` after it,
+    its position being bottom-right aligned as in `flash_attention`. num_splits: how many programs share one
     cache (None: `default_num_splits`). With `return_lse`, also each row's log-sum-exp, (B, Hq, Tq)
     fp32 natural log. No backward. num_splits larger than the cache's key blocks is clamped to
     them (a split holds at least one block); past MAX_SPLITS it is refused. softcap, sinks and
@@ -337,13 +365,14 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=
     B, Hq, Tq, D = q.shape
     Tmax = k_cache.shape[2]
     check_flag(return_lse, "return_lse")
+    cache_seqlens = as_lengths(cache_seqlens, B, q.device)
     _check_seqlens(cache_seqlens, B, Tmax, q.device, check_flag(check_seqlens, "check_seqlens"))
     cache_seqlens = cache_seqlens.contiguous()  # the kernels read it as contiguous: a strided view moved lengths
-    left, _ = window_bounds(window, causal=True)
+    left, right = window_bounds(window, causal=check_causal(causal))
     refuse_gradients("decode_attention", q, k_cache, v_cache, sinks)
     check_num_splits(num_splits)
     softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=B)
-    variant = Variant(left=left, right=0, softcap=softcap, sinks=sinks, alibi_slopes=slopes)
+    variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=slopes)
     o, lse = _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, variant)
     return (o, lse) if return_lse else o
 
@@ -365,8 +394,8 @@ def split_kv(q, k_cache, v_cache, seqlens, scale, num_splits, variant, o, lse, *
     or a paged cache and packed q (`kernels.paged`). Strides as the kernels take them, (b, h, t, d)
     for q and o (b = 0 when packed: every row is "sequence 0" with Tq = total_q) and (b or page, h,
     t or slot, d) for the cache; Tq is the longest sequence's new tokens (packed: max_seqlen_q),
-    Tmax each sequence's capacity. The variant's window is (left, 0); it has no dropout. Fills o
-    and lse."""
+    Tmax each sequence's capacity. The variant's window is (left, right), right 0 when causal; it
+    has no dropout. Fills o and lse."""
     Hq, D = q.shape[-2] if cu_q is not None else q.shape[1], q.shape[-1]
     group = Hq // Hkv
     block_m, block_n, num_warps = blocks(group * max(Tq, 1), pow2(D), q.element_size())
@@ -393,7 +422,8 @@ def split_kv(q, k_cache, v_cache, seqlens, scale, num_splits, variant, o, lse, *
             **stride_args("bhtd", q=q_strides, k=k_strides, v=v_strides),
             stride_pb=0 if pages is None else pages.stride(0), B=B, Hkv=Hkv, Tq=Tq, Tmax=Tmax,
             num_pages=1 if pages is None else k_cache.shape[0], GROUP=group, q_blocks=q_blocks,
-            left=left if left >= 0 else Tmax + Tq, qk_scale=scale * LOG2E, **variant.score_args(lse),
+            left=left if left >= 0 else Tmax + Tq, right=variant.right if variant.right >= 0 else Tmax + Tq,
+            qk_scale=scale * LOG2E, **variant.score_args(lse), CAUSAL=variant.right == 0,
             NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, PAGE_SIZE=page_size,
             PAGED=pages is not None, VARLEN=cu_q is not None, num_warps=num_warps, **meta(q),
         )

@@ -39,8 +39,8 @@ with the most a replay will bring, total_q at worst).
 import torch
 import triton
 
-from .checks import (SUPPORTED_DTYPES, _dtype_name, _is_int, as_int, check_flag, check_inputs, check_int32, check_mods,
-                     window_bounds)
+from .checks import (SUPPORTED_DTYPES, _dtype_name, _is_int, as_int, check_causal, check_flag, check_inputs,
+                     check_int32, check_mods, window_bounds)
 from .decode import _append_kv, check_num_splits, refuse_gradients, split_kv
 from .common import Variant, on_device, pow2, stride_args, wrap_triton
 
@@ -138,7 +138,7 @@ def check_paged_inputs(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqle
 
 def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, max_seqlen_q, k_new=None,
                     v_new=None, scale=None, window=None, num_splits=None, softcap=None, sinks=None,
-                    alibi_slopes=None, return_lse=False, check=True):
+                    alibi_slopes=None, return_lse=False, check=True, causal=True):
     """New tokens of B sequences (prefill chunks and decoding mixed) against a paged KV cache.
 
     q (total_q, Hq, D): each sequence's new tokens packed, sequence b's rows
@@ -152,8 +152,8 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_
 
     Equal to `reference.paged_attention`. Returns out (total_q, Hq, D), and with return_lse also
     the log-sum-exp (Hq, total_q) fp32, natural log (-inf for a row that saw no key, whose out
-    is 0). window (left, 0), softcap, sinks and alibi_slopes ((Hq,) or (B, Hq)) as in
-    `decode_attention`; num_splits as there (None: by the grid's size). fp16, bf16, fp32 (q and
+    is 0). causal, window ((left, 0) when causal), softcap, sinks and alibi_slopes ((Hq,) or
+    (B, Hq)) as in `decode_attention`; num_splits as there (None: by the grid's size). fp16, bf16, fp32 (q and
     the cache in one dtype). No backward.
 
     `check=True` reads cu_seqlens_q, cache_seqlens and block_table on the host once (see
@@ -169,11 +169,11 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_
     q, max_seqlen_q, scale = check_paged_inputs(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q,
                                                 max_seqlen_q, k_new, v_new, scale, check)
     check_flag(return_lse, "return_lse")
-    left, _ = window_bounds(window, causal=True)
+    left, right = window_bounds(window, causal=check_causal(causal))
     check_num_splits(num_splits)
     B = cu_seqlens_q.shape[0] - 1
     softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=B)
-    variant = Variant(left=left, right=0, softcap=softcap, sinks=sinks, alibi_slopes=slopes)
+    variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=slopes)
     refuse_gradients("paged_attention", q, k_cache, v_cache, k_new, v_new, sinks)
     q = q if q.stride(-1) == 1 else q.contiguous()
     o, lse = _run_paged(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, max_seqlen_q, k_new, v_new,

@@ -5,6 +5,7 @@ which prints every step."""
 from .naive import (
     alibi_bias,
     alibi_slopes,
+    apply_attn_mask,
     apply_mask,
     attention,
     causal_mask,
@@ -30,6 +31,7 @@ __all__ = [
     "scores",
     "causal_mask",
     "apply_mask",
+    "apply_attn_mask",
     "softmax",
     "apply_softcap",
     "alibi_slopes",

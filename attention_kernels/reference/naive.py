@@ -121,9 +121,18 @@ def weighted_sum(weights, v):
     return weights @ v                                     # (B, Hq, Tq, Tk) @ (B, Hq, Tk, D) -> (B, Hq, Tq, D)
 
 
-def masked_scores(q, k, causal=True, scale=None, upcast=True, window=(-1, -1), softcap=None, alibi_slopes=None):
+def apply_attn_mask(s, attn_mask):
+    """A user's mask, broadcast to the scores (torch SDPA's `attn_mask`): bool hides the keys where
+    it is False; a float mask is added to the scores (-inf hides a key too)."""
+    if attn_mask.dtype == torch.bool:
+        return apply_mask(s, attn_mask)                    # (B, Hq, Tq, Tk)
+    return s + attn_mask.to(s.dtype)                       # (B, Hq, Tq, Tk)
+
+
+def masked_scores(q, k, causal=True, scale=None, upcast=True, window=(-1, -1), softcap=None, alibi_slopes=None,
+                  attn_mask=None):
     """The first steps: upcast, expand grouped k heads, score, soft-cap (Gemma 2: after the scale,
-    before the mask), add ALiBi's bias, mask."""
+    before the mask), add ALiBi's bias, add or apply the user's `attn_mask`, mask."""
     dt = compute_dtype(q.dtype, upcast)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     q, k = q.to(dt), expand_kv(k.to(dt), q.shape[1])       # (B, Hq, Tq, D), (B, Hq, Tk, D)
@@ -133,6 +142,8 @@ def masked_scores(q, k, causal=True, scale=None, upcast=True, window=(-1, -1), s
         s = apply_softcap(s, softcap)                      # (B, Hq, Tq, Tk)
     if alibi_slopes is not None:
         s = s + alibi_bias(alibi_slopes.to(dt), Tq, Tk, q.device)  # (B, Hq, Tq, Tk)
+    if attn_mask is not None:
+        s = apply_attn_mask(s, attn_mask)                  # (B, Hq, Tq, Tk)
     left, right = window
     if left >= 0 or right >= 0:
         s = apply_mask(s, window_mask(Tq, Tk, left, 0 if causal else right, q.device))
@@ -149,15 +160,17 @@ def dropout(w, keep, p):
 
 
 def attention(q, k, v, causal=True, scale=None, upcast=True, window=(-1, -1), softcap=None, sinks=None,
-              alibi_slopes=None, dropout_p=0.0, dropout_mask=None):
+              alibi_slopes=None, dropout_p=0.0, dropout_mask=None, attn_mask=None):
     """softmax(mask(q @ k^T * scale)) @ v, with grouped-query heads and bottom-right causal mask;
     optionally Gemma 2's `softcap`, GPT-OSS's attention `sinks` (Hq,), ALiBi's `alibi_slopes`
-    (Hq,) or (B, Hq), and dropout of the weights with probability `dropout_p`, keeping those
-    where `dropout_mask` (B, Hq, Tq, Tk) is True."""
+    (Hq,) or (B, Hq), dropout of the weights with probability `dropout_p`, keeping those where
+    `dropout_mask` (B, Hq, Tq, Tk) is True, and a user's `attn_mask` broadcastable to (B, Hq,
+    Tq, Tk), as torch SDPA takes it: bool (True attends) or float (added to the scaled scores,
+    after soft-cap and ALiBi), within the causal mask and the window, not instead of them."""
     if k.shape[2] == 0:                                    # no keys at all (an empty sequence): every row is empty
         kept = 0 * sinks.nan_to_num(posinf=0.0, neginf=0.0).sum() if sinks is not None else 0  # in the graph, not inf * 0
         return torch.zeros_like(q) + 0 * v.sum() + kept    # (B, Hq, Tq, D)
-    s = masked_scores(q, k, causal, scale, upcast, window, softcap, alibi_slopes)  # (B, Hq, Tq, Tk)
+    s = masked_scores(q, k, causal, scale, upcast, window, softcap, alibi_slopes, attn_mask)  # (B, Hq, Tq, Tk)
     w = softmax(s, sinks)                                  # (B, Hq, Tq, Tk)
     if dropout_p > 0:
         w = dropout(w, dropout_mask, dropout_p)            # (B, Hq, Tq, Tk) after the softmax: the row sums stay
@@ -165,11 +178,12 @@ def attention(q, k, v, causal=True, scale=None, upcast=True, window=(-1, -1), so
     return weighted_sum(w, v).to(q.dtype)                  # (B, Hq, Tq, D)
 
 
-def logsumexp(q, k, causal=True, scale=None, window=(-1, -1), softcap=None, sinks=None, alibi_slopes=None):
+def logsumexp(q, k, causal=True, scale=None, window=(-1, -1), softcap=None, sinks=None, alibi_slopes=None,
+              attn_mask=None):
     """log(sum_j exp(s_ij)) per query row, natural log: the softmax's normaliser, which kernels
     store for their backward pass, the sink's exp(sink) included. float32 (float64 for float64
     inputs), -inf for empty rows (the sink, with one)."""
-    s = masked_scores(q, k, causal, scale, True, window, softcap, alibi_slopes)  # (B, Hq, Tq, Tk)
+    s = masked_scores(q, k, causal, scale, True, window, softcap, alibi_slopes, attn_mask)  # (B, Hq, Tq, Tk)
     if sinks is not None:
         sink = sinks.to(s.dtype)[None, :, None, None].expand(*s.shape[:3], 1)   # (B, Hq, Tq, 1)
         s = torch.cat([s, sink], dim=-1)                   # (B, Hq, Tq, Tk + 1)
@@ -215,12 +229,12 @@ def varlen_logsumexp(q, k, cu_seqlens_q, cu_seqlens_k, causal=True, scale=None, 
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, window=(-1, -1), softcap=None, sinks=None,
-                     alibi_slopes=None):
+                     alibi_slopes=None, causal=True):
     """Tq new tokens per sequence attending to a KV cache: q (B, Hq, Tq, D); k_cache, v_cache
     (B, Hkv, Tmax, D), of which sequence b's first cache_seqlens[b] positions are valid, the new
     tokens' own keys included (they are the last Tq). Causal: each new token sees the cache
-    before it and itself."""
-    out = [attention(q[b:b + 1], k_cache[b:b + 1, :, :L], v_cache[b:b + 1, :, :L], True, scale, window=window,
+    before it and itself; not causal: the whole valid cache (within the window)."""
+    out = [attention(q[b:b + 1], k_cache[b:b + 1, :, :L], v_cache[b:b + 1, :, :L], causal, scale, window=window,
                      softcap=softcap, sinks=sinks, alibi_slopes=_per_sequence(alibi_slopes, b))
            for b, L in enumerate(cache_seqlens.tolist())]  # B x (1, Hq, Tq, D)
     return torch.cat(out)                                  # (B, Hq, Tq, D)
@@ -237,15 +251,15 @@ def gather_pages(cache, block_table, cache_seqlens):
 
 
 def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, scale=None, upcast=True,
-                    window=(-1, -1), softcap=None, sinks=None, alibi_slopes=None):
+                    window=(-1, -1), softcap=None, sinks=None, alibi_slopes=None, causal=True):
     """New tokens attending to a paged KV cache: q (total_q, Hq, D) holds each sequence's new
     tokens one after another (sequence b's are rows cu_seqlens_q[b]:cu_seqlens_q[b + 1]: one
     while decoding, many for a chunk of a prompt); k_cache, v_cache (num_pages, page_size, Hkv, D)
     hold sequence b's first cache_seqlens[b] keys in the pages its block_table row names, the new
     tokens' own among them (the last). Each sequence is `attention` of its new tokens to its keys,
-    causal bottom-right: each new token sees the cache before it and itself."""
+    causal bottom-right: each new token sees the cache before it and itself (`causal=False`: all of them)."""
     cu_seqlens_k = torch.cat([cache_seqlens.new_zeros(1), cache_seqlens.cumsum(0)]).to(torch.int32)  # (B + 1,)
     k = gather_pages(k_cache, block_table, cache_seqlens)                     # (sum L, Hkv, D)
     v = gather_pages(v_cache, block_table, cache_seqlens)
-    return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, True, scale, upcast, window, softcap, sinks,
+    return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, upcast, window, softcap, sinks,
                             alibi_slopes)                                     # (total_q, Hq, D)

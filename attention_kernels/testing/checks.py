@@ -85,12 +85,12 @@ def paged_inputs(new, lengths, Hq, Hkv, D, page_size, dtype, seed, share=True, s
         torch.tensor(lengths, **I32), offsets(new)
 
 
-def hold_paged(o, lse, q, k_cache, v_cache, table, lengths, cu_q, window=None, **mods):
+def hold_paged(o, lse, q, k_cache, v_cache, table, lengths, cu_q, window=None, causal=True, **mods):
     w = window or (-1, -1)
     spec = lambda q, k, v, upcast=True: reference.paged_attention(q, k, v, table, lengths, cu_q, upcast=upcast,
-                                                                  window=w, **mods)
+                                                                  window=w, causal=causal, **mods)
     spec_lse = lambda q, k: reference.varlen_logsumexp(q, reference.gather_pages(k, table, lengths), cu_q,
-                                                       offsets(lengths.tolist()), True, window=w, **mods)
+                                                       offsets(lengths.tolist()), causal, window=w, **mods)
     hold_to_rule(o, lse, (q, k_cache, v_cache), None, spec, spec_lse)
 
 
