@@ -31,6 +31,21 @@ def snippets():
 
 SNIPPETS = snippets()
 
+# What a snippet prints, where that is a figure to hold: (page, a line of its code) -> (a pattern
+# of its whole output that captures the figure, the figure's bound). Both print the max |kernel -
+# reference| of bfloat16 outputs from unseeded randn inputs: |out| < 8 there, where bf16's unit is
+# 2^-5, and the two round the same fp32 figure to bf16 (measured: 2^-6 = 0.0156, outputs below 4).
+# 2^-4 leaves a factor 2 above a unit at 8; a kernel with the scale 10% off prints 0.2, one
+# without the causal mask 2.6 or more.
+BF16_MAX_ERROR = 2 ** -4
+PRINTS = {
+    ("README.md", "print((out - reference.attention(q, k, v)).abs().max())"):
+        (r"tensor\(([0-9.e+-]+),(?: device='cuda:\d+',)? dtype=torch\.bfloat16, grad_fn=<MaxBackward1>\)",
+         BF16_MAX_ERROR),
+    ("docs/usage.md", 'print(f"max |flash - reference| = {(out - truth).abs().max().item():.2e}")'):
+        (r"max \|flash - reference\| = ([0-9.e+-]+)", BF16_MAX_ERROR),
+}
+
 
 def test_the_pages_have_snippets():
     assert len(SNIPPETS) >= 5
@@ -48,6 +63,18 @@ def test_each_snippet_runs(page, line, code, tmp_path):
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, f"the snippet at {page}:{line} failed:\n{code}\n{run.stderr[-3000:]}"
+    for (where, marker), (pattern, bound) in PRINTS.items():
+        if where == page and marker in code:
+            printed = re.fullmatch(pattern, run.stdout.strip())
+            assert printed, f"the snippet at {page}:{line} printed {run.stdout!r}, not a line like {pattern!r}"
+            assert 0 <= float(printed.group(1)) <= bound, (
+                f"the snippet at {page}:{line} printed {printed.group(0)!r}: above {bound:g}")
+
+
+def test_each_printed_figure_has_its_snippet():
+    for page, marker in PRINTS:
+        found = [line for p, line, code in SNIPPETS if p == page and marker in code]
+        assert len(found) == 1, f"{page}: {len(found)} snippets hold {marker!r}, not 1"
 
 
 def test_the_readme_is_a_front_door():

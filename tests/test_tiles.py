@@ -3,6 +3,9 @@ one: the forward through TMA descriptors (the interpreter runs them when ATTENTI
 the candidate tables, and the measured table the launchers read first."""
 
 import json
+import math
+import os
+import re
 
 import pytest
 import torch
@@ -144,10 +147,114 @@ def test_merge_refuses_an_entry_without_a_tile(tmp_path):
         tuning.merge(str(run), into=str(tmp_path / "tuned.json"))
 
 
-def test_the_committed_table_is_well_formed():
-    for gpu, entries in tuning.measured().items():
+# What tuning.lookup reads: {GPU name: {shape class: entry}}, a class as tuning.shape_class writes
+# it, an entry's config one of the tiles the autotuner may time for its class (the only tiles a
+# GPU run can measure: `tuning.choose`), its time in ms (None: no finite timing) and the run's name.
+CLASS = re.compile(r"(?P<kernel>fwd|dq|dkdv) (?P<dtype>float16|bfloat16|float32) d(?P<d>\d+) q(?P<q>\d+) "
+                   r"k(?P<k>\d+) (?:causal|full|window(?P<span>\d+)) g(?P<g>\d+) (?:dense|varlen)(?P<tma> tma)?")
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+def problems(table):
+    """What is wrong with a measured table, one line each: [] for a well-formed one."""
+    if not isinstance(table, dict):
+        return [f"the table is a {type(table).__name__}, not {{GPU name: {{shape class: entry}}}}"]
+    found = []
+    for gpu, entries in table.items():
+        if not (isinstance(gpu, str) and gpu.strip()) or not isinstance(entries, dict):
+            found.append(f"{gpu!r}: not a GPU name with a {{shape class: entry}} dict")
+            continue
         for cls, entry in entries.items():
-            kernel, dtype = cls.split()[:2]
-            m, n, w, s = entry["config"]
-            assert kernel in tuning.CANDIDATES and dtype in ("float16", "bfloat16", "float32"), cls
-            assert m in (16, 32, 64, 128) and n in (16, 32, 64, 128) and w in (4, 8) and s in (1, 2, 3, 4), cls
+            where = f"{gpu} / {cls}"
+            m = CLASS.fullmatch(cls)
+            if m is None:
+                found.append(f"{where}: not a shape class as tuning.shape_class writes one")
+                continue
+            d, q, k = int(m["d"]), int(m["q"]), int(m["k"])
+            if d not in (16, 32, 64, 128, 256) or tuning.t_bucket(q) != q or tuning.t_bucket(k) != k:
+                found.append(f"{where}: head dim or lengths not rounded as the kernels round them")
+                continue
+            if (m["span"] and int(m["span"]) != tuning.window_key(int(m["span"]) - 1, 0, 1 << 30)) or int(m["g"]) < 1:
+                found.append(f"{where}: window span or group not as the kernels key them")
+            if m["tma"] and m["kernel"] != "fwd":
+                found.append(f"{where}: only the forward loads through TMA")
+            if not isinstance(entry, dict):
+                found.append(f"{where}: the entry is not a dict")
+                continue
+            config = entry.get("config")
+            allowed = tuning.candidates(m["kernel"], ITEMSIZE[m["dtype"]], d, q, k)
+            if not (isinstance(config, list) and tuple(config) in allowed):
+                found.append(f"{where}: config {config!r} is not one of the class's candidates {allowed}")
+            ms = entry.get("ms")
+            if ms is not None and not (isinstance(ms, (int, float)) and math.isfinite(ms) and ms > 0):
+                found.append(f"{where}: ms {ms!r} is not a positive time")
+            if not isinstance(entry.get("run"), str):
+                found.append(f"{where}: no run name")
+    return found
+
+
+def good_table():
+    """Entries as a GPU run writes them, for classes tuning.shape_class names, of several kinds."""
+    classes = [("fwd", launch_args()), ("fwd", launch_args(right=16000, TMA=False)),
+               ("dq", launch_args(left=5, BLOCK_D=64, q_bucket=16, k_bucket=32, Tq=9, Tk=30, TMA=None)),
+               ("dkdv", launch_args(Q=torch.empty(0, dtype=torch.float32), GROUP=4, VARLEN=True, TMA=None))]
+    entries = {}
+    for kernel, args in classes:
+        tiles = tuning.candidates(kernel, args["Q"].element_size(), args["BLOCK_D"], args["q_bucket"], args["k_bucket"])
+        entries[tuning.shape_class(kernel, args)] = dict(config=list(tiles[-1]), ms=0.25, run="h100-test", timings={})
+    return {"NVIDIA H100 80GB HBM3": entries, "NVIDIA GH200 480GB": dict(list(entries.items())[:1])}
+
+
+def test_the_table_check_takes_what_a_gpu_run_writes(tmp_path):
+    table = good_table()
+    assert problems(table) == [] and problems({}) == []
+    run, into = tmp_path / "run.json", tmp_path / "tuned.json"
+    run.write_text(json.dumps(table))
+    assert tuning.merge(str(run), into=str(into)) == 5
+    assert problems(json.loads(into.read_text())) == []
+    tuning.measured.cache_clear()
+
+
+FWD = "fwd bfloat16 d128 q8192 k8192 causal g1 dense tma"
+
+
+@pytest.mark.parametrize("table, words", [
+    ([], "not {GPU name"),
+    ({"": {}}, "not a GPU name"),
+    ({"NVIDIA H200": [[128, 64, 8, 3]]}, "not a GPU name"),
+    ({"NVIDIA H200": {"fwd bf16 d128 q8192 k8192 causal g1 dense": {}}}, "not a shape class"),
+    ({"NVIDIA H200": {"bwd bfloat16 d128 q8192 k8192 causal g1 dense": {}}}, "not a shape class"),
+    ({"NVIDIA H200": {FWD.replace("q8192", "q8000"): {}}}, "not rounded"),
+    ({"NVIDIA H200": {FWD.replace("d128", "d80"): {}}}, "not rounded"),
+    ({"NVIDIA H200": {FWD.replace("causal", "window100"): dict(config=[128, 64, 8, 3], run="r")}}, "window span"),
+    ({"NVIDIA H200": {"dq bfloat16 d128 q8192 k8192 causal g1 dense tma": dict(config=[128, 64, 8, 2], run="r")}},
+     "only the forward"),
+    ({"NVIDIA H200": {FWD: [128, 64, 8, 3]}}, "not a dict"),
+    ({"NVIDIA H200": {FWD: dict(ms=1.0, run="r")}}, "config None"),
+    ({"NVIDIA H200": {FWD: dict(config=[128, 64, 8], ms=1.0, run="r")}}, "not one of the class's candidates"),
+    ({"NVIDIA H200": {FWD: dict(config=[16, 32, 4, 2], ms=1.0, run="r")}}, "not one of the class's candidates"),
+    ({"NVIDIA H200": {FWD: dict(config=[64, 64, 4, 3], ms=1.0, run="r")}}, "not one of the class's candidates"),
+    ({"NVIDIA H200": {FWD: dict(config=[128, 64, 8, 3], ms=-1.0, run="r")}}, "not a positive time"),
+    ({"NVIDIA H200": {FWD: dict(config=[128, 64, 8, 3], ms="1.5", run="r")}}, "not a positive time"),
+    ({"NVIDIA H200": {FWD: dict(config=[128, 64, 8, 3], ms=1.5)}}, "no run name"),
+], ids=lambda x: "" if isinstance(x, (dict, list)) else x.replace(" ", "-"))
+def test_the_table_check_refuses_a_bad_entry(table, words):
+    # [16, 32, 4, 2] is a candidate of the class's kernel and dtype but too small for 8192 x 8192
+    # (tuning.candidates leaves it out there); [64, 64, 4, 3] is fwd's for d64, not for d128
+    found = problems(table)
+    assert len(found) == 1 and words in found[0], found
+    good = good_table()
+    assert problems({**good, **table} if isinstance(table, dict) else table) == found  # among good entries too
+    assert not set(good) & set(table)
+
+
+def test_the_committed_table_is_well_formed():
+    """kernels/tuned.json as `tuning merge` writes it (sorted, indented, never edited by hand),
+    every entry well-formed; empty ({}) until a GPU run's measurements are merged."""
+    path = os.path.join(os.path.dirname(tuning.__file__), "tuned.json")
+    with open(path) as f:
+        text = f.read()
+    table = json.loads(text)
+    assert problems(table) == []
+    written = json.dumps({gpu: dict(sorted(e.items())) for gpu, e in sorted(table.items())}, indent=1) + "\n"
+    assert text == written, f"{path} is not as `python -m attention_kernels.kernels.tuning merge` writes it"
