@@ -35,6 +35,37 @@ def test_decode_equals_flash_on_the_valid_cache(poison):
                                flash_attention(q, k_cache, v_cache), rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("window", [None, (3, 2), (-1, 4), (6, 0)], ids=str)
+def test_decode_without_a_causal_mask(poison, window):
+    # each new token sees the whole valid cache (within the window, on both sides of its
+    # position): against the window written out here, not the reference's own masks
+    q, k_cache, v_cache, seqlens = decode_inputs(3, 4, 2, 5, 70, 16, (3, 70, 41), torch.float32,
+                                                 seed_of("full", window))
+    o, lse = decode_attention(q, k_cache, v_cache, seqlens, num_splits=3, window=window, causal=False,
+                              return_lse=True)
+    left, right = window or (-1, -1)
+    for b, L in enumerate(seqlens.tolist()):
+        pos = torch.arange(L - 5, L)[:, None]                                   # each new token's position
+        j = torch.arange(L)[None, :]
+        seen = (j >= pos - left if left >= 0 else j >= 0) & (j <= pos + right if right >= 0 else j >= 0)
+        k, v = (x[b].double().repeat_interleave(2, dim=0)[:, :L] for x in (k_cache, v_cache))  # (Hq, L, D)
+        s = (q[b].double() @ k.transpose(-1, -2) / 4).masked_fill(~seen, float("-inf"))  # (Hq, 5, L), D = 16
+        want = torch.nan_to_num(torch.softmax(s, -1)) @ v
+        torch.testing.assert_close(o[b].double(), want, rtol=0, atol=2e-6)
+        torch.testing.assert_close(lse[b].double(), torch.logsumexp(s, -1), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("lengths", [41, [3, 70, 41], "int64"], ids=str)
+def test_cache_lengths_of_any_kind(poison, lengths):
+    q, k_cache, v_cache, seqlens = decode_inputs(3, 4, 2, 1, 70, 16, (3, 70, 41), torch.float32, seed_of("kinds"))
+    want = [lengths] * 3 if isinstance(lengths, int) else [3, 70, 41]
+    given = torch.tensor(want, device=DEVICE) if lengths == "int64" else lengths
+    assert torch.equal(decode_attention(q, k_cache, v_cache, given),
+                       decode_attention(q, k_cache, v_cache, torch.tensor(want, dtype=torch.int32, device=DEVICE)))
+    with pytest.raises(ValueError, match="cache_seqlens must lie in"):
+        decode_attention(q, k_cache, v_cache, torch.tensor([3, 2**40, 1], device=DEVICE))
+
+
 def test_num_splits_rule():
     cpu = torch.device("cpu")  # the interpreter's stand-in: decode.INTERPRETER_SMS SMs
     sms = decode.INTERPRETER_SMS
