@@ -56,10 +56,19 @@ def test_it_writes_every_file_and_no_other(run):
     assert json.load(open(out / "tuned.json")) == {}  # nothing is tuned without a GPU
 
 
+# SDPA's peaky rows (check_peaky: bf16, scale 2, two keys), its worst error over the rule's
+# tolerance: SDPA's backward takes delta = rowsum(dO * O) from O rounded to bf16, which a peaky
+# row's dS inherits (the flash kernels restore O's rounding; docs/how-it-works.md, "Peaky
+# softmax"). Torch's CPU flash backend, here, was measured at 1.53 at most (dk, seed 0; seeds 1
+# and 2 hold to the rule at 0.94 and 0.26). Its efficient backend has no CPU kernel: refused.
+SDPA_PEAKY_BOUND = 3.0
+
+
 def test_every_check_passes(run):
     out, _ = run
     rows = read_csv(out / "correctness.csv")
-    ours = [r for r in rows if not r["check"].startswith("peaky")]
+    # every check of ours, the peaky case through flash included, must pass
+    ours = [r for r in rows if not (r["check"].startswith("peaky") and r["impl"].startswith("sdpa"))]
     failed = [f"{r['check']}: {r['status']} {r['message']}" for r in ours if r["passed"] != "True"]
     assert not failed, "checks that did not pass:\n" + "\n".join(failed)
     for impl in ("flash", "flash-varlen", "fused", "decode", "paged"):
@@ -68,9 +77,16 @@ def test_every_check_passes(run):
     for what in ("determinism", "window", "bthd", "ATTENTION_KERNELS_TMA=1", "B1-H4:1"):
         assert what in checks, f"no {what} check"
     assert any(r["tma"] == "True" for r in ours) and any(r["tma"] == "False" for r in ours)  # both load paths ran
-    # the peaky case: each implementation that ran reports its gradients against the rule
-    peaky = [r for r in rows if r["check"].startswith("peaky") and r["status"] == "ok"]
-    assert {r["impl"] for r in peaky} >= {"flash", "sdpa-flash"} and all(float(r["grad_ratio"]) >= 0 for r in peaky)
+    # the peaky case: flash passed above, on every seed; SDPA's backends, where they ran, pass or
+    # stay within SDPA_PEAKY_BOUND
+    peaky = [r for r in rows if r["check"].startswith("peaky")]
+    assert sum(r["impl"] == "flash" and r["passed"] == "True" for r in peaky) == 3
+    ran = [r for r in peaky if r["impl"].startswith("sdpa") and not r["status"].startswith("unsupported")]
+    assert {r["impl"] for r in ran} >= {"sdpa-flash"}
+    for r in ran:
+        assert r["status"] == "ok" and float(r["grad_ratio"]) >= 0, f"{r['check']}: {r['status']}"
+        assert r["passed"] == "True" or float(r["ratio"]) <= SDPA_PEAKY_BOUND, (
+            f"{r['check']}: {r['worst']} error / tolerance {float(r['ratio']):.3g} > {SDPA_PEAKY_BOUND}: {r['message']}")
 
 
 def test_timing_rows_have_numbers_and_ratios(run):

@@ -16,7 +16,8 @@ the rest run in a fresh child.
                   (`attention_kernels.testing`): flash bf16/fp16, D 64/128, causal and full, Tq != Tk, GQA,
                   a (B, T, H, D) layout, TMA on and off, forward and backward; packed batches; a
                   window; fused; decoding; a paged cache; bitwise-reproducible gradients; and a "peaky softmax"
-                  case through flash and SDPA's flash and efficient backends. Outputs poisoned
+                  case through flash (a check like the others) and SDPA's flash and efficient backends
+                  (for comparison: their error / tolerance is reported, not counted). Outputs poisoned
                   with NaN. One tile per shape class (ATTENTION_KERNELS_AUTOTUNE=0). Several
                   children at once: they mostly compile.
   2. tuning       the shape classes the timings use (bf16, B*T = 16k tokens, H*D = 2048, T 2k to

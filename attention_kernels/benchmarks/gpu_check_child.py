@@ -66,24 +66,14 @@ def tma_setting(value):
 
 @contextlib.contextmanager
 def rule_report(found):
-    """Within: the rule's comparisons (attention_kernels.testing.rule) append (quantity, error, tolerance, failure message)
-    to `found` and go on, so that one row reports every quantity, not only the first failure."""
-    assert_close = rule.assert_close
-
-    def record(name, got, truth, low, factor, floor):
-        err, base, tol = rule.margins(got, truth, low, factor, floor)
+    """Within: the rule's comparisons (`attention_kernels.testing.rule.recorded`) append (quantity,
+    error, tolerance, the yardstick used, failure message) to `found` and go on, so that one row
+    reports every quantity, not only the first failure."""
+    with rule.recorded() as records:
         try:
-            assert_close(name, got, truth, low, factor, floor)
-            message = ""
-        except AssertionError as e:
-            message = str(e)
-        found.append(dict(quantity=name, err=err, ref_err=base, tol=tol, message=message))
-
-    rule.assert_close = record
-    try:
-        yield found
-    finally:
-        rule.assert_close = assert_close
+            yield found
+        finally:
+            found.extend(records)
 
 
 def check_rule(spec, dtype):
@@ -151,6 +141,9 @@ def check_peaky(spec, dtype):
     truth.backward(do.double())
     low = reference.attention(*low_leaves, False, scale, upcast=False)
     low.backward(do)
+    rounded_leaves = [x.clone().requires_grad_() for x in (q, k, v)]  # rounding alone: fp32, rounded
+    rounded = reference.attention(*rounded_leaves, False, scale, upcast=True)
+    rounded.backward(do)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     if spec["impl"] == "flash":
         o = flash_attention(*leaves, causal=False, scale=scale)
@@ -159,14 +152,19 @@ def check_peaky(spec, dtype):
         with sdpa_kernel(SDPA_BACKENDS[spec["impl"].removeprefix("sdpa-")]):
             o = F.scaled_dot_product_attention(qq, kk, vv, scale=scale)
     o.backward(do)
-    rule.assert_close("out", o, truth, low, cases.FACTOR, cases.FLOOR[dtype])
-    for name, x, x64, xl in zip(("dq", "dk", "dv"), leaves, truth_leaves, low_leaves):
-        rule.assert_close(name, x.grad, x64.grad, xl.grad, cases.GRAD_FACTOR, cases.FLOOR[dtype])
+    rule.assert_close("out", o, truth, low, cases.FACTOR, cases.FLOOR[dtype], rounded)
+    for name, x, x64, xl, xr in zip(("dq", "dk", "dv"), leaves, truth_leaves, low_leaves, rounded_leaves):
+        rule.assert_close(name, x.grad, x64.grad, xl.grad, cases.GRAD_FACTOR, cases.FLOOR[dtype], xr.grad)
     return {}
 
 
 CHECKS = {"rule": check_rule, "varlen": check_varlen, "decode": check_decode, "paged": check_paged,
           "determinism": check_determinism, "peaky": check_peaky}
+
+
+def yardstick_note(f):
+    """" (cap)" or " (rounded)" where the rule measured by other than the low-precision reference."""
+    return f" ({f['yardstick']})" if f.get("yardstick", "low") != "low" else ""
 
 
 def correctness(spec):
@@ -190,7 +188,7 @@ def correctness(spec):
         grads = [ratio(f) for f in found if f["quantity"] in ("dq", "dk", "dv")]
         row.update(worst=worst["quantity"], max_err=worst["err"], ref_err=worst["ref_err"], tol=worst["tol"],
                    ratio=ratio(worst), grad_ratio=max(grads, key=nan_first) if grads else "",
-                   details="; ".join(f"{f['quantity']} {f['err']:.3g}/{f['tol']:.3g}" for f in found),
+                   details="; ".join(f"{f['quantity']} {f['err']:.3g}/{f['tol']:.3g}" + yardstick_note(f) for f in found),
                    message=next((f["message"] for f in found if f["message"]), "")[:500])
     # not run ("") when the implementation refuses the shape; an error in a kernel fails the check
     row["passed"] = "" if row["status"].startswith("unsupported") else \
