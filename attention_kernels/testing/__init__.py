@@ -10,16 +10,17 @@ the yardstick is the same reference run in the inputs' own precision. A result p
 max error is at most FACTOR (GRAD_FACTOR for gradients) times the yardstick's, plus FLOOR[dtype]
 times the largest value of the truth (at least 1).
 
-    rule     seed_of, randn, make_qkv, make_packed; assert_close, margins; check_against_reference,
-             hold_to_rule; poisoned (outputs full of NaN, so an unwritten element fails)
+    rule     seed_of, randn, make_qkv, make_packed; assert_close, margins, measure, recorded;
+             check_against_reference, hold_to_rule; poisoned (outputs full of NaN, so an unwritten
+             element fails)
     cases    the shapes, dtypes, layouts and cases the tests run, and the rule's numbers
     checks   check_varlen, check_decode, check_paged: the entry points whose inputs are more than a shape
 """
 
-from attention_kernels.testing.cases import DEVICE, DTYPES, FACTOR, FLOOR, GRAD_FACTOR, LAYOUTS, Shape
+from attention_kernels.testing.cases import CAP, DEVICE, DTYPES, FACTOR, FLOOR, GRAD_FACTOR, LAYOUTS, Shape
 from attention_kernels.testing.rule import (assert_close, check_against_reference, hold_to_rule, make_packed,
-                                            make_qkv, margins, poisoned, randn, seed_of)
+                                            make_qkv, margins, measure, poisoned, randn, recorded, seed_of)
 
-__all__ = ["DEVICE", "DTYPES", "FACTOR", "FLOOR", "GRAD_FACTOR", "LAYOUTS", "Shape", "assert_close",
-           "check_against_reference", "hold_to_rule", "make_packed", "make_qkv", "margins", "poisoned", "randn",
-           "seed_of"]
+__all__ = ["CAP", "DEVICE", "DTYPES", "FACTOR", "FLOOR", "GRAD_FACTOR", "LAYOUTS", "Shape", "assert_close",
+           "check_against_reference", "hold_to_rule", "make_packed", "make_qkv", "margins", "measure", "poisoned",
+           "randn", "recorded", "seed_of"]

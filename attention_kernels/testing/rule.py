@@ -245,7 +245,9 @@ def hold_to_rule(o, lse, inputs, do, spec, spec_lse=None, dlse=None):
     names = ("dq", "dk", "dv") if len(inputs) == 3 else [f"d(input {i})" for i in range(len(inputs))]
     for name, x, x64, low_grad, rounded_grad in zip(names, inputs, leaves64, low_grads, rounded_grads):
         assert x.grad.dtype == x.dtype
-        assert_close(name, x.grad, x64.grad, low_grad, GRAD_FACTOR, floor, rounded_grad)
+        # an input of another dtype than q's (fp32 sinks beside bf16 q) is computed in q's
+        # precision but would be measured in units of its own: its low-precision yardstick stands
+        assert_close(name, x.grad, x64.grad, low_grad, GRAD_FACTOR, floor, rounded_grad if x.dtype == q.dtype else None)
 
 
 def make_packed(lengths_q, lengths_k, Hq, Hkv, D, dtype, seed=0, strided=False):
