@@ -64,18 +64,23 @@ BAD = {
     "splits": lambda _: [0, -1, 1.5, "2", True],
     "impl": lambda _: ["triton", 1, None],
     "device": lambda _: ["meta", "nowhere", 3, torch.float32],
+    "mask": lambda _: [torch.ones(5, 5, dtype=torch.int32, device=DEVICE), torch.zeros(5, 5, dtype=torch.float64,
+                       device=DEVICE), torch.ones(5, 5, dtype=torch.bool, device="meta"),
+                       torch.ones(3, 5, dtype=torch.bool, device=DEVICE), torch.zeros(1, 3, 5, 5, **F16),
+                       [[True] * 5] * 5],
 }
 
 ENTRY_POINTS = {
     "flash_attention": (flash_attention, dense, dict(
         q="tensor", k="tensor", v="tensor", causal="flag", scale="scale", return_lse="flag", window="window",
-        softcap="softcap", sinks="sinks", alibi_slopes="slopes", dropout_p="p", dropout_seed="seed")),
+        softcap="softcap", sinks="sinks", alibi_slopes="slopes", dropout_p="p", dropout_seed="seed",
+        attn_mask="mask")),
     "fused_attention": (fused_attention, dense, dict(
         q="tensor", k="tensor", v="tensor", causal="flag", scale="scale", return_lse="flag", softcap="softcap",
         sinks="sinks", alibi_slopes="slopes", dropout_p="p", dropout_seed="seed")),
     "attention": (attention, dense, dict(
         q="tensor", k="tensor", v="tensor", causal="flag", scale="scale", impl="impl", softcap="softcap",
-        sinks="sinks", alibi_slopes="slopes", dropout_p="p", dropout_seed="seed")),
+        sinks="sinks", alibi_slopes="slopes", dropout_p="p", dropout_seed="seed", attn_mask="mask")),
     "flash_attention_varlen": (flash_attention_varlen, packed, dict(
         q="tensor", k="tensor", v="tensor", cu_seqlens_q="index", cu_seqlens_k="index", max_seqlen_q="count",
         max_seqlen_k="count", causal="flag", scale="scale", return_lse="flag", window="window",

@@ -69,14 +69,67 @@ def test_fallbacks_are_torch_and_counted():
     q, k, v, _ = make_qkv(Shape(1, 2, 2, 12, 12, 16), torch.float32, seed=seed_of("fallback"))
     mask = torch.rand(12, 12, generator=torch.Generator(DEVICE).manual_seed(1), device=DEVICE) > 0.3
     with pytest.warns(UserWarning, match=r"patch_sdpa: 3 calls: 1 on the kernels, 2 fell back to torch \(.*mask"), \
-            patch_sdpa() as calls:
-        masked = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            patch_sdpa(impl="fused") as calls:
+        masked = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)   # fused takes no mask: torch
         F.scaled_dot_product_attention(q.double(), k.double(), v.double())
         F.scaled_dot_product_attention(q, k, v)
     assert calls.kernel == 1, calls
-    assert calls.fallback == {"attn_mask given": 1, "q has dtype float64; supported: float16, bfloat16, float32": 1}, calls
+    assert calls.fallback == {"attn_mask on impl='fused'": 1,
+                              "q has dtype float64; supported: float16, bfloat16, float32": 1}, calls
     assert "2 fell back to torch" in repr(calls)
     assert torch.equal(masked, TORCH_SDPA(q, k, v, attn_mask=mask))
+
+
+MASK_SHAPES = [(12, 17), (1, 1, 12, 17), (2, 1, 12, 17), (1, 4, 1, 17), (4, 12, 17), (2, 4, 12, 17)]
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("shape", MASK_SHAPES, ids=str)
+def test_masks_run_on_the_kernels_as_torch_computes_them(poison, shape, kind):
+    # every shape that broadcasts to the scores (B, H, Tq, Tk) = (2, 4, 12, 17), grouped heads, a
+    # row hidden entirely (torch gives it zeros: so must the drop-in); a float mask's gradient too
+    q, k, v, do = make_qkv(Shape(2, 4, 2, 12, 17, 16), torch.float32, seed=seed_of("mask", shape, kind))
+    g = torch.Generator(DEVICE).manual_seed(seed_of("mask values", shape, kind))
+    visible = torch.rand(shape, generator=g, device=DEVICE) > 0.4
+    hidden_row = shape[-2] != 1             # a mask of one row for every query hides no row alone
+    if hidden_row:
+        visible[..., 3, :] = False
+    if kind == "bool":
+        mask = visible
+    else:
+        mask = torch.randn(shape, generator=g, device=DEVICE).masked_fill(~visible, float("-inf")).requires_grad_()
+    with patch_sdpa() as calls:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert calls.kernel == 1 and not calls.fallback, calls
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    mask64 = mask.detach().double().requires_grad_() if kind == "float" else mask
+    want = TORCH_SDPA(*leaves, attn_mask=mask64, enable_gqa=True)
+    if hidden_row:
+        assert not want[..., 3, :].any() and not out[..., 3, :].any()  # the hidden row: zeros in both
+    out.backward(do)
+    want.backward(do.double())
+    compared = [("out", out, want), *zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), (x.grad for x in leaves))]
+    compared += [("dmask", mask.grad, mask64.grad)] if kind == "float" else []
+    for name, got, truth in compared:
+        finite = torch.isfinite(truth)
+        torch.testing.assert_close(got.double()[finite], truth[finite], rtol=0, atol=2e-5, msg=name)
+
+
+def test_masks_torch_refuses_stay_torchs_errors():
+    q, k, v, _ = make_qkv(Shape(1, 2, 2, 5, 5, 16), torch.float32, seed=seed_of("mask errors"))
+    mask = torch.rand(5, 5, generator=torch.Generator(DEVICE).manual_seed(0), device=DEVICE) > 0.3
+    with pytest.warns(UserWarning, match="fell back"), patch_sdpa() as calls:
+        for bad in [dict(attn_mask=mask.double()), dict(attn_mask=torch.ones(3, 5, dtype=torch.bool, device=DEVICE))]:
+            with pytest.raises(RuntimeError) as ours:
+                F.scaled_dot_product_attention(q, k, v, **bad)
+            with pytest.raises(RuntimeError) as theirs:
+                TORCH_SDPA(q, k, v, **bad)
+            assert str(ours.value) == str(theirs.value)
+        # a mask with is_causal: refused by some torch versions, combined with a top-left causal
+        # mask by others; torch's own function decides
+        both = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
+    assert torch.equal(both, TORCH_SDPA(q, k, v, attn_mask=mask, is_causal=True))
+    assert calls.kernel == 0 and calls.fallback["attn_mask with is_causal"] == 1, calls
 
 
 def record_dropout_seeds(monkeypatch):

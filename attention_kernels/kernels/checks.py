@@ -255,6 +255,32 @@ def check_mods(q, softcap=None, sinks=None, alibi_slopes=None, batch=None, kerne
     return (cap if kernels or cap else None), sinks, slopes
 
 
+def check_attn_mask(attn_mask, q, k, kernels=True):
+    """Check a user's attention mask (torch SDPA's attn_mask) against q (B, Hq, Tq, D) and
+    k (B, Hkv, Tk, D) and return it as given (None stays None): a tensor, bool (True attends) or
+    float16, bfloat16, float32 (added to the scores), on q's device, broadcastable to the scores
+    (B, Hq, Tq, Tk) by torch's rules (aligned from the right; size 1 or the full size). Its values
+    are not read (that would be a host sync): +inf or NaN entries give NaN, as in torch's SDPA.
+    `kernels=False` checks for the reference, which also takes float64."""
+    if attn_mask is None:
+        return None
+    dtypes = (torch.bool,) + (SUPPORTED_DTYPES if kernels else SUPPORTED_DTYPES + (torch.float64,))
+    accepted = "bool (True attends) or " + ", ".join(_dtype_name(d) for d in dtypes[1:]) + " (added to the scores)"
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor, {accepted}, or None; got {type(attn_mask).__name__}")
+    if attn_mask.dtype not in dtypes:
+        raise TypeError(f"attn_mask has dtype {_dtype_name(attn_mask.dtype)}; accepted: {accepted}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"attn_mask must be on q's device {q.device}, got {attn_mask.device}")
+    scores = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])                 # (B, Hq, Tq, Tk)
+    shape = tuple(attn_mask.shape)
+    if len(shape) > 4 or any(m not in (1, n) for m, n in zip(reversed(shape), reversed(scores))):
+        raise ValueError(f"attn_mask of shape {shape} does not broadcast to the scores' shape (B, Hq, Tq, Tk) = "
+                         f"{scores}: it needs at most 4 dimensions, aligned from the right, each 1 or the full size "
+                         "(such as (Tq, Tk), (B, 1, Tq, Tk) or (1, Hq, 1, Tk))")
+    return attn_mask
+
+
 def check_flag(value, name):
     """A flag that must be a bool: "no", 1 or a tensor are refused rather than read as truthy."""
     if not isinstance(value, bool):
@@ -291,7 +317,7 @@ def window_bounds(window, causal):
     if causal:
         if right > 0:
             raise ValueError(f"window={window!r} has right={right} > 0, but causal attention means right = 0 "
-                             "(a window that looks ahead needs causal=False, which decode_attention does not take)")
+                             "(a window that looks ahead needs causal=False)")
         right = 0
     return left, right
 

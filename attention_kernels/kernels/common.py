@@ -84,6 +84,24 @@ def score_mods(s, rows, cols, softcap, slope, SOFTCAP: tl.constexpr, ALIBI: tl.c
 
 
 @triton.jit
+def attn_mask_scores(s, mask_base, rows, cols, n_rows, n_cols, stride_row, stride_col, BOOL_MASK: tl.constexpr):
+    # The user's attn_mask on a tile of base-2 logits s, after `score_mods` and before the window's
+    # `mask_scores` (the reference's order): bool False hides a key (-inf); a float is added, in
+    # base 2 (times log2(e)), -inf hiding a key too. rows and cols are the tile's positions along
+    # the mask's strides stride_row and stride_col: queries and keys, or keys and queries (the
+    # dk/dv kernel's tile is transposed); entries past n_rows or n_cols hide, as the window hides
+    # keys past Tk. A float below -FLT_MAX / log2(e), -2.4e38 (torch.finfo(float32 or
+    # bfloat16).min), becomes -inf in base 2 and hides its key too: a row of nothing else sees no
+    # key (zeros), where the reference averages its values (docs/masks.md says why not held finite).
+    inside = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    ptrs = mask_base + rows.to(tl.int64)[:, None] * stride_row + cols.to(tl.int64)[None, :] * stride_col
+    if BOOL_MASK:  # stored as bytes (the launcher views torch's bool as uint8)
+        return tl.where(tl.load(ptrs, mask=inside, other=0) != 0, s, float("-inf"))
+    bias = tl.load(ptrs, mask=inside, other=float("-inf")).to(tl.float32)
+    return s + bias * 1.4426950408889634                                       # base 2
+
+
+@triton.jit
 def dropout_keep(seed, bh, q_idx, k_idx, p_drop):
     # Whether the attention weight of query q_idx and key k_idx (positions in their sequence;
     # tensors that broadcast to the tile) in head bh = b * Hq + h survives dropout p_drop: Philox
@@ -180,9 +198,12 @@ class Variant(NamedTuple):
         sinks,          fp32 or None (`checks.check_mods`)
         alibi_slopes
         dropout_p, seed attention-weight dropout and the call's Philox seed (`dropout.check_dropout`)
+        attn_mask       the user's mask, bool or float, broadcastable to (B, Hq, Tq, Tk), or None
+                        (`checks.check_attn_mask`); the dense flash kernels only (`mask_args`)
 
-    The field names are the torch ops' argument names (`op_args`). A NamedTuple, not a dataclass:
-    torch.compile traces the public functions that build one without a graph break."""
+    The field names are the torch ops' argument names (`op_args`; attn_mask is the dense flash
+    ops' alone, passed beside it). A NamedTuple, not a dataclass: torch.compile traces the public
+    functions that build one without a graph break."""
     left: int = -1
     right: int = -1
     softcap: float = 0.0
@@ -190,6 +211,7 @@ class Variant(NamedTuple):
     alibi_slopes: Optional[Tensor] = None
     dropout_p: float = 0.0
     seed: int = 0
+    attn_mask: Optional[Tensor] = None
 
     @property
     def causal(self):
@@ -217,6 +239,20 @@ class Variant(NamedTuple):
         """The sinks of the kernels that finish a row's softmax (or an unread placeholder tensor)."""
         return dict(SINKS=placeholder if self.sinks is None else self.sinks, HAS_SINKS=self.sinks is not None)
 
+    def mask_args(self, placeholder, B, Hq, Tq, Tk):
+        """The user's attn_mask as the flash kernels take it (`attn_mask_scores`): broadcast to the
+        scores (B, Hq, Tq, Tk) through stride 0 (`expand`, no copy), its four strides, and whether
+        it is bool (viewed as uint8, the same bytes) or float (fp16, bf16 or fp32, read as fp32).
+        Without one, an unread placeholder tensor."""
+        mask = self.attn_mask
+        if mask is None:
+            return dict(ATTN_MASK=placeholder, **stride_args("bhmn", mask=(0, 0, 0, 0)), HAS_ATTN_MASK=False,
+                        BOOL_MASK=False)
+        full = mask.expand(B, Hq, Tq, Tk)                  # (B, Hq, Tq, Tk), stride 0 where broadcast
+        is_bool = mask.dtype == torch.bool
+        return dict(ATTN_MASK=full.view(torch.uint8) if is_bool else full, **stride_args("bhmn", mask=full.stride()),
+                    HAS_ATTN_MASK=True, BOOL_MASK=is_bool)
+
     def dropout_args(self):
         """The Philox seed, the probability and the kept weights' scale, 1 / (1 - p)."""
         return dict(seed=self.seed, p_drop=self.dropout_p, keep_scale=1.0 / (1.0 - self.dropout_p),
@@ -241,11 +277,13 @@ def forward_outputs(q, **unused):
     return torch.empty_like(q), torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
 
 
-def gradient_outputs(q, k, v, sinks=None, **unused):
-    """The shapes of a backward op's (dq, dk, dv, dsinks), for its fake implementation: dsinks
-    (Hq,) fp32, or empty without sinks."""
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty(0 if sinks is None else sinks.shape[0], device=q.device, dtype=torch.float32))
+def gradient_outputs(q, k, v, sinks=None, attn_mask=None, mask_grad=False, **unused):
+    """The shapes of a backward op's (dq, dk, dv, dsinks), and the mask's gradient after them when
+    asked for (mask_grad), for its fake implementation: dsinks (Hq,) fp32, or empty without
+    sinks; the mask's gradient of the mask's shape and dtype."""
+    grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+             torch.empty(0 if sinks is None else sinks.shape[0], device=q.device, dtype=torch.float32))
+    return grads + (attn_mask.new_empty(attn_mask.shape),) if mask_grad else grads
 
 
 def kernel_op(name, fake):
@@ -279,14 +317,18 @@ def register_autograd(forward, backward, outputs):
     takes the forward's inputs and outputs (named `outputs`) that share its parameters' names,
     and do and dlse, the gradients of the first two outputs (dlse: zeros, or None when the caller
     never used the log-sum-exp); it returns (dq, dk, dv, dsinks), for the forward's inputs of
-    those names, dsinks only where sinks were given. An empty "res" (no rounding residual) reaches
-    the backward as None."""
+    those names, dsinks only where sinks were given. A backward with a `mask_grad` parameter is
+    told whether the forward's attn_mask wants a gradient, and then returns it fifth. An empty
+    "res" (no rounding residual) reaches the backward as None."""
     def setup_context(ctx, inputs, output):
         named = {**dict(zip(forward.arg_names, inputs)), **dict(zip(outputs, output))}
         kept = {name: x for name, x in named.items() if name in backward.arg_names}
         ctx.tensor_names = [name for name, x in kept.items() if x is None or isinstance(x, Tensor)]
         ctx.save_for_backward(*(kept[name] for name in ctx.tensor_names))
         ctx.constants = {name: x for name, x in kept.items() if name not in ctx.tensor_names}
+        if "mask_grad" in backward.arg_names:  # its gradient is B * Hq * Tq * Tk fp32: only when wanted
+            mask = named.get("attn_mask")
+            ctx.constants["mask_grad"] = isinstance(mask, Tensor) and mask.requires_grad
         if "res" in named:  # O's rounding residual: read by the backward, never differentiated
             ctx.mark_non_differentiable(named["res"])
 
@@ -296,8 +338,9 @@ def register_autograd(forward, backward, outputs):
         named["dlse"] = dlse
         if "res" in named and not named["res"].numel():
             named["res"] = None
-        dq, dk, dv, dsinks = backward(**named)
-        grads = dict(q=dq, k=dk, v=dv, sinks=None if named["sinks"] is None else dsinks)
+        dq, dk, dv, dsinks, *dmask = backward(**named)
+        grads = dict(q=dq, k=dk, v=dv, sinks=None if named["sinks"] is None else dsinks,
+                     attn_mask=dmask[0] if dmask else None)
         return tuple(grads.get(name) for name in forward.arg_names)
 
     forward.register_autograd(gradients, setup_context=setup_context)

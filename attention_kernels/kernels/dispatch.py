@@ -5,7 +5,7 @@
 import torch
 
 from .. import reference
-from .checks import autocast_inputs, check_causal, check_inputs, check_mods
+from .checks import autocast_inputs, check_attn_mask, check_causal, check_inputs, check_mods
 from .dropout import check_dropout
 from .flash import flash_attention
 from .fused import fused_attention, max_seqlen
@@ -30,7 +30,7 @@ def choose_impl(head_dim, Tk, dtype):
 
 
 def attention(q, k, v, causal=True, scale=None, impl="auto", softcap=None, sinks=None, alibi_slopes=None,
-              dropout_p=0.0, dropout_seed=None):
+              dropout_p=0.0, dropout_seed=None, attn_mask=None):
     """Causal (by default) scaled dot-product attention with the semantics of
     `reference.attention`: q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D) with Hq % Hkv == 0.
 
@@ -38,25 +38,33 @@ def attention(q, k, v, causal=True, scale=None, impl="auto", softcap=None, sinks
     naive PyTorch reference (any device and dtype, memory quadratic in T); "fused" and "flash"
     force a kernel. softcap, sinks, alibi_slopes, dropout_p, dropout_seed as in
     `flash_attention` (fused and flash drop the same weights for a seed); "reference" drops
-    weights with torch's own generator.
+    weights with torch's own generator. `attn_mask` as in `flash_attention`: "auto" runs flash
+    when one is given; "fused" has no mask yet and refuses one.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
+    if impl == "fused" and attn_mask is not None:
+        raise ValueError("attn_mask is not taken by impl='fused' (the fused kernel has no mask yet): use impl='flash' "
+                         "or 'auto', which runs flash when a mask is given")
     check_causal(causal)
     dropout_p, seed = check_dropout(dropout_p, dropout_seed)
-    q, k, v = autocast_inputs(q, k, v)
+    q, k, v, attn_mask = autocast_inputs(q, k, v, attn_mask)
     if impl == "auto":
         q, k, v, scale = check_inputs(q, k, v, scale)  # the shapes must be sound before choosing by them
-        impl = choose_impl(q.shape[-1], k.shape[-2], q.dtype)
+        impl = "flash" if attn_mask is not None else choose_impl(q.shape[-1], k.shape[-2], q.dtype)
     if impl == "reference":  # the same check, but float64 and any device are the reference's to take
         q, k, v, scale = check_inputs(q, k, v, scale, kernels=False)
         softcap, sinks, alibi_slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=q.shape[0], kernels=False)
+        attn_mask = check_attn_mask(attn_mask, q, k, kernels=False)
         keep = None
         if dropout_p > 0:
             g = torch.Generator(q.device).manual_seed(seed)
             keep = torch.rand(*q.shape[:3], k.shape[2], generator=g, device=q.device) >= dropout_p  # (B, Hq, Tq, Tk)
         return reference.attention(q, k, v, causal=causal, scale=scale, softcap=softcap, sinks=sinks,
-                                   alibi_slopes=alibi_slopes, dropout_p=dropout_p, dropout_mask=keep)
-    kernel = fused_attention if impl == "fused" else flash_attention
-    return kernel(q, k, v, causal=causal, scale=scale, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
-                  dropout_p=dropout_p, dropout_seed=seed if dropout_p > 0 else None)
+                                   alibi_slopes=alibi_slopes, dropout_p=dropout_p, dropout_mask=keep,
+                                   attn_mask=attn_mask)
+    mods = dict(causal=causal, scale=scale, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
+                dropout_p=dropout_p, dropout_seed=seed if dropout_p > 0 else None)
+    if impl == "fused":
+        return fused_attention(q, k, v, **mods)
+    return flash_attention(q, k, v, **mods, attn_mask=attn_mask)

@@ -324,8 +324,8 @@ def _flash_forward(q, k, v, window, scale, residual):
 
 def _flash_backward(q, k, v, o, res, lse, do, dlse, window, scale):
     """One piece's flash backward: (dq, dk, dv)."""
-    dq, dk, dv, _ = torch.ops.attention_kernels.flash_backward(q, k, v, o, res, lse, do, dlse, scale=scale,
-                                                               **window.op_args())
+    dq, dk, dv, *_ = torch.ops.attention_kernels.flash_backward(q, k, v, o, res, lse, do, dlse, scale=scale,
+                                                                **window.op_args())
     return dq, dk, dv
 
 

@@ -11,7 +11,9 @@ The mask is a window around each query's diagonal key (bottom-right alignment): 
 j when i - left <= j - (Tk - Tq) <= i + right; causal is (unbounded, 0), full attention unbounded
 on both sides, a sliding window anything narrower. Key blocks no row sees are skipped, so a fixed
 window costs time linear in T. The Tq x Tk scores never touch GPU memory: extra memory is the
-(B, H, Tq) log-sum-exp.
+(B, H, Tq) log-sum-exp. A user's `attn_mask` (dense batches only; docs/masks.md) is read within
+those blocks, and a float mask that wants a gradient gets one through a (B, Hq, Tq, Tk) fp32
+buffer that the dq kernel fills.
 
 Packed batches (`flash_attention_varlen`): the same kernels with VARLEN set. Sequence b's rows
 of q, k, v are cu_seqlens[b]:cu_seqlens[b + 1] of (total, H, D) tensors; the grid is sized for
@@ -42,8 +44,8 @@ import triton
 from torch import Tensor
 
 from . import tuning
-from .checks import (INTERPRET, autocast_inputs, check_flag, check_inputs, check_mods, check_varlen_inputs,
-                     last_dim_contiguous, window_bounds)
+from .checks import (INTERPRET, autocast_inputs, check_attn_mask, check_flag, check_inputs, check_mods,
+                     check_varlen_inputs, last_dim_contiguous, window_bounds)
 from .dropout import check_dropout
 from .common import (LOG2E, Variant, gradient_outputs, kernel_op, meta, on_device, register_autograd, stride_args,
                      window_args, wrap_triton)
@@ -73,7 +75,8 @@ def _prune(kernel):
 def _tuned(kernel, fn):
     every = sorted({c for table in tuning.CANDIDATES[kernel].values() for c in table})
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in every]
-    key = ["HEAD_DIM", "GROUP", "q_bucket", "k_bucket", "window_key", "VARLEN", "LEFT_BOUNDED", "TMA"]  # + dtypes
+    key = ["HEAD_DIM", "GROUP", "q_bucket", "k_bucket", "window_key", "VARLEN", "LEFT_BOUNDED", "TMA",
+           "HAS_ATTN_MASK"]  # + dtypes
     return triton.autotune(configs, key=[name for name in key if name in fn.arg_names],
                            prune_configs_by={"early_config_prune": _prune(kernel)})(fn)
 
@@ -160,6 +163,10 @@ class Batch(NamedTuple):
         """Tq, Tk and the window (`common.window_args`), as every flash kernel takes them."""
         return dict(Tq=self.Tq, Tk=self.Tk, **window_args(variant.left, variant.right, self.Tq, self.Tk))
 
+    def mask_args(self, variant, placeholder):
+        """The user's attn_mask broadcast to this batch's scores (`common.Variant.mask_args`)."""
+        return variant.mask_args(placeholder, self.B, self.Hq, self.Tq, self.Tk)
+
     def keys(self, variant):
         """The autotuner's key arguments, and the query heads per k/v head (a constexpr)."""
         return dict(q_bucket=tuning.t_bucket(self.Tq), k_bucket=tuning.t_bucket(self.Tk),
@@ -183,10 +190,11 @@ def _outputs(q, residual, packed):
             torch.empty_like(q) if residual else q.new_empty(0))
 
 
-def needs_residual(q, k, v):
+def needs_residual(q, k, v, attn_mask=None):
     """Whether the forward also stores O's rounding residual: for 16-bit outputs that a backward
-    will differentiate (fp32's O is exact to its own rounding)."""
-    return q.dtype != torch.float32 and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    will differentiate (fp32's O is exact to its own rounding), a float mask's gradient too."""
+    return q.dtype != torch.float32 and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, attn_mask))
 
 
 def _run_forward(q, k, v, batch, scale, variant, residual):
@@ -200,8 +208,8 @@ def _run_forward(q, k, v, batch, scale, variant, residual):
             Q=q, K=k, V=v, O=o, RES=res if residual else o, LSE=lse, **batch.sequences(q),
             **batch.strides(q=q, k=k, v=v, o=o), **batch.row_strides(lse), Hq=batch.Hq, **batch.sizes(variant),
             qk_scale=scale * LOG2E, **variant.score_args(lse), **variant.sink_args(lse), **variant.dropout_args(),
-            **batch.keys(variant), TMA=tma, RESIDUAL=residual, VARLEN=batch.packed, LEFT_BOUNDED=variant.left >= 0,
-            **meta(q), **_blocks("fwd"),
+            **batch.mask_args(variant, lse), **batch.keys(variant), TMA=tma, RESIDUAL=residual, VARLEN=batch.packed,
+            LEFT_BOUNDED=variant.left >= 0, **meta(q), **_blocks("fwd"),
         )
     return o, lse, res
 
@@ -228,19 +236,24 @@ def dkdv(q, k, v, do, lse, delta, scale, variant, batch=None):
         Q=q, K=k, V=v, DO=do, DK=dk, DV=dv, LSE=lse, DELTA=delta, **batch.sequences(q),
         **batch.strides(q=q, k=k, v=v, do=do, dk=dk, dv=dv), **batch.row_strides(lse), Hq=batch.Hq, Hkv=batch.Hkv,
         **batch.sizes(variant), scale=scale, qk_scale=scale * LOG2E, **variant.score_args(lse),
-        **variant.dropout_args(), **batch.keys(variant), VARLEN=batch.packed, **meta(q), **_blocks("dkdv"),
+        **variant.dropout_args(), **batch.mask_args(variant, lse), **batch.keys(variant), VARLEN=batch.packed,
+        **meta(q), **_blocks("dkdv"),
     )
     return dk, dv
 
 
-def _dq(q, k, v, do, lse, delta, scale, variant, batch):
+def _dq(q, k, v, do, lse, delta, scale, variant, batch, dmask=None):
+    """dQ; and with dmask, a (B, Hq, Tq, Tk) fp32 buffer of zeros, the mask's gradient dS written
+    into it wherever a block is visited."""
     dq = torch.empty_like(q)
     grid = lambda meta: (batch.B * batch.Hq * triton.cdiv(batch.Tq, meta["BLOCK_M"]),)
     wrap_triton(_dq_kernel)[grid](
         Q=q, K=k, V=v, DO=do, DQ=dq, LSE=lse, DELTA=delta, **batch.sequences(q),
+        DMASK=lse if dmask is None else dmask, MASK_GRAD=dmask is not None,
         **batch.strides(q=q, k=k, v=v, do=do, dq=dq), **batch.row_strides(lse), Hq=batch.Hq, **batch.sizes(variant),
         scale=scale, qk_scale=scale * LOG2E, **variant.score_args(lse), **variant.dropout_args(),
-        **batch.keys(variant), VARLEN=batch.packed, LEFT_BOUNDED=variant.left >= 0, **meta(q), **_blocks("dq"),
+        **batch.mask_args(variant, lse), **batch.keys(variant), VARLEN=batch.packed, LEFT_BOUNDED=variant.left >= 0,
+        **meta(q), **_blocks("dq"),
     )
     return dq
 
@@ -256,37 +269,48 @@ def sink_gradient(sinks, lse, delta):
     return -(p_sink * delta).sum(dim=[d for d in range(lse.dim()) if d != head])  # (Hq,)
 
 
-def _run_backward(q, k, v, o, res, lse, do, dlse, batch, scale, variant):
+def _run_backward(q, k, v, o, res, lse, do, dlse, batch, scale, variant, mask_grad=False):
+    """(dq, dk, dv, dsinks), and with mask_grad the float attn_mask's gradient fifth: dS, summed
+    over the dimensions the mask was broadcast along, in the mask's dtype."""
     do = last_dim_contiguous(do)
+    mask, dmask = variant.attn_mask, None
+    if mask_grad:  # zeros: the dq kernel writes only the blocks it visits
+        dmask = torch.zeros(batch.B, batch.Hq, batch.Tq, batch.Tk, device=q.device, dtype=torch.float32)
     with on_device(q):
         delta = _delta(q, o, res if res is not None and res.numel() > 0 else None, do, lse, dlse, batch)
         dk, dv = dkdv(q, k, v, do, lse, delta, scale, variant, batch)
-        dq = _dq(q, k, v, do, lse, delta, scale, variant, batch)
+        dq = _dq(q, k, v, do, lse, delta, scale, variant, batch, dmask)
     sinks = variant.sinks
     dsinks = q.new_empty(0, dtype=torch.float32) if sinks is None else sink_gradient(sinks, lse, delta)
-    return dq, dk, dv, dsinks
+    if not mask_grad:
+        return dq, dk, dv, dsinks
+    return dq, dk, dv, dsinks, dmask.sum_to_size(mask.shape).to(mask.dtype)  # the mask's shape: (Tq, Tk), ...
 
 
 # The ops: their schemas (what torch.compile and opcheck see) take the variant's fields one by one,
-# by the names `Variant` gives them; the bodies gather them back into one.
+# by the names `Variant` gives them; the bodies gather them back into one. The dense ops also take
+# the attn_mask, last and optional (callers that pass none, the ring's, are unchanged); the
+# backward returns the mask's gradient as a fifth tensor only when asked (mask_grad), so its
+# output is a list: four tensors, or five.
 
 
 @kernel_op("flash_forward", fake=lambda q, residual, **_: _outputs(q, residual, packed=False))
 def _forward(q: Tensor, k: Tensor, v: Tensor, left: int, right: int, scale: float, softcap: float,
              sinks: Optional[Tensor], alibi_slopes: Optional[Tensor], dropout_p: float, seed: int,
-             residual: bool) -> tuple[Tensor, Tensor, Tensor]:
+             residual: bool, attn_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
-                      dropout_p=dropout_p, seed=seed)
+                      dropout_p=dropout_p, seed=seed, attn_mask=attn_mask)
     return _run_forward(q, k, v, _dense(q, k), scale, variant, residual)
 
 
-@kernel_op("flash_backward", fake=gradient_outputs)
+@kernel_op("flash_backward", fake=lambda **kwargs: list(gradient_outputs(**kwargs)))
 def _backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, res: Optional[Tensor], lse: Tensor, do: Tensor,
               dlse: Optional[Tensor], left: int, right: int, scale: float, softcap: float, sinks: Optional[Tensor],
-              alibi_slopes: Optional[Tensor], dropout_p: float, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              alibi_slopes: Optional[Tensor], dropout_p: float, seed: int, attn_mask: Optional[Tensor] = None,
+              mask_grad: bool = False) -> list[Tensor]:
     variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
-                      dropout_p=dropout_p, seed=seed)
-    return _run_backward(q, k, v, o, res, lse, do, dlse, _dense(q, k), scale, variant)
+                      dropout_p=dropout_p, seed=seed, attn_mask=attn_mask)
+    return list(_run_backward(q, k, v, o, res, lse, do, dlse, _dense(q, k), scale, variant, mask_grad))
 
 
 @kernel_op("flash_varlen_forward", fake=lambda q, residual, **_: _outputs(q, residual, packed=True))
@@ -320,7 +344,7 @@ register_autograd(_varlen_forward, _varlen_backward, outputs=("o", "lse", "res")
 
 
 def flash_attention(q, k, v, causal=True, scale=None, return_lse=False, window=None, softcap=None, sinks=None,
-                    alibi_slopes=None, dropout_p=0.0, dropout_seed=None):
+                    alibi_slopes=None, dropout_p=0.0, dropout_seed=None, attn_mask=None):
     """Causal (by default) scaled dot-product attention, tiled: any sequence length, memory
     linear in T.
 
@@ -338,15 +362,22 @@ def flash_attention(q, k, v, causal=True, scale=None, return_lse=False, window=N
     kept ones scaled by 1 / (1 - p), forward and backward (the backward regenerates the same
     decisions); the seed is drawn from torch's generator, or `dropout_seed`, and
     `kernels.dropout_mask` gives the weights a seed keeps. The log-sum-exp is the undropped one.
+    `attn_mask` (torch SDPA's): bool (True attends) or float16, bfloat16, float32 (added to the
+    scores after softcap and ALiBi), broadcastable to (B, Hq, Tq, Tk), within causal and the window;
+    read in place through stride 0 where broadcast. A float mask that requires grad gets its
+    gradient, through a (B, Hq, Tq, Tk) fp32 buffer (docs/masks.md).
     """
-    q, k, v, scale = check_inputs(*autocast_inputs(q, k, v), scale)
+    q, k, v, attn_mask = autocast_inputs(q, k, v, attn_mask)
+    q, k, v, scale = check_inputs(q, k, v, scale)
     check_flag(return_lse, "return_lse")
     left, right = window_bounds(window, causal)
     softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=q.shape[0])
     dropout_p, seed = check_dropout(dropout_p, dropout_seed)
+    attn_mask = check_attn_mask(attn_mask, q, k)
     variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=slopes, dropout_p=dropout_p,
-                      seed=seed)
-    o, lse2, _ = _forward(q, k, v, scale=scale, residual=needs_residual(q, k, v), **variant.op_args())
+                      seed=seed, attn_mask=attn_mask)
+    o, lse2, _ = _forward(q, k, v, scale=scale, residual=needs_residual(q, k, v, attn_mask), attn_mask=attn_mask,
+                          **variant.op_args())
     return (o, lse2 * LN2) if return_lse else o
 
 

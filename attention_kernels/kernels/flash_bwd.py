@@ -19,12 +19,20 @@ identical run to run; a shared k/v head's gradient is summed over its query head
 kernel, never by expanding K and V in memory. The loops are split like the forward's
 (`key_blocks`, `query_blocks`): unmasked blocks load without row masks and skip the compare and
 select; the pointers advance by a block, the 64-bit row offsets computed once.
+
+A user's attn_mask (HAS_ATTN_MASK) is added to the recomputed logits as in the forward
+(`common.attn_mask_scores`); every row may then be one the mask hides whole (lse = -inf), so
+the unmasked blocks guard lse too. A float mask's gradient (MASK_GRAD) is dS itself, the
+gradient of the logit it is added to (after the soft-cap: not through its derivative): the dq
+kernel, which visits each (query block, key block) tile of a head once, stores it into a
+(B, Hq, Tq, Tk) fp32 buffer, zeros where no block is visited; the launcher sums it over the
+dimensions the mask was broadcast along. One writer per element: no atomics, bitwise repeatable.
 """
 
 import triton
 import triton.language as tl
 
-from .common import dropout_keep, dot, dot_acc, head_and_query_block, score_mods
+from .common import attn_mask_scores, dropout_keep, dot, dot_acc, head_and_query_block, score_mods
 from .flash_fwd import key_blocks, load_tile, query_blocks, sequence, store_tile, tile_pointers
 
 
@@ -79,11 +87,11 @@ def _flash_bwd_delta(
 
 @triton.jit
 def _dq_inner(
-    dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+    dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn, dmask_base,
     offs_m, Tq, Tk, left, right, lo, hi, qk_scale, softcap, slope, seed, bh, p_drop, keep_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_ATTN_MASK: tl.constexpr,
+    BOOL_MASK: tl.constexpr, MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     k_ptrs = tile_pointers(k_base, lo, stride_kt, BLOCK_N, BLOCK_D)
     v_ptrs = tile_pointers(v_base, lo, stride_vt, BLOCK_N, BLOCK_D)
@@ -92,8 +100,10 @@ def _dq_inner(
         k = load_tile(k_ptrs, offs_n, Tk, MASK, HEAD_DIM, BLOCK_D)              # [BLOCK_N, BLOCK_D]
         v = load_tile(v_ptrs, offs_n, Tk, MASK, HEAD_DIM, BLOCK_D)
         s = dot(q, tl.trans(k), PRECISION, UPCAST)                              # [BLOCK_M, BLOCK_N] fp32, raw
-        if HAS_SOFTCAP or HAS_ALIBI:
+        if HAS_SOFTCAP or HAS_ALIBI or HAS_ATTN_MASK:
             s, t = score_mods(s * qk_scale, offs_m + (Tk - Tq), offs_n, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
+            if HAS_ATTN_MASK:
+                s = attn_mask_scores(s, mask_base, offs_m, offs_n, Tq, Tk, stride_maskm, stride_maskn, BOOL_MASK)
             p = tl.math.exp2(s - lse[:, None])
         else:
             p = tl.math.exp2(s * qk_scale - lse[:, None])
@@ -105,6 +115,9 @@ def _dq_inner(
         if HAS_DROPOUT:  # the gradient reaches only the weights the forward kept, scaled as they were
             dp = tl.where(dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], p_drop), dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if MASK_GRAD:  # d loss / d mask = dS, natural units: the mask is added after the cap
+            inside = (offs_m < Tq)[:, None] & (offs_n < Tk)[None, :]
+            tl.store(dmask_base + offs_m.to(tl.int64)[:, None] * Tk + offs_n[None, :], ds, mask=inside)
         if HAS_SOFTCAP:  # through the cap: d(cap tanh(s / cap)) / ds = 1 - tanh^2
             ds = ds * (1.0 - t * t)
         dq = dot_acc(dq, ds.to(k.dtype), k, PRECISION, UPCAST)                    # [BLOCK_M, BLOCK_D] fp32
@@ -116,12 +129,15 @@ def _dq_inner(
 @triton.jit
 def _flash_bwd_dq(
     Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K,
+    ATTN_MASK,                        # as in the forward (`kernels/flash_fwd.py`)
+    DMASK,                            # the mask's gradient, (B, Hq, Tq, Tk) fp32 contiguous (MASK_GRAD)
     stride_qb, stride_qh, stride_qt,  # batch, head, row; the head dim has unit stride (`checks.last_dim_contiguous`)
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot,
     stride_dqb, stride_dqh, stride_dqt,
     stride_lb, stride_lh,  # LSE and DELTA
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
     Hq, Tq, Tk,
     left, right,
     scale, qk_scale,
@@ -130,8 +146,8 @@ def _flash_bwd_dq(
     q_bucket, k_bucket, window_key,  # read only by the autotuner's key
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr, LEFT_BOUNDED: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, MASK_GRAD: tl.constexpr,
+    VARLEN: tl.constexpr, LEFT_BOUNDED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     b, h, h_kv, m_block = head_and_query_block(tl.cdiv(Tq, BLOCK_M), Hq, GROUP)
     q0, Tq, k0, Tk = sequence(CU_Q, CU_K, b, Tq, Tk, VARLEN)
@@ -156,22 +172,27 @@ def _flash_bwd_dq(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_base = K + b * stride_kb + h_kv * stride_kh + k0 * stride_kt
     v_base = V + b * stride_vb + h_kv * stride_vh + k0 * stride_vt
+    mask_base = ATTN_MASK + b * stride_maskb + h * stride_maskh
+    dmask_base = DMASK + (b * Hq + h) * Tq * Tk
     lo, a, z, hi = key_blocks(m0, Tq, Tk, left, right, BLOCK_M, BLOCK_N)
     if LEFT_BOUNDED:
         dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                       mask_base, stride_maskm, stride_maskn, dmask_base,
                        offs_m, Tq, Tk, left, right, lo, a, qk_scale, softcap, slope, seed, b * Hq + h, p_drop,
                        keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-                       PRECISION, UPCAST)
+                       HAS_ATTN_MASK, BOOL_MASK, MASK_GRAD, PRECISION, UPCAST)
     else:
         a = 0
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                   mask_base, stride_maskm, stride_maskn, dmask_base,
                    offs_m, Tq, Tk, left, right, a, z, qk_scale, softcap, slope, seed, b * Hq + h, p_drop,
                    keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-                   PRECISION, UPCAST)
+                   HAS_ATTN_MASK, BOOL_MASK, MASK_GRAD, PRECISION, UPCAST)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                   mask_base, stride_maskm, stride_maskn, dmask_base,
                    offs_m, Tq, Tk, left, right, z, hi, qk_scale, softcap, slope, seed, b * Hq + h, p_drop,
                    keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-                   PRECISION, UPCAST)
+                   HAS_ATTN_MASK, BOOL_MASK, MASK_GRAD, PRECISION, UPCAST)
     store_tile(tile_pointers(DQ + b * stride_dqb + h * stride_dqh + q0 * stride_dqt, m0, stride_dqt, BLOCK_M, BLOCK_D),
                (dq * scale).to(DQ.dtype.element_ty), offs_m, Tq, HEAD_DIM, BLOCK_D)
 
@@ -181,11 +202,11 @@ def _flash_bwd_dq(
 
 @triton.jit
 def _dkdv_inner(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, mask_base, stride_maskm, stride_maskn,
     offs_n, Tq, Tk, left, right, lo, hi, qk_scale, softcap, slope, seed, bh, p_drop, keep_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_ATTN_MASK: tl.constexpr,
+    BOOL_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # Masked blocks load query rows past Tq as q = dO = 0 with lse = delta = 0, so they add
     # exactly 0 to dK and dV; keys past Tk only touch rows of dK, dV that are never stored.
@@ -199,14 +220,18 @@ def _dkdv_inner(
             lse = tl.load(lse_base + offs_m, mask=offs_m < Tq, other=0.0)
             lse = tl.where(lse == float("-inf"), 0.0, lse)
             delta = tl.load(delta_base + offs_m, mask=offs_m < Tq, other=0.0)
-        else:  # every row of a full block sees every key here: lse is finite
+        else:  # every row of a full block sees every key here: lse is finite, unless the mask hides them
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
+            if HAS_ATTN_MASK:
+                lse = tl.where(lse == float("-inf"), 0.0, lse)
 
         # -- P^T for this tile, keys along rows and queries along columns  [BLOCK_N, BLOCK_M] fp32
         st = dot(k, tl.trans(q), PRECISION, UPCAST)
-        if HAS_SOFTCAP or HAS_ALIBI:  # the tile is transposed: keys along rows, diagonals along columns
+        if HAS_SOFTCAP or HAS_ALIBI or HAS_ATTN_MASK:  # transposed: keys along rows, diagonals along columns
             st, tt = score_mods(st * qk_scale, offs_n, offs_m + (Tk - Tq), softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
+            if HAS_ATTN_MASK:
+                st = attn_mask_scores(st, mask_base, offs_n, offs_m, Tk, Tq, stride_maskn, stride_maskm, BOOL_MASK)
             pt = tl.math.exp2(st - lse[None, :])
         else:
             pt = tl.math.exp2(st * qk_scale - lse[None, :])
@@ -233,6 +258,7 @@ def _dkdv_inner(
 @triton.jit
 def _flash_bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K,
+    ATTN_MASK,                        # as in the forward (`kernels/flash_fwd.py`)
     stride_qb, stride_qh, stride_qt,  # batch, head, row; the head dim has unit stride (`checks.last_dim_contiguous`)
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -240,6 +266,7 @@ def _flash_bwd_dkdv(
     stride_dkb, stride_dkh, stride_dkt,
     stride_dvb, stride_dvh, stride_dvt,
     stride_lb, stride_lh,  # LSE and DELTA
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
     Hq, Hkv, Tq, Tk,
     left, right,
     scale, qk_scale,
@@ -248,7 +275,8 @@ def _flash_bwd_dkdv(
     q_bucket, k_bucket, window_key,  # read only by the autotuner's key
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     num_n_blocks = tl.cdiv(Tk, BLOCK_N)
     pid = tl.program_id(0)
@@ -279,18 +307,22 @@ def _flash_bwd_dkdv(
         do_base = DO + b * stride_dob + h * stride_doh + q0 * stride_dot
         lse_base = LSE + b * stride_lb + h * stride_lh + q0
         delta_base = DELTA + b * stride_lb + h * stride_lh + q0
+        mask_base = ATTN_MASK + b * stride_maskb + h * stride_maskh
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                             mask_base, stride_maskm, stride_maskn,
                              offs_n, Tq, Tk, left, right, lo, a, qk_scale, softcap, slope, seed, b * Hq + h, p_drop,
                              keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-                             PRECISION, UPCAST)
+                             HAS_ATTN_MASK, BOOL_MASK, PRECISION, UPCAST)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                             mask_base, stride_maskm, stride_maskn,
                              offs_n, Tq, Tk, left, right, a, z, qk_scale, softcap, slope, seed, b * Hq + h, p_drop,
                              keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-                             PRECISION, UPCAST)
+                             HAS_ATTN_MASK, BOOL_MASK, PRECISION, UPCAST)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                             mask_base, stride_maskm, stride_maskn,
                              offs_n, Tq, Tk, left, right, z, hi, qk_scale, softcap, slope, seed, b * Hq + h, p_drop,
                              keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-                             PRECISION, UPCAST)
+                             HAS_ATTN_MASK, BOOL_MASK, PRECISION, UPCAST)
 
     store_tile(tile_pointers(DK + b * stride_dkb + h_kv * stride_dkh + k0 * stride_dkt, n0, stride_dkt, BLOCK_N, BLOCK_D),
                (dk * scale).to(DK.dtype.element_ty), offs_n, Tk, HEAD_DIM, BLOCK_D)

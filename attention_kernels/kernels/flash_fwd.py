@@ -20,6 +20,12 @@ attention unbounded on both sides. `key_blocks` splits the keys into the blocks 
 on the loads) and the edges (masked). The loops advance pointers (or TMA coordinates) by a
 block; the 64-bit row offsets are computed once, outside them.
 
+A user's attn_mask (HAS_ATTN_MASK; bool, or float added to the logits) is read tile by tile
+within those blocks (`common.attn_mask_scores`): any of its entries may hide a key, so every
+block takes the path that keeps a row with no visible key at m = -inf (the unmasked blocks still
+load K and V without row masks). No block is skipped for the mask itself: a mask costs the
+blocks causal or the window visit, plus a [BLOCK_M, BLOCK_N] load of the mask per block.
+
 Loads: with TMA (Hopper's tensor memory accelerator, `tl.make_tensor_descriptor`), one 2-D
 descriptor per program over its head's [T, D] rows: the copy engine zero-fills rows past T and
 columns past D, so no load is masked. Without it (pre-Hopper, the interpreter's default, or a
@@ -29,7 +35,7 @@ layout TMA cannot address), pointer loads that Triton pipelines with cp.async.
 import triton
 import triton.language as tl
 
-from .common import dropout_keep, dot, dot_acc, head_and_query_block, mask_scores, score_mods
+from .common import attn_mask_scores, dropout_keep, dot, dot_acc, head_and_query_block, mask_scores, score_mods
 
 # ----------------------------------------------------------------------------- block geometry
 
@@ -113,11 +119,11 @@ def store_tile(ptrs, x, offs_rows, n, HEAD_DIM: tl.constexpr, BLOCK_D: tl.conste
 
 @triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
+    acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn,
     offs_m, Tq, Tk, left, right, lo, hi, qk_scale, softcap, slope, seed, bh, p_drop, keep_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
     TMA: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_ATTN_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # Key blocks [lo, hi): k_src, v_src are TMA descriptors or the head's base pointers.
     if not TMA:
@@ -135,8 +141,10 @@ def _fwd_inner(
             v_ptrs += BLOCK_N * stride_vt
 
         s = dot(q, tl.trans(k), PRECISION, UPCAST)                              # [BLOCK_M, BLOCK_N] fp32, raw
-        if MASK or HAS_SOFTCAP or HAS_ALIBI:
+        if MASK or HAS_SOFTCAP or HAS_ALIBI or HAS_ATTN_MASK:
             s, _ = score_mods(s * qk_scale, offs_m + (Tk - Tq), offs_n, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
+            if HAS_ATTN_MASK:
+                s = attn_mask_scores(s, mask_base, offs_m, offs_n, Tq, Tk, stride_maskm, stride_maskn, BOOL_MASK)
             if MASK:
                 s = mask_scores(s, offs_m, offs_n, Tq, Tk, left, right)         # base-2 logits, -inf outside
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -163,11 +171,14 @@ def _fwd_inner(
 def _flash_fwd(
     Q, K, V, O, RES, LSE, CU_Q, CU_K,  # RES: like O (read only with RESIDUAL)
     SINKS, SLOPES,         # (Hq,) sink logits, (B or 1, Hq) ALiBi slopes, fp32 (read only when present)
+    ATTN_MASK,             # the user's mask as (B, Hq, Tq, Tk), stride 0 where broadcast: uint8 (bool) or
+                           # fp16, bf16, fp32 (read only with HAS_ATTN_MASK)
     stride_qb, stride_qh, stride_qt,  # batch, head, row; the head dim has unit stride (`checks.last_dim_contiguous`)
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,  # RES has O's strides
     stride_lb, stride_lh,  # LSE: (B, Hq, Tq), or (Hq, total_q) packed
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,  # ATTN_MASK: batch, head, query, key
     Hq, Tq, Tk,            # Tq, Tk: the lengths, or (VARLEN) the longest, which sizes the grid
     left, right,           # the window, unbounded sides as wide as Tq + Tk (`common.window_args`)
     qk_scale,              # scale * log2(e): the softmax runs in base 2
@@ -179,6 +190,7 @@ def _flash_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, RESIDUAL: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_ATTN_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
     VARLEN: tl.constexpr, LEFT_BOUNDED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     b, h, h_kv, m_block = head_and_query_block(tl.cdiv(Tq, BLOCK_M), Hq, GROUP)
@@ -192,6 +204,7 @@ def _flash_fwd(
     o_base = O + b * stride_ob + h * stride_oh + q0 * stride_ot
     k_base = K + b * stride_kb + h_kv * stride_kh + k0 * stride_kt
     v_base = V + b * stride_vb + h_kv * stride_vh + k0 * stride_vt
+    mask_base = ATTN_MASK + b * stride_maskb + h * stride_maskh
     if TMA:  # one descriptor per head and sequence: the copy engine zero-fills past Tq, Tk and D
         q_src = tl.make_tensor_descriptor(q_base, [Tq, HEAD_DIM], [stride_qt, 1], [BLOCK_M, BLOCK_D])
         k_src = tl.make_tensor_descriptor(k_base, [Tk, HEAD_DIM], [stride_kt, 1], [BLOCK_N, BLOCK_D])
@@ -211,19 +224,22 @@ def _flash_fwd(
     lo, a, z, hi = key_blocks(m0, Tq, Tk, left, right, BLOCK_M, BLOCK_N)
     if LEFT_BOUNDED:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
+                                   mask_base, stride_maskm, stride_maskn,
                                    offs_m, Tq, Tk, left, right, lo, a, qk_scale, softcap, slope, seed, b * Hq + h, p_drop,
                                    keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, TMA, HAS_SOFTCAP, HAS_ALIBI,
-                                   HAS_DROPOUT, PRECISION, UPCAST)
+                                   HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, PRECISION, UPCAST)
     else:  # causal or full: every row sees key 0 on, and a loop from a literal 0 spills fewer registers
         a = 0
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
+                               mask_base, stride_maskm, stride_maskn,
                                offs_m, Tq, Tk, left, right, a, z, qk_scale, softcap, slope, seed, b * Hq + h, p_drop,
                                keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, TMA, HAS_SOFTCAP, HAS_ALIBI,
-                               HAS_DROPOUT, PRECISION, UPCAST)
+                               HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, PRECISION, UPCAST)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
+                               mask_base, stride_maskm, stride_maskn,
                                offs_m, Tq, Tk, left, right, z, hi, qk_scale, softcap, slope, seed, b * Hq + h, p_drop,
                                keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, TMA, HAS_SOFTCAP, HAS_ALIBI,
-                               HAS_DROPOUT, PRECISION, UPCAST)
+                               HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, PRECISION, UPCAST)
 
     if HAS_SINKS:  # the head's sink logit joins the denominator (weight, no value): GPT-OSS
         sink = tl.load(SINKS + h) * 1.4426950408889634                     # base 2

@@ -5,7 +5,7 @@ context manager that makes unchanged model code use it.
     from . import patch_sdpa
     with patch_sdpa() as calls:      # F.scaled_dot_product_attention now runs the kernels
         loss = model(x).sum()
-    print(calls)                     # "12 calls: 10 on the kernels, 2 fell back to torch (2 attn_mask given)"
+    print(calls)                     # "12 calls: 10 on the kernels, 2 fell back to torch (2 ...)"
 
 What runs on the kernels: whatever passes their shared input check (`kernels.checks`): 4-D
 (B, H, T, D) inputs of one float16 / bfloat16 / float32 dtype on a CUDA device (or the CPU under
@@ -14,8 +14,15 @@ enable_gqa=True. torch's `is_causal` aligns the mask top-left
 (query i sees keys 0..i) while the kernels' `causal` aligns it bottom-right; the two agree when
 Tq == Tk, and otherwise the call is rewritten so the kernels compute torch's answer (see
 `_on_kernels`). Everything else falls back to torch's own function, which also raises torch's
-own errors: a tensor attn_mask and inputs the check refuses (counted by its message). dropout_p
-runs on the kernels, which draw their own dropout (from a seed taken from torch's generator).
+own errors: inputs the check refuses (counted by its message). dropout_p runs on the kernels,
+which draw their own dropout (from a seed taken from torch's generator).
+
+An `attn_mask` (bool, True attends, or a float mask of the query's dtype added to the scaled
+scores; any shape that broadcasts to (B, H, Tq, Tk)) runs on `flash_attention`, the float mask's
+gradient included; a row the mask hides entirely returns zeros, as torch's own function does. A
+mask with `is_causal=True` (which some torch versions refuse and others combine with a top-left
+causal mask), a float mask of another dtype than the query's (which torch refuses), and a mask
+under `patch_sdpa(impl="fused")` (the fused kernel takes no mask) go to torch.
 """
 
 import collections
@@ -25,7 +32,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .checks import autocast_inputs, input_problem
+from .checks import autocast_inputs, check_attn_mask, input_problem
 from .dispatch import IMPLS, attention
 from .fused import max_seqlen
 
@@ -46,10 +53,16 @@ class SdpaCalls:
                 f"torch" + (f" ({why})" if why else ""))
 
 
-def _refusal(query, key, value, attn_mask, dropout_p, scale, enable_gqa, impl):
+def _refusal(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, impl):
     """Why the kernels cannot run this call, or None when they can."""
     if attn_mask is not None:
-        return "attn_mask given"
+        if is_causal:  # torch's to decide: an error in some versions, a top-left causal mask too in others
+            return "attn_mask with is_causal"
+        if impl == "fused":
+            return "attn_mask on impl='fused'"
+        if not isinstance(attn_mask, torch.Tensor) or (attn_mask.dtype != torch.bool
+                                                       and attn_mask.dtype != query.dtype):
+            return "attn_mask neither bool nor the query's dtype"  # torch's own error
     if not 0 <= dropout_p < 1:  # torch's own error
         return "dropout_p outside [0, 1)"
     problem = input_problem(query, key, value, scale)  # the kernels' own input check
@@ -60,10 +73,18 @@ def _refusal(query, key, value, attn_mask, dropout_p, scale, enable_gqa, impl):
         return "head counts differ without enable_gqa"
     if impl == "fused" and Tk > max_seqlen(D, query.dtype):
         return "Tk beyond fused's row limit"
+    if attn_mask is not None:
+        try:
+            check_attn_mask(attn_mask, query, key)
+        except (TypeError, ValueError) as e:  # a shape that does not broadcast: torch's own error
+            return str(e).split(":")[0]
     return None
 
 
-def _on_kernels(query, key, value, is_causal, scale, impl, dropout_p=0.0):
+def _on_kernels(query, key, value, is_causal, scale, impl, dropout_p=0.0, attn_mask=None):
+    if attn_mask is not None:  # never with is_causal (torch refuses both); flash takes masks
+        return attention(query, key, value, causal=False, scale=scale, impl="flash" if impl == "auto" else impl,
+                         dropout_p=dropout_p, attn_mask=attn_mask)
     run = lambda q, k, v, causal: attention(q, k, v, causal=causal, scale=scale, impl=impl, dropout_p=dropout_p)
     Tq, Tk = query.shape[-2], key.shape[-2]
     if not is_causal or Tq == Tk:
@@ -81,7 +102,7 @@ def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
         raise TypeError(f"scaled_dot_product_attention(): argument 'is_causal' must be bool, not "
                         f"{type(is_causal).__name__}")
     query, key, value = autocast_inputs(query, key, value)  # torch's SDPA is an autocast op: same dtypes out
-    why = _refusal(query, key, value, attn_mask, dropout_p, scale, enable_gqa, impl)
+    why = _refusal(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, impl)
     if why is not None:
         if calls is not None:
             calls.fallback[why] += 1
@@ -89,7 +110,7 @@ def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                            scale=scale, enable_gqa=enable_gqa)
     if calls is not None:
         calls.kernel += 1
-    return _on_kernels(query, key, value, is_causal, scale, impl, dropout_p)
+    return _on_kernels(query, key, value, is_causal, scale, impl, dropout_p, attn_mask)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
