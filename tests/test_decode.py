@@ -85,9 +85,10 @@ def bad_input(**change):
 
 
 @pytest.mark.parametrize("change, error, message", [
-    (dict(cache_seqlens=torch.tensor([3, 8])), ValueError, "int32 tensor of shape \\(B,\\) = \\(2,\\), got int64"),
+    (dict(cache_seqlens=torch.tensor([3.0, 8.0])), ValueError, "int32 tensor of shape \\(B,\\) = \\(2,\\), got float32"),
     (dict(cache_seqlens=torch.tensor([3], dtype=torch.int32)), ValueError, "of shape \\(1,\\)"),
-    (dict(cache_seqlens=[3, 8]), TypeError, "must be a torch.Tensor"),
+    (dict(cache_seqlens=[3, 8.5]), TypeError, "a list of 2 ints or one int; got list \\[3, 8.5\\]"),
+    (dict(cache_seqlens=[3, 9]), ValueError, "\\[0, Tmax = 8\\].*9 for sequence 1"),
     (dict(cache_seqlens=torch.tensor([3, 9], dtype=torch.int32)), ValueError, "\\[0, Tmax = 8\\].*9 for sequence 1"),
     (dict(cache_seqlens=torch.tensor([-1, 8], dtype=torch.int32)), ValueError, "-1 for sequence 0"),
     (dict(num_splits=0), ValueError, "num_splits must be None or an int from 1 to 64"),

@@ -302,7 +302,10 @@ def as_lengths(lengths, B, device):
     a copy; int32 is taken as it is). Anything else is left for `check_int32` to refuse."""
     if _is_int(lengths):
         return torch.full((B,), int(lengths), dtype=torch.int32, device=device)
-    if isinstance(lengths, (list, tuple)) and all(_is_int(n) for n in lengths):
+    if isinstance(lengths, (list, tuple)):
+        if not all(_is_int(n) for n in lengths):
+            raise TypeError(f"cache_seqlens must be an int32 tensor of shape (B,) = ({B},), an int64 one, a list of "
+                            f"{B} ints or one int; got {type(lengths).__name__} {list(lengths)[:8]!r}")
         return torch.tensor([int(n) for n in lengths], dtype=torch.int32, device=device)
     if isinstance(lengths, torch.Tensor) and lengths.dtype == torch.int64 and lengths.device == device:
         if lengths.numel() and not -2**31 <= int(lengths.min()) <= int(lengths.max()) < 2**31:  # a host read, once
