@@ -9,7 +9,7 @@ as a call to paste: `check_dense({...})` and so on, after
 `import sys; sys.path.insert(0, "tests"); from test_fuzz import *` at the repository root.
 
 Profiles (ATTENTION_KERNELS_FUZZ): `ci` (the default, about two minutes on 2 cores) and `long`
-(20x the draws, not derandomized: new configurations each run; about twelve minutes):
+(20x the draws, the ring 12, not derandomized: new configurations each run; about fifteen minutes on 2 cores):
 
     ATTENTION_KERNELS_FUZZ=long python -m pytest -n 2 tests/test_fuzz.py
 """
