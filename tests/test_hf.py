@@ -291,22 +291,42 @@ def test_sliding_window(names, packed, window, padding):
     assert packed == ({} if padding == "none" else {"varlen": LAYERS, "packings": 1})
 
 
-def test_user_4d_mask_falls_back(names):
-    """A custom 4D mask (two packed documents, additive float) goes to SDPA as it is."""
-    model = build(llama(), names["auto"], seed=seed_of("4d"))
-    ids, _, labels = draw_inputs("none", seed_of("4d inputs"))
+def user_4d_mask(B, hide_row=None):
+    """Two packed documents, causal within each, as an additive float mask (transformers' finfo.min)."""
     doc = torch.arange(T, device=DEVICE) >= 5                                   # tokens 0-4, then 5-11
     allowed = torch.ones(T, T, dtype=torch.bool, device=DEVICE).tril() & (doc[:, None] == doc[None, :])
+    if hide_row is not None:
+        allowed[hide_row] = False
     mask = torch.zeros(T, T, device=DEVICE).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    mask = mask.expand(ids.shape[0], 1, T, T)                                   # (B, 1, T, T)
-    assert assert_matches_eager(model, ids, mask, labels) == {"sdpa: a 4D mask from the caller": LAYERS}
+    return mask.expand(B, 1, T, T)                                              # (B, 1, T, T)
 
 
-def test_padding_mask_with_holes_falls_back(names):
+def test_user_4d_mask_runs_on_the_kernels(names):
+    """A custom 4D mask (two packed documents, additive float) runs on flash as its attn_mask."""
+    model = build(llama(), names["auto"], seed=seed_of("4d"))
+    ids, _, labels = draw_inputs("none", seed_of("4d inputs"))
+    assert assert_matches_eager(model, ids, user_4d_mask(ids.shape[0]), labels) == {
+        "kernels": LAYERS, "kernels, the mask in 4D: a 4D mask from the caller": LAYERS}
+
+
+def test_a_row_hidden_by_finite_values_goes_to_sdpa(names):
+    """A float mask that hides every key of a row with finfo.min: SDPA and eager average that row's
+    values, the kernels would give zeros; so that mask goes to SDPA, checked once per mask."""
+    ours, sdpa = (build(llama(), attn, seed=seed_of("4d")) for attn in (names["auto"], "sdpa"))
+    ids, _, _ = draw_inputs("none", seed_of("4d inputs"))
+    mask = user_4d_mask(ids.shape[0], hide_row=7)
+    got, calls = counted(lambda: ours(input_ids=ids, attention_mask=mask).logits)
+    why = "sdpa: a 4D mask from the caller (a row hidden by finite values, which SDPA averages)"
+    assert calls == {why: LAYERS}
+    torch.testing.assert_close(got, sdpa(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)
+
+
+def test_padding_mask_with_holes_runs_on_the_kernels(names):
     model = build(llama(), names["flash"], seed=seed_of("holes"))
     ids, mask, labels = draw_inputs("left", seed_of("holes inputs"))
     mask[0, T - 4] = 0                                                          # a hole in row 0
-    assert assert_matches_eager(model, ids, mask, labels) == {"sdpa: a padding mask with holes": LAYERS}
+    assert assert_matches_eager(model, ids, mask, labels) == {
+        "kernels": LAYERS, "kernels, the mask in 4D: a padding mask with holes": LAYERS}
 
 
 def test_static_cache_runs_on_the_kernels(names):

@@ -206,19 +206,24 @@ def test_models_that_compute_attention_themselves_are_refused_when_set(name, mod
 
 
 def test_fallbacks_name_their_reason_and_log_it_once(name, caplog, monkeypatch):
-    """A 4D mask from the caller (here: causal within chunks of 4 tokens) is not the kernels': SDPA
-    runs it, CALLS says why, and the first such call in the process logs one line."""
+    """A 4D mask from the caller (causal within chunks of 4 tokens) runs on the kernels as their
+    attn_mask, unless a row sees only finfo.min entries (SDPA averages such a row, the kernels give
+    zeros): then SDPA runs it, CALLS says why, and the first such call in the process logs one line."""
     monkeypatch.setattr(hf, "_said", set())
     eager, ours = pair(FAMILIES["llama"](), name)
     ids, _ = inputs("none", seed=5)
     pos = torch.arange(T, device=DEVICE)
     allowed = (pos[None, :] <= pos[:, None]) & (pos[None, :] // 4 == pos[:, None] // 4)     # (T, T)
     mask4d = torch.zeros(2, 1, T, T, device=DEVICE).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    with caplog.at_level(logging.WARNING, logger=hf.__name__):
-        got, calls = counted(lambda: logits(ours, ids, mask4d))
-        logits(ours, ids, mask4d)
+    got, calls = counted(lambda: logits(ours, ids, mask4d))
     assert_same("logits", got, logits(eager, ids, mask4d))
-    assert calls == {"sdpa: a 4D mask from the caller": 2}
+    assert calls == {"kernels": 2, "kernels, the mask in 4D: a 4D mask from the caller": 2}
+    hidden = mask4d.clone()
+    hidden[:, :, 3] = torch.finfo(torch.float32).min                                         # row 3 sees nothing
+    with caplog.at_level(logging.WARNING, logger=hf.__name__):
+        _, calls = counted(lambda: logits(ours, ids, hidden))
+        logits(ours, ids, hidden)
+    assert calls == {"sdpa: a 4D mask from the caller (a row hidden by finite values, which SDPA averages)": 2}
     lines = [r.getMessage() for r in caplog.records if r.name == hf.__name__]
     assert len(lines) == 1 and "runs transformers' SDPA attention instead of the kernels: a 4D mask" in lines[0]
 

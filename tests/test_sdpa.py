@@ -253,3 +253,19 @@ def test_compiles_without_graph_breaks():
     fn = lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     assert torch.allclose(compiled(q, k, v), fn(q, k, v), atol=1e-6)
+
+
+def test_a_row_hidden_by_finfo_min_goes_to_torch():
+    # torch averages the values of a row whose every entry is finfo.min; the kernels read such
+    # entries as -inf and would give zeros: that mask goes to torch, the others stay on the kernels
+    q, k, v, _ = make_qkv(Shape(1, 2, 2, 6, 6, 16), torch.float32, seed=seed_of("finfo"))
+    low = torch.finfo(torch.float32).min
+    bias = torch.zeros(6, 6, device=DEVICE).masked_fill(torch.ones(6, 6, dtype=torch.bool, device=DEVICE).triu(1), low)
+    hidden = bias.clone()
+    hidden[2] = low
+    with pytest.warns(UserWarning, match="hides a row with finite values"), patch_sdpa() as calls:
+        partly = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        wholly = F.scaled_dot_product_attention(q, k, v, attn_mask=hidden)
+    assert calls.kernel == 1 and calls.fallback == {"attn_mask hides a row with finite values (torch averages it)": 1}
+    assert torch.equal(wholly, TORCH_SDPA(q, k, v, attn_mask=hidden))
+    torch.testing.assert_close(partly, TORCH_SDPA(q, k, v, attn_mask=bias), rtol=0, atol=2e-6)

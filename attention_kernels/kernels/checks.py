@@ -281,6 +281,19 @@ def check_attn_mask(attn_mask, q, k, kernels=True):
     return attn_mask
 
 
+HIDES = -2.4e38  # a float mask entry at or below this is -inf in the kernels' base-2 logits (x * log2(e))
+
+
+def hides_a_row_with_finite_values(attn_mask):
+    """Whether a float mask has a row that sees only finite entries at or below HIDES (transformers'
+    finfo.min): torch's SDPA and eager attention average such a row's values, where the kernels,
+    reading those entries as -inf, give zeros. One host read."""
+    if attn_mask.dtype == torch.bool:
+        return False
+    hidden = attn_mask <= HIDES                                                # (..., Tq, Tk)
+    return bool((hidden.all(-1) & ~torch.isneginf(attn_mask).all(-1)).any())
+
+
 def check_flag(value, name):
     """A flag that must be a bool: "no", 1 or a tensor are refused rather than read as truthy."""
     if not isinstance(value, bool):

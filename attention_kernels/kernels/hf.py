@@ -40,10 +40,15 @@ kernels run (a layer reads None by its own is_causal, which BigBird-Pegasus's de
 under a causal mask); None reaches the attention function only from models that make no mask, and
 then the layer's is_causal decides, as in SDPA.
 
+On `flash_attention` with the mask spelled out in 4D as its attn_mask (counted in `CALLS` as
+"kernels, the mask in 4D: <reason>" too): a chunked or overlaid mask, packed sequences, a mask the
+model materialises (allow_is_causal_skip=False), a static cache's sliding layer, a user's 4D mask,
+a padding mask with holes (`_mask_for_kernels`); impl="fused" runs flash for them too.
+
 Elsewhere, counted in `CALLS` under the reason and logged once per reason (logger
-"attention_kernels.kernels.hf"): a chunked or overlaid mask, packed sequences, a mask the model
-materialises (allow_is_causal_skip=False), a static cache's sliding layer, a user's 4D mask, a
-padding mask with holes, dropout under impl="reference", a position bias, inputs the kernels do not take (a dtype other
+"attention_kernels.kernels.hf"): a float 4D mask with a row that sees only finite entries at or
+below -2.4e38 (finfo.min: SDPA averages that row, the kernels would give zeros), dropout under
+impl="reference", a position bias, inputs the kernels do not take (a dtype other
 than fp16, bf16 and fp32, head dim > 256, CPU tensors without Triton's interpreter). SDPA always
 gets the mask spelled out in 4D: it reads no mask as top-left causal, where the kernels and
 transformers' masks align bottom-right. Importing this module does not import transformers;
@@ -62,7 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from .checks import input_problem
+from .checks import check_attn_mask, hides_a_row_with_finite_values, input_problem
 from .dispatch import IMPLS, attention
 from .flash import flash_attention, flash_attention_varlen
 
@@ -297,6 +302,7 @@ def kernel_attention_forward(module, query, key, value, attention_mask, scaling=
             spec, valid = Spec(causal, left, Tk, True), attention_mask
     elif attention_mask is not None:
         reason = entry[1] if entry is not None else f"a {attention_mask.ndim}D mask from the caller"
+    mask_reason = reason  # the mask's pattern, not the inputs: flash may still run it as a 4D attn_mask
     reason = reason or _why_not_kernels(query, key, value, dropout, scaling, impl, kwargs)
     causal = spec.causal  # the mask's own word, where kernel_mask made it
 
@@ -307,7 +313,21 @@ def kernel_attention_forward(module, query, key, value, attention_mask, scaling=
     if reason is None and spec.padded:
         packing = _packing(entry, valid, Tq)
         if packing.holes:
-            reason = "a padding mask with holes"
+            reason = mask_reason = "a padding mask with holes"
+
+    if reason is not None and reason == mask_reason:
+        dense = attention_mask if attention_mask is not None and attention_mask.ndim == 4 else \
+            _dense_mask(valid, Tq, Tk, causal, spec.left, query.device)
+        dense, why = _mask_for_kernels(dense, query, key)
+        if why is None and _why_not_kernels(query, key, value, dropout, scaling, impl, kwargs) is None:
+            CALLS["kernels"] += 1
+            CALLS[f"kernels, the mask in 4D: {reason}"] += 1
+            if dropout > 0:
+                mods["dropout_p"] = dropout
+            out = attention(query, key, value, causal=False, scale=scaling, impl="flash" if impl == "fused" else impl,
+                            attn_mask=dense, **mods)  # fused takes no mask: flash, as for padding
+            return out.transpose(1, 2).contiguous(), None                             # (B, Tq, Hq, D)
+        reason = f"{reason} ({why})" if why is not None else reason
 
     if reason is not None:
         return _fallback(module, query, key, value, attention_mask, valid, spec, causal, reason, dropout, scaling,
@@ -325,6 +345,32 @@ def kernel_attention_forward(module, query, key, value, attention_mask, scaling=
     else:
         out = attention(query, key, value, causal=causal, scale=scaling, impl=impl, **mods)  # (B, Hq, Tq, D)
     return out.transpose(1, 2).contiguous(), None                                        # (B, Tq, Hq, D)
+
+
+# 4D masks lately checked by `_mask_for_kernels`, by identity: (mask, attn_mask or None, reason).
+_DENSE = OrderedDict()
+
+
+def _mask_for_kernels(mask, query, key):
+    """A 4D mask as `flash_attention`'s attn_mask, and None; or None and why not. Checked once per
+    mask tensor (every layer of a forward gets the same one), with one host read for a float mask:
+    a float entry at or below -2.4e38 (transformers' finfo.min) hides its key in the kernels, as in
+    SDPA, except in a row that sees no other key, where SDPA averages the values and the kernels
+    give zeros: such a mask goes to SDPA."""
+    hit = _DENSE.get(id(mask))
+    if hit is not None and hit[0] is mask:
+        return hit[1], hit[2]
+    try:
+        check_attn_mask(mask, query, key)
+        why = None
+        if hides_a_row_with_finite_values(mask):
+            why = "a row hidden by finite values, which SDPA averages"
+    except (TypeError, ValueError) as e:
+        why = str(e).split(";")[0]
+    _DENSE[id(mask)] = (mask, None if why else mask, why)
+    while len(_DENSE) > _KEEP:
+        _DENSE.popitem(last=False)
+    return (None, why) if why else (mask, None)
 
 
 def _why_not_kernels(query, key, value, dropout, scaling, impl, kwargs):

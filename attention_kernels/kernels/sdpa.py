@@ -20,6 +20,8 @@ which draw their own dropout (from a seed taken from torch's generator).
 An `attn_mask` (bool, True attends, or a float mask of the query's dtype added to the scaled
 scores; any shape that broadcasts to (B, H, Tq, Tk)) runs on `flash_attention`, the float mask's
 gradient included; a row the mask hides entirely returns zeros, as torch's own function does. A
+float mask is read once on the host: one with a row that sees only finite entries at or below
+-2.4e38 (finfo.min, which torch averages and the kernels read as -inf) goes to torch. A
 mask with `is_causal=True` (which some torch versions refuse and others combine with a top-left
 causal mask), a float mask of another dtype than the query's (which torch refuses), and a mask
 under `patch_sdpa(impl="fused")` (the fused kernel takes no mask) go to torch.
@@ -32,7 +34,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .checks import autocast_inputs, check_attn_mask, input_problem
+from .checks import autocast_inputs, check_attn_mask, hides_a_row_with_finite_values, input_problem
 from .dispatch import IMPLS, attention
 from .fused import max_seqlen
 
@@ -78,6 +80,8 @@ def _refusal(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
             check_attn_mask(attn_mask, query, key)
         except (TypeError, ValueError) as e:  # a shape that does not broadcast: torch's own error
             return str(e).split(":")[0]
+        if hides_a_row_with_finite_values(attn_mask):  # a host read, for float masks only
+            return "attn_mask hides a row with finite values (torch averages it)"
     return None
 
 
