@@ -193,3 +193,38 @@ def test_gpu_compiles_with_dynamic_head_dims():
     for D in (80, 128):  # head dims above 64 select another autotuning table
         q, k, v, _ = make_qkv(Shape(2, 4, 2, 97, 97, D), torch.float16, seed=seed_of("dyn-d", D))
         assert torch.allclose(fn(q, k, v), attention(q, k, v, impl="reference"), atol=2e-2)
+
+
+def test_decode_and_paged_are_ops_that_compile_whole(poison):
+    """decode_attention and paged_attention (its append, which writes the pool in place, too) are
+    torch ops: opcheck's contract, and torch.compile(fullgraph=True) with the host checks off
+    (check_seqlens=False, check=False) has no graph break and gives the eager answer."""
+    from attention_kernels.kernels import decode_attention, paged_attention
+    from attention_kernels.testing.checks import paged_inputs
+    g = torch.Generator(DEVICE).manual_seed(seed_of("decode op"))
+    q, k, v = (torch.randn(shape, generator=g, device=DEVICE) for shape in ((2, 4, 3, 16), (2, 2, 40, 16),
+                                                                            (2, 2, 40, 16)))
+    lengths = torch.tensor([5, 40], dtype=torch.int32, device=DEVICE)
+    mods = (2.0, torch.randn(4, generator=g, device=DEVICE), torch.rand(2, 4, generator=g, device=DEVICE))
+    for args in [(q, k, v, lengths, 0.25, None, -1, 0, 0.0, None, None), (q, k, v, lengths, 0.25, 3, 4, -1, *mods)]:
+        assert set(torch.library.opcheck(OPS.decode.default, args).values()) == {"SUCCESS"}
+    pq, pool_k, pool_v, table, seqlens, cu = paged_inputs((1, 3), (9, 20), 4, 2, 16, 4, torch.float32, 7)
+    k_new, v_new = (torch.randn(4, 2, 16, generator=g, device=DEVICE) for _ in range(2))
+    assert set(torch.library.opcheck(OPS.paged.default, (pq, pool_k, pool_v, table, seqlens, cu, 3, 0.25, None,
+                                                         -1, 0, 0.0, None, None)).values()) == {"SUCCESS"}
+    before = seqlens - torch.tensor([1, 3], dtype=torch.int32, device=DEVICE)  # room for the new tokens' keys
+    assert set(torch.library.opcheck(OPS.paged_append.default, (k_new, v_new, pool_k.clone(), pool_v.clone(), table,
+                                                                before, cu, 3)).values()) == {"SUCCESS"}
+
+    step = lambda q, k, v, lengths: decode_attention(q, k, v, lengths, check_seqlens=False, num_splits=2)
+    torch.testing.assert_close(torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v, lengths),
+                               step(q, k, v, lengths), rtol=0, atol=0)
+
+    def serve(q, pool_k, pool_v):
+        return paged_attention(q, pool_k, pool_v, table, before, cu, 3, k_new=k_new, v_new=v_new, check=False)
+
+    eager_k, eager_v, compiled_k, compiled_v = pool_k.clone(), pool_v.clone(), pool_k.clone(), pool_v.clone()
+    want = serve(pq, eager_k, eager_v)
+    got = torch.compile(serve, fullgraph=True, backend="aot_eager")(pq, compiled_k, compiled_v)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.equal(compiled_k, eager_k) and torch.equal(compiled_v, eager_v)  # the append wrote the same pages

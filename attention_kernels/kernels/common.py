@@ -286,14 +286,15 @@ def gradient_outputs(q, k, v, sinks=None, attn_mask=None, mask_grad=False, **unu
     return grads + (attn_mask.new_empty(attn_mask.shape),) if mask_grad else grads
 
 
-def kernel_op(name, fake):
+def kernel_op(name, fake, mutates=()):
     """Register the decorated launcher as the torch op `attention_kernels::<name>`.
 
     On a GPU it is a `triton_op`: torch.compile traces through it into the Triton kernels, and
     the launcher itself, run on fake tensors, gives the output shapes. Under the interpreter it
     is an opaque `custom_op` with `fake` for the shapes, since the interpreter would run the
     kernel on torch.compile's fake tensors, which hold no data (torch.compile still compiles
-    around it without a graph break). Either way the op has no aliasing or mutation, so
+    around it without a graph break). Either way the op has no aliasing, and mutates only the
+    arguments named in `mutates` (the paged append writes its pool in place), so
     `torch.library.opcheck` holds it to the full custom-op contract.
 
     `fake` takes the op's arguments by name. The op's `arg_names` are its parameters in schema
@@ -303,9 +304,9 @@ def kernel_op(name, fake):
         qualname = f"attention_kernels::{name}"
         names = tuple(inspect.signature(fn).parameters)
         if not INTERPRET:
-            op = torch.library.triton_op(qualname, fn, mutates_args=())
+            op = torch.library.triton_op(qualname, fn, mutates_args=mutates)
         else:
-            op = torch.library.custom_op(qualname, fn, mutates_args=())
+            op = torch.library.custom_op(qualname, fn, mutates_args=mutates)
             op.register_fake(lambda *args, **kwargs: fake(**dict(zip(names, args)), **kwargs))
         op.arg_names = names
         return op

@@ -36,13 +36,16 @@ against the device's copy bandwidth (`python -m attention_kernels.benchmarks.inf
 Inference only: no backward (use `flash_attention` to train). Precision as in `kernels/flash.py`.
 """
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from .checks import (INTERPRET, _is_int, autocast_inputs, check_causal, check_flag, check_inputs, check_int32,
                      check_mods, window_bounds)
-from .common import LOG2E, Variant, dot, meta, on_device, pow2, score_mods, stride_args, wrap_triton
+from .common import LOG2E, Variant, dot, kernel_op, meta, on_device, pow2, score_mods, stride_args, wrap_triton
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -375,9 +378,25 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=
     refuse_gradients("decode_attention", q, k_cache, v_cache, sinks)
     check_num_splits(num_splits)
     softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=B)
-    variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=slopes)
-    o, lse = _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, variant)
+    o, lse = torch.ops.attention_kernels.decode(q, k_cache, v_cache, cache_seqlens, scale=scale, num_splits=num_splits,
+                                                left=left, right=right, softcap=softcap, sinks=sinks,
+                                                alibi_slopes=slopes)
     return (o, lse) if return_lse else o
+
+
+def _decode_outputs(q, **unused):
+    """The op's (out, lse): out like q, lse (B, Hq, Tq) fp32; also its fake implementation."""
+    return torch.empty_like(q), torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+
+
+@kernel_op("decode", fake=_decode_outputs)
+def _decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float,
+               num_splits: Optional[int], left: int, right: int, softcap: float, sinks: Optional[Tensor],
+               alibi_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """decode_attention's launch as the torch op `attention_kernels::decode` (checked inputs): torch.compile
+    sees one op, with no graph break, and check_seqlens=False leaves nothing read on the host."""
+    variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
+    return _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, variant)
 
 
 def _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, variant):

@@ -287,6 +287,8 @@ def kernel_attention_forward(module, query, key, value, attention_mask, scaling=
     softcap = kwargs.get("softcap")
     sinks = kwargs.get("s_aux") if kwargs.get("s_aux") is not None else kwargs.get("sinks")
     mods = dict(softcap=softcap, sinks=None if sinks is None else sinks.float())
+    if dropout > 0:  # training with attention dropout: the kernels drop the weights themselves
+        mods["dropout_p"] = dropout
 
     entry = None if attention_mask is None else _recall(attention_mask)
     spec, valid, reason = Spec(causal, None, Tk, False), None, None
@@ -322,8 +324,6 @@ def kernel_attention_forward(module, query, key, value, attention_mask, scaling=
         if why is None and _why_not_kernels(query, key, value, dropout, scaling, impl, kwargs) is None:
             CALLS["kernels"] += 1
             CALLS[f"kernels, the mask in 4D: {reason}"] += 1
-            if dropout > 0:
-                mods["dropout_p"] = dropout
             out = attention(query, key, value, causal=False, scale=scaling, impl="flash" if impl == "fused" else impl,
                             attn_mask=dense, **mods)  # fused takes no mask: flash, as for padding
             return out.transpose(1, 2).contiguous(), None                             # (B, Tq, Hq, D)
@@ -333,8 +333,6 @@ def kernel_attention_forward(module, query, key, value, attention_mask, scaling=
         return _fallback(module, query, key, value, attention_mask, valid, spec, causal, reason, dropout, scaling,
                          kwargs)
     CALLS["kernels"] += 1
-    if dropout > 0:  # training with attention dropout: the kernels drop the weights themselves
-        mods["dropout_p"] = dropout
     if spec.padded:
         return _attention_packed(query, key, value, packing, causal, scaling, impl, window, mods), None
     if window is not None:

@@ -36,13 +36,16 @@ with the most a replay will bring, total_q at worst).
 (`python -m attention_kernels.benchmarks.tinygpt --paged`) and the tests: not a serving engine.
 """
 
+from typing import Optional
+
 import torch
 import triton
+from torch import Tensor
 
 from .checks import (SUPPORTED_DTYPES, _dtype_name, _is_int, as_int, check_causal, check_flag, check_inputs,
                      check_int32, check_mods, window_bounds)
 from .decode import _append_kv, check_num_splits, refuse_gradients, split_kv
-from .common import Variant, on_device, pow2, stride_args, wrap_triton
+from .common import Variant, kernel_op, on_device, pow2, stride_args, wrap_triton
 
 APPEND_BLOCK = 16  # new tokens per program of the append kernel
 
@@ -183,27 +186,56 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_
 
 def _run_paged(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, max_seqlen_q, k_new, v_new, scale,
                num_splits, variant):
-    """Launch the append (with k_new) and the split and merge kernels on checked inputs; returns (out, lse)."""
-    B = cu_seqlens_q.shape[0] - 1
-    num_pages, page_size, Hkv, D = k_cache.shape
-    capacity = block_table.shape[1] * page_size
+    """The append (with k_new) and the split and merge kernels on checked inputs, through the torch
+    ops `attention_kernels::paged_append` (which writes the pool in place) and `attention_kernels::paged`;
+    returns (out, lse)."""
     block_table, cache_seqlens, cu_seqlens_q = (t.contiguous() for t in (block_table, cache_seqlens, cu_seqlens_q))
     seqlens = cache_seqlens
     if k_new is not None:
-        with on_device(q):
-            wrap_triton(_append_kv)[(B, triton.cdiv(max_seqlen_q, APPEND_BLOCK), Hkv)](
-                K_NEW=k_new, V_NEW=v_new, K=k_cache, V=v_cache, SEQLENS=cache_seqlens, CU_Q=cu_seqlens_q,
-                PAGES=block_table, **stride_args("thd", n=k_new.stride(), w=v_new.stride()),
-                **stride_args("bhtd", k=_cache_strides(k_cache), v=_cache_strides(v_cache)),
-                stride_pb=block_table.stride(0), Tmax=capacity, num_pages=num_pages, total_q=q.shape[0],
-                HEAD_DIM=D, BLOCK_D=pow2(D), BLOCK_T=APPEND_BLOCK, PAGE_SIZE=page_size,
-            )
+        torch.ops.attention_kernels.paged_append(k_new, v_new, k_cache, v_cache, block_table, cache_seqlens,
+                                                 cu_seqlens_q, max_seqlen_q)
         seqlens = cache_seqlens + (cu_seqlens_q[1:] - cu_seqlens_q[:-1])  # on the device: no host read
-    o = torch.empty_like(q)
-    lse = torch.empty((q.shape[1], q.shape[0]), device=q.device, dtype=torch.float32)
+    return torch.ops.attention_kernels.paged(q, k_cache, v_cache, block_table, seqlens, cu_seqlens_q, max_seqlen_q,
+                                             scale=scale, num_splits=num_splits, left=variant.left,
+                                             right=variant.right, softcap=variant.softcap, sinks=variant.sinks,
+                                             alibi_slopes=variant.alibi_slopes)
+
+
+@kernel_op("paged_append", fake=lambda **_: None, mutates=("k_cache", "v_cache"))
+def _append_op(k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+               cache_seqlens: Tensor, cu_seqlens_q: Tensor, max_seqlen_q: int) -> None:
+    """Write each sequence's new keys and values into its pages after its cache_seqlens[b] (contiguous
+    index tensors, checked)."""
+    B = cu_seqlens_q.shape[0] - 1
+    num_pages, page_size, Hkv, D = k_cache.shape
+    with on_device(k_new):
+        wrap_triton(_append_kv)[(B, triton.cdiv(max_seqlen_q, APPEND_BLOCK), Hkv)](
+            K_NEW=k_new, V_NEW=v_new, K=k_cache, V=v_cache, SEQLENS=cache_seqlens, CU_Q=cu_seqlens_q,
+            PAGES=block_table, **stride_args("thd", n=k_new.stride(), w=v_new.stride()),
+            **stride_args("bhtd", k=_cache_strides(k_cache), v=_cache_strides(v_cache)),
+            stride_pb=block_table.stride(0), Tmax=block_table.shape[1] * page_size, num_pages=num_pages,
+            total_q=k_new.shape[0], HEAD_DIM=D, BLOCK_D=pow2(D), BLOCK_T=APPEND_BLOCK, PAGE_SIZE=page_size,
+        )
+
+
+def _paged_outputs(q, **unused):
+    """The op's (out, lse): out like q, lse (Hq, total_q) fp32; also its fake implementation."""
+    return torch.empty_like(q), torch.empty((q.shape[1], q.shape[0]), device=q.device, dtype=torch.float32)
+
+
+@kernel_op("paged", fake=_paged_outputs)
+def _paged_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seqlens: Tensor,
+              cu_seqlens_q: Tensor, max_seqlen_q: int, scale: float, num_splits: Optional[int], left: int, right: int,
+              softcap: float, sinks: Optional[Tensor], alibi_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """The split and merge kernels over each sequence's seqlens[b] keys in its pages (checked,
+    contiguous index tensors): (out, lse)."""
+    B = cu_seqlens_q.shape[0] - 1
+    num_pages, page_size, Hkv, D = k_cache.shape
+    variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
+    o, lse = _paged_outputs(q)
     packed = lambda t: (0, t.stride(1), t.stride(0), t.stride(2))  # (b, h, t, d): every row is "sequence 0"
     split_kv(q, k_cache, v_cache, seqlens, scale, num_splits, variant, o, lse, B=B, Tq=max_seqlen_q, Hkv=Hkv,
-             Tmax=capacity, q_strides=packed(q), k_strides=_cache_strides(k_cache),
+             Tmax=block_table.shape[1] * page_size, q_strides=packed(q), k_strides=_cache_strides(k_cache),
              v_strides=_cache_strides(v_cache), o_strides=packed(o), cu_q=cu_seqlens_q, pages=block_table,
              page_size=page_size)
     return o, lse
