@@ -112,6 +112,9 @@ def test_gpu_ops_name_their_kernels():
         "attention_kernels::flash_varlen_backward": ["_flash_bwd_delta", "_flash_bwd_dkdv", "_flash_bwd_dq"],
         "attention_kernels::fused_forward": ["_fused_fwd"],
         "attention_kernels::fused_backward": ["_flash_bwd_dkdv", "_fused_bwd_dq"],
+        "attention_kernels::decode": ["_decode_merge", "_decode_split"],
+        "attention_kernels::paged": ["_decode_merge", "_decode_split"],
+        "attention_kernels::paged_append": ["_append_kv"],
     }
 
 

@@ -67,17 +67,18 @@ def test_a_block_without_calls_says_so():
 
 def test_fallbacks_are_torch_and_counted():
     q, k, v, _ = make_qkv(Shape(1, 2, 2, 12, 12, 16), torch.float32, seed=seed_of("fallback"))
-    mask = torch.rand(12, 12, generator=torch.Generator(DEVICE).manual_seed(1), device=DEVICE) > 0.3
+    hidden = torch.zeros(12, 12, device=DEVICE)
+    hidden[4] = torch.finfo(torch.float32).min                          # row 4 sees no key but by finite values
     with pytest.warns(UserWarning, match=r"patch_sdpa: 3 calls: 1 on the kernels, 2 fell back to torch \(.*mask"), \
             patch_sdpa(impl="fused") as calls:
-        masked = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)   # fused takes no mask: torch
+        masked = F.scaled_dot_product_attention(q, k, v, attn_mask=hidden)  # a row torch averages
         F.scaled_dot_product_attention(q.double(), k.double(), v.double())
         F.scaled_dot_product_attention(q, k, v)
     assert calls.kernel == 1, calls
-    assert calls.fallback == {"attn_mask on impl='fused'": 1,
+    assert calls.fallback == {"attn_mask hides a row with finite values (torch averages it)": 1,
                               "q has dtype float64; supported: float16, bfloat16, float32": 1}, calls
     assert "2 fell back to torch" in repr(calls)
-    assert torch.equal(masked, TORCH_SDPA(q, k, v, attn_mask=mask))
+    assert torch.equal(masked, TORCH_SDPA(q, k, v, attn_mask=hidden))
 
 
 MASK_SHAPES = [(12, 17), (1, 1, 12, 17), (2, 1, 12, 17), (1, 4, 1, 17), (4, 12, 17), (2, 4, 12, 17)]

@@ -199,7 +199,7 @@ class Variant(NamedTuple):
         alibi_slopes
         dropout_p, seed attention-weight dropout and the call's Philox seed (`dropout.check_dropout`)
         attn_mask       the user's mask, bool or float, broadcastable to (B, Hq, Tq, Tk), or None
-                        (`checks.check_attn_mask`); the dense flash kernels only (`mask_args`)
+                        (`checks.check_attn_mask`); the dense flash and fused kernels (`mask_args`)
 
     The field names are the torch ops' argument names (`op_args`; attn_mask is the dense flash
     ops' alone, passed beside it). A NamedTuple, not a dataclass: torch.compile traces the public

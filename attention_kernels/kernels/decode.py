@@ -378,36 +378,17 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=
     refuse_gradients("decode_attention", q, k_cache, v_cache, sinks)
     check_num_splits(num_splits)
     softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=B)
-    o, lse = torch.ops.attention_kernels.decode(q, k_cache, v_cache, cache_seqlens, scale=scale, num_splits=num_splits,
-                                                left=left, right=right, softcap=softcap, sinks=sinks,
-                                                alibi_slopes=slopes)
+    variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=slopes)
+    o, lse = _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, variant)
     return (o, lse) if return_lse else o
 
 
-def _decode_outputs(q, **unused):
-    """The op's (out, lse): out like q, lse (B, Hq, Tq) fp32; also its fake implementation."""
-    return torch.empty_like(q), torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
-
-
-@kernel_op("decode", fake=_decode_outputs)
-def _decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float,
-               num_splits: Optional[int], left: int, right: int, softcap: float, sinks: Optional[Tensor],
-               alibi_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """decode_attention's launch as the torch op `attention_kernels::decode` (checked inputs): torch.compile
-    sees one op, with no graph break, and check_seqlens=False leaves nothing read on the host."""
-    variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
-    return _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, variant)
-
-
 def _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, variant):
-    """Launch the split and merge kernels on checked dense inputs; returns (out, lse)."""
-    B, Hq, Tq, D = q.shape
-    o = torch.empty_like(q)
-    lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
-    split_kv(q, k_cache, v_cache, cache_seqlens, scale, num_splits, variant, o, lse, B=B, Tq=Tq,
-             Hkv=k_cache.shape[1], Tmax=k_cache.shape[2], q_strides=q.stride(), k_strides=k_cache.stride(),
-             v_strides=v_cache.stride(), o_strides=o.stride())
-    return o, lse
+    """The split and merge kernels on checked dense inputs, through the op `attention_kernels::decode`;
+    returns (out, lse)."""
+    return torch.ops.attention_kernels.decode(q, k_cache, v_cache, cache_seqlens, scale=scale, num_splits=num_splits,
+                                              left=variant.left, right=variant.right, softcap=variant.softcap,
+                                              sinks=variant.sinks, alibi_slopes=variant.alibi_slopes)
 
 
 def split_kv(q, k_cache, v_cache, seqlens, scale, num_splits, variant, o, lse, *, B, Tq, Hkv, Tmax,
@@ -462,3 +443,26 @@ def merge_splits(o_part, lse_part, o, lse, variant, *, Hq, Tq, o_strides):
         **stride_args("bhtd", o=o_strides), Hq=Hq, Tq=Tq, NUM_SPLITS=num_splits,
         BLOCK_S=pow2(num_splits, least=2), HEAD_DIM=D, BLOCK_D=pow2(D), num_warps=4,
     )
+
+
+# The op comes after the launchers it calls: torch reads which kernels an op launches when it is
+# registered, from its source and the functions it names.
+def _decode_outputs(q, **unused):
+    """The op's (out, lse): out like q, lse (B, Hq, Tq) fp32; also its fake implementation."""
+    return torch.empty_like(q), torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+
+
+@kernel_op("decode", fake=_decode_outputs)
+def _decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float,
+               num_splits: Optional[int], left: int, right: int, softcap: float, sinks: Optional[Tensor],
+               alibi_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """decode_attention's launch as the torch op `attention_kernels::decode` (checked inputs): torch.compile
+    sees one op, with no graph break, and check_seqlens=False leaves nothing read on the host. It calls
+    split_kv itself: torch finds an op's kernels by reading its source and the functions it calls."""
+    variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
+    B, Hq, Tq, D = q.shape
+    o, lse = _decode_outputs(q)
+    split_kv(q, k_cache, v_cache, cache_seqlens, scale, num_splits, variant, o, lse, B=B, Tq=Tq,
+             Hkv=k_cache.shape[1], Tmax=k_cache.shape[2], q_strides=q.stride(), k_strides=k_cache.stride(),
+             v_strides=v_cache.stride(), o_strides=o.stride())
+    return o, lse

@@ -38,20 +38,17 @@ def attention(q, k, v, causal=True, scale=None, impl="auto", softcap=None, sinks
     naive PyTorch reference (any device and dtype, memory quadratic in T); "fused" and "flash"
     force a kernel. softcap, sinks, alibi_slopes, dropout_p, dropout_seed as in
     `flash_attention` (fused and flash drop the same weights for a seed); "reference" drops
-    weights with torch's own generator. `attn_mask` as in `flash_attention`: "auto" runs flash
-    when one is given; "fused" has no mask yet and refuses one.
+    weights with torch's own generator. `attn_mask` as in `flash_attention`, taken by every impl;
+    "auto" chooses by shape as without one (docs/masks.md).
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
-    if impl == "fused" and attn_mask is not None:
-        raise ValueError("attn_mask is not taken by impl='fused' (the fused kernel has no mask yet): use impl='flash' "
-                         "or 'auto', which runs flash when a mask is given")
     check_causal(causal)
     dropout_p, seed = check_dropout(dropout_p, dropout_seed)
     q, k, v, attn_mask = autocast_inputs(q, k, v, attn_mask)
     if impl == "auto":
         q, k, v, scale = check_inputs(q, k, v, scale)  # the shapes must be sound before choosing by them
-        impl = "flash" if attn_mask is not None else choose_impl(q.shape[-1], k.shape[-2], q.dtype)
+        impl = choose_impl(q.shape[-1], k.shape[-2], q.dtype)
     if impl == "reference":  # the same check, but float64 and any device are the reference's to take
         q, k, v, scale = check_inputs(q, k, v, scale, kernels=False)
         softcap, sinks, alibi_slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=q.shape[0], kernels=False)
@@ -66,5 +63,5 @@ def attention(q, k, v, causal=True, scale=None, impl="auto", softcap=None, sinks
     mods = dict(causal=causal, scale=scale, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
                 dropout_p=dropout_p, dropout_seed=seed if dropout_p > 0 else None)
     if impl == "fused":
-        return fused_attention(q, k, v, **mods)
+        return fused_attention(q, k, v, **mods, attn_mask=attn_mask)
     return flash_attention(q, k, v, **mods, attn_mask=attn_mask)

@@ -36,10 +36,11 @@ import triton
 from torch import Tensor
 import triton.language as tl
 
-from .checks import (INTERPRET, autocast_inputs, check_causal, check_flag, check_inputs, check_mods,
+from .checks import (INTERPRET, autocast_inputs, check_attn_mask, check_causal, check_flag, check_inputs, check_mods,
                      last_dim_contiguous)
-from .common import (LOG2E, Variant, dot, dropout_keep, forward_outputs, gradient_outputs, head_and_query_block,
-                     kernel_op, mask_scores, meta, on_device, pow2, register_autograd, score_mods, strides, wrap_triton)
+from .common import (LOG2E, Variant, attn_mask_scores, dot, dropout_keep, forward_outputs, gradient_outputs,
+                     head_and_query_block, kernel_op, mask_scores, meta, on_device, pow2, register_autograd, score_mods,
+                     strides, wrap_triton)
 from .dropout import check_dropout
 from .flash import LN2, dkdv, sink_gradient
 
@@ -47,16 +48,20 @@ from .flash import LN2, dkdv, sink_gradient
 
 
 @triton.jit
-def _row_softmax(s, offs_m, offs_n, Tq, Tk, h, b, SINKS, SLOPES, softcap, stride_sb,
-                 CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+def _row_softmax(s, offs_m, offs_n, Tq, Tk, h, b, SINKS, SLOPES, softcap, stride_sb, mask_base, stride_maskm,
+                 stride_maskn, CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+                 HAS_ALIBI: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
                  RETURN_TANH: tl.constexpr = False):
-    # Whole rows of base-2 logits s, [BLOCK_M, ROW]: modified (`score_mods`), masked, and turned
+    # Whole rows of base-2 logits s, [BLOCK_M, ROW]: modified (`score_mods`), the user's attn_mask
+    # applied (`attn_mask_scores`, after the mods, as in the reference), masked, and turned
     # into unnormalised weights p = exp2(s - m) with their sum l, the head's sink in l (GPT-OSS);
     # returns (the row max m, or with RETURN_TANH the soft-cap's tanh for the chain rule), p, l.
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(SLOPES + b * stride_sb + h) * 1.4426950408889634
     s, t = score_mods(s, offs_m + (Tk - Tq), offs_n, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
+    if HAS_ATTN_MASK:  # may hide a whole row: m = -inf is caught below as for causal's empty rows
+        s = attn_mask_scores(s, mask_base, offs_m, offs_n, Tq, Tk, stride_maskm, stride_maskn, BOOL_MASK)
     s = mask_scores(s, offs_m, offs_n, Tq, Tk, Tq + Tk, 0 if CAUSAL else Tq + Tk)
     m = tl.max(s, 1)
     if HAS_SINKS:
@@ -76,10 +81,12 @@ def _row_softmax(s, offs_m, offs_n, Tq, Tk, h, b, SINKS, SLOPES, softcap, stride
 @triton.jit
 def _fused_fwd(
     Q, K, V, O, LSE, SINKS, SLOPES,
+    ATTN_MASK,  # the user's mask as (B, Hq, Tq, Tk), stride 0 where broadcast (`common.Variant.mask_args`)
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
     Hq, Tq, Tk, GROUP, num_m_blocks,
     qk_scale,  # scale * log2(e): the softmax runs in base 2
     softcap, stride_sb,  # what models add, as in `kernels/flash_fwd.py`
@@ -87,6 +94,7 @@ def _fused_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, ROW: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_ATTN_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     b, h, h_kv, m_block = head_and_query_block(num_m_blocks, Hq, GROUP)
@@ -105,7 +113,9 @@ def _fused_fwd(
     # -- scores of whole rows, base-2 logits, modified and masked
     s = dot(q, kt, PRECISION, UPCAST) * qk_scale                               # [BLOCK_M, ROW] fp32
     m, p, l = _row_softmax(s, offs_m, offs_n, Tq, Tk, h, b, SINKS, SLOPES, softcap, stride_sb,
-                           CAUSAL, HAS_SOFTCAP, HAS_SINKS, HAS_ALIBI)          # row max, weights, their sum
+                           ATTN_MASK + b * stride_maskb + h * stride_maskh, stride_maskm, stride_maskn,
+                           CAUSAL, HAS_SOFTCAP, HAS_SINKS, HAS_ALIBI, HAS_ATTN_MASK,
+                           BOOL_MASK)                                           # row max, weights, their sum
 
     # -- weights @ V, divided by the row sum once at the end
     v_ptrs = V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
@@ -128,16 +138,20 @@ def _fused_fwd(
 @triton.jit
 def _fused_bwd_dq(
     Q, K, V, DO, DQ, DLSE, DELTA, SINKS, SLOPES,
+    ATTN_MASK,  # as in the forward
+    DMASK,      # the mask's gradient dS, (B, Hq, Tq, Tk) fp32 contiguous, every element written (MASK_GRAD)
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
     Hq, Tq, Tk, GROUP, num_m_blocks,
     scale, qk_scale, softcap, stride_sb, seed, p_drop, keep_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, ROW: tl.constexpr, CAUSAL: tl.constexpr, HAS_DLSE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_ATTN_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, MASK_GRAD: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     b, h, h_kv, m_block = head_and_query_block(num_m_blocks, Hq, GROUP)
@@ -164,7 +178,8 @@ def _fused_bwd_dq(
     #    off by a row-wide factor of about |S| x 1e-7, would show in dS when scores are large.
     s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale                    # [BLOCK_M, ROW] fp32
     t, p, l = _row_softmax(s, offs_m, offs_n, Tq, Tk, h, b, SINKS, SLOPES, softcap, stride_sb,
-                           CAUSAL, HAS_SOFTCAP, HAS_SINKS, HAS_ALIBI, True)
+                           ATTN_MASK + b * stride_maskb + h * stride_maskh, stride_maskm, stride_maskn,
+                           CAUSAL, HAS_SOFTCAP, HAS_SINKS, HAS_ALIBI, HAS_ATTN_MASK, BOOL_MASK, True)
     p = p / tl.where(l == 0.0, 1.0, l)[:, None]                               # [BLOCK_M, ROW] fp32
 
     # -- delta = rowsum(P * dP), which equals rowsum(dO * O) but uses this fp32 P rather than the
@@ -179,6 +194,9 @@ def _fused_bwd_dq(
     tl.store(DELTA + (b * Hq + h) * Tq + offs_m, delta, mask=row_ok)
     # -- dS = P * (dP - delta), through the soft-cap (1 - tanh^2); dQ = dS K * scale
     ds = p * (dp - delta[:, None])
+    if MASK_GRAD:  # d loss / d mask = dS (natural units, not through the cap): whole rows, one writer each
+        tl.store(DMASK + (b * Hq + h) * Tq * Tk + rows[:, None] * Tk + offs_n[None, :], ds,
+                 mask=row_ok[:, None] & (offs_n < Tk)[None, :])
     if HAS_SOFTCAP:
         ds = ds * (1.0 - t * t)
     dq = dot(ds.to(k.dtype), k, PRECISION, UPCAST) * scale                    # [BLOCK_M, BLOCK_D] fp32
@@ -239,13 +257,15 @@ def _run_forward(q, k, v, scale, variant):
         wrap_triton(_fused_fwd)[(B * Hq * num_m_blocks,)](
             Q=q, K=k, V=v, O=o, LSE=lse, **strides(q=q, k=k, v=v, o=o), Hq=Hq, Tq=Tq, Tk=Tk, GROUP=Hq // Hkv,
             num_m_blocks=num_m_blocks, qk_scale=scale * LOG2E, **variant.score_args(lse), **variant.sink_args(lse),
-            **variant.dropout_args(), BLOCK_M=block_m, ROW=row, CAUSAL=variant.causal, num_warps=num_warps,
-            **meta(q),
+            **variant.dropout_args(), **variant.mask_args(lse, B, Hq, Tq, Tk), BLOCK_M=block_m, ROW=row,
+            CAUSAL=variant.causal, num_warps=num_warps, **meta(q),
         )
     return o, lse
 
 
-def _run_backward(q, k, v, lse, do, dlse, scale, variant):
+def _run_backward(q, k, v, lse, do, dlse, scale, variant, mask_grad=False):
+    """(dq, dk, dv, dsinks), and with mask_grad the float attn_mask's gradient fifth: dS, summed
+    over the dimensions the mask was broadcast along, in the mask's dtype."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     do = last_dim_contiguous(do)
@@ -253,45 +273,54 @@ def _run_backward(q, k, v, lse, do, dlse, scale, variant):
     block_m, num_warps = row_config(Tq, row, D, q.dtype)
     num_m_blocks = triton.cdiv(Tq, block_m)
     dq, delta = torch.empty_like(q), torch.empty_like(lse)
+    mask, dmask = variant.attn_mask, None
+    if mask_grad:  # no zeros needed: the dq kernel writes every element, whole rows
+        dmask = torch.empty(B, Hq, Tq, Tk, device=q.device, dtype=torch.float32)
     with on_device(q):
         wrap_triton(_fused_bwd_dq)[(B * Hq * num_m_blocks,)](
             Q=q, K=k, V=v, DO=do, DQ=dq, DLSE=delta if dlse is None else dlse.contiguous(), DELTA=delta,
             **strides(q=q, k=k, v=v, do=do, dq=dq), Hq=Hq, Tq=Tq, Tk=Tk, GROUP=Hq // Hkv, num_m_blocks=num_m_blocks,
             scale=scale, qk_scale=scale * LOG2E, **variant.score_args(lse), **variant.sink_args(lse),
-            **variant.dropout_args(), BLOCK_M=block_m, ROW=row, CAUSAL=variant.causal, HAS_DLSE=dlse is not None,
+            **variant.dropout_args(), **variant.mask_args(lse, B, Hq, Tq, Tk), DMASK=lse if dmask is None else dmask,
+            MASK_GRAD=dmask is not None, BLOCK_M=block_m, ROW=row, CAUSAL=variant.causal, HAS_DLSE=dlse is not None,
             num_warps=num_warps, **meta(q),
         )
         # the flash kernel's dk/dv: tiles, no row limit
         dk, dv = dkdv(q, k, v, do, lse, delta, scale, variant)
     sinks = variant.sinks
     dsinks = q.new_empty(0, dtype=torch.float32) if sinks is None else sink_gradient(sinks, lse, delta)
-    return dq, dk, dv, dsinks
+    if not mask_grad:
+        return dq, dk, dv, dsinks
+    return dq, dk, dv, dsinks, dmask.sum_to_size(mask.shape).to(mask.dtype)  # the mask's shape: (Tq, Tk), ...
 
 
 # The ops take the variant's fields by `Variant`'s names, with `causal` for its window: (-1, 0)
-# causal, (-1, -1) full.
+# causal, (-1, -1) full; the attn_mask last and optional, and the backward's mask_grad, as the
+# dense flash ops take them (`kernels/flash.py`): the backward returns a list, the mask's
+# gradient fifth only when asked.
 
 
-def _variant(causal, softcap, sinks, alibi_slopes, dropout_p, seed):
+def _variant(causal, softcap, sinks, alibi_slopes, dropout_p, seed, attn_mask=None):
     return Variant(left=-1, right=0 if causal else -1, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
-                   dropout_p=dropout_p, seed=seed)
+                   dropout_p=dropout_p, seed=seed, attn_mask=attn_mask)
 
 
 @kernel_op("fused_forward", fake=forward_outputs)
 def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, softcap: float, sinks: Optional[Tensor],
-             alibi_slopes: Optional[Tensor], dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+             alibi_slopes: Optional[Tensor], dropout_p: float, seed: int,
+             attn_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     variant = _variant(causal=causal, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-                       seed=seed)
+                       seed=seed, attn_mask=attn_mask)
     return _run_forward(q, k, v, scale, variant)
 
 
-@kernel_op("fused_backward", fake=gradient_outputs)
+@kernel_op("fused_backward", fake=lambda **kwargs: list(gradient_outputs(**kwargs)))
 def _backward(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, do: Tensor, dlse: Optional[Tensor], causal: bool,
               scale: float, softcap: float, sinks: Optional[Tensor], alibi_slopes: Optional[Tensor], dropout_p: float,
-              seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              seed: int, attn_mask: Optional[Tensor] = None, mask_grad: bool = False) -> list[Tensor]:
     variant = _variant(causal=causal, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-                       seed=seed)
-    return _run_backward(q, k, v, lse, do, dlse, scale, variant)
+                       seed=seed, attn_mask=attn_mask)
+    return list(_run_backward(q, k, v, lse, do, dlse, scale, variant, mask_grad))
 
 
 # the backward reads the lse, not o: it gets delta from P and dP
@@ -302,7 +331,7 @@ register_autograd(_forward, _backward, outputs=("o", "lse"))
 
 
 def fused_attention(q, k, v, causal=True, scale=None, return_lse=False, softcap=None, sinks=None, alibi_slopes=None,
-                    dropout_p=0.0, dropout_seed=None):
+                    dropout_p=0.0, dropout_seed=None, attn_mask=None):
     """Causal (by default) scaled dot-product attention in one kernel, whole rows on chip.
 
     q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D) with Hq % Hkv == 0; the semantics of
@@ -310,14 +339,17 @@ def fused_attention(q, k, v, causal=True, scale=None, return_lse=False, softcap=
     Tk is limited to `max_seqlen(D, dtype)`; beyond it use `flash_attention`.
     With `return_lse`, also returns each row's log-sum-exp (natural log, fp32, (B, Hq, Tq)).
     softcap, sinks, alibi_slopes, dropout_p and dropout_seed as in `flash_attention` (the same
-    seed drops the same weights in both kernels).
+    seed drops the same weights in both kernels). `attn_mask` as in `flash_attention` (bool True
+    attends, or a float added to the scores; its gradient when it requires grad; docs/masks.md).
     """
-    q, k, v, scale = check_inputs(*autocast_inputs(q, k, v), scale)
+    q, k, v, attn_mask = autocast_inputs(q, k, v, attn_mask)
+    q, k, v, scale = check_inputs(q, k, v, scale)
     check_row(k, q.dtype)
     check_flag(return_lse, "return_lse")
     softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=q.shape[0])
     dropout_p, seed = check_dropout(dropout_p, dropout_seed)
+    attn_mask = check_attn_mask(attn_mask, q, k)
     variant = Variant(left=-1, right=0 if check_causal(causal) else -1, softcap=softcap, sinks=sinks,
-                      alibi_slopes=slopes, dropout_p=dropout_p, seed=seed)
-    o, lse2 = _forward(q, k, v, causal=variant.causal, scale=scale, **variant.mod_args())
+                      alibi_slopes=slopes, dropout_p=dropout_p, seed=seed, attn_mask=attn_mask)
+    o, lse2 = _forward(q, k, v, causal=variant.causal, scale=scale, **variant.mod_args(), attn_mask=attn_mask)
     return (o, lse2 * LN2) if return_lse else o

@@ -40,10 +40,10 @@ kernels run (a layer reads None by its own is_causal, which BigBird-Pegasus's de
 under a causal mask); None reaches the attention function only from models that make no mask, and
 then the layer's is_causal decides, as in SDPA.
 
-On `flash_attention` with the mask spelled out in 4D as its attn_mask (counted in `CALLS` as
+On the kernels with the mask spelled out in 4D as their attn_mask (counted in `CALLS` as
 "kernels, the mask in 4D: <reason>" too): a chunked or overlaid mask, packed sequences, a mask the
 model materialises (allow_is_causal_skip=False), a static cache's sliding layer, a user's 4D mask,
-a padding mask with holes (`_mask_for_kernels`); impl="fused" runs flash for them too.
+a padding mask with holes (`_mask_for_kernels`), with the kernel `impl` names.
 
 Elsewhere, counted in `CALLS` under the reason and logged once per reason (logger
 "attention_kernels.kernels.hf"): a float 4D mask with a row that sees only finite entries at or
@@ -324,8 +324,7 @@ def kernel_attention_forward(module, query, key, value, attention_mask, scaling=
         if why is None and _why_not_kernels(query, key, value, dropout, scaling, impl, kwargs) is None:
             CALLS["kernels"] += 1
             CALLS[f"kernels, the mask in 4D: {reason}"] += 1
-            out = attention(query, key, value, causal=False, scale=scaling, impl="flash" if impl == "fused" else impl,
-                            attn_mask=dense, **mods)  # fused takes no mask: flash, as for padding
+            out = attention(query, key, value, causal=False, scale=scaling, impl=impl, attn_mask=dense, **mods)
             return out.transpose(1, 2).contiguous(), None                             # (B, Tq, Hq, D)
         reason = f"{reason} ({why})" if why is not None else reason
 

@@ -23,8 +23,8 @@ gradient included; a row the mask hides entirely returns zeros, as torch's own f
 float mask is read once on the host: one with a row that sees only finite entries at or below
 -2.4e38 (finfo.min, which torch averages and the kernels read as -inf) goes to torch. A
 mask with `is_causal=True` (which some torch versions refuse and others combine with a top-left
-causal mask), a float mask of another dtype than the query's (which torch refuses), and a mask
-under `patch_sdpa(impl="fused")` (the fused kernel takes no mask) go to torch.
+causal mask) and a float mask of another dtype than the query's (which torch refuses) go to
+torch.
 """
 
 import collections
@@ -60,8 +60,6 @@ def _refusal(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
     if attn_mask is not None:
         if is_causal:  # torch's to decide: an error in some versions, a top-left causal mask too in others
             return "attn_mask with is_causal"
-        if impl == "fused":
-            return "attn_mask on impl='fused'"
         if not isinstance(attn_mask, torch.Tensor) or (attn_mask.dtype != torch.bool
                                                        and attn_mask.dtype != query.dtype):
             return "attn_mask neither bool nor the query's dtype"  # torch's own error
@@ -86,9 +84,9 @@ def _refusal(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
 
 
 def _on_kernels(query, key, value, is_causal, scale, impl, dropout_p=0.0, attn_mask=None):
-    if attn_mask is not None:  # never with is_causal (torch refuses both); flash takes masks
-        return attention(query, key, value, causal=False, scale=scale, impl="flash" if impl == "auto" else impl,
-                         dropout_p=dropout_p, attn_mask=attn_mask)
+    if attn_mask is not None:  # never with is_causal (that goes to torch)
+        return attention(query, key, value, causal=False, scale=scale, impl=impl, dropout_p=dropout_p,
+                         attn_mask=attn_mask)
     run = lambda q, k, v, causal: attention(q, k, v, causal=causal, scale=scale, impl=impl, dropout_p=dropout_p)
     Tq, Tk = query.shape[-2], key.shape[-2]
     if not is_causal or Tq == Tk:
