@@ -270,3 +270,16 @@ def test_a_row_hidden_by_finfo_min_goes_to_torch():
     assert calls.kernel == 1 and calls.fallback == {"attn_mask hides a row with finite values (torch averages it)": 1}
     assert torch.equal(wholly, TORCH_SDPA(q, k, v, attn_mask=hidden))
     torch.testing.assert_close(partly, TORCH_SDPA(q, k, v, attn_mask=bias), rtol=0, atol=2e-6)
+
+
+def test_the_finfo_min_check_reads_a_mask_once_and_again_after_a_change(monkeypatch):
+    from attention_kernels.kernels import checks
+    mask = torch.zeros(2, 6, 6, device=DEVICE)
+    mask[1, 3] = torch.finfo(torch.float32).min
+    reads = []
+    le = torch.Tensor.__le__
+    monkeypatch.setattr(torch.Tensor, "__le__", lambda a, b: reads.append(1) or le(a, b))
+    assert checks.hides_a_row_with_finite_values(mask) and checks.hides_a_row_with_finite_values(mask)
+    assert len(reads) == 1                      # the second call (the next layer's) reads nothing
+    mask[1, 3] = 0.0                            # in place: a new version, read again
+    assert not checks.hides_a_row_with_finite_values(mask) and len(reads) == 2

@@ -6,6 +6,7 @@ switched on (TRITON_INTERPRET=1) before `attention_kernels.kernels` is imported:
 each kernel is defined.
 """
 
+import collections
 import math
 import os
 import numbers
@@ -284,14 +285,27 @@ def check_attn_mask(attn_mask, q, k, kernels=True):
 HIDES = -2.4e38  # a float mask entry at or below this is -inf in the kernels' base-2 logits (x * log2(e))
 
 
+_HIDING = collections.OrderedDict()  # the masks lately read: (id, version) -> (mask, answer)
+
+
 def hides_a_row_with_finite_values(attn_mask):
     """Whether a float mask has a row that sees only finite entries at or below HIDES (transformers'
     finfo.min): torch's SDPA and eager attention average such a row's values, where the kernels,
-    reading those entries as -inf, give zeros. One host read."""
+    reading those entries as -inf, give zeros. One host read per mask tensor: a model hands every
+    layer the same one, so the answer is kept for the last few masks by identity and version (an
+    in-place change to the mask is read again)."""
     if attn_mask.dtype == torch.bool:
         return False
+    key = (id(attn_mask), attn_mask._version)
+    hit = _HIDING.get(key)
+    if hit is not None and hit[0] is attn_mask:
+        return hit[1]
     hidden = attn_mask <= HIDES                                                # (..., Tq, Tk)
-    return bool((hidden.all(-1) & ~torch.isneginf(attn_mask).all(-1)).any())
+    answer = bool((hidden.all(-1) & ~torch.isneginf(attn_mask).all(-1)).any())
+    _HIDING[key] = (attn_mask, answer)
+    while len(_HIDING) > 8:
+        _HIDING.popitem(last=False)
+    return answer
 
 
 def check_flag(value, name):

@@ -344,30 +344,19 @@ def kernel_attention_forward(module, query, key, value, attention_mask, scaling=
     return out.transpose(1, 2).contiguous(), None                                        # (B, Tq, Hq, D)
 
 
-# 4D masks lately checked by `_mask_for_kernels`, by identity: (mask, attn_mask or None, reason).
-_DENSE = OrderedDict()
-
-
 def _mask_for_kernels(mask, query, key):
-    """A 4D mask as `flash_attention`'s attn_mask, and None; or None and why not. Checked once per
-    mask tensor (every layer of a forward gets the same one), with one host read for a float mask:
-    a float entry at or below -2.4e38 (transformers' finfo.min) hides its key in the kernels, as in
-    SDPA, except in a row that sees no other key, where SDPA averages the values and the kernels
-    give zeros: such a mask goes to SDPA."""
-    hit = _DENSE.get(id(mask))
-    if hit is not None and hit[0] is mask:
-        return hit[1], hit[2]
+    """A 4D mask as the kernels' attn_mask, and None; or None and why not. A float entry at or
+    below -2.4e38 (transformers' finfo.min) hides its key in the kernels, as in SDPA, except in a
+    row that sees no other key, where SDPA averages the values and the kernels give zeros: such a
+    mask goes to SDPA (`hides_a_row_with_finite_values`: one host read per mask tensor, and every
+    layer of a forward gets the same one)."""
     try:
         check_attn_mask(mask, query, key)
-        why = None
-        if hides_a_row_with_finite_values(mask):
-            why = "a row hidden by finite values, which SDPA averages"
     except (TypeError, ValueError) as e:
-        why = str(e).split(";")[0]
-    _DENSE[id(mask)] = (mask, None if why else mask, why)
-    while len(_DENSE) > _KEEP:
-        _DENSE.popitem(last=False)
-    return (None, why) if why else (mask, None)
+        return None, str(e).split(";")[0]
+    if hides_a_row_with_finite_values(mask):
+        return None, "a row hidden by finite values, which SDPA averages"
+    return mask, None
 
 
 def _why_not_kernels(query, key, value, dropout, scaling, impl, kwargs):

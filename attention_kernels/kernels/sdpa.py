@@ -18,10 +18,11 @@ own errors: inputs the check refuses (counted by its message). dropout_p runs on
 which draw their own dropout (from a seed taken from torch's generator).
 
 An `attn_mask` (bool, True attends, or a float mask of the query's dtype added to the scaled
-scores; any shape that broadcasts to (B, H, Tq, Tk)) runs on `flash_attention`, the float mask's
+scores; any shape that broadcasts to (B, H, Tq, Tk)) runs on the kernels, the float mask's
 gradient included; a row the mask hides entirely returns zeros, as torch's own function does. A
-float mask is read once on the host: one with a row that sees only finite entries at or below
--2.4e38 (finfo.min, which torch averages and the kernels read as -inf) goes to torch. A
+float mask is read once on the host (once per mask tensor: a model's layers share one): one with
+a row that sees only finite entries at or below -2.4e38 (finfo.min, which torch averages and the
+kernels read as -inf) goes to torch. A
 mask with `is_causal=True` (which some torch versions refuse and others combine with a top-left
 causal mask) and a float mask of another dtype than the query's (which torch refuses) go to
 torch.
