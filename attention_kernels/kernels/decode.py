@@ -299,10 +299,12 @@ def default_num_splits(B, Hkv, row_blocks, keys, device):
 # ----------------------------------------------------------------------------- launcher
 
 
-def as_lengths(lengths, B, device):
+def as_lengths(lengths, B, device, read_values=True):
     """cache_seqlens as the kernels read it, int32 (B,) on q's device: from an int (every
     sequence's length), a list or tuple of B ints, or an integer tensor (int64 is converted:
-    a copy; int32 is taken as it is). Anything else is left for `check_int32` to refuse."""
+    a copy; int32 is taken as it is). Anything else is left for `check_int32` to refuse. An int64
+    tensor's range is read on the host only with read_values (check_seqlens): a value past int32
+    is then refused, where unchecked it wraps and the kernel clamps it into the cache."""
     if _is_int(lengths):
         return torch.full((B,), int(lengths), dtype=torch.int32, device=device)
     if isinstance(lengths, (list, tuple)):
@@ -311,7 +313,7 @@ def as_lengths(lengths, B, device):
                             f"{B} ints or one int; got {type(lengths).__name__} {list(lengths)[:8]!r}")
         return torch.tensor([int(n) for n in lengths], dtype=torch.int32, device=device)
     if isinstance(lengths, torch.Tensor) and lengths.dtype == torch.int64 and lengths.device == device:
-        if lengths.numel() and not -2**31 <= int(lengths.min()) <= int(lengths.max()) < 2**31:  # a host read, once
+        if read_values and lengths.numel() and not -2**31 <= int(lengths.min()) <= int(lengths.max()) < 2**31:
             raise ValueError(f"cache_seqlens must lie in [0, Tmax] (int32), got values from {int(lengths.min())} "
                              f"to {int(lengths.max())}")
         return lengths.to(torch.int32)
@@ -371,8 +373,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=
     B, Hq, Tq, D = q.shape
     Tmax = k_cache.shape[2]
     check_flag(return_lse, "return_lse")
-    cache_seqlens = as_lengths(cache_seqlens, B, q.device)
-    _check_seqlens(cache_seqlens, B, Tmax, q.device, check_flag(check_seqlens, "check_seqlens"))
+    read_values = check_flag(check_seqlens, "check_seqlens")
+    cache_seqlens = as_lengths(cache_seqlens, B, q.device, read_values)
+    _check_seqlens(cache_seqlens, B, Tmax, q.device, read_values)
     cache_seqlens = cache_seqlens.contiguous()  # the kernels read it as contiguous: a strided view moved lengths
     left, right = window_bounds(window, causal=check_causal(causal))
     refuse_gradients("decode_attention", q, k_cache, v_cache, sinks)
