@@ -283,3 +283,15 @@ def test_the_finfo_min_check_reads_a_mask_once_and_again_after_a_change(monkeypa
     assert len(reads) == 1                      # the second call (the next layer's) reads nothing
     mask[1, 3] = 0.0                            # in place: a new version, read again
     assert not checks.hides_a_row_with_finite_values(mask) and len(reads) == 2
+
+
+def test_a_float_mask_under_autocast_is_cast_with_the_inputs():
+    # torch's SDPA under autocast takes an fp32 mask with bf16 inputs: so does the drop-in, on the kernels
+    q, k, v, _ = make_qkv(Shape(1, 2, 2, 9, 9, 16), torch.float32, seed=seed_of("autocast mask"))
+    bias = torch.randn(9, 9, generator=torch.Generator(DEVICE).manual_seed(3), device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16), patch_sdpa() as calls:
+        got = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        want = TORCH_SDPA(q, k, v, attn_mask=bias)
+    assert calls.kernel == 1 and not calls.fallback, calls
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2e-2)

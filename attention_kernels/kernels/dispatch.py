@@ -60,8 +60,6 @@ def attention(q, k, v, causal=True, scale=None, impl="auto", softcap=None, sinks
         return reference.attention(q, k, v, causal=causal, scale=scale, softcap=softcap, sinks=sinks,
                                    alibi_slopes=alibi_slopes, dropout_p=dropout_p, dropout_mask=keep,
                                    attn_mask=attn_mask)
-    mods = dict(causal=causal, scale=scale, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
-                dropout_p=dropout_p, dropout_seed=seed if dropout_p > 0 else None)
-    if impl == "fused":
-        return fused_attention(q, k, v, **mods, attn_mask=attn_mask)
-    return flash_attention(q, k, v, **mods, attn_mask=attn_mask)
+    kernel = fused_attention if impl == "fused" else flash_attention
+    return kernel(q, k, v, causal=causal, scale=scale, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
+                  dropout_p=dropout_p, dropout_seed=seed if dropout_p > 0 else None, attn_mask=attn_mask)

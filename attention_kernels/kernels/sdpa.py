@@ -22,10 +22,9 @@ scores; any shape that broadcasts to (B, H, Tq, Tk)) runs on the kernels, the fl
 gradient included; a row the mask hides entirely returns zeros, as torch's own function does. A
 float mask is read once on the host (once per mask tensor: a model's layers share one): one with
 a row that sees only finite entries at or below -2.4e38 (finfo.min, which torch averages and the
-kernels read as -inf) goes to torch. A
-mask with `is_causal=True` (which some torch versions refuse and others combine with a top-left
-causal mask) and a float mask of another dtype than the query's (which torch refuses) go to
-torch.
+kernels read as -inf) goes to torch. A mask with `is_causal=True` (which some torch versions
+refuse and others combine with a top-left causal mask) and a float mask of another dtype than
+the query's (which torch refuses) go to torch.
 """
 
 import collections
@@ -104,7 +103,8 @@ def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
     if not isinstance(is_causal, bool):  # as torch's own function refuses it
         raise TypeError(f"scaled_dot_product_attention(): argument 'is_causal' must be bool, not "
                         f"{type(is_causal).__name__}")
-    query, key, value = autocast_inputs(query, key, value)  # torch's SDPA is an autocast op: same dtypes out
+    # torch's SDPA is an autocast op: the same dtypes out, a float mask cast with the inputs
+    query, key, value, attn_mask = autocast_inputs(query, key, value, attn_mask)
     why = _refusal(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, impl)
     if why is not None:
         if calls is not None:
