@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from attention_kernels import reference
 from attention_kernels.kernels import flash_attention, flash_attention_varlen
+from attention_kernels.kernels.common import Variant
 from attention_kernels.kernels.distributed import (Ring, _pieces, _segments, gather_sequence, ring_attention,
                                                    ring_attention_varlen, shard_positions, shard_segments,
                                                    shard_sequence)
@@ -31,6 +32,20 @@ patch_lang_once_per_launch()  # the ranks, spawned, import this module but not c
 
 PG_TIMEOUT_S = 60   # what one collective may wait: the backstop, far above any step here
 DEADLINE_S = 300    # a spawn group's whole run, under `pytest -n 2` on 2 loaded cores (~25 s alone)
+
+# What models add, through the ring: (world, shape, causal, window, layout, dtype, lengths, mods), mods as Case
+# takes them. ALiBi's off-diagonal pieces on both sides (full attention, a band), (B, Hq) slopes per batch row
+# and per packed sequence, sinks with their gradient, a soft-cap that bites (scores ~ N(0, 1)), GQA, bf16.
+RING_MOD_CASES = [
+    (2, Shape(1, 4, 2, 23, 23, 16), True, None, "zigzag", torch.float32, None,
+     dict(softcap=1.5, sinks=True, alibi="heads")),
+    (2, Shape(2, 2, 2, 21, 21, 16), False, None, "contiguous", torch.float32, None, dict(sinks=True, alibi="rows")),
+    (2, Shape(1, 2, 1, 26, 26, 16), True, None, "zigzag", torch.bfloat16, None, dict(softcap=1.5, alibi="heads")),
+    (2, Shape(1, 4, 2, 27, 27, 16), True, None, "zigzag", torch.float32, (9, 1, 14, 3),
+     dict(softcap=2.0, sinks=True, alibi="rows")),
+    (4, Shape(1, 2, 2, 29, 29, 16), False, (3, 5), "zigzag", torch.float32, None,
+     dict(softcap=1.5, sinks=True, alibi="heads")),
+]
 
 
 # ----------------------------------------------------------------------------- the plan, no processes
@@ -86,6 +101,31 @@ def test_the_plan_computes_every_visible_pair_once(lengths, W, layout, causal, w
     assert Ring(None, 0, W, lengths, layout, left, right).steps == last_needed + 1  # no step nobody needs
 
 
+@pytest.mark.parametrize("lengths, W, layout, causal, window", PLAN_CASES[::3], ids=str)
+def test_unjoined_pieces_know_their_positions(lengths, W, layout, causal, window):
+    # With ALiBi the ring joins no pieces, so that each lies within one chunk of each side, and
+    # `Ring.where` places its first query and key in their sequence: every row of the piece must
+    # be the next position, and the pieces must still cover every visible pair once
+    left, right = window if window is not None else (-1, -1)
+    right = 0 if causal else right
+    segments = [_segments(lengths, W, r, layout) for r in range(W)]
+    starts = torch.tensor([0, *lengths]).cumsum(0)
+    for r in range(W):
+        ring = Ring(None, r, W, lengths, layout, left, right, Variant(alibi_slopes=torch.ones(1)))
+        P = _positions(segments[r])
+        for s in range(ring.steps):
+            K = _positions(segments[ring.source(s)])
+            got = torch.zeros(len(P), len(K), dtype=torch.int)
+            for q0, q1, k0, k1, kl, kr in ring.plan[s]:
+                b, p, k = ring.where(s, q0, k0)
+                for rows, first in ((P[q0:q1], p), (K[k0:k1], k)):
+                    assert torch.equal(rows[:, 0], torch.full((len(rows),), b)), f"rank {r} step {s}: two sequences"
+                    assert torch.equal(rows[:, 1] - starts[b], torch.arange(first, first + len(rows))), \
+                        f"rank {r} step {s}: piece {(q0, q1, k0, k1)} is not consecutive positions from {first}"
+                got[q0:q1, k0:k1] += reference.window_mask(q1 - q0, k1 - k0, kl, kr).int()
+            assert got.max() <= 1 and torch.equal(got.bool(), _visible(P, K, causal, window)), f"rank {r} step {s}"
+
+
 @pytest.mark.parametrize("W", [2, 3, 4, 8])
 def test_zigzag_balances_causal_work(W):
     # Causal pairs per rank: equal in zigzag when 2W divides T; contiguous gives the last rank
@@ -104,10 +144,14 @@ def test_zigzag_balances_causal_work(W):
 class Case:
     """One ring run: the whole sequence's (or packed batch's) inputs and the call's arguments.
     q (B, Hq, T, D), k, v (B, Hkv, T, D), dlse (B, Hq, T); packed (cu_seqlens given): q (total,
-    Hq, D), k, v (total, Hkv, D), dlse (Hq, total)."""
+    Hq, D), k, v (total, Hkv, D), dlse (Hq, total). What models add: `softcap`, `sinks` (True:
+    (Hq,) fp32 drawn, their gradient checked too) and `alibi` ("heads": the standard (Hq,) slopes;
+    "rows": (B, Hq) drawn, per batch row or per packed sequence)."""
 
-    def __init__(self, world, shape, causal, window, layout, dtype, lengths=None, ranks=None):
-        g = torch.Generator().manual_seed(seed_of("ring", world, shape, causal, window, layout, dtype, lengths, ranks))
+    def __init__(self, world, shape, causal, window, layout, dtype, lengths=None, ranks=None, softcap=None,
+                 sinks=False, alibi=None):
+        g = torch.Generator().manual_seed(seed_of("ring", world, shape, causal, window, layout, dtype, lengths, ranks,
+                                                  *([softcap, sinks, alibi] if softcap or sinks or alibi else [])))
         self.ranks = ranks  # the global ranks of its group, in order; None: every process
         B, Hq, Hkv, T, D = shape.B, shape.Hq, shape.Hkv, shape.Tq, shape.D
         if lengths is None:
@@ -121,9 +165,16 @@ class Case:
         self.do = torch.randn(self.q.shape, generator=g, dtype=dtype)
         self.dlse = torch.randn(self.q.shape[:3] if lengths is None else (Hq, T), generator=g)
         self.world, self.causal, self.window, self.layout, self.dtype = world, causal, window, layout, dtype
+        self.softcap = softcap
+        self.sinks = 2 * torch.randn(Hq, generator=g) if sinks else None   # about as large as the row's logits
+        rows = B if lengths is None else len(lengths)
+        self.slopes = {None: None, "heads": reference.alibi_slopes(Hq),
+                       "rows": 0.3 * torch.rand(rows, Hq, generator=g)}[alibi]
         self.name = (f"{f'{world} ranks' if ranks is None else f'the group of ranks {ranks}'}, "
                      f"{shape if lengths is None else f'sequences {lengths}'}, "
-                     f"{'causal' if causal else 'full'}, window {window}, {layout}, {dtype}")
+                     f"{'causal' if causal else 'full'}, window {window}, {layout}, {dtype}"
+                     + "".join(f", {name} {value}" for name, value in (("softcap", softcap), ("sinks", sinks or None),
+                                                                       ("alibi", alibi)) if value is not None))
         # where each result's rows are: out, lse, dq, dk, dv
         self.row_dims = (2, 2, 2, 2, 2) if lengths is None else (0, 1, 0, 0, 0)
 
@@ -132,51 +183,63 @@ class Case:
         T = self.q.shape[2 if self.cu is None else 0]
         return torch.cat([torch.arange(a, z) for a, z in shard_segments(T, self.world, rank, self.layout, self.cu)])
 
+    def mods(self, sinks=None):
+        """The call's keyword arguments for what models add; `sinks` the leaf to pass, if any."""
+        return dict(softcap=self.softcap, sinks=sinks, alibi_slopes=self.slopes)
+
     def run_ring(self, group=None):
-        """This rank's (out, lse, dq, dk, dv), through ring_attention or ring_attention_varlen."""
+        """This rank's (out, lse, dq, dk, dv), and dsinks with sinks, through ring_attention or
+        ring_attention_varlen."""
         shard = lambda x, dim: shard_sequence(x, group, layout=self.layout, dim=dim, cu_seqlens=self.cu)
         q, k, v = (shard(x, self.row_dims[2]).requires_grad_() for x in (self.q, self.k, self.v))
-        kwargs = dict(group=group, causal=self.causal, window=self.window, layout=self.layout, return_lse=True)
+        sinks = None if self.sinks is None else self.sinks.clone().requires_grad_()
+        kwargs = dict(group=group, causal=self.causal, window=self.window, layout=self.layout, return_lse=True,
+                      **self.mods(sinks))
         if self.cu is None:
             out, lse = ring_attention(q, k, v, **kwargs)
         else:
             out, lse = ring_attention_varlen(q, k, v, self.cu, **kwargs)
         torch.autograd.backward([out, lse], [shard(self.do, self.row_dims[0]), shard(self.dlse, self.row_dims[1])])
-        return [x.detach() for x in (out, lse, q.grad, k.grad, v.grad)]
+        return [x.detach() for x in (out, lse, q.grad, k.grad, v.grad)] + ([] if sinks is None else [sinks.grad])
 
     def spec(self):
-        """(truth, low) for out, lse, dq, dk, dv: the reference in float64, and in the inputs'
-        precision (upcast=False, the yardstick), as `rule.hold_to_rule` makes them."""
+        """(truth, low) for out, lse, dq, dk, dv (and dsinks): the reference in float64, and in the
+        inputs' precision (upcast=False, the yardstick), as `rule.hold_to_rule` makes them; the
+        sinks and slopes fp32 in the yardstick, as the kernels take them."""
         w = {} if self.window is None else {"window": self.window}
         if self.cu is None:
-            attend = lambda q, k, v, upcast: reference.attention(q, k, v, self.causal, None, upcast, **w)
-            lse_of = lambda q, k: reference.logsumexp(q, k, self.causal, None, **w)
+            attend = lambda q, k, v, upcast, **m: reference.attention(q, k, v, self.causal, None, upcast, **w, **m)
+            lse_of = lambda q, k, **m: reference.logsumexp(q, k, self.causal, None, **w, **m)
         else:
-            attend = lambda q, k, v, upcast: reference.varlen_attention(q, k, v, self.cu, self.cu, self.causal, None,
-                                                                        upcast, **w)
-            lse_of = lambda q, k: reference.varlen_logsumexp(q, k, self.cu, self.cu, self.causal, None, **w)
+            attend = lambda q, k, v, upcast, **m: reference.varlen_attention(q, k, v, self.cu, self.cu, self.causal,
+                                                                             None, upcast, **w, **m)
+            lse_of = lambda q, k, **m: reference.varlen_logsumexp(q, k, self.cu, self.cu, self.causal, None, **w, **m)
         results = []
         for dt, upcast in ((torch.float64, True), (self.dtype, False)):
             leaves = [x.detach().to(dt).clone().requires_grad_() for x in (self.q, self.k, self.v)]
-            out = attend(*leaves, upcast)
+            mod_dt = torch.float64 if upcast else torch.float32
+            sinks = None if self.sinks is None else self.sinks.to(mod_dt).clone().requires_grad_()
+            mods = dict(self.mods(sinks), alibi_slopes=None if self.slopes is None else self.slopes.to(mod_dt))
+            out = attend(*leaves, upcast, **mods)
             if not upcast and not torch.isfinite(out).all():
-                out = attend(*leaves, True)
-            lse = lse_of(*leaves[:2])
+                out = attend(*leaves, True, **mods)
+            lse = lse_of(*leaves[:2], **mods)
             torch.autograd.backward([out, lse], [self.do.to(dt), self.dlse.to(lse.dtype)])
-            results.append([out, lse, *(x.grad for x in leaves)])
+            results.append([out, lse, *(x.grad for x in leaves)] + ([] if sinks is None else [sinks.grad]))
         return results
 
     def flash(self):
         """The same from single-process flash_attention (flash_attention_varlen) on the whole."""
         leaves = [x.detach().clone().requires_grad_() for x in (self.q, self.k, self.v)]
+        sinks = None if self.sinks is None else self.sinks.clone().requires_grad_()
+        kwargs = dict(causal=self.causal, window=self.window, return_lse=True, **self.mods(sinks))
         if self.cu is None:
-            out, lse = flash_attention(*leaves, causal=self.causal, window=self.window, return_lse=True)
+            out, lse = flash_attention(*leaves, **kwargs)
         else:
             longest = int((self.cu[1:] - self.cu[:-1]).max())
-            out, lse = flash_attention_varlen(*leaves, self.cu, self.cu, longest, longest, causal=self.causal,
-                                              window=self.window, return_lse=True)
+            out, lse = flash_attention_varlen(*leaves, self.cu, self.cu, longest, longest, **kwargs)
         torch.autograd.backward([out, lse], [self.do, self.dlse])
-        return [out, lse, *(x.grad for x in leaves)]
+        return [out, lse, *(x.grad for x in leaves)] + ([] if sinks is None else [sinks.grad])
 
     def whole(self, parts, j):
         """Result j of every rank (in its rows' order) back in sequence order."""
@@ -211,6 +274,9 @@ def _errors(rank, world):
         "rows": (x[:, :, :2] if rank == 1 else x, x[:, :, :2] if rank == 1 else x, x[:, :, :2] if rank == 1 else x, {}),
         "layout": (x, x, x, dict(layout="zigzag" if rank == 0 else "contiguous")),
         "gradients": (x.clone().requires_grad_(rank == 1), x, x, {}),    # a backward on one rank only would hang
+        "sinks": (x, x, x, dict(sinks=torch.tensor([0.5, 1.0 + rank]))),
+        "dropout": (x, x, x, dict(dropout_p=0.1)),
+        "dropout_seed": (x, x, x, dict(dropout_seed=-1)),
     }
     packed = torch.randn(5, 2, 16)                                         # 5 rows of sequences of 6 and 4 each
     cu = torch.tensor([0, 6, 10], dtype=torch.int32)
@@ -218,13 +284,15 @@ def _errors(rank, world):
         "cu_seqlens dtype": (cu.long() if rank == 1 else cu),
         "sequences": (torch.tensor([0, 5, 10], dtype=torch.int32) if rank == 1 else cu),
         "no rows": torch.tensor([0, 1, 2], dtype=torch.int32),            # sequences of 1: rank 1 holds nothing
+        "varlen dropout": cu,
     }
     said = {}
     calls = [(case, lambda q=q, k=k, v=v, kw=kwargs: ring_attention(q, k, v, **kw))
              for case, (q, k, v, kwargs) in bad.items()]
     rows = lambda c: packed[:sum(z - a for a, z in shard_segments(int(c[-1]), world, rank, cu_seqlens=c))]  # its share
-    calls += [(case, lambda c=c: ring_attention_varlen(*(rows(c),) * 3, c) if case == "no rows" else
-               ring_attention_varlen(packed, packed, packed, c)) for case, c in bad_packed.items()]
+    calls += [(case, lambda c=c, case=case: ring_attention_varlen(*(rows(c),) * 3, c) if case == "no rows" else
+               ring_attention_varlen(packed, packed, packed, c, dropout_p=0.5 if case == "varlen dropout" else 0.0))
+              for case, c in bad_packed.items()]
     for case, call in calls:
         try:
             call()
@@ -282,6 +350,8 @@ def check_cases(world, extras):
               for w, lengths, Hq, Hkv, D, causal, window, layout, dtype in RING_VARLEN_CASES if w == world]
     cases += [Case(len(ranks), shape, causal, window, layout, dtype, ranks=ranks)
               for ranks, w, shape, causal, window, layout, dtype in RING_SUBGROUP_CASES if w == world]
+    cases += [Case(w, shape, causal, window, layout, dtype, lengths, **mods)
+              for w, shape, causal, window, layout, dtype, lengths, mods in RING_MOD_CASES if w == world]
     return run_cases(world, cases, extras)
 
 
@@ -299,6 +369,12 @@ def run_cases(world, cases, extras=()):
             assert got.dtype == (torch.float32 if name == "lse" else case.dtype), f"{case.name}: {name} is {got.dtype}"
             case.hold(f"{name} against the reference", got, truth[j], low[j], factor, floor, j)
             case.hold(f"{name} against single-process flash", got, flash[j], low[j], factor, floor, j)
+        if case.sinks is not None:  # the whole sequence's gradient, on every rank: the same bits
+            dsinks = [results[r]["cases"][i][5] for r in (case.ranks or range(world))]
+            assert all(torch.equal(d, dsinks[0]) for d in dsinks), f"{case.name}: the ranks' dsinks differ: {dsinks}"
+            for against, want in (("the reference", truth[5]), ("single-process flash", flash[5])):
+                assert_close(f"{case.name}: dsinks against {against}", dsinks[0], want, low[5], GRAD_FACTOR,
+                             FLOOR[torch.float32])
     return results
 
 
@@ -321,7 +397,14 @@ def test_ring_attention_on_2_ranks():
                 "gradients": "ValueError: ring_attention: every rank must pass the same gradients, got rank 0: False, "
                              "rank 1: True",
                 "no rows": "ValueError: ring_attention: rank 1 of 2: this rank holds no rows: 'zigzag' splits each "
-                           "sequence (lengths [1, 1]) over 2 ranks"}
+                           "sequence (lengths [1, 1]) over 2 ranks",
+                "sinks": "ValueError: ring_attention: every rank must pass the same sinks, got rank 0: ((2,), (0.5, "
+                         "1.0)), rank 1: ((2,), (0.5, 2.0))",
+                "dropout": "ValueError: ring_attention: rank 0 of 2: dropout_p=0.1 is not supported by ring_attention "
+                           "yet",
+                "dropout_seed": "ValueError: ring_attention: rank 0 of 2: dropout_seed must be an int in [0, 2**63)",
+                "varlen dropout": "ValueError: ring_attention: rank 0 of 2: dropout_p=0.5 is not supported by "
+                                  "ring_attention_varlen yet"}
     for case, start in expected.items():
         said = [r["errors"][case] for r in results]
         assert said[0] == said[1], f"{case}: the ranks raised different errors: {said}"

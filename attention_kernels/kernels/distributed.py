@@ -40,6 +40,14 @@ a second ring the other way would fix it). Packed batches
 its share of every sequence, and pieces pair rows of one sequence only; the same code runs them
 as a batch of one.
 
+What models add (softcap, sinks, alibi_slopes; `_piece_variant`): the soft-cap is per score, in
+every piece. ALiBi is the kernels' own on a piece that is a chunk against itself; any other piece
+lies on one side of the diagonal, where the bias splits into one per key (a float attn_mask row)
+and one per row (a shift of the piece's log-sum-exp), so no pieces are joined. The sinks join
+once, as a last merge of a term with no value; their gradient sums each rank's rows, then the
+ranks'. Dropout is refused: the kernels draw it by positions within a call, and a piece's are
+not the sequence's.
+
 Checks: before the ring starts, every rank's arguments and shapes are gathered (one small
 all_gather_object), so a bad input on one rank raises the same ValueError (naming that rank) on
 every rank instead of leaving the others waiting; what cannot be checked (a rank that dies, or
@@ -54,9 +62,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from .checks import _dtype_name, autocast_inputs, check_causal, check_inputs, window_bounds
-from .common import Variant
-from .flash import LN2
+from .checks import _dtype_name, autocast_inputs, check_causal, check_inputs, check_mods, window_bounds
+from .common import LOG2E, Variant
+from .dropout import check_dropout
+from .flash import LN2, sink_gradient
 
 LAYOUTS = ("zigzag", "contiguous")
 
@@ -239,10 +248,12 @@ def _merge(pieces):
             return sorted(pieces)
 
 
-def _pieces(q_segments, k_segments, left, right):
+def _pieces(q_segments, k_segments, left, right, merge=True):
     """The kernel calls of one (query shard, K/V block) pair: (q0, q1, k0, k1, left, right) each,
     local rows and the kernel's window; empty when no query sees any key. Only segments of one
-    sequence can pair, and only their pieces can join: a packed batch of n sequences costs O(n)."""
+    sequence can pair, and only their pieces can join: a packed batch of n sequences costs O(n).
+    merge=False keeps every piece within one segment of each side, so that its rows are
+    consecutive positions of the sequence (what ALiBi's distances need, `_piece_variant`)."""
     k_rows, row = {}, 0
     for kseg in k_segments:  # each sequence's key segments, with their first local row
         k_rows.setdefault(kseg[0], []).append((kseg, row))
@@ -254,16 +265,17 @@ def _pieces(q_segments, k_segments, left, right):
             if piece is not None:
                 by_sequence.setdefault(qseg[0], []).append(piece)
         q_row += qseg[2] - qseg[1]
-    return sorted(p for pieces in by_sequence.values() for p in _merge(pieces))
+    return sorted(p for pieces in by_sequence.values() for p in (_merge(pieces) if merge else pieces))
 
 
 @functools.lru_cache(maxsize=64)
-def _plan(lengths, world, layout, left, right):
+def _plan(lengths, world, layout, left, right, merge=True):
     """Every rank's segments and rows, how many ring steps run, and every (rank, step)'s pieces:
     a pure function of the call's shape, computed once per shape (a model calls it per layer)."""
     segments = [_segments(list(lengths), world, r, layout) for r in range(world)]
     rows = [sum(z - a for _, a, z in segs) for segs in segments]
-    plans = [[_pieces(segments[r], segments[(r - s) % world], left, right) for s in range(world)] for r in range(world)]
+    plans = [[_pieces(segments[r], segments[(r - s) % world], left, right, merge) for s in range(world)]
+             for r in range(world)]
     steps = 1 + max(s for r in range(world) for s in range(world) if s == 0 or plans[r][s])
     return segments, rows, steps, plans
 
@@ -271,13 +283,31 @@ def _plan(lengths, world, layout, left, right):
 class Ring:
     """Who talks to whom, and what each step computes: rank r's step s runs its queries against
     the block of rank (r - s) mod W. `steps` is 1 + the last step at which any rank's queries
-    see their block (W for causal or full attention; fewer with a window)."""
+    see their block (W for causal or full attention; fewer with a window). `variant` holds what
+    the call adds to attention: softcap and alibi_slopes, which every piece adds (`_piece_variant`),
+    and sinks, which join once, after the last step (`ring_forward`). `packed`: (B, Hq) slopes are
+    per sequence of a packed batch, not per batch row."""
 
-    def __init__(self, group, rank, world, lengths, layout, left, right):
+    def __init__(self, group, rank, world, lengths, layout, left, right, variant=Variant(), packed=False):
         """lengths: the sequences' lengths, [T] for one (B, H, T, D) batch, more for a packed one."""
         self.group, self.rank, self.world = group, rank, world
-        self.segments, self.lengths, self.steps, plans = _plan(tuple(lengths), world, layout, left, right)
+        self.variant, self.packed = variant, packed
+        merge = variant.alibi_slopes is None  # ALiBi needs each piece's positions: no joined pieces
+        self.segments, self.lengths, self.steps, plans = _plan(tuple(lengths), world, layout, left, right, merge)
         self.plan = plans[rank][:self.steps]
+        self.starts = [sum(lengths[:b]) for b in range(len(lengths))]  # each sequence's first packed row
+
+    def where(self, step, q_row, k_row):
+        """(sequence, position of local query row q_row in it, position of row k_row of the block
+        held at `step`): positions count from the sequence's start, as in one process."""
+        def position(segments, row):
+            for b, a, z in segments:
+                if row < z - a:
+                    return b, a + row - self.starts[b]
+                row -= z - a
+            raise IndexError(f"row {row} past the rank's rows")
+        b, p = position(self.segments[self.rank], q_row)
+        return b, p, position(self.segments[self.source(step)], k_row)[1]
 
     def source(self, step):
         """The rank whose block this rank holds at `step`."""
@@ -316,23 +346,62 @@ def merge(out, lse, o, lse_step):
     out.copy_((out * a[..., None] + o.float() * b[..., None]) / total[..., None])
 
 
-def _flash_forward(q, k, v, window, scale, residual):
-    """One piece's flash forward: (o, base-2 lse, o's rounding residual); `window` a Variant with
-    the piece's window alone (the ring adds nothing else to attention)."""
-    return torch.ops.attention_kernels.flash_forward(q, k, v, scale=scale, residual=residual, **window.op_args())
+def _piece_variant(ring, step, piece):
+    """What one piece's flash call adds to attention, as a Variant (its window, the soft-cap, ALiBi),
+    and what the kernel's logits of each row lack, base 2, to add to its log-sum-exp: None, or
+    (B or 1, Hq, rows) fp32.
+
+    ALiBi's bias is -slope * |K - P| between query position P and key position K. The kernel
+    computes it from its own rows, about the diagonal key i + Tk - Tq, which is the piece's only
+    when the piece is a square on the diagonal (step 0, a chunk against itself: exact). Every other
+    piece lies on one side of the diagonal (its key chunk wholly before or after its query chunk),
+    where, with N the key nearest the queries, |K - P| = |K - N| + |N - P|: a bias per key, passed
+    as a float attn_mask broadcast over the rows, (B or 1, Hq, 1, keys), and one per row, which
+    shifts the whole piece's logits of that row alike and so only its log-sum-exp (the forward adds
+    it, the backward subtracts it from the LSE it passes, so P = exp2(S - LSE) comes out right)."""
+    q0, q1, k0, k1, left, right = piece
+    variant = Variant(left=left, right=right, softcap=ring.variant.softcap)
+    slopes = ring.variant.alibi_slopes
+    if slopes is None:
+        return variant, None
+    b, P0, K0 = ring.where(step, q0, k0)
+    if ring.packed and slopes.dim() == 2:
+        slopes = slopes[b]                                                  # (Hq,) sequence b's
+    if (P0, q1 - q0) == (K0, k1 - k0):
+        return variant._replace(alibi_slopes=slopes), None
+    nearest = K0 + (k1 - k0) - 1 if K0 < P0 else K0
+    per_head = (slopes if slopes.dim() == 2 else slopes[None])[:, :, None]  # (B or 1, Hq, 1)
+    arange = lambda a, n: torch.arange(a, a + n, device=slopes.device, dtype=torch.float32)
+    keys = -per_head * (arange(K0, k1 - k0) - nearest).abs()                # (B or 1, Hq, keys)
+    shift = -per_head * (arange(P0, q1 - q0) - nearest).abs() * LOG2E      # (B or 1, Hq, rows) base 2
+    return variant._replace(attn_mask=keys[:, :, None, :]), shift          # mask (B or 1, Hq, 1, keys)
 
 
-def _flash_backward(q, k, v, o, res, lse, do, dlse, window, scale):
+def _flash_forward(q, k, v, variant, scale, residual):
+    """One piece's flash forward: (o, base-2 lse, o's rounding residual)."""
+    return torch.ops.attention_kernels.flash_forward(q, k, v, scale=scale, residual=residual,
+                                                     attn_mask=variant.attn_mask, **variant.op_args())
+
+
+def _flash_backward(q, k, v, o, res, lse, do, dlse, variant, scale):
     """One piece's flash backward: (dq, dk, dv)."""
     dq, dk, dv, *_ = torch.ops.attention_kernels.flash_backward(q, k, v, o, res, lse, do, dlse, scale=scale,
-                                                                **window.op_args())
+                                                                attn_mask=variant.attn_mask, **variant.op_args())
     return dq, dk, dv
 
 
-def ring_forward(q, k, v, ring, scale, on_step=None):
+def _sum_over_ranks(x, ring):
+    """The sum of every rank's x, the same bits on every rank: gathered, then added in rank order."""
+    parts = [torch.empty_like(x) for _ in range(ring.world)]
+    dist.all_gather(parts, x.contiguous(), group=ring.group)
+    return functools.reduce(torch.add, parts)
+
+
+def ring_forward(q, k, v, ring, scale, on_step=None, sinks=None):
     """The forward ring: (out like q, base-2 lse (B, Hq, T_local) fp32, out's rounding residual
     like q, or None for fp32). `on_step(step, compute_s, wait_s)` is told each step's times
-    (benchmarks.ring); None: no clock is read."""
+    (benchmarks.ring); None: no clock is read. sinks (Hq,) fp32 join each row's softmax once,
+    after the last step: a log-sum-exp term with no value."""
     B, Hq, T, D = q.shape
     acc = q.new_zeros(B, Hq, T, D, dtype=torch.float32)                   # (B, Hq, T, D) the merged output
     lse = q.new_full((B, Hq, T), -math.inf, dtype=torch.float32)          # (B, Hq, T) base 2
@@ -344,22 +413,28 @@ def ring_forward(q, k, v, ring, scale, on_step=None):
         if s + 1 < ring.steps:  # the next block travels while this one computes
             arriving = kv.new_empty(2, *k.shape[:2], ring.lengths[ring.source(s + 1)], D)
             pending = ring.start(sends=[(kv, 1, 2 * s)], recvs=[(arriving, -1, 2 * s)])
-        for q0, q1, k0, k1, left, right in ring.plan[s]:
-            o, lse2, res = _flash_forward(q[:, :, q0:q1], kv[0, :, :, k0:k1], kv[1, :, :, k0:k1],
-                                          Variant(left=left, right=right), scale, sixteen)
-            merge(acc[:, :, q0:q1], lse[:, :, q0:q1], o.float() + res.float() if sixteen else o, lse2)
+        for piece in ring.plan[s]:
+            q0, q1, k0, k1 = piece[:4]
+            variant, shift = _piece_variant(ring, s, piece)
+            o, lse2, res = _flash_forward(q[:, :, q0:q1], kv[0, :, :, k0:k1], kv[1, :, :, k0:k1], variant, scale,
+                                          sixteen)
+            merge(acc[:, :, q0:q1], lse[:, :, q0:q1], o.float() + res.float() if sixteen else o,
+                  lse2 if shift is None else lse2 + shift)
         clock.computed()
         _wait(pending)
         clock.waited(s)
         kv = arriving
+    if sinks is not None:
+        merge(acc, lse, acc.new_zeros(()), sinks[:, None] * LOG2E)        # (Hq, 1) base 2, every row
     out = acc.to(q.dtype)
     res = (acc - out.float()).to(q.dtype) if sixteen else None             # what rounding out dropped
     return out, lse, res
 
 
-def ring_backward(do, dlse, q, k, v, out, res, lse, ring, scale, on_step=None):
-    """The backward ring: (dq, dk, dv) like q, k, v. do like out; dlse, the gradient of the
-    base-2 lse, or None. Every piece runs the flash backward with the global out and lse; dq
+def ring_backward(do, dlse, q, k, v, out, res, lse, ring, scale, on_step=None, sinks=None):
+    """The backward ring: (dq, dk, dv) like q, k, v, and the sinks' gradient (Hq,) fp32, the same
+    on every rank (None without sinks). do like out; dlse, the gradient of the base-2 lse, or
+    None. Every piece runs the flash backward with the global out and lse (the sinks in it); dq
     sums locally and each block's dk, dv sum (fp32) as they travel with it, then go home."""
     B, Hkv, T, D = k.shape
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)        # (B, Hq, T, D)
@@ -377,12 +452,14 @@ def ring_backward(do, dlse, q, k, v, out, res, lse, ring, scale, on_step=None):
                              recvs=([(incoming, -1, 2 * s - 1)] if s > 0 else [])
                              + ([(arriving, -1, 2 * s)] if s < last else []))
         mine = torch.zeros(2, B, Hkv, src_T, D, dtype=torch.float32, device=q.device)  # this rank's part
-        for q0, q1, k0, k1, left, right in ring.plan[s]:
+        for piece in ring.plan[s]:
+            q0, q1, k0, k1 = piece[:4]
+            variant, shift = _piece_variant(ring, s, piece)
             rows = lambda x: x[:, :, q0:q1]
+            piece_lse = rows(lse) if shift is None else rows(lse) - shift  # what the kernel's logits are relative to
             dq_p, dk_p, dv_p = _flash_backward(
                 rows(q), kv[0, :, :, k0:k1], kv[1, :, :, k0:k1], rows(out), None if res is None else rows(res),
-                rows(lse).contiguous(), rows(do), None if dlse is None else rows(dlse).contiguous(),
-                Variant(left=left, right=right), scale)
+                piece_lse.contiguous(), rows(do), None if dlse is None else rows(dlse).contiguous(), variant, scale)
             dq[:, :, q0:q1] += dq_p.float()
             mine[0, :, :, k0:k1] += dk_p.float()
             mine[1, :, :, k0:k1] += dv_p.float()
@@ -398,7 +475,14 @@ def ring_backward(do, dlse, q, k, v, out, res, lse, ring, scale, on_step=None):
             total = home
         clock.waited(s)
         kv = arriving
-    return dq.to(q.dtype), total[0].to(k.dtype), total[1].to(v.dtype)
+    dsinks = None
+    if sinks is not None:  # -sum over rows of P_sink * delta (`flash.sink_gradient`), each rank its rows, then all
+        o32 = out.float() if res is None else out.float() + res.float()   # the fp32 output the forward merged
+        delta = (do.float() * o32).sum(-1)                                 # (B, Hq, T)
+        if dlse is not None:
+            delta = delta - dlse * LOG2E                                   # natural units, as the kernels' delta
+        dsinks = _sum_over_ranks(sink_gradient(sinks, lse, delta), ring)   # (Hq,)
+    return dq.to(q.dtype), total[0].to(k.dtype), total[1].to(v.dtype), dsinks
 
 
 class _Clock:
@@ -431,20 +515,20 @@ class _Clock:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, ring, scale):
-        out, lse, res = ring_forward(q, k, v, ring, scale)
-        ctx.save_for_backward(q, k, v, out, res, lse)
+    def forward(ctx, q, k, v, sinks, ring, scale):
+        out, lse, res = ring_forward(q, k, v, ring, scale, sinks=sinks)
+        ctx.save_for_backward(q, k, v, out, res, lse, sinks)
         ctx.ring, ctx.scale = ring, scale
         ctx.set_materialize_grads(False)
         return out, lse * LN2                                              # natural log, as flash_attention's
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, out, res, lse = ctx.saved_tensors
+        q, k, v, out, res, lse, sinks = ctx.saved_tensors
         do = torch.zeros_like(out) if do is None else do
         dlse2 = None if dlse is None else dlse * LN2                       # d/d(lse2) = d/d(lse) * ln 2
-        dq, dk, dv = ring_backward(do, dlse2, q, k, v, out, res, lse, ctx.ring, ctx.scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv, dsinks = ring_backward(do, dlse2, q, k, v, out, res, lse, ctx.ring, ctx.scale, sinks=sinks)
+        return dq, dk, dv, dsinks, None, None
 
 
 # ----------------------------------------------------------------------------- checks
@@ -489,10 +573,19 @@ def _check_dense_split(held, split, world, layout):
                      f"fit (as shard_sequence does; the ranks hold {', '.join(map(str, held))})")
 
 
-def _agree(q, k, v, scale, causal, window, layout, group, cu_seqlens=None):
+def _values(t):
+    """A small tensor's shape and values, to compare the ranks' arguments (NaN equal to NaN), or None."""
+    if t is None:
+        return None
+    return tuple(t.shape), tuple("nan" if math.isnan(x) else x for x in t.detach().flatten().tolist())
+
+
+def _agree(q, k, v, scale, causal, window, layout, group, cu_seqlens=None, softcap=None, sinks=None,
+           alibi_slopes=None, dropout_p=0.0, dropout_seed=None, entry="ring_attention"):
     """Check the arguments on this rank, then gather every rank's verdict and metadata, so that
     all ranks raise the same error, or none does. Returns (q, k, v, scale, ring), q, k and v as
-    (B, H, T_local, D) (a packed batch, with cu_seqlens: a batch of one)."""
+    (B, H, T_local, D) (a packed batch, with cu_seqlens: a batch of one), what models add in
+    `ring.variant` (softcap, sinks and alibi_slopes as the kernels take them)."""
     rank, world = _rank_world(group)
     problem, meta = None, None
     try:
@@ -511,10 +604,18 @@ def _agree(q, k, v, scale, causal, window, layout, group, cu_seqlens=None):
             raise ValueError(f"q and k must hold the same rows of one sequence (self-attention, sharded), got "
                              f"q T_local={q.shape[2]}, k T_local={k.shape[2]}")
         B, Hq, T, D = q.shape
+        sequences = B if lengths is None else len(lengths)  # (B, Hq) slopes: per batch row, or per packed sequence
+        softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=sequences)
+        dropout_p, _ = check_dropout(dropout_p, 0 if dropout_seed is None else dropout_seed)  # draws no seed
+        if dropout_p > 0:
+            raise ValueError(f"dropout_p={dropout_p} is not supported by {entry} yet: the flash kernels key each "
+                             "weight's dropout draw by its query and key position within the call, and a ring "
+                             "piece's are not the sequence's (docs/distributed.md)")
         meta = dict(T_local=T, B=B, Hq=Hq, Hkv=k.shape[1], D=D, dtype=_dtype_name(q.dtype),
                     device=q.device.type, scale=scale, causal=causal, window=(left, right), layout=layout,
-                    sequences=lengths,  # a backward runs the ring again: all ranks or none
-                    gradients=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+                    sequences=lengths, softcap=softcap, sinks=_values(sinks), alibi_slopes=_values(slopes),
+                    gradients=torch.is_grad_enabled()  # a backward runs the ring again: all ranks or none
+                    and any(t is not None and t.requires_grad for t in (q, k, v, sinks)))
     except (TypeError, ValueError) as e:
         problem = (type(e).__name__, str(e))
     gathered = [None] * world
@@ -538,13 +639,15 @@ def _agree(q, k, v, scale, causal, window, layout, group, cu_seqlens=None):
             raise ValueError(f"ring_attention: rank {r} of {world} holds {held[r]} rows, but the {layout!r} layout "
                              f"splits sequences of {lengths} into {', '.join(map(str, expected))} rows per rank (as "
                              f"shard_sequence does; the ranks hold {', '.join(map(str, held))})")
-    return q, k, v, scale, Ring(group, rank, world, lengths, layout, left, right)
+    variant = Variant(softcap=softcap, sinks=sinks, alibi_slopes=slopes)
+    return q, k, v, scale, Ring(group, rank, world, lengths, layout, left, right, variant, cu_seqlens is not None)
 
 
 # ----------------------------------------------------------------------------- public
 
 
-def ring_attention(q, k, v, group=None, causal=True, scale=None, window=None, layout="zigzag", return_lse=False):
+def ring_attention(q, k, v, group=None, causal=True, scale=None, window=None, layout="zigzag", return_lse=False,
+                   softcap=None, sinks=None, alibi_slopes=None, dropout_p=0.0, dropout_seed=None):
     """Attention over one sequence whose rows are split across the ranks of `group` (context
     parallelism), forward and backward: each rank passes its shard, q (B, Hq, T_local, D) and k, v
     (B, Hkv, T_local, D), as `shard_sequence(x, layout=layout, dim=2)` cuts them, and gets its
@@ -553,32 +656,42 @@ def ring_attention(q, k, v, group=None, causal=True, scale=None, window=None, la
     rounding (the tests hold both to the same rule).
 
     causal, scale, window: as in `flash_attention`, over global positions (Tq = Tk, so causal is
-    query i seeing keys j <= i). layout: "zigzag" (rank r holds chunks r and 2W-1-r of 2W: causal
-    work is balanced) or "contiguous" (rank r the r-th of W slices: for full attention, or a
-    window). Every rank must call it with the same arguments; a mismatch or a bad input on one
-    rank raises a ValueError naming the rank on all of them. GQA: Hq a multiple of Hkv. Runs on
-    any backend with point-to-point messages: gloo on CPU tensors (under Triton's interpreter),
-    NCCL on GPUs.
+    query i seeing keys j <= i). softcap, sinks (Hq,) and alibi_slopes (Hq,) or (B, Hq): as in
+    `flash_attention`, ALiBi's distances between global positions; the sinks' gradient is the
+    whole sequence's, the same on every rank, and the log-sum-exp includes the sink. dropout_p
+    and dropout_seed are checked as `flash_attention` checks them, but dropout_p > 0 is refused
+    (the kernels cannot yet key a piece's dropout draws by global positions). layout: "zigzag"
+    (rank r holds chunks r and 2W-1-r of 2W: causal work is balanced) or "contiguous" (rank r
+    the r-th of W slices: for full attention, or a window). Every rank must call it with the
+    same arguments (sinks and slopes of the same values); a mismatch or a bad input on one rank
+    raises a ValueError naming the rank on all of them. GQA: Hq a multiple of Hkv. Runs on any
+    backend with point-to-point messages: gloo on CPU tensors (under Triton's interpreter), NCCL
+    on GPUs.
     """
     q, k, v = autocast_inputs(q, k, v)
-    q, k, v, scale, ring = _agree(q, k, v, scale, causal, window, layout, group)
-    out, lse = _RingAttention.apply(q, k, v, ring, scale)
+    q, k, v, scale, ring = _agree(q, k, v, scale, causal, window, layout, group, None, softcap, sinks, alibi_slopes,
+                                  dropout_p, dropout_seed)
+    out, lse = _RingAttention.apply(q, k, v, ring.variant.sinks, ring, scale)
     return (out, lse) if return_lse else out
 
 
 def ring_attention_varlen(q, k, v, cu_seqlens, group=None, causal=True, scale=None, window=None, layout="zigzag",
-                          return_lse=False):
+                          return_lse=False, softcap=None, sinks=None, alibi_slopes=None, dropout_p=0.0,
+                          dropout_seed=None):
     """`ring_attention` over a packed batch of sequences of different lengths, none seeing another
     (`flash_attention_varlen`'s layout), each sequence split across the ranks on its own: q
     (total_local, Hq, D) and k, v (total_local, Hkv, D) are this rank's rows of every sequence,
     as `shard_sequence(x, dim=0, cu_seqlens=cu_seqlens, layout=layout)` cuts them; cu_seqlens
     is the whole batch's offsets (int32 (B + 1,), the same on every rank; read on the host).
     Returns this rank's rows of the output, (total_local, Hq, D), and with `return_lse` their
-    log-sum-exp, (Hq, total_local). Every rank must hold at least one row. A kernel call per
-    sequence and piece: for many short sequences, launches add up.
+    log-sum-exp, (Hq, total_local). Every rank must hold at least one row. softcap, sinks,
+    alibi_slopes ((Hq,), or (B, Hq): per sequence), dropout_p, dropout_seed: as in
+    `ring_attention`. A kernel call per sequence and piece: for many short sequences, launches
+    add up.
     """
     q, k, v = autocast_inputs(q, k, v)
-    q, k, v, scale, ring = _agree(q, k, v, scale, causal, window, layout, group, cu_seqlens)
-    out, lse = _RingAttention.apply(q, k, v, ring, scale)                 # (1, Hq, total_local, D), lse (1, Hq, ..)
+    q, k, v, scale, ring = _agree(q, k, v, scale, causal, window, layout, group, cu_seqlens, softcap, sinks,
+                                  alibi_slopes, dropout_p, dropout_seed, entry="ring_attention_varlen")
+    out, lse = _RingAttention.apply(q, k, v, ring.variant.sinks, ring, scale)  # (1, Hq, total_local, D), (1, Hq, ..)
     out = out[0].transpose(0, 1)                                           # (total_local, Hq, D)
     return (out, lse[0]) if return_lse else out
