@@ -1,12 +1,14 @@
 """Triton kernels for causal scaled dot-product attention, tested against `reference`.
 
-    attention(q, k, v, causal=True, scale=None, impl="auto")   picks fused or flash by shape
+    attention(q, k, v, causal=True, impl="auto", ...)          picks fused or flash by shape; every flash keyword
     flash_attention(q, k, v, ...)                               tiled: any length, backward
     fused_attention(q, k, v, ...)                               whole rows on chip: short rows
     flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, ...)  packed sequences of any lengths
     decode_attention(q, k_cache, v_cache, cache_seqlens, ...)   new tokens against a KV cache (split-KV)
     paged_attention(q, k_cache, v_cache, block_table, ...)      prefill chunks and decoding over a paged cache
     dropout_mask(B, Hq, Tq, Tk, dropout_p, seed, device)        the weights a flash call's dropout keeps
+    block_map(mask or mask_mod, Tq, Tk, ...)                    the key blocks a mask lets each query block see
+    MaskMod, ScoreMod; kernels.mods                             mask and score functions in Triton, ready-made ones
     ring_attention(q, k, v, group=None, layout="zigzag", ...)   one sequence split across processes
     ring_attention_varlen(q, k, v, cu_seqlens, group=None, ...) (torch.distributed), or a packed batch;
                                                                 shard_sequence, gather_sequence and
@@ -29,7 +31,9 @@ The same functions are `attention_kernels.flash_attention` and so on.
 from .decode import decode_attention
 from .distributed import gather_sequence, ring_attention, ring_attention_varlen, shard_positions, shard_sequence
 from .dispatch import attention, choose_impl
+from .blockmap import BlockMap, block_map
 from .dropout import dropout_mask
+from .mods import MaskMod, ScoreMod
 from .flash import flash_attention, flash_attention_varlen
 from .fused import fused_attention
 from .paged import PagedKVCache, paged_attention
@@ -39,7 +43,7 @@ from .sdpa import patch_sdpa, scaled_dot_product_attention
 from . import tuning  # noqa: F401  (attention_kernels.kernels.tuning, the tile table's command)
 
 __all__ = ["attention", "choose_impl", "flash_attention", "flash_attention_varlen", "decode_attention", "dropout_mask",
-           "paged_attention", "PagedKVCache",
+           "block_map", "BlockMap", "MaskMod", "ScoreMod", "paged_attention", "PagedKVCache",
            "fused_attention", "scaled_dot_product_attention",
            "patch_sdpa", "CausalSelfAttention", "swap_attention", "register_transformers", "ring_attention",
            "ring_attention_varlen", "shard_sequence", "gather_sequence", "shard_positions"]

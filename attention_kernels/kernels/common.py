@@ -102,6 +102,26 @@ def attn_mask_scores(s, mask_base, rows, cols, n_rows, n_cols, stride_row, strid
 
 
 @triton.jit
+def score_function(s, b, h, q_idx, kv_idx, SCORE_MOD: tl.constexpr, score_mod_args):
+    # The user's score_mod (`kernels.mods`) on a tile of base-2 logits s: it takes and returns
+    # natural units (q.k * scale), so ln(2) in and log2(e) out. q_idx, kv_idx: positions within
+    # the sequence, clamped into it, shaped to broadcast ([M, 1] and [1, N], or transposed).
+    return SCORE_MOD(s * 0.6931471805599453, b, h, q_idx, kv_idx, *score_mod_args) * 1.4426950408889634
+
+
+@triton.jit
+def score_function_grad(s, b, h, q_idx, kv_idx, SCORE_GRAD: tl.constexpr, score_mod_args):
+    # d score_mod / d score at the same base-2 logits s (the ratio of natural units is 1)
+    return SCORE_GRAD(s * 0.6931471805599453, b, h, q_idx, kv_idx, *score_mod_args)
+
+
+@triton.jit
+def mask_function(s, b, h, q_idx, kv_idx, MASK_MOD: tl.constexpr, mask_mod_args):
+    # The user's mask_mod (`kernels.mods`): -inf where it says False; after attn_mask, before the window
+    return tl.where(MASK_MOD(b, h, q_idx, kv_idx, *mask_mod_args), s, float("-inf"))
+
+
+@triton.jit
 def dropout_keep(seed, bh, q_idx, k_idx, p_drop):
     # Whether the attention weight of query q_idx and key k_idx (positions in their sequence;
     # tensors that broadcast to the tile) in head bh = b * Hq + h survives dropout p_drop: Philox
@@ -188,6 +208,28 @@ def strides(**tensors):
     return stride_args("bhtd", **{name: t.stride() for name, t in tensors.items()})
 
 
+_KEYS = {}      # (mask fn, score fn, score grad fn) -> the ops' int key
+_FUNCTIONS = [(None, None, None)]
+
+
+def function_key(mask_mod, score_mod):
+    """The int by which the torch ops name a call's Triton functions (an op's schema cannot hold
+    a function); 0 for none. Keys live as long as the process, as the functions do."""
+    fns = (mask_mod.fn if mask_mod else None, score_mod.fn if score_mod else None,
+           score_mod.grad if score_mod else None)
+    if fns == (None, None, None):
+        return 0
+    if fns not in _KEYS:
+        _KEYS[fns] = len(_FUNCTIONS)
+        _FUNCTIONS.append(fns)
+    return _KEYS[fns]
+
+
+def functions(key):
+    """(mask fn, score fn, score grad fn) of an ops' key."""
+    return _FUNCTIONS[key]
+
+
 class Variant(NamedTuple):
     """What a call adds to plain attention, as one value from the public functions through the
     ops and launchers to the kernels' arguments (`score_args`, `sink_args`, `dropout_args`):
@@ -200,6 +242,11 @@ class Variant(NamedTuple):
         dropout_p, seed attention-weight dropout and the call's Philox seed (`dropout.check_dropout`)
         attn_mask       the user's mask, bool or float, broadcastable to (B, Hq, Tq, Tk), or None
                         (`checks.check_attn_mask`); the dense flash and fused kernels (`mask_args`)
+        mods,           the user's mask and score functions by their key (`mods.key_of`, 0: none)
+        score_mod_args, and the tensors each captured; the flash kernels (`function_args`)
+        mask_mod_args
+        block_map       (kv_counts, kv_index, q_counts, q_index, block_m, block_n) of a
+                        `blockmap.BlockMap`, or None; the dense flash kernels (`map_args`)
 
     The field names are the torch ops' argument names (`op_args`; attn_mask is the dense flash
     ops' alone, passed beside it). A NamedTuple, not a dataclass: torch.compile traces the public
@@ -212,6 +259,10 @@ class Variant(NamedTuple):
     dropout_p: float = 0.0
     seed: int = 0
     attn_mask: Optional[Tensor] = None
+    mods: int = 0
+    score_mod_args: tuple = ()
+    mask_mod_args: tuple = ()
+    block_map: Optional[tuple] = None
 
     @property
     def causal(self):
@@ -252,6 +303,34 @@ class Variant(NamedTuple):
         is_bool = mask.dtype == torch.bool
         return dict(ATTN_MASK=full.view(torch.uint8) if is_bool else full, **stride_args("bhmn", mask=full.stride()),
                     HAS_ATTN_MASK=True, BOOL_MASK=is_bool)
+
+    def function_args(self, backward=False):
+        """The user's mask and score functions as the flash kernels take them (constexpr
+        functions, None when absent), their captured tensors as tuples; the backward's kernels
+        also take the score function's derivative."""
+        mask_fn, score_fn, grad_fn = functions(self.mods)
+        args = dict(MASK_MOD=mask_fn, SCORE_MOD=score_fn, HAS_MASK_MOD=mask_fn is not None,
+                    HAS_SCORE_MOD=score_fn is not None, score_mod_args=tuple(self.score_mod_args),
+                    mask_mod_args=tuple(self.mask_mod_args))
+        if backward:
+            args["SCORE_GRAD"] = grad_fn
+        return args
+
+    def map_args(self, kernel, placeholder, B, Hq, Tq, Tk):
+        """The block map as the flash kernel `kernel` ("fwd", "dq": per query block; "dkdv": per
+        key block) takes it, broadcast to (B, Hq) through stride 0; without one, unread
+        placeholders. See `kernels/blockmap.py`."""
+        names = ("KV_COUNTS", "KV_INDEX", "kc", "ki", "m") if kernel != "dkdv" else ("Q_COUNTS", "Q_INDEX", "qc", "qi", "n")
+        if self.block_map is None:
+            return {names[0]: placeholder, names[1]: placeholder, **stride_args("bh" + names[4], **{
+                names[2]: (0, 0, 0), names[3]: (0, 0, 0)}), "HAS_BLOCK_MAP": False, "MAP_M": 16, "MAP_N": 16}
+        kv_counts, kv_index, q_counts, q_index, bm, bn = self.block_map
+        nM, nN = kv_index.shape[2], kv_index.shape[3]
+        counts, index = ((kv_counts.expand(B, Hq, nM, 2), kv_index.expand(B, Hq, nM, nN)) if kernel != "dkdv"
+                         else (q_counts.expand(B, Hq, nN, 2), q_index.expand(B, Hq, nN, nM)))
+        return {names[0]: counts, names[1]: index, **stride_args("bh" + names[4], **{
+            names[2]: counts.stride()[:3], names[3]: index.stride()[:3]}), "HAS_BLOCK_MAP": True, "MAP_M": bm,
+            "MAP_N": bn}
 
     def dropout_args(self):
         """The Philox seed, the probability and the kept weights' scale, 1 / (1 - p)."""

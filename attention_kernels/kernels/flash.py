@@ -35,6 +35,8 @@ Precision: fp32 accumulation, IEEE fp32 dots for fp32 inputs, bf16 dots upcast u
 interpreter (`kernels/common.py`).
 """
 
+import functools
+import inspect
 import math
 import os
 from typing import NamedTuple, Optional
@@ -51,6 +53,8 @@ from .common import (LOG2E, Variant, gradient_outputs, kernel_op, meta, on_devic
                      window_args, wrap_triton)
 from .flash_bwd import _flash_bwd_delta, _flash_bwd_dkdv, _flash_bwd_dq
 from .flash_fwd import _flash_fwd
+from . import blockmap, mods
+from .mods import functions
 
 LN2 = math.log(2.0)
 
@@ -66,8 +70,14 @@ TMA_ENV = "ATTENTION_KERNELS_TMA"  # "0": never load through TMA; "1": also unde
 def _prune(kernel):
     # The autotuner holds every candidate of the kernel; it times what this returns for the
     # launch's shape class (`tuning.choose`): the measured tile, else the class's candidates.
+    # With a block map, only tiles that fit in the map's blocks (`kernels/blockmap.py`).
     def prune(configs, named_args, **kwargs):
-        chosen = tuning.choose(kernel, {**named_args, **kwargs})
+        args = {**named_args, **kwargs}
+        chosen = tuning.choose(kernel, args)
+        if args.get("HAS_BLOCK_MAP"):
+            fits = lambda c: c[0] <= args["MAP_M"] and c[1] <= args["MAP_N"]
+            chosen = [c for c in chosen if fits(c)] or [c for c in tuning.candidates(
+                kernel, args["Q"].element_size(), args["BLOCK_D"], args["q_bucket"], args["k_bucket"]) if fits(c)]
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in chosen]
     return prune
 
@@ -76,7 +86,7 @@ def _tuned(kernel, fn):
     every = sorted({c for table in tuning.CANDIDATES[kernel].values() for c in table})
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in every]
     key = ["HEAD_DIM", "GROUP", "q_bucket", "k_bucket", "window_key", "VARLEN", "LEFT_BOUNDED", "TMA",
-           "HAS_ATTN_MASK"]  # + dtypes
+           "HAS_ATTN_MASK", "HAS_MASK_MOD", "HAS_SCORE_MOD", "HAS_BLOCK_MAP", "MAP_M", "MAP_N"]  # + dtypes
     return triton.autotune(configs, key=[name for name in key if name in fn.arg_names],
                            prune_configs_by={"early_config_prune": _prune(kernel)})(fn)
 
@@ -88,11 +98,14 @@ else:
                                              _tuned("dkdv", _flash_bwd_dkdv))
 
 
-def _blocks(kernel):
-    """Keyword arguments that fix the blocks under the interpreter (none on a GPU: tuned)."""
+def _blocks(kernel, variant=None):
+    """Keyword arguments that fix the blocks under the interpreter (none on a GPU: tuned), no
+    larger than a block map's blocks."""
     if not INTERPRET:
         return {}
     block_m, block_n = INTERPRETER_BLOCKS[kernel]
+    if variant is not None and variant.block_map is not None:
+        block_m, block_n = min(block_m, variant.block_map[4]), min(block_n, variant.block_map[5])
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
 
 
@@ -163,9 +176,12 @@ class Batch(NamedTuple):
         """Tq, Tk and the window (`common.window_args`), as every flash kernel takes them."""
         return dict(Tq=self.Tq, Tk=self.Tk, **window_args(variant.left, variant.right, self.Tq, self.Tk))
 
-    def mask_args(self, variant, placeholder):
-        """The user's attn_mask broadcast to this batch's scores (`common.Variant.mask_args`)."""
-        return variant.mask_args(placeholder, self.B, self.Hq, self.Tq, self.Tk)
+    def mask_args(self, variant, placeholder, kernel="fwd"):
+        """The user's attn_mask broadcast to this batch's scores (`common.Variant.mask_args`), its
+        mask and score functions, and its block map as `kernel` reads it."""
+        return dict(**variant.mask_args(placeholder, self.B, self.Hq, self.Tq, self.Tk),
+                    **variant.function_args(backward=kernel != "fwd"),
+                    **variant.map_args(kernel, placeholder, self.B, self.Hq, self.Tq, self.Tk))
 
     def keys(self, variant):
         """The autotuner's key arguments, and the query heads per k/v head (a constexpr)."""
@@ -209,7 +225,7 @@ def _run_forward(q, k, v, batch, scale, variant, residual):
             **batch.strides(q=q, k=k, v=v, o=o), **batch.row_strides(lse), Hq=batch.Hq, **batch.sizes(variant),
             qk_scale=scale * LOG2E, **variant.score_args(lse), **variant.sink_args(lse), **variant.dropout_args(),
             **batch.mask_args(variant, lse), **batch.keys(variant), TMA=tma, RESIDUAL=residual, VARLEN=batch.packed,
-            LEFT_BOUNDED=variant.left >= 0, **meta(q), **_blocks("fwd"),
+            LEFT_BOUNDED=variant.left >= 0, **meta(q), **_blocks("fwd", variant),
         )
     return o, lse, res
 
@@ -236,8 +252,8 @@ def dkdv(q, k, v, do, lse, delta, scale, variant, batch=None):
         Q=q, K=k, V=v, DO=do, DK=dk, DV=dv, LSE=lse, DELTA=delta, **batch.sequences(q),
         **batch.strides(q=q, k=k, v=v, do=do, dk=dk, dv=dv), **batch.row_strides(lse), Hq=batch.Hq, Hkv=batch.Hkv,
         **batch.sizes(variant), scale=scale, qk_scale=scale * LOG2E, **variant.score_args(lse),
-        **variant.dropout_args(), **batch.mask_args(variant, lse), **batch.keys(variant), VARLEN=batch.packed,
-        **meta(q), **_blocks("dkdv"),
+        **variant.dropout_args(), **batch.mask_args(variant, lse, "dkdv"), **batch.keys(variant), VARLEN=batch.packed,
+        **meta(q), **_blocks("dkdv", variant),
     )
     return dk, dv
 
@@ -252,8 +268,8 @@ def _dq(q, k, v, do, lse, delta, scale, variant, batch, dmask=None):
         DMASK=lse if dmask is None else dmask, MASK_GRAD=dmask is not None,
         **batch.strides(q=q, k=k, v=v, do=do, dq=dq), **batch.row_strides(lse), Hq=batch.Hq, **batch.sizes(variant),
         scale=scale, qk_scale=scale * LOG2E, **variant.score_args(lse), **variant.dropout_args(),
-        **batch.mask_args(variant, lse), **batch.keys(variant), VARLEN=batch.packed, LEFT_BOUNDED=variant.left >= 0,
-        **meta(q), **_blocks("dq"),
+        **batch.mask_args(variant, lse, "dq"), **batch.keys(variant), VARLEN=batch.packed,
+        LEFT_BOUNDED=variant.left >= 0, **meta(q), **_blocks("dq", variant),
     )
     return dq
 
@@ -273,6 +289,9 @@ def _run_backward(q, k, v, o, res, lse, do, dlse, batch, scale, variant, mask_gr
     """(dq, dk, dv, dsinks), and with mask_grad the float attn_mask's gradient fifth: dS, summed
     over the dimensions the mask was broadcast along, in the mask's dtype."""
     do = last_dim_contiguous(do)
+    if variant.mods and functions(variant.mods)[1] is not None and functions(variant.mods)[2] is None:
+        raise RuntimeError("score_mod has no derivative: a backward through it needs one, "
+                           "ScoreMod(fn, grad=<a @triton.jit function of the same arguments giving d fn / d score>)")
     mask, dmask = variant.attn_mask, None
     if mask_grad:  # zeros: the dq kernel writes only the blocks it visits
         dmask = torch.zeros(batch.B, batch.Hq, batch.Tq, batch.Tk, device=q.device, dtype=torch.float32)
@@ -294,45 +313,107 @@ def _run_backward(q, k, v, o, res, lse, do, dlse, batch, scale, variant, mask_gr
 # output is a list: four tensors, or five.
 
 
+CAPTURED = mods.MAX_CAPTURED  # tensors a mask or score function may capture: the ops take them in as many slots
+
+
+def _user_params(block_map):
+    """The ops' parameters for mask and score functions (`mods`, their key, and the captured
+    tensors in slots score_arg0.., mask_arg0..) and, on the dense ops, the block map: appended
+    to an op's signature (`takes_user_args`), since an op's schema has no optional list of
+    tensors that both torch.library.custom_op and triton_op accept."""
+    P = inspect.Parameter
+    opt = lambda name: P(name, P.POSITIONAL_OR_KEYWORD, default=None, annotation=Optional[Tensor])
+    num = lambda name: P(name, P.POSITIONAL_OR_KEYWORD, default=0, annotation=int)
+    params = [num("mods")] + [opt(f"{kind}_arg{i}") for kind in ("score", "mask") for i in range(CAPTURED)]
+    if block_map:
+        params += [opt("kv_counts"), opt("kv_index"), opt("q_counts"), opt("q_index"), num("map_block_m"),
+                   num("map_block_n")]
+    return params
+
+
+def takes_user_args(block_map=True):
+    """Give an op's body, whose last parameter is **user, the parameters of `_user_params` (the
+    dispatcher passes them by position); the body gets them as the dict `user`."""
+    def add(fn):
+        params = list(inspect.signature(fn).parameters.values())[:-1]
+        sig = inspect.Signature(params + _user_params(block_map), return_annotation=inspect.signature(fn).return_annotation)
+        own = [p.name for p in params]
+
+        @functools.wraps(fn)
+        def body(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            named = dict(bound.arguments)
+            return fn(**{name: named.pop(name) for name in own}, **named)
+        body.__signature__ = sig
+        return body
+    return add
+
+
+def _user(user):
+    """The ops' `_user_params` (a dict by name) as `Variant` fields."""
+    captured = lambda kind: tuple(t for t in (user.get(f"{kind}_arg{i}") for i in range(CAPTURED)) if t is not None)
+    kv_counts = user.get("kv_counts")
+    block_map = None if kv_counts is None else (kv_counts, user["kv_index"], user["q_counts"], user["q_index"],
+                                                user["map_block_m"], user["map_block_n"])
+    return dict(mods=user.get("mods", 0), score_mod_args=captured("score"), mask_mod_args=captured("mask"),
+                block_map=block_map)
+
+
+def user_op_args(variant, block_map=True):
+    """The inverse of `_user`: a variant's functions, captured tensors and map as the ops take them."""
+    out = dict(mods=variant.mods)
+    for kind, args in (("score", variant.score_mod_args), ("mask", variant.mask_mod_args)):
+        out.update({f"{kind}_arg{i}": t for i, t in enumerate(args)})
+    if block_map and variant.block_map is not None:
+        out.update(zip(("kv_counts", "kv_index", "q_counts", "q_index", "map_block_m", "map_block_n"),
+                       variant.block_map))
+    return out
+
+
 @kernel_op("flash_forward", fake=lambda q, residual, **_: _outputs(q, residual, packed=False))
+@takes_user_args()
 def _forward(q: Tensor, k: Tensor, v: Tensor, left: int, right: int, scale: float, softcap: float,
              sinks: Optional[Tensor], alibi_slopes: Optional[Tensor], dropout_p: float, seed: int,
-             residual: bool, attn_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+             residual: bool, attn_mask: Optional[Tensor] = None, **user) -> tuple[Tensor, Tensor, Tensor]:
     variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
-                      dropout_p=dropout_p, seed=seed, attn_mask=attn_mask)
+                      dropout_p=dropout_p, seed=seed, attn_mask=attn_mask, **_user(user))
     return _run_forward(q, k, v, _dense(q, k), scale, variant, residual)
 
 
 @kernel_op("flash_backward", fake=lambda **kwargs: list(gradient_outputs(**kwargs)))
+@takes_user_args()
 def _backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, res: Optional[Tensor], lse: Tensor, do: Tensor,
               dlse: Optional[Tensor], left: int, right: int, scale: float, softcap: float, sinks: Optional[Tensor],
               alibi_slopes: Optional[Tensor], dropout_p: float, seed: int, attn_mask: Optional[Tensor] = None,
-              mask_grad: bool = False) -> list[Tensor]:
+              mask_grad: bool = False, **user) -> list[Tensor]:
     variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
-                      dropout_p=dropout_p, seed=seed, attn_mask=attn_mask)
+                      dropout_p=dropout_p, seed=seed, attn_mask=attn_mask, **_user(user))
     return list(_run_backward(q, k, v, o, res, lse, do, dlse, _dense(q, k), scale, variant, mask_grad))
 
 
 @kernel_op("flash_varlen_forward", fake=lambda q, residual, **_: _outputs(q, residual, packed=True))
+@takes_user_args(block_map=False)
 def _varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                     max_seqlen_q: int, max_seqlen_k: int, left: int, right: int, scale: float, softcap: float,
                     sinks: Optional[Tensor], alibi_slopes: Optional[Tensor], dropout_p: float, seed: int,
-                    residual: bool) -> tuple[Tensor, Tensor, Tensor]:
+                    residual: bool, **user) -> tuple[Tensor, Tensor, Tensor]:
     batch = _packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
-                      dropout_p=dropout_p, seed=seed)
+                      dropout_p=dropout_p, seed=seed, **_user(user))
     return _run_forward(q, k, v, batch, scale, variant, residual)
 
 
 @kernel_op("flash_varlen_backward", fake=gradient_outputs)
+@takes_user_args(block_map=False)
 def _varlen_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, res: Optional[Tensor], lse: Tensor, do: Tensor,
                      dlse: Optional[Tensor], cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                      max_seqlen_k: int, left: int, right: int, scale: float, softcap: float,
                      sinks: Optional[Tensor], alibi_slopes: Optional[Tensor], dropout_p: float,
-                     seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     seed: int, **user) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     batch = _packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
-                      dropout_p=dropout_p, seed=seed)
+                      dropout_p=dropout_p, seed=seed, **_user(user))
     return _run_backward(q, k, v, o, res, lse, do, dlse, batch, scale, variant)
 
 
@@ -344,7 +425,8 @@ register_autograd(_varlen_forward, _varlen_backward, outputs=("o", "lse", "res")
 
 
 def flash_attention(q, k, v, causal=True, scale=None, return_lse=False, window=None, softcap=None, sinks=None,
-                    alibi_slopes=None, dropout_p=0.0, dropout_seed=None, attn_mask=None):
+                    alibi_slopes=None, dropout_p=0.0, dropout_seed=None, attn_mask=None, mask_mod=None, score_mod=None,
+                    block_map=None):
     """Causal (by default) scaled dot-product attention, tiled: any sequence length, memory
     linear in T.
 
@@ -366,6 +448,13 @@ def flash_attention(q, k, v, causal=True, scale=None, return_lse=False, window=N
     scores after softcap and ALiBi), broadcastable to (B, Hq, Tq, Tk), within causal and the window;
     read in place through stride 0 where broadcast. A float mask that requires grad gets its
     gradient, through a (B, Hq, Tq, Tk) fp32 buffer (docs/masks.md).
+    `mask_mod`, `score_mod`: mask and score functions in Triton, with the tensors they capture
+    (`kernels.mods`: a `MaskMod`, a `ScoreMod` with its derivative for a backward, or a bare
+    `@triton.jit` function). `block_map`: which key blocks each query block visits
+    (`kernels.block_map`, made from this call's attn_mask or mask_mod, causal, window and
+    lengths), so that blocks the mask hides are skipped; with an attn_mask and no map, one is made
+    (on the device, kept for the last few masks by identity), with a mask function and no map,
+    every block causal and the window visit evaluates it.
     """
     q, k, v, attn_mask = autocast_inputs(q, k, v, attn_mask)
     q, k, v, scale = check_inputs(q, k, v, scale)
@@ -374,16 +463,27 @@ def flash_attention(q, k, v, causal=True, scale=None, return_lse=False, window=N
     softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=q.shape[0])
     dropout_p, seed = check_dropout(dropout_p, dropout_seed)
     attn_mask = check_attn_mask(attn_mask, q, k)
+    mask_mod, score_mod = mods.check_mods(mask_mod, score_mod, q)
+    block_map = blockmap.check_block_map(block_map, q, k, left, right, attn_mask, mask_mod)
+    if block_map is None and attn_mask is not None:
+        block_map = blockmap.mask_block_map(attn_mask, q.shape[2], k.shape[2], left, right)
     variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=slopes, dropout_p=dropout_p,
-                      seed=seed, attn_mask=attn_mask)
+                      seed=seed, attn_mask=attn_mask, **_functions(mask_mod, score_mod),
+                      block_map=None if block_map is None else block_map.kernel_tensors())
     o, lse2, _ = _forward(q, k, v, scale=scale, residual=needs_residual(q, k, v, attn_mask), attn_mask=attn_mask,
-                          **variant.op_args())
+                          **variant.op_args(), **user_op_args(variant))
     return (o, lse2 * LN2) if return_lse else o
+
+
+def _functions(mask_mod, score_mod):
+    """Checked mask and score functions as `Variant` fields."""
+    return dict(mods=mods.key_of(mask_mod, score_mod), score_mod_args=score_mod.args if score_mod else (),
+                mask_mod_args=mask_mod.args if mask_mod else ())
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True,
                            scale=None, return_lse=False, window=None, check_seqlens=True, softcap=None, sinks=None,
-                           alibi_slopes=None, dropout_p=0.0, dropout_seed=None):
+                           alibi_slopes=None, dropout_p=0.0, dropout_seed=None, mask_mod=None, score_mod=None):
     """Attention over a packed batch of sequences of different lengths, forward and backward,
     no sequence seeing another (FlashAttention's flash_attn_varlen_func).
 
@@ -399,8 +499,9 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     `torch.ops.attention_kernels.flash_varlen_forward`, has none). `check_seqlens=False` skips
     that read, for callers that built the offsets themselves (the transformers integration):
     offsets that break the rules above then read and write outside the tensors.
-    softcap, sinks, alibi_slopes, dropout_p, dropout_seed as in `flash_attention`; (B, Hq) slopes
-    are per sequence.
+    softcap, sinks, alibi_slopes, dropout_p, dropout_seed, mask_mod and score_mod as in
+    `flash_attention`; (B, Hq) slopes are per sequence; a mask or score function's b is the
+    sequence and its q_idx, kv_idx positions within it.
     """
     q, k, v = autocast_inputs(q, k, v)
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale = check_varlen_inputs(
@@ -409,8 +510,10 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     left, right = window_bounds(window, causal)
     softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=cu_seqlens_q.shape[0] - 1)
     dropout_p, seed = check_dropout(dropout_p, dropout_seed)
+    mask_mod, score_mod = mods.check_mods(mask_mod, score_mod, q)
     variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=slopes, dropout_p=dropout_p,
-                      seed=seed)
+                      seed=seed, **_functions(mask_mod, score_mod))
     o, lse2, _ = _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                 scale=scale, residual=needs_residual(q, k, v), **variant.op_args())
+                                 scale=scale, residual=needs_residual(q, k, v), **variant.op_args(),
+                                 **user_op_args(variant, block_map=False))
     return (o, lse2 * LN2) if return_lse else o

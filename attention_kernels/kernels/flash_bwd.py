@@ -32,7 +32,8 @@ dimensions the mask was broadcast along. One writer per element: no atomics, bit
 import triton
 import triton.language as tl
 
-from .common import attn_mask_scores, dropout_keep, dot, dot_acc, head_and_query_block, score_mods
+from .common import (attn_mask_scores, dropout_keep, dot, dot_acc, head_and_query_block, mask_function,
+                     score_function, score_function_grad, score_mods)
 from .flash_fwd import key_blocks, load_tile, query_blocks, sequence, store_tile, tile_pointers
 
 
@@ -89,9 +90,11 @@ def _flash_bwd_delta(
 def _dq_inner(
     dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn, dmask_base,
     offs_m, Tq, Tk, left, right, lo, hi, qk_scale, softcap, slope, seed, bh, p_drop, keep_scale,
+    b, h, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, score_mod_args, MASK_MOD: tl.constexpr, mask_mod_args,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_ATTN_MASK: tl.constexpr,
-    BOOL_MASK: tl.constexpr, MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BOOL_MASK: tl.constexpr, MASK_GRAD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     k_ptrs = tile_pointers(k_base, lo, stride_kt, BLOCK_N, BLOCK_D)
     v_ptrs = tile_pointers(v_base, lo, stride_vt, BLOCK_N, BLOCK_D)
@@ -100,10 +103,18 @@ def _dq_inner(
         k = load_tile(k_ptrs, offs_n, Tk, MASK, HEAD_DIM, BLOCK_D)              # [BLOCK_N, BLOCK_D]
         v = load_tile(v_ptrs, offs_n, Tk, MASK, HEAD_DIM, BLOCK_D)
         s = dot(q, tl.trans(k), PRECISION, UPCAST)                              # [BLOCK_M, BLOCK_N] fp32, raw
-        if HAS_SOFTCAP or HAS_ALIBI or HAS_ATTN_MASK:
+        if HAS_SOFTCAP or HAS_ALIBI or HAS_ATTN_MASK or HAS_SCORE_MOD or HAS_MASK_MOD:
             s, t = score_mods(s * qk_scale, offs_m + (Tk - Tq), offs_n, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
+            if HAS_SCORE_MOD or HAS_MASK_MOD:  # as in the forward
+                q_idx = tl.minimum(offs_m, Tq - 1)[:, None]
+                kv_idx = tl.minimum(offs_n, Tk - 1)[None, :]
+            if HAS_SCORE_MOD:  # the chain rule's factor at the function's input
+                g = score_function_grad(s, b, h, q_idx, kv_idx, SCORE_GRAD, score_mod_args)
+                s = score_function(s, b, h, q_idx, kv_idx, SCORE_MOD, score_mod_args)
             if HAS_ATTN_MASK:
                 s = attn_mask_scores(s, mask_base, offs_m, offs_n, Tq, Tk, stride_maskm, stride_maskn, BOOL_MASK)
+            if HAS_MASK_MOD:
+                s = mask_function(s, b, h, q_idx, kv_idx, MASK_MOD, mask_mod_args)
             p = tl.math.exp2(s - lse[:, None])
         else:
             p = tl.math.exp2(s * qk_scale - lse[:, None])
@@ -118,6 +129,8 @@ def _dq_inner(
         if MASK_GRAD:  # d loss / d mask = dS, natural units: the mask is added after the cap
             inside = (offs_m < Tq)[:, None] & (offs_n < Tk)[None, :]
             tl.store(dmask_base + offs_m.to(tl.int64)[:, None] * Tk + offs_n[None, :], ds, mask=inside)
+        if HAS_SCORE_MOD:  # through the user's function (p = 0 where it gave -inf: g is not read there)
+            ds = tl.where(p > 0.0, ds * g, 0.0)
         if HAS_SOFTCAP:  # through the cap: d(cap tanh(s / cap)) / ds = 1 - tanh^2
             ds = ds * (1.0 - t * t)
         dq = dot_acc(dq, ds.to(k.dtype), k, PRECISION, UPCAST)                    # [BLOCK_M, BLOCK_D] fp32
@@ -131,6 +144,7 @@ def _flash_bwd_dq(
     Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K,
     ATTN_MASK,                        # as in the forward (`kernels/flash_fwd.py`)
     DMASK,                            # the mask's gradient, (B, Hq, Tq, Tk) fp32 contiguous (MASK_GRAD)
+    KV_COUNTS, KV_INDEX,              # the block map, as in the forward
     stride_qb, stride_qh, stride_qt,  # batch, head, row; the head dim has unit stride (`checks.last_dim_contiguous`)
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -138,15 +152,20 @@ def _flash_bwd_dq(
     stride_dqb, stride_dqh, stride_dqt,
     stride_lb, stride_lh,  # LSE and DELTA
     stride_maskb, stride_maskh, stride_maskm, stride_maskn,
+    stride_kcb, stride_kch, stride_kcm, stride_kib, stride_kih, stride_kim,  # KV_COUNTS, KV_INDEX
     Hq, Tq, Tk,
     left, right,
     scale, qk_scale,
     softcap, SLOPES, stride_sb,      # as in the forward (`kernels/flash_fwd.py`)
     seed, p_drop, keep_scale,        # dropout, as in the forward
     q_bucket, k_bucket, window_key,  # read only by the autotuner's key
+    score_mod_args, mask_mod_args,   # as in the forward
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, MASK_GRAD: tl.constexpr,
+    SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, MASK_MOD: tl.constexpr,  # the user's functions, or None
+    HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr,
+    HAS_BLOCK_MAP: tl.constexpr, MAP_M: tl.constexpr, MAP_N: tl.constexpr,
     VARLEN: tl.constexpr, LEFT_BOUNDED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     b, h, h_kv, m_block = head_and_query_block(tl.cdiv(Tq, BLOCK_M), Hq, GROUP)
@@ -174,25 +193,47 @@ def _flash_bwd_dq(
     v_base = V + b * stride_vb + h_kv * stride_vh + k0 * stride_vt
     mask_base = ATTN_MASK + b * stride_maskb + h * stride_maskh
     dmask_base = DMASK + (b * Hq + h) * Tq * Tk
-    lo, a, z, hi = key_blocks(m0, Tq, Tk, left, right, BLOCK_M, BLOCK_N)
-    if LEFT_BOUNDED:
-        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-                       mask_base, stride_maskm, stride_maskn, dmask_base,
-                       offs_m, Tq, Tk, left, right, lo, a, qk_scale, softcap, slope, seed, b * Hq + h, p_drop,
-                       keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-                       HAS_ATTN_MASK, BOOL_MASK, MASK_GRAD, PRECISION, UPCAST)
+    bh = b * Hq + h
+    if HAS_BLOCK_MAP:  # the key blocks the map lists (`kernels/flash_fwd.py`)
+        row = m0 // MAP_M
+        counts = KV_COUNTS + b * stride_kcb + h * stride_kch + row * stride_kcm
+        index = KV_INDEX + b * stride_kib + h * stride_kih + row * stride_kim
+        n_partial = tl.load(counts)
+        n_listed = n_partial + tl.load(counts + 1)
+        for i in range(0, n_partial):
+            lo = tl.load(index + i) * MAP_N
+            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn, dmask_base,
+                           offs_m, Tq, Tk, left, right, lo, tl.minimum(lo + MAP_N, Tk),
+                           qk_scale, softcap, slope, seed, bh, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD, score_mod_args,
+                           MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                           HAS_ATTN_MASK, BOOL_MASK, MASK_GRAD, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
+        for i in range(n_partial, n_listed):
+            lo = tl.load(index + i) * MAP_N
+            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn, dmask_base,
+                           offs_m, Tq, Tk, left, right, lo, lo + MAP_N,
+                           qk_scale, softcap, slope, seed, bh, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD, score_mod_args,
+                           MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                           False, BOOL_MASK, MASK_GRAD, HAS_SCORE_MOD, False, PRECISION, UPCAST)
     else:
-        a = 0
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-                   mask_base, stride_maskm, stride_maskn, dmask_base,
-                   offs_m, Tq, Tk, left, right, a, z, qk_scale, softcap, slope, seed, b * Hq + h, p_drop,
-                   keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-                   HAS_ATTN_MASK, BOOL_MASK, MASK_GRAD, PRECISION, UPCAST)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-                   mask_base, stride_maskm, stride_maskn, dmask_base,
-                   offs_m, Tq, Tk, left, right, z, hi, qk_scale, softcap, slope, seed, b * Hq + h, p_drop,
-                   keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-                   HAS_ATTN_MASK, BOOL_MASK, MASK_GRAD, PRECISION, UPCAST)
+        lo, a, z, hi = key_blocks(m0, Tq, Tk, left, right, BLOCK_M, BLOCK_N)
+        if LEFT_BOUNDED:
+            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn, dmask_base,
+                           offs_m, Tq, Tk, left, right, lo, a,
+                           qk_scale, softcap, slope, seed, bh, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD, score_mod_args,
+                           MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                           HAS_ATTN_MASK, BOOL_MASK, MASK_GRAD, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
+        else:
+            a = 0
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn, dmask_base,
+                           offs_m, Tq, Tk, left, right, a, z,
+                       qk_scale, softcap, slope, seed, bh, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD, score_mod_args,
+                           MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                       HAS_ATTN_MASK, BOOL_MASK, MASK_GRAD, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn, dmask_base,
+                           offs_m, Tq, Tk, left, right, z, hi,
+                       qk_scale, softcap, slope, seed, bh, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD, score_mod_args,
+                           MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                       HAS_ATTN_MASK, BOOL_MASK, MASK_GRAD, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
     store_tile(tile_pointers(DQ + b * stride_dqb + h * stride_dqh + q0 * stride_dqt, m0, stride_dqt, BLOCK_M, BLOCK_D),
                (dq * scale).to(DQ.dtype.element_ty), offs_m, Tq, HEAD_DIM, BLOCK_D)
 
@@ -204,9 +245,11 @@ def _flash_bwd_dq(
 def _dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, mask_base, stride_maskm, stride_maskn,
     offs_n, Tq, Tk, left, right, lo, hi, qk_scale, softcap, slope, seed, bh, p_drop, keep_scale,
+    b, h, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, score_mod_args, MASK_MOD: tl.constexpr, mask_mod_args,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_ATTN_MASK: tl.constexpr,
-    BOOL_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BOOL_MASK: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # Masked blocks load query rows past Tq as q = dO = 0 with lse = delta = 0, so they add
     # exactly 0 to dK and dV; keys past Tk only touch rows of dK, dV that are never stored.
@@ -223,15 +266,23 @@ def _dkdv_inner(
         else:  # every row of a full block sees every key here: lse is finite, unless the mask hides them
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
-            if HAS_ATTN_MASK:
+            if HAS_ATTN_MASK or HAS_MASK_MOD or HAS_SCORE_MOD:
                 lse = tl.where(lse == float("-inf"), 0.0, lse)
 
         # -- P^T for this tile, keys along rows and queries along columns  [BLOCK_N, BLOCK_M] fp32
         st = dot(k, tl.trans(q), PRECISION, UPCAST)
-        if HAS_SOFTCAP or HAS_ALIBI or HAS_ATTN_MASK:  # transposed: keys along rows, diagonals along columns
+        if HAS_SOFTCAP or HAS_ALIBI or HAS_ATTN_MASK or HAS_SCORE_MOD or HAS_MASK_MOD:  # transposed: keys along rows
             st, tt = score_mods(st * qk_scale, offs_n, offs_m + (Tk - Tq), softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
+            if HAS_SCORE_MOD or HAS_MASK_MOD:  # transposed: queries along columns
+                q_idx = tl.minimum(offs_m, Tq - 1)[None, :]
+                kv_idx = tl.minimum(offs_n, Tk - 1)[:, None]
+            if HAS_SCORE_MOD:
+                gt = score_function_grad(st, b, h, q_idx, kv_idx, SCORE_GRAD, score_mod_args)
+                st = score_function(st, b, h, q_idx, kv_idx, SCORE_MOD, score_mod_args)
             if HAS_ATTN_MASK:
                 st = attn_mask_scores(st, mask_base, offs_n, offs_m, Tk, Tq, stride_maskn, stride_maskm, BOOL_MASK)
+            if HAS_MASK_MOD:
+                st = mask_function(st, b, h, q_idx, kv_idx, MASK_MOD, mask_mod_args)
             pt = tl.math.exp2(st - lse[None, :])
         else:
             pt = tl.math.exp2(st * qk_scale - lse[None, :])
@@ -247,6 +298,8 @@ def _dkdv_inner(
         else:
             dv = dot_acc(dv, pt.to(do.dtype), do, PRECISION, UPCAST)              # [BLOCK_N, BLOCK_D] fp32
         dst = pt * (dpt - delta[None, :])
+        if HAS_SCORE_MOD:
+            dst = tl.where(pt > 0.0, dst * gt, 0.0)
         if HAS_SOFTCAP:
             dst = dst * (1.0 - tt * tt)
         dk = dot_acc(dk, dst.to(q.dtype), q, PRECISION, UPCAST)                  # [BLOCK_N, BLOCK_D] fp32
@@ -259,6 +312,7 @@ def _dkdv_inner(
 def _flash_bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K,
     ATTN_MASK,                        # as in the forward (`kernels/flash_fwd.py`)
+    Q_COUNTS, Q_INDEX,                # the block map's transpose: per key block, the query blocks
     stride_qb, stride_qh, stride_qt,  # batch, head, row; the head dim has unit stride (`checks.last_dim_contiguous`)
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -267,16 +321,21 @@ def _flash_bwd_dkdv(
     stride_dvb, stride_dvh, stride_dvt,
     stride_lb, stride_lh,  # LSE and DELTA
     stride_maskb, stride_maskh, stride_maskm, stride_maskn,
+    stride_qcb, stride_qch, stride_qcn, stride_qib, stride_qih, stride_qin,  # Q_COUNTS, Q_INDEX
     Hq, Hkv, Tq, Tk,
     left, right,
     scale, qk_scale,
     softcap, SLOPES, stride_sb,      # as in the forward (`kernels/flash_fwd.py`)
     seed, p_drop, keep_scale,        # dropout, as in the forward
     q_bucket, k_bucket, window_key,  # read only by the autotuner's key
+    score_mod_args, mask_mod_args,   # as in the forward
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, VARLEN: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
+    SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, MASK_MOD: tl.constexpr,  # the user's functions, or None
+    HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr,
+    HAS_BLOCK_MAP: tl.constexpr, MAP_M: tl.constexpr, MAP_N: tl.constexpr,
+    VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     num_n_blocks = tl.cdiv(Tk, BLOCK_N)
     pid = tl.program_id(0)
@@ -308,21 +367,41 @@ def _flash_bwd_dkdv(
         lse_base = LSE + b * stride_lb + h * stride_lh + q0
         delta_base = DELTA + b * stride_lb + h * stride_lh + q0
         mask_base = ATTN_MASK + b * stride_maskb + h * stride_maskh
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                             mask_base, stride_maskm, stride_maskn,
-                             offs_n, Tq, Tk, left, right, lo, a, qk_scale, softcap, slope, seed, b * Hq + h, p_drop,
-                             keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-                             HAS_ATTN_MASK, BOOL_MASK, PRECISION, UPCAST)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                             mask_base, stride_maskm, stride_maskn,
-                             offs_n, Tq, Tk, left, right, a, z, qk_scale, softcap, slope, seed, b * Hq + h, p_drop,
-                             keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-                             HAS_ATTN_MASK, BOOL_MASK, PRECISION, UPCAST)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                             mask_base, stride_maskm, stride_maskn,
-                             offs_n, Tq, Tk, left, right, z, hi, qk_scale, softcap, slope, seed, b * Hq + h, p_drop,
-                             keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-                             HAS_ATTN_MASK, BOOL_MASK, PRECISION, UPCAST)
+        if HAS_BLOCK_MAP:  # the query blocks the map's transpose lists for this key block
+            counts = Q_COUNTS + b * stride_qcb + h * stride_qch + (n0 // MAP_N) * stride_qcn
+            index = Q_INDEX + b * stride_qib + h * stride_qih + (n0 // MAP_N) * stride_qin
+            n_partial = tl.load(counts)
+            n_listed = n_partial + tl.load(counts + 1)
+            for i in range(0, n_partial):
+                m_lo = tl.load(index + i) * MAP_M
+                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                     mask_base, stride_maskm, stride_maskn, offs_n, Tq, Tk, left, right, m_lo, tl.minimum(m_lo + MAP_M, Tq),
+                                     qk_scale, softcap, slope, seed, b * Hq + h, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD,
+                                     score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI,
+                                     HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
+            for i in range(n_partial, n_listed):
+                m_lo = tl.load(index + i) * MAP_M
+                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                     mask_base, stride_maskm, stride_maskn, offs_n, Tq, Tk, left, right, m_lo, m_lo + MAP_M,
+                                     qk_scale, softcap, slope, seed, b * Hq + h, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD,
+                                     score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_SOFTCAP, HAS_ALIBI,
+                                     HAS_DROPOUT, False, BOOL_MASK, HAS_SCORE_MOD, False, PRECISION, UPCAST)
+        else:
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                     mask_base, stride_maskm, stride_maskn, offs_n, Tq, Tk, left, right, lo, a,
+                                 qk_scale, softcap, slope, seed, b * Hq + h, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD,
+                                     score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI,
+                                 HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                     mask_base, stride_maskm, stride_maskn, offs_n, Tq, Tk, left, right, a, z,
+                                 qk_scale, softcap, slope, seed, b * Hq + h, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD,
+                                     score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_SOFTCAP, HAS_ALIBI,
+                                 HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                     mask_base, stride_maskm, stride_maskn, offs_n, Tq, Tk, left, right, z, hi,
+                                 qk_scale, softcap, slope, seed, b * Hq + h, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD,
+                                     score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI,
+                                 HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
 
     store_tile(tile_pointers(DK + b * stride_dkb + h_kv * stride_dkh + k0 * stride_dkt, n0, stride_dkt, BLOCK_N, BLOCK_D),
                (dk * scale).to(DK.dtype.element_ty), offs_n, Tk, HEAD_DIM, BLOCK_D)

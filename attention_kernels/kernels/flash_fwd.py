@@ -35,7 +35,8 @@ layout TMA cannot address), pointer loads that Triton pipelines with cp.async.
 import triton
 import triton.language as tl
 
-from .common import attn_mask_scores, dropout_keep, dot, dot_acc, head_and_query_block, mask_scores, score_mods
+from .common import (attn_mask_scores, dropout_keep, dot, dot_acc, head_and_query_block, mask_function, mask_scores,
+                     score_function, score_mods)
 
 # ----------------------------------------------------------------------------- block geometry
 
@@ -121,9 +122,11 @@ def store_tile(ptrs, x, offs_rows, n, HEAD_DIM: tl.constexpr, BLOCK_D: tl.conste
 def _fwd_inner(
     acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn,
     offs_m, Tq, Tk, left, right, lo, hi, qk_scale, softcap, slope, seed, bh, p_drop, keep_scale,
+    b, h, SCORE_MOD: tl.constexpr, score_mod_args, MASK_MOD: tl.constexpr, mask_mod_args,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
     TMA: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_ATTN_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_ATTN_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # Key blocks [lo, hi): k_src, v_src are TMA descriptors or the head's base pointers.
     if not TMA:
@@ -141,10 +144,17 @@ def _fwd_inner(
             v_ptrs += BLOCK_N * stride_vt
 
         s = dot(q, tl.trans(k), PRECISION, UPCAST)                              # [BLOCK_M, BLOCK_N] fp32, raw
-        if MASK or HAS_SOFTCAP or HAS_ALIBI or HAS_ATTN_MASK:
+        if MASK or HAS_SOFTCAP or HAS_ALIBI or HAS_ATTN_MASK or HAS_SCORE_MOD or HAS_MASK_MOD:
             s, _ = score_mods(s * qk_scale, offs_m + (Tk - Tq), offs_n, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
+            if HAS_SCORE_MOD or HAS_MASK_MOD:  # positions clamped into the sequence: a function may index by them
+                q_idx = tl.minimum(offs_m, Tq - 1)[:, None]
+                kv_idx = tl.minimum(offs_n, Tk - 1)[None, :]
+            if HAS_SCORE_MOD:
+                s = score_function(s, b, h, q_idx, kv_idx, SCORE_MOD, score_mod_args)
             if HAS_ATTN_MASK:
                 s = attn_mask_scores(s, mask_base, offs_m, offs_n, Tq, Tk, stride_maskm, stride_maskn, BOOL_MASK)
+            if HAS_MASK_MOD:
+                s = mask_function(s, b, h, q_idx, kv_idx, MASK_MOD, mask_mod_args)
             if MASK:
                 s = mask_scores(s, offs_m, offs_n, Tq, Tk, left, right)         # base-2 logits, -inf outside
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -173,12 +183,15 @@ def _flash_fwd(
     SINKS, SLOPES,         # (Hq,) sink logits, (B or 1, Hq) ALiBi slopes, fp32 (read only when present)
     ATTN_MASK,             # the user's mask as (B, Hq, Tq, Tk), stride 0 where broadcast: uint8 (bool) or
                            # fp16, bf16, fp32 (read only with HAS_ATTN_MASK)
+    KV_COUNTS, KV_INDEX,   # the block map (`kernels/blockmap.py`), (B, Hq, nM, 2) and (B, Hq, nM, nN) int32
+                           # through stride 0 where broadcast (read only with HAS_BLOCK_MAP)
     stride_qb, stride_qh, stride_qt,  # batch, head, row; the head dim has unit stride (`checks.last_dim_contiguous`)
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,  # RES has O's strides
     stride_lb, stride_lh,  # LSE: (B, Hq, Tq), or (Hq, total_q) packed
     stride_maskb, stride_maskh, stride_maskm, stride_maskn,  # ATTN_MASK: batch, head, query, key
+    stride_kcb, stride_kch, stride_kcm, stride_kib, stride_kih, stride_kim,  # KV_COUNTS, KV_INDEX
     Hq, Tq, Tk,            # Tq, Tk: the lengths, or (VARLEN) the longest, which sizes the grid
     left, right,           # the window, unbounded sides as wide as Tq + Tk (`common.window_args`)
     qk_scale,              # scale * log2(e): the softmax runs in base 2
@@ -186,11 +199,15 @@ def _flash_fwd(
     stride_sb,             # SLOPES' batch stride: 0 when one slope serves every sequence of a head
     seed, p_drop, keep_scale,  # dropout: the Philox seed, the probability, 1 / (1 - p) (HAS_DROPOUT)
     q_bucket, k_bucket, window_key,  # read only by the autotuner's key
+    score_mod_args, mask_mod_args,   # tuples of the tensors the user's functions captured (`kernels/mods.py`)
     GROUP: tl.constexpr,   # query heads per k/v head
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, RESIDUAL: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_ATTN_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
+    SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr,  # the user's @triton.jit functions, or None
+    HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr,
+    HAS_BLOCK_MAP: tl.constexpr, MAP_M: tl.constexpr, MAP_N: tl.constexpr,  # the map's blocks: BLOCK_M | MAP_M, BLOCK_N | MAP_N
     VARLEN: tl.constexpr, LEFT_BOUNDED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     b, h, h_kv, m_block = head_and_query_block(tl.cdiv(Tq, BLOCK_M), Hq, GROUP)
@@ -220,26 +237,55 @@ def _flash_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)              # running max, base 2
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                            # running sum
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)                   # running weights @ V
-    # -- key blocks: masked before the window's full part, unmasked inside it, masked after
-    lo, a, z, hi = key_blocks(m0, Tq, Tk, left, right, BLOCK_M, BLOCK_N)
-    if LEFT_BOUNDED:
+    bh = b * Hq + h
+    if HAS_BLOCK_MAP:  # -- the key blocks the map lists: partial ones with every mask, full ones with none
+        row = m0 // MAP_M
+        counts = KV_COUNTS + b * stride_kcb + h * stride_kch + row * stride_kcm
+        index = KV_INDEX + b * stride_kib + h * stride_kih + row * stride_kim
+        n_partial = tl.load(counts)
+        n_listed = n_partial + tl.load(counts + 1)
+        for i in range(0, n_partial):
+            lo = tl.load(index + i) * MAP_N
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
+                                       mask_base, stride_maskm, stride_maskn,
+                                       offs_m, Tq, Tk, left, right, lo, tl.minimum(lo + MAP_N, Tk), qk_scale, softcap,
+                                       slope, seed, bh, p_drop, keep_scale, b, h, SCORE_MOD, score_mod_args, MASK_MOD,
+                                       mask_mod_args, HEAD_DIM, BLOCK_D, BLOCK_N, True, TMA, HAS_SOFTCAP, HAS_ALIBI,
+                                       HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD,
+                                       PRECISION, UPCAST)
+        for i in range(n_partial, n_listed):
+            lo = tl.load(index + i) * MAP_N
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
+                                       mask_base, stride_maskm, stride_maskn,
+                                       offs_m, Tq, Tk, left, right, lo, lo + MAP_N, qk_scale, softcap,
+                                       slope, seed, bh, p_drop, keep_scale, b, h, SCORE_MOD, score_mod_args, MASK_MOD,
+                                       mask_mod_args, HEAD_DIM, BLOCK_D, BLOCK_N, False, TMA, HAS_SOFTCAP, HAS_ALIBI,
+                                       HAS_DROPOUT, False, BOOL_MASK, HAS_SCORE_MOD, False, PRECISION, UPCAST)
+    else:
+        # -- key blocks: masked before the window's full part, unmasked inside it, masked after
+        lo, a, z, hi = key_blocks(m0, Tq, Tk, left, right, BLOCK_M, BLOCK_N)
+        if LEFT_BOUNDED:
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
+                                       mask_base, stride_maskm, stride_maskn,
+                                       offs_m, Tq, Tk, left, right, lo, a, qk_scale, softcap, slope, seed, bh, p_drop,
+                                       keep_scale, b, h, SCORE_MOD, score_mod_args, MASK_MOD, mask_mod_args,
+                                       HEAD_DIM, BLOCK_D, BLOCK_N, True, TMA, HAS_SOFTCAP, HAS_ALIBI,
+                                       HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD,
+                                       PRECISION, UPCAST)
+        else:  # causal or full: every row sees key 0 on, and a loop from a literal 0 spills fewer registers
+            a = 0
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
                                    mask_base, stride_maskm, stride_maskn,
-                                   offs_m, Tq, Tk, left, right, lo, a, qk_scale, softcap, slope, seed, b * Hq + h, p_drop,
-                                   keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, TMA, HAS_SOFTCAP, HAS_ALIBI,
-                                   HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, PRECISION, UPCAST)
-    else:  # causal or full: every row sees key 0 on, and a loop from a literal 0 spills fewer registers
-        a = 0
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
-                               mask_base, stride_maskm, stride_maskn,
-                               offs_m, Tq, Tk, left, right, a, z, qk_scale, softcap, slope, seed, b * Hq + h, p_drop,
-                               keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, TMA, HAS_SOFTCAP, HAS_ALIBI,
-                               HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, PRECISION, UPCAST)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
-                               mask_base, stride_maskm, stride_maskn,
-                               offs_m, Tq, Tk, left, right, z, hi, qk_scale, softcap, slope, seed, b * Hq + h, p_drop,
-                               keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, TMA, HAS_SOFTCAP, HAS_ALIBI,
-                               HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, PRECISION, UPCAST)
+                                   offs_m, Tq, Tk, left, right, a, z, qk_scale, softcap, slope, seed, bh, p_drop,
+                                   keep_scale, b, h, SCORE_MOD, score_mod_args, MASK_MOD, mask_mod_args,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, False, TMA, HAS_SOFTCAP, HAS_ALIBI,
+                                   HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
+                                   mask_base, stride_maskm, stride_maskn,
+                                   offs_m, Tq, Tk, left, right, z, hi, qk_scale, softcap, slope, seed, bh, p_drop,
+                                   keep_scale, b, h, SCORE_MOD, score_mod_args, MASK_MOD, mask_mod_args,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, True, TMA, HAS_SOFTCAP, HAS_ALIBI,
+                                   HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
 
     if HAS_SINKS:  # the head's sink logit joins the denominator (weight, no value): GPT-OSS
         sink = tl.load(SINKS + h) * 1.4426950408889634                     # base 2

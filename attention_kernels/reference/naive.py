@@ -129,10 +129,20 @@ def apply_attn_mask(s, attn_mask):
     return s + attn_mask.to(s.dtype)                       # (B, Hq, Tq, Tk)
 
 
+def positions(B, Hq, Tq, Tk, device=None):
+    """The indices a mask or score function sees, each shaped to broadcast against the scores:
+    batch (B, 1, 1, 1), head (1, Hq, 1, 1), query (1, 1, Tq, 1), key (1, 1, 1, Tk)."""
+    ar = lambda n: torch.arange(n, device=device)
+    return ar(B).view(-1, 1, 1, 1), ar(Hq).view(1, -1, 1, 1), ar(Tq).view(1, 1, -1, 1), ar(Tk).view(1, 1, 1, -1)
+
+
 def masked_scores(q, k, causal=True, scale=None, upcast=True, window=(-1, -1), softcap=None, alibi_slopes=None,
-                  attn_mask=None):
+                  attn_mask=None, score_mod=None, mask_mod=None):
     """The first steps: upcast, expand grouped k heads, score, soft-cap (Gemma 2: after the scale,
-    before the mask), add ALiBi's bias, add or apply the user's `attn_mask`, mask."""
+    before the mask), add ALiBi's bias, the user's `score_mod(s, b, h, q_idx, kv_idx)`, add or
+    apply the user's `attn_mask`, hide where `mask_mod(b, h, q_idx, kv_idx)` is False, mask.
+    score_mod and mask_mod are plain PyTorch here, on the indices of `positions`: the
+    specification of the kernels' Triton mask and score functions (`kernels.mods`)."""
     dt = compute_dtype(q.dtype, upcast)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     q, k = q.to(dt), expand_kv(k.to(dt), q.shape[1])       # (B, Hq, Tq, D), (B, Hq, Tk, D)
@@ -142,8 +152,14 @@ def masked_scores(q, k, causal=True, scale=None, upcast=True, window=(-1, -1), s
         s = apply_softcap(s, softcap)                      # (B, Hq, Tq, Tk)
     if alibi_slopes is not None:
         s = s + alibi_bias(alibi_slopes.to(dt), Tq, Tk, q.device)  # (B, Hq, Tq, Tk)
+    if score_mod is not None or mask_mod is not None:
+        b, h, qi, ki = positions(q.shape[0], q.shape[1], Tq, Tk, q.device)
+        if score_mod is not None:
+            s = score_mod(s, b, h, qi, ki).to(dt).expand_as(s)  # (B, Hq, Tq, Tk)
     if attn_mask is not None:
         s = apply_attn_mask(s, attn_mask)                  # (B, Hq, Tq, Tk)
+    if mask_mod is not None:
+        s = apply_mask(s, mask_mod(b, h, qi, ki))          # (B, Hq, Tq, Tk)
     left, right = window
     if left >= 0 or right >= 0:
         s = apply_mask(s, window_mask(Tq, Tk, left, 0 if causal else right, q.device))
@@ -160,17 +176,19 @@ def dropout(w, keep, p):
 
 
 def attention(q, k, v, causal=True, scale=None, upcast=True, window=(-1, -1), softcap=None, sinks=None,
-              alibi_slopes=None, dropout_p=0.0, dropout_mask=None, attn_mask=None):
+              alibi_slopes=None, dropout_p=0.0, dropout_mask=None, attn_mask=None, score_mod=None, mask_mod=None):
     """softmax(mask(q @ k^T * scale)) @ v, with grouped-query heads and bottom-right causal mask;
     optionally Gemma 2's `softcap`, GPT-OSS's attention `sinks` (Hq,), ALiBi's `alibi_slopes`
     (Hq,) or (B, Hq), dropout of the weights with probability `dropout_p`, keeping those where
     `dropout_mask` (B, Hq, Tq, Tk) is True, and a user's `attn_mask` broadcastable to (B, Hq,
     Tq, Tk), as torch SDPA takes it: bool (True attends) or float (added to the scaled scores,
-    after soft-cap and ALiBi), within the causal mask and the window, not instead of them."""
+    after soft-cap and ALiBi), within the causal mask and the window, not instead of them; and
+    `score_mod`, `mask_mod`, PyTorch functions of the scores and their indices (`masked_scores`)."""
     if k.shape[2] == 0:                                    # no keys at all (an empty sequence): every row is empty
         kept = 0 * sinks.nan_to_num(posinf=0.0, neginf=0.0).sum() if sinks is not None else 0  # in the graph, not inf * 0
         return torch.zeros_like(q) + 0 * v.sum() + kept    # (B, Hq, Tq, D)
-    s = masked_scores(q, k, causal, scale, upcast, window, softcap, alibi_slopes, attn_mask)  # (B, Hq, Tq, Tk)
+    s = masked_scores(q, k, causal, scale, upcast, window, softcap, alibi_slopes, attn_mask, score_mod,
+                      mask_mod)                            # (B, Hq, Tq, Tk)
     w = softmax(s, sinks)                                  # (B, Hq, Tq, Tk)
     if dropout_p > 0:
         w = dropout(w, dropout_mask, dropout_p)            # (B, Hq, Tq, Tk) after the softmax: the row sums stay
@@ -179,11 +197,12 @@ def attention(q, k, v, causal=True, scale=None, upcast=True, window=(-1, -1), so
 
 
 def logsumexp(q, k, causal=True, scale=None, window=(-1, -1), softcap=None, sinks=None, alibi_slopes=None,
-              attn_mask=None):
+              attn_mask=None, score_mod=None, mask_mod=None):
     """log(sum_j exp(s_ij)) per query row, natural log: the softmax's normaliser, which kernels
     store for their backward pass, the sink's exp(sink) included. float32 (float64 for float64
     inputs), -inf for empty rows (the sink, with one)."""
-    s = masked_scores(q, k, causal, scale, True, window, softcap, alibi_slopes, attn_mask)  # (B, Hq, Tq, Tk)
+    s = masked_scores(q, k, causal, scale, True, window, softcap, alibi_slopes, attn_mask, score_mod,
+                      mask_mod)                            # (B, Hq, Tq, Tk)
     if sinks is not None:
         sink = sinks.to(s.dtype)[None, :, None, None].expand(*s.shape[:3], 1)   # (B, Hq, Tq, 1)
         s = torch.cat([s, sink], dim=-1)                   # (B, Hq, Tq, Tk + 1)
