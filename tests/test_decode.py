@@ -1,11 +1,13 @@
 """Decoding against a KV cache: decode_attention (split-KV with a log-sum-exp merge) against
-`reference.decode_attention`, its num_splits rule, and its input checks."""
+`reference.decode_attention`, its num_splits rule, its serving masks (draft trees, bidirectional
+ranges), and its input checks."""
 
 import pytest
 import torch
 
 from attention_kernels import reference
-from attention_kernels.testing.checks import check_decode, decode_inputs
+from attention_kernels.testing.checks import (check_decode, decode_inputs, draft_tree, draft_trees, hold_decode,
+                                              random_ranges)
 from attention_kernels.testing.cases import DECODE_CASES, DEVICE
 from attention_kernels.kernels import decode, decode_attention
 from attention_kernels.testing.rule import seed_of
@@ -95,10 +97,24 @@ def bad_input(**change):
     (dict(num_splits=2.0), ValueError, "num_splits must be None or an int from 1 to 64"),
     (dict(num_splits=70000), ValueError, "num_splits must be None or an int from 1 to 64"),
     (dict(window=(4, 1)), ValueError, "causal attention means right = 0"),
+    (dict(tree_mask=torch.ones(2, 1, 1)), ValueError, "tree_mask must be a bool tensor of shape \\(B, Tq, Tq\\) = "
+     "\\(2, 1, 1\\) or \\(Tq, Tq\\) = \\(1, 1\\).*; got float32 of shape \\(2, 1, 1\\)"),
+    (dict(tree_mask=torch.ones(2, 2, 2, dtype=torch.bool)), ValueError,
+     "tree_mask must .*got bool of shape \\(2, 2, 2\\)"),
+    (dict(tree_mask=[[True]]), TypeError, "tree_mask must be a bool tensor .*got list"),
+    (dict(tree_mask=torch.ones(1, 1, dtype=torch.bool, device="meta")), ValueError, "tree_mask must be on q's device"),
+    (dict(bidirectional=torch.tensor([[0.0, 1.0]] * 2)), ValueError,
+     "bidirectional must be an int32 or int64 tensor of shape \\(B, R, 2\\) or \\(B, 2\\), B = 2.*got float32 of "
+     "shape \\(2, 2\\)"),
+    (dict(bidirectional=torch.zeros(3, 2, dtype=torch.int32)), ValueError,
+     "bidirectional must .*got int32 of shape \\(3, 2\\)"),
+    (dict(bidirectional=torch.zeros(2, 1, 3, dtype=torch.int32)), ValueError,
+     "bidirectional must .*shape \\(2, 1, 3\\)"),
+    (dict(bidirectional=(0, 4)), TypeError, "bidirectional must be an int32 .*got tuple"),
 ])
 def test_bad_decode_inputs_are_refused(change, error, message):
-    if "cache_seqlens" in change and isinstance(change["cache_seqlens"], torch.Tensor):
-        change["cache_seqlens"] = change["cache_seqlens"].to(DEVICE)
+    change = {name: x.to(DEVICE) if isinstance(x, torch.Tensor) and x.device.type != "meta" else x
+              for name, x in change.items()}
     with pytest.raises(error, match=message):
         bad_input(**change)()
 
@@ -137,6 +153,139 @@ def test_decode_refuses_to_run_where_gradients_are_expected():
         decode_attention(q.requires_grad_(), k_cache, v_cache, seqlens)
     with torch.no_grad():
         decode_attention(q, k_cache, v_cache, seqlens)
+
+
+# ----------------------------------------------------------------------------- serving masks
+
+# Draft trees: (B, Hq, Hkv, Tq, Tmax, D, cache lengths (the new tokens' own included), num_splits,
+# window, causal, tree): "each" a draft tree per sequence (B, Tq, Tq), "shared" one (Tq, Tq) for all,
+# "any" random bits (B, Tq, Tq), tokens seeing later ones too, as FlashInfer's custom_mask may.
+TREE_CASES = [
+    (2, 4, 2, 1, 40, 16, (1, 40), 2, None, True, "each"),               # Tq = 1: the token sees itself
+    (3, 8, 2, 5, 90, 80, (5, 90, 37), 3, None, True, "each"),           # grouped heads, D = 80, no cache before
+    (2, 4, 4, 7, 70, 32, (70, 20), 2, (4, 0), True, "shared"),          # the window's left bound on tree rows
+    (2, 2, 1, 6, 50, 16, (50, 9), None, (-1, 2), False, "each"),        # not causal: the cache ahead too
+    (1, 8, 1, 9, 64, 16, (64,), 2, None, True, "any"),                   # any bits: later tokens in another row block
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", TREE_CASES, ids=str)
+def test_decode_with_draft_trees(poison, case, dtype):
+    *sizes, lengths, num_splits, window, causal, kind = case
+    seed = seed_of("tree", case, dtype)
+    q, k_cache, v_cache, seqlens = decode_inputs(*sizes, lengths, dtype, seed)
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    B, Tq = sizes[0], sizes[3]
+    tree = {"each": lambda: draft_trees([Tq] * B, g), "shared": lambda: draft_tree(Tq, g),
+            "any": lambda: torch.rand(B, Tq, Tq, generator=g, device=DEVICE) < 0.5}[kind]()
+    o, lse = decode_attention(q, k_cache, v_cache, seqlens, num_splits=num_splits, window=window, causal=causal,
+                              tree_mask=tree, return_lse=True)
+    hold_decode(o, lse, q, k_cache, v_cache, seqlens, window, causal=causal, tree_mask=tree)
+
+
+# Ranges that cross key blocks (32 under the interpreter) and overlap, over new tokens in two row
+# blocks (16 query heads a k/v head: 4 tokens a block). Sequence 0's new tokens are
+# positions 94..99, of which [90, 97) and [92, 99) hold 94..98 (each seeing later new tokens);
+# [10, 40) holds none of them. Sequence 1's 39..44: [20, 42) reaches back past a window of 8 and a
+# block boundary. Sequence 2 has no cache before its tokens 0..5: [2, 5) is a prefix-LM's prefix.
+RANGES = [[[10, 40], [90, 97], [92, 99]], [[20, 42], [0, 0], [50, 60]], [[2, 5], [4, 3], [0, 0]]]
+
+
+@pytest.mark.parametrize("masks, dtype", [("ranges", torch.float32), ("ranges, tree and window", torch.float32),
+                                          ("ranges, tree and window", torch.bfloat16),
+                                          ("one int64 range each, not causal", torch.bfloat16)], ids=str)
+def test_decode_with_bidirectional_ranges(poison, masks, dtype):
+    seed = seed_of("ranges", masks, dtype)
+    q, k_cache, v_cache, seqlens = decode_inputs(3, 16, 1, 6, 100, 16, (100, 45, 6), dtype, seed)  # 2 row blocks
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    ranges = torch.tensor(RANGES, dtype=torch.int32, device=DEVICE)               # (B, R, 2)
+    kw = dict(bidirectional=ranges)
+    if masks == "ranges, tree and window":
+        kw.update(tree_mask=draft_trees([6] * 3, g), window=(8, 0))
+        ranges = torch.cat([ranges, random_ranges([100, 45, 6], 2, g)], dim=1)      # and random ones, overlapping
+        kw["bidirectional"] = ranges
+    elif masks == "one int64 range each, not causal":
+        kw.update(bidirectional=ranges[:, 0].long(), causal=False, window=(5, 0))   # (B, 2)
+    o, lse = decode_attention(q, k_cache, v_cache, seqlens, num_splits=3, return_lse=True, **kw)
+    hold_decode(o, lse, q, k_cache, v_cache, seqlens, **kw)
+
+
+def visible_written_out(Tq, L, causal, window, tree, ranges):
+    """The serving masks' meaning for one sequence, one (query, key) pair at a time, as
+    docs/serving.md says it: (Tq, L) bool."""
+    left, right = window
+    seen = torch.zeros(Tq, L, dtype=torch.bool)
+    for i in range(Tq):
+        p = L - Tq + i                                                            # new token i's position
+        for j in range(L):
+            rule = (left < 0 or j >= p - left) and (j <= p if causal else right < 0 or j <= p + right)
+            if tree is not None and j >= L - Tq:                                  # a new token's key
+                rule = bool(tree[i, j - (L - Tq)]) and (left < 0 or j >= p - left)
+            together = any(s <= p < e and s <= j < e for s, e in ranges)
+            seen[i, j] = rule or together
+    return seen
+
+
+@pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (True, (3, 0)), (False, (2, 1))], ids=str)
+def test_the_reference_means_what_the_docs_say(causal, window):
+    # reference.decode_attention's masks against the rule written out pair by pair: the same
+    # output as reference.attention under that (Tq, L) mask
+    g = torch.Generator().manual_seed(seed_of("spec", causal, window))
+    Tq, Hq, D, lengths = 5, 2, 8, (12, 5, 3)
+    q = torch.randn(3, Hq, Tq, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(3, 1, 12, D, generator=g, dtype=torch.float64) for _ in range(2))
+    tree = torch.rand(3, Tq, Tq, generator=g) < 0.5                               # any bits, later tokens too
+    ranges = [[(2, 9), (8, 11)], [(0, 3), (3, 3)], [(1, 2), (0, 0)]]
+    got, lse = reference.decode_attention(q, k, v, torch.tensor(lengths), causal=causal, window=window, tree_mask=tree,
+                                          bidirectional=torch.tensor(ranges), return_lse=True)
+    for b, L in enumerate(lengths):
+        seen = visible_written_out(Tq, L, causal, window, tree[b], ranges[b])
+        want = reference.attention(q[b:b + 1], k[b:b + 1, :, :L], v[b:b + 1, :, :L], False, attn_mask=seen)
+        torch.testing.assert_close(got[b:b + 1], want, rtol=0, atol=1e-12)
+        want_lse = reference.logsumexp(q[b:b + 1], k[b:b + 1, :, :L], False, attn_mask=seen)
+        torch.testing.assert_close(lse[b:b + 1], want_lse, rtol=0, atol=1e-12)
+
+
+def test_the_kernel_reads_the_masks(poison):
+    # A tree that hides one key moves exactly the rows it hides it from; the causal tree and an
+    # empty range change nothing; a row that sees no key (no cache, its tree row empty) is 0
+    q, k_cache, v_cache, seqlens = decode_inputs(2, 4, 2, 4, 40, 16, (40, 4), torch.float32, seed_of("reads"))
+    plain = decode_attention(q, k_cache, v_cache, seqlens, num_splits=2)
+    causal_tree = torch.ones(4, 4, dtype=torch.bool, device=DEVICE).tril()
+    tree = causal_tree.clone()
+    tree[3, 1] = False                                                            # token 3 no longer sees token 1
+    o = decode_attention(q, k_cache, v_cache, seqlens, num_splits=2, tree_mask=tree)
+    moved = (o - plain).abs().amax(dim=(1, 3)) > 1e-3                             # (B, Tq)
+    assert moved.tolist() == [[False, False, False, True]] * 2, moved
+    empty = torch.zeros(2, 1, 2, dtype=torch.int32, device=DEVICE)
+    for same in (dict(tree_mask=causal_tree), dict(bidirectional=empty)):
+        torch.testing.assert_close(decode_attention(q, k_cache, v_cache, seqlens, num_splits=2, **same), plain,
+                                   rtol=0, atol=1e-6)
+    prefix = torch.tensor([[0, 0], [0, 4]], dtype=torch.int32, device=DEVICE)     # sequence 1: all four see each other
+    o = decode_attention(q, k_cache, v_cache, seqlens, num_splits=2, bidirectional=prefix)
+    torch.testing.assert_close(o[1], decode_attention(q, k_cache, v_cache, seqlens, causal=False)[1], rtol=0, atol=1e-6)
+    tree[1] = False
+    o, lse = decode_attention(q, k_cache, v_cache, seqlens, tree_mask=tree, return_lse=True)
+    assert torch.equal(o[1, :, 1], torch.zeros_like(o[1, :, 1])) and bool(torch.isneginf(lse[1, :, 1]).all())
+    assert not torch.isnan(o).any() and (o[0, :, 1] != 0).all()                  # sequence 0's token 1 sees its cache
+
+
+def test_unchecked_masks_read_nothing_on_the_host_and_compile_whole(poison, monkeypatch):
+    q, k_cache, v_cache, seqlens = decode_inputs(2, 4, 2, 3, 40, 16, (40, 7), torch.float32, seed_of("masks op"))
+    g = torch.Generator(DEVICE).manual_seed(1)
+    masks = dict(tree_mask=draft_trees([3, 3], g), bidirectional=torch.tensor([[30, 39], [0, 5]], device=DEVICE))
+    step = lambda q, k, v, lengths, tree_mask, bidirectional: decode_attention(
+        q, k, v, lengths, check_seqlens=False, num_splits=2, tree_mask=tree_mask, bidirectional=bidirectional)
+    checked = decode_attention(q, k_cache, v_cache, seqlens, num_splits=2, **masks)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k_cache, v_cache, seqlens, **masks)
+    torch.testing.assert_close(compiled, checked, rtol=0, atol=0)
+    args = (q, k_cache, v_cache, seqlens, 0.25, 2, -1, 0, 0.0, None, None, masks["tree_mask"],
+            masks["bidirectional"].int())
+    assert set(torch.library.opcheck(torch.ops.attention_kernels.decode.default, args).values()) == {"SUCCESS"}
+    for name in ("tolist", "item", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, **k: pytest.fail("read on the host"))
+    torch.testing.assert_close(step(q, k_cache, v_cache, seqlens, **masks), checked, rtol=0, atol=0)
 
 
 @pytest.mark.gpu

@@ -1,6 +1,7 @@
 """Serving over a paged KV cache: `reference.paged_attention` against torch's SDPA, paged_attention
 against the reference (shuffled and shared pages, every page size, prefill chunks and decoding in
-one batch, appends), its input checks, and PagedKVCache's pages through a generation."""
+one batch, appends), its serving masks (draft trees, bidirectional ranges), its input checks, and
+PagedKVCache's pages through a generation."""
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ import torch.nn.functional as F
 
 from attention_kernels import reference
 from attention_kernels.kernels import PagedKVCache, decode_attention, paged_attention
-from attention_kernels.testing.checks import I32, UNUSED, check_paged, hold_paged, offsets, paged_inputs
+from attention_kernels.testing.checks import (I32, UNUSED, check_paged, draft_trees, hold_paged, offsets,
+                                              paged_inputs, random_ranges)
 from attention_kernels.testing.cases import DEVICE, PAGED_CASES
 from attention_kernels.testing.rule import hold_to_rule, seed_of
 
@@ -127,6 +129,64 @@ def test_unchecked_calls_read_nothing_on_the_host_and_stay_inside_the_pool(poiso
     assert torch.isfinite(out).all()
 
 
+# Serving masks over a paged cache: (new tokens per sequence, keys per sequence after them, Hq, Hkv,
+# D, page size, num_splits, window, causal, masks). Ragged new tokens (none for one sequence),
+# trees padded to (B, max_seqlen_q, max_seqlen_q) with random bits around each sequence's corner;
+# pages of 4 and 16 (keys found through the table one by one) and 64 (whole key tiles in a page).
+PAGED_MASK_CASES = [
+    ((1, 5, 0, 3, 7), (9, 40, 3, 3, 70), 8, 2, 24, 4, 3, None, True, "tree"),      # grouped heads, D = 24
+    ((6, 1, 2), (100, 33, 64), 16, 1, 32, 64, 2, (10, 0), True, "tree, ranges"),  # 4 tokens a row block
+    ((4, 3), (20, 50), 2, 2, 16, 16, None, (3, -1), False, "ranges"),           # not causal
+]
+
+
+@pytest.mark.parametrize("append", [False, True], ids=["written", "appended"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", PAGED_MASK_CASES, ids=str)
+def test_paged_with_serving_masks(poison, case, dtype, append):
+    new, lengths, Hq, Hkv, D, page_size, num_splits, window, causal, masks = case
+    seed = seed_of("paged masks", case, dtype, append)
+    q, k_cache, v_cache, table, seqlens, cu = paged_inputs(new, lengths, Hq, Hkv, D, page_size, dtype, seed,
+                                                           share=not append)
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    kw = {}
+    if "tree" in masks:
+        kw["tree_mask"] = draft_trees(new, g)                                      # (B, max(new), max(new))
+    if "ranges" in masks:  # random ranges, and one from 13 keys before each sequence's new tokens to its last but one
+        around = torch.tensor([[max(L - n - 13, 0), L - 1] for n, L in zip(new, lengths)], **I32)[:, None]
+        kw["bidirectional"] = torch.cat([random_ranges(lengths, 3, g), around], dim=1)  # (B, 4, 2)
+    extra = {}
+    if append:  # the new tokens' keys go in first, into the positions the pool holds garbage at
+        k_new, v_new = (torch.randn(sum(new), Hkv, D, generator=g, device=DEVICE, dtype=dtype) for _ in range(2))
+        extra = dict(k_new=k_new, v_new=v_new)
+        seqlens = seqlens - torch.tensor(new, **I32)
+    o, lse = paged_attention(q, k_cache, v_cache, table, seqlens, cu, max(new), num_splits=num_splits, window=window,
+                             causal=causal, return_lse=True, **extra, **kw)
+    hold_paged(o, lse, q, k_cache, v_cache, table, torch.tensor(lengths, **I32), cu, window, causal, **kw)
+
+
+def test_unchecked_masks_read_nothing_on_the_host_and_compile_whole(poison, monkeypatch):
+    # check=False with masks: no host read, a whole graph under torch.compile, and a sequence with
+    # more new tokens than max_seqlen_q (a caller's bug) reads nothing outside the tree
+    new, lengths = (1, 3), (9, 20)
+    q, k_cache, v_cache, table, seqlens, cu = paged_inputs(new, lengths, 2, 1, 16, 4, torch.float32, seed_of("op"))
+    g = torch.Generator(DEVICE).manual_seed(2)
+    masks = dict(tree_mask=draft_trees(new, g), bidirectional=torch.tensor([[0, 0], [12, 19]], **I32))
+    serve = lambda q, tree_mask, bidirectional: paged_attention(q, k_cache, v_cache, table, seqlens, cu, 3, check=False,
+                                                                tree_mask=tree_mask, bidirectional=bidirectional)
+    checked = paged_attention(q, k_cache, v_cache, table, seqlens, cu, 3, **masks)
+    torch.testing.assert_close(torch.compile(serve, fullgraph=True, backend="aot_eager")(q, **masks), checked,
+                               rtol=0, atol=0)
+    args = (q, k_cache, v_cache, table, seqlens, cu, 3, 0.25, None, -1, 0, 0.0, None, None, *masks.values())
+    assert set(torch.library.opcheck(torch.ops.attention_kernels.paged.default, args).values()) == {"SUCCESS"}
+    for name in ("tolist", "item", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, **k: pytest.fail("read on the host"))
+    torch.testing.assert_close(serve(q, **masks), checked, rtol=0, atol=0)
+    short = paged_attention(q, k_cache, v_cache, table, seqlens, cu, 2, check=False,
+                            tree_mask=masks["tree_mask"][:, :2, :2])
+    assert torch.isfinite(short).all()
+
+
 def test_unchecked_offsets_write_nothing_outside_the_outputs(monkeypatch):
     # check=False with offsets past total_q: the kernels clamp them into q's rows. The fp32
     # buffers the launcher allocates (the splits' partial results) are handed out as the front
@@ -214,6 +274,13 @@ def base_call(**change):
      ValueError, "k_new must have shape \\(total_q, Hkv, D\\) = \\(4, 2, 16\\)"),
     (dict(window=(3, 2)), ValueError, "causal attention means right = 0"),
     (dict(num_splits=0), ValueError, "num_splits must be None or an int from 1 to 64"),
+    (dict(tree_mask=torch.ones(10, dtype=torch.bool, device=DEVICE)), ValueError,  # FlashInfer's: 1 + 9 entries
+     "tree_mask must be a bool tensor of shape \\(B, max_seqlen_q, max_seqlen_q\\) = \\(2, 3, 3\\) or "
+     "\\(max_seqlen_q, max_seqlen_q\\) = \\(3, 3\\).*a flat packed mask.*is not taken\\); got bool of shape \\(10,\\)"),
+    (dict(tree_mask=torch.ones(2, 3, 3, dtype=torch.int32, device=DEVICE)), ValueError,
+     "tree_mask must .*got int32 of shape \\(2, 3, 3\\)"),
+    (dict(bidirectional=torch.zeros(1, 2, dtype=torch.int32, device=DEVICE)), ValueError,
+     "bidirectional must be .* B = 2.*got int32 of shape \\(1, 2\\)"),
 ])
 def test_bad_paged_inputs_are_refused(change, error, message):
     with pytest.raises(error, match=message):

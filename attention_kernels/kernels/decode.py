@@ -27,6 +27,19 @@ keys j <= p (causal, bottom-right, as in `reference.attention`), and with a wind
 only j >= p - left. Keys outside the window are not read: a split covers
 [max(L - Tq - left, 0), L) only.
 
+Serving masks over the new tokens (`tree_mask`, `bidirectional`; constexpr HAS_TREE, HAS_RANGES,
+so calls without them compile to the kernels they were before):
+
+    tree        a bool (Tq, Tq) per sequence (speculative decoding's draft tree): among the keys of
+                the new tokens' block, [L - Tq, L), new token i sees new token j where
+                tree[i, j], in place of causal (and of a window's right side; its left bound still
+                holds). The cache before the block is seen as causal and the window say. Read
+                only in the tiles that reach the block, whose keys it covers.
+    ranges      R [start, end) position ranges per sequence (images, a prefix-LM's prefix): a
+                query inside one sees every key of it, whatever the rest says. Each row finds, once,
+                the union of the ranges holding its position (an interval: they all hold it), and
+                a split's keys stretch to cover it.
+
 `num_splits=None` picks `default_num_splits`: as many splits as it takes to give every SM one
 program, but no more than one per MIN_SPLIT_KEYS keys of the longest possible cache (rounded
 up), and at most MAX_SPLITS. Decoding reads the
@@ -43,8 +56,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .checks import (INTERPRET, _is_int, autocast_inputs, check_causal, check_flag, check_inputs, check_int32,
-                     check_mods, window_bounds)
+from .checks import (INTERPRET, _dtype_name, _is_int, autocast_inputs, check_causal, check_flag, check_inputs,
+                     check_int32, check_mods, window_bounds)
 from .common import LOG2E, Variant, dot, kernel_op, meta, on_device, pow2, score_mods, stride_args, wrap_triton
 
 # ----------------------------------------------------------------------------- kernels
@@ -84,12 +97,16 @@ def _cache_slots(PAGES, b, pos, ok, stride_pb, num_pages, PAGE_SIZE: tl.constexp
 
 @triton.jit
 def _decode_split(
-    Q, K, V, SEQLENS, CU_Q, PAGES, O_PART, LSE_PART, SLOPES,
+    Q, K, V, SEQLENS, CU_Q, PAGES, O_PART, LSE_PART, SLOPES, TREE, RANGES,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_pb,  # the block table's row stride (paged)
+    stride_tb, stride_ti, stride_tj,  # the tree mask (B or 1, tree_len, tree_len), bytes: b 0 when shared
+    stride_rb, stride_rr, stride_rx,  # the ranges (B, R, 2)
     B, Hkv, Tq, Tmax, num_pages, GROUP,
+    tree_len,    # the tree's side: Tq, or max_seqlen_q (an unchecked call's longer sequence reads no further)
+    num_ranges,  # R
     q_blocks,  # dense: query blocks per sequence; packed: total_q, the rows of q
     left,      # the window's left bound, or (unbounded) more than any cache length
     right,     # not causal: the window's right bound, or (unbounded) more than any cache length
@@ -98,7 +115,8 @@ def _decode_split(
     NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_TREE: tl.constexpr, HAS_RANGES: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # -- which query block, k/v head and split; the splits of one head are adjacent (L2)
     pid = tl.program_id(0)
@@ -138,14 +156,28 @@ def _decode_split(
     L = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), Tmax)  # unchecked lengths never read outside the cache
     pos = L - q_len + t                                                            # [BLOCK_M] each row's position
     lo = tl.maximum(L - q_len + t0 - left, 0) // BLOCK_N * BLOCK_N  # whole tiles: the mask drops what is before
-    if CAUSAL:
+    if HAS_TREE:
+        hi = L                                                    # the tree may show any of the new tokens
+    elif CAUSAL:
         hi = tl.minimum(L - q_len + t0 + BLOCK_Q, L)                              # past the block's last position
     else:                                                                         # ... and `right` keys past it
         hi = tl.minimum(L - q_len + t0 + BLOCK_Q + right, L)
+    if HAS_RANGES:  # -- each row's bidirectional keys [r_lo, r_hi): the ranges holding its position, united
+        offs_r = tl.arange(0, BLOCK_R)
+        r_ok = offs_r < num_ranges
+        ranges = RANGES + b * stride_rb + offs_r * stride_rr
+        range_start = tl.load(ranges, mask=r_ok, other=0)                        # [BLOCK_R]
+        range_end = tl.load(ranges + stride_rx, mask=r_ok, other=0)              # (0, 0) is empty
+        holds = (pos[:, None] >= range_start[None, :]) & (pos[:, None] < range_end[None, :])  # [BLOCK_M, BLOCK_R]
+        r_lo = tl.maximum(tl.min(tl.where(holds, range_start[None, :], L), 1), 0)  # [BLOCK_M]; L: in no range
+        r_hi = tl.minimum(tl.max(tl.where(holds, range_end[None, :], 0), 1), L)
+        lo = tl.minimum(lo, tl.min(tl.where(row_ok, r_lo, L), 0) // BLOCK_N * BLOCK_N)
+        hi = tl.maximum(hi, tl.max(tl.where(row_ok, r_hi, 0), 0))
     per_split = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = lo + split * per_split
     stop = tl.minimum(start + per_split, hi)
 
+    tree = TREE + b * stride_tb                                                   # sequence b's (tree_len, tree_len)
     slope = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_ALIBI:  # the rows are several query heads: one slope each
         slope = tl.load(SLOPES + b * stride_sb + h, mask=row_ok, other=0.0) * 1.4426950408889634
@@ -172,10 +204,19 @@ def _decode_split(
         s, _ = score_mods(s, pos, offs_n, softcap, slope[:, None], HAS_SOFTCAP, HAS_ALIBI)
         past = offs_n[None, :] - pos[:, None]
         if CAUSAL:
-            visible = n_ok[None, :] & (past >= -left) & (past <= 0)
+            visible = (past >= -left) & (past <= 0)
         else:
-            visible = n_ok[None, :] & (past >= -left) & (past <= right)
-        s = tl.where(visible, s, float("-inf"))
+            visible = (past >= -left) & (past <= right)
+        if HAS_TREE:  # the new tokens' keys: as the tree says, within the window's left bound
+            if n0 + BLOCK_N > L - q_len:  # only tiles that reach them; the cache before pays nothing
+                col = offs_n - (L - q_len)                                        # [BLOCK_N] which new token
+                is_new = (col >= 0) & (col < tree_len)
+                seen = tl.load(tree + t[:, None] * stride_ti + col[None, :] * stride_tj,
+                               mask=(row_ok & (t < tree_len))[:, None] & (n_ok & is_new)[None, :], other=0)
+                visible = tl.where((col >= 0)[None, :], (seen != 0) & (past >= -left), visible)
+        if HAS_RANGES:
+            visible = visible | ((offs_n[None, :] >= r_lo[:, None]) & (offs_n[None, :] < r_hi[:, None]))
+        s = tl.where(n_ok[None, :] & visible, s, float("-inf"))
         # -- online softmax, as in flash's forward (a row with no key yet keeps m = -inf)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -344,8 +385,45 @@ def check_num_splits(num_splits):
                          f"split's partial output of a row at once), got {num_splits!r}")
 
 
+def check_serving_masks(tree_mask, bidirectional, B, Tq, device, tokens="Tq"):
+    """Check the masks over the new tokens and return them as the kernels take them (None stays
+    None): tree_mask a bool tensor (B, T, T) or (T, T), T = Tq (`tokens` names it: max_seqlen_q
+    when packed, each sequence's tree in the top-left corner of its (T, T)); bidirectional an
+    integer tensor (B, R, 2) or (B, 2) of [start, end) positions, returned int32 (int64 clamped
+    into int32's range on the device: every position lies inside it, so no range changes). On
+    q's device. Their values are not read: no host sync, so unchecked calls stay graph-capturable."""
+    if tree_mask is not None:
+        shapes = ((B, Tq, Tq), (Tq, Tq))
+        accepted = (f"a bool tensor of shape (B, {tokens}, {tokens}) = {shapes[0]} or ({tokens}, {tokens}) = "
+                    f"{shapes[1]}, [b, i, j] True where new token i of sequence b sees new token j")
+        if tokens != "Tq":
+            accepted += " (padded per sequence; a flat packed mask, FlashInfer's custom_mask layout, is not taken)"
+        if not isinstance(tree_mask, torch.Tensor):
+            raise TypeError(f"tree_mask must be {accepted}, or None; got {type(tree_mask).__name__}")
+        if tree_mask.dtype != torch.bool or tuple(tree_mask.shape) not in shapes:
+            raise ValueError(f"tree_mask must be {accepted}; got {_dtype_name(tree_mask.dtype)} of shape "
+                             f"{tuple(tree_mask.shape)}")
+        if tree_mask.device != device:
+            raise ValueError(f"tree_mask must be on q's device {device}, got {tree_mask.device}")
+    if bidirectional is not None:
+        accepted = (f"an int32 or int64 tensor of shape (B, R, 2) or (B, 2), B = {B}: each sequence's [start, end) "
+                    "position ranges that see each other whole")
+        if not isinstance(bidirectional, torch.Tensor):
+            raise TypeError(f"bidirectional must be {accepted}, or None; got {type(bidirectional).__name__}")
+        if bidirectional.dtype not in (torch.int32, torch.int64) or bidirectional.dim() not in (2, 3) \
+                or bidirectional.shape[0] != B or bidirectional.shape[-1] != 2:
+            raise ValueError(f"bidirectional must be {accepted}; got {_dtype_name(bidirectional.dtype)} of shape "
+                             f"{tuple(bidirectional.shape)}")
+        if bidirectional.device != device:
+            raise ValueError(f"bidirectional must be on q's device {device}, got {bidirectional.device}")
+        if bidirectional.dtype == torch.int64:
+            bidirectional = bidirectional.clamp(-2**31, 2**31 - 1).to(torch.int32)
+    return tree_mask, bidirectional
+
+
 def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=None, window=None,
-                     return_lse=False, check_seqlens=True, softcap=None, sinks=None, alibi_slopes=None, causal=True):
+                     return_lse=False, check_seqlens=True, softcap=None, sinks=None, alibi_slopes=None, causal=True,
+                     tree_mask=None, bidirectional=None):
     """Attention of Tq new tokens per sequence to a KV cache, the cache split across programs.
 
     q (B, Hq, Tq, D), Tq the new tokens (1 to 16 is the usual; any works); k_cache, v_cache
@@ -361,6 +439,15 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=
     fp32 natural log. No backward. num_splits larger than the cache's key blocks is clamped to
     them (a split holds at least one block); past MAX_SPLITS it is refused. softcap, sinks and
     alibi_slopes as in `flash_attention`; a new token's ALiBi distance is from its own position.
+
+    Serving masks (`docs/serving.md`), equal to the reference's: `tree_mask` (B, Tq, Tq) or
+    (Tq, Tq) bool, True where new token i sees new token j (a speculative draft tree, each token
+    seeing its ancestors and itself): among the new tokens' keys it replaces causal and the
+    window's right side, the window's left bound still holding; the cache before them is seen as
+    without it. `bidirectional` (B, R, 2) or (B, 2) int32 (or int64) [start, end) position ranges
+    (positions in the cache, 0 first): a query at a position inside a range also sees every key
+    of that range below the sequence's length, whatever causal, the window or the tree say
+    (Gemma 3's images, a prefix-LM's prefix); a range with start >= end is empty (padding).
 
     Checking that every length lies in [0, Tmax] reads cache_seqlens on the host: a sync per
     call, which also rules out capturing the call in a CUDA graph. `check_seqlens=False` skips
@@ -381,27 +468,31 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=
     refuse_gradients("decode_attention", q, k_cache, v_cache, sinks)
     check_num_splits(num_splits)
     softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=B)
+    tree_mask, bidirectional = check_serving_masks(tree_mask, bidirectional, B, Tq, q.device)
     variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=slopes)
-    o, lse = _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, variant)
+    o, lse = _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, variant, tree_mask, bidirectional)
     return (o, lse) if return_lse else o
 
 
-def _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, variant):
+def _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, variant, tree_mask=None, bidirectional=None):
     """The split and merge kernels on checked dense inputs, through the op `attention_kernels::decode`;
     returns (out, lse)."""
     return torch.ops.attention_kernels.decode(q, k_cache, v_cache, cache_seqlens, scale=scale, num_splits=num_splits,
                                               left=variant.left, right=variant.right, softcap=variant.softcap,
-                                              sinks=variant.sinks, alibi_slopes=variant.alibi_slopes)
+                                              sinks=variant.sinks, alibi_slopes=variant.alibi_slopes,
+                                              tree_mask=tree_mask, bidirectional=bidirectional)
 
 
 def split_kv(q, k_cache, v_cache, seqlens, scale, num_splits, variant, o, lse, *, B, Tq, Hkv, Tmax,
-             q_strides, k_strides, v_strides, o_strides, cu_q=None, pages=None, page_size=1):
+             q_strides, k_strides, v_strides, o_strides, cu_q=None, pages=None, page_size=1, tree_mask=None,
+             bidirectional=None):
     """The split launch and the merge (`merge_splits`), for a dense cache and q (decode_attention)
     or a paged cache and packed q (`kernels.paged`). Strides as the kernels take them, (b, h, t, d)
     for q and o (b = 0 when packed: every row is "sequence 0" with Tq = total_q) and (b or page, h,
     t or slot, d) for the cache; Tq is the longest sequence's new tokens (packed: max_seqlen_q),
     Tmax each sequence's capacity. The variant's window is (left, right), right 0 when causal; it
-    has no dropout. Fills o and lse."""
+    has no dropout. tree_mask (B, Tq, Tq) or (Tq, Tq) bool and bidirectional (B, R, 2) or (B, 2)
+    int32, checked (`check_serving_masks`), or None. Fills o and lse."""
     Hq, D = q.shape[-2] if cu_q is not None else q.shape[1], q.shape[-1]
     group = Hq // Hkv
     block_m, block_n, num_warps = blocks(group * max(Tq, 1), pow2(D), q.element_size())
@@ -415,8 +506,9 @@ def split_kv(q, k_cache, v_cache, seqlens, scale, num_splits, variant, o, lse, *
         q_blocks = q.shape[0]  # the kernel clamps unchecked offsets to it
         grid_blocks = q.shape[0] // block_q + B
     left = variant.left
-    if num_splits is None:
-        num_splits = default_num_splits(1, Hkv, grid_blocks, Tmax if left < 0 else min(Tmax, left + Tq), q.device)
+    if num_splits is None:  # a range may reach back past the window: then any key
+        keys = Tmax if left < 0 or bidirectional is not None else min(Tmax, left + Tq)
+        num_splits = default_num_splits(1, Hkv, grid_blocks, keys, q.device)
     num_splits = min(num_splits, triton.cdiv(Tmax, block_n))  # a split holds one key block at least
 
     o_part = torch.empty((rows, num_splits, D), device=q.device, dtype=torch.float32)
@@ -426,6 +518,7 @@ def split_kv(q, k_cache, v_cache, seqlens, scale, num_splits, variant, o, lse, *
             Q=q, K=k_cache, V=v_cache, SEQLENS=seqlens, CU_Q=seqlens if cu_q is None else cu_q,
             PAGES=seqlens if pages is None else pages, O_PART=o_part, LSE_PART=lse_part,
             **stride_args("bhtd", q=q_strides, k=k_strides, v=v_strides),
+            **serving_mask_args(seqlens, tree_mask, bidirectional),
             stride_pb=0 if pages is None else pages.stride(0), B=B, Hkv=Hkv, Tq=Tq, Tmax=Tmax,
             num_pages=1 if pages is None else k_cache.shape[0], GROUP=group, q_blocks=q_blocks,
             left=left if left >= 0 else Tmax + Tq, right=variant.right if variant.right >= 0 else Tmax + Tq,
@@ -435,6 +528,23 @@ def split_kv(q, k_cache, v_cache, seqlens, scale, num_splits, variant, o, lse, *
         )
         merge_splits(o_part, lse_part, o, lse, variant, Hq=Hq, Tq=Tq if cu_q is None else q.shape[0],
                      o_strides=o_strides)
+
+
+def serving_mask_args(placeholder, tree_mask, bidirectional):
+    """The split kernel's tree and ranges arguments: the tree as bytes (torch's bool viewed as
+    uint8) with its (b, i, j) strides, b's 0 when one tree serves every sequence; the ranges with
+    their (b, r, x) strides, r's 0 for one range per sequence. Without either, an unread
+    placeholder tensor and constexprs that leave them out of the kernel."""
+    tree, ranges = tree_mask, bidirectional
+    num_ranges = 0 if ranges is None else 1 if ranges.dim() == 2 else int(ranges.shape[1])  # BLOCK_R: specialised
+    tree_strides = (0, 0, 0) if tree is None else ((0,) if tree.dim() == 2 else ()) + tree.stride()
+    range_strides = (0, 0, 0) if ranges is None else (ranges.stride(0), 0, ranges.stride(1)) if ranges.dim() == 2 \
+        else ranges.stride()
+    return dict(TREE=placeholder if tree is None else tree.view(torch.uint8), **stride_args("bij", t=tree_strides),
+                RANGES=placeholder if ranges is None else ranges, **stride_args("brx", r=range_strides),
+                tree_len=0 if tree is None else tree.shape[-1],
+                num_ranges=num_ranges, HAS_TREE=tree is not None, HAS_RANGES=ranges is not None,
+                BLOCK_R=pow2(num_ranges, least=2))
 
 
 def merge_splits(o_part, lse_part, o, lse, variant, *, Hq, Tq, o_strides):
@@ -458,7 +568,8 @@ def _decode_outputs(q, **unused):
 @kernel_op("decode", fake=_decode_outputs)
 def _decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float,
                num_splits: Optional[int], left: int, right: int, softcap: float, sinks: Optional[Tensor],
-               alibi_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+               alibi_slopes: Optional[Tensor], tree_mask: Optional[Tensor] = None,
+               bidirectional: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """decode_attention's launch as the torch op `attention_kernels::decode` (checked inputs): torch.compile
     sees one op, with no graph break, and check_seqlens=False leaves nothing read on the host. It calls
     split_kv itself: torch finds an op's kernels by reading its source and the functions it calls."""
@@ -467,5 +578,5 @@ def _decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tenso
     o, lse = _decode_outputs(q)
     split_kv(q, k_cache, v_cache, cache_seqlens, scale, num_splits, variant, o, lse, B=B, Tq=Tq,
              Hkv=k_cache.shape[1], Tmax=k_cache.shape[2], q_strides=q.stride(), k_strides=k_cache.stride(),
-             v_strides=v_cache.stride(), o_strides=o.stride())
+             v_strides=v_cache.stride(), o_strides=o.stride(), tree_mask=tree_mask, bidirectional=bidirectional)
     return o, lse

@@ -32,6 +32,11 @@ replayed for any offsets and lengths that fit the same shapes, as long as no seq
 more new tokens than the max_seqlen_q it was captured with (it sizes the append's grid: capture
 with the most a replay will bring, total_q at worst).
 
+Speculative decoding's draft trees and bidirectional ranges (`tree_mask`, `bidirectional`) are
+decode's serving masks: the tree padded per sequence, (B, max_seqlen_q, max_seqlen_q), so that its
+shape is known without reading cu_seqlens_q and a graph replays it; ranges in each sequence's
+positions.
+
 `PagedKVCache` is a page pool with a free list and block tables in plain Python, for the demo
 (`python -m attention_kernels.benchmarks.tinygpt --paged`) and the tests: not a serving engine.
 """
@@ -44,7 +49,7 @@ from torch import Tensor
 
 from .checks import (SUPPORTED_DTYPES, _dtype_name, _is_int, as_int, check_causal, check_flag, check_inputs,
                      check_int32, check_mods, window_bounds)
-from .decode import _append_kv, check_num_splits, refuse_gradients, split_kv
+from .decode import _append_kv, check_num_splits, check_serving_masks, refuse_gradients, split_kv
 from .common import Variant, kernel_op, on_device, pow2, stride_args, wrap_triton
 
 APPEND_BLOCK = 16  # new tokens per program of the append kernel
@@ -141,7 +146,7 @@ def check_paged_inputs(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqle
 
 def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, max_seqlen_q, k_new=None,
                     v_new=None, scale=None, window=None, num_splits=None, softcap=None, sinks=None,
-                    alibi_slopes=None, return_lse=False, check=True, causal=True):
+                    alibi_slopes=None, return_lse=False, check=True, causal=True, tree_mask=None, bidirectional=None):
     """New tokens of B sequences (prefill chunks and decoding mixed) against a paged KV cache.
 
     q (total_q, Hq, D): each sequence's new tokens packed, sequence b's rows
@@ -158,6 +163,13 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_
     is 0). causal, window ((left, 0) when causal), softcap, sinks and alibi_slopes ((Hq,) or
     (B, Hq)) as in `decode_attention`; num_splits as there (None: by the grid's size). fp16, bf16, fp32 (q and
     the cache in one dtype). No backward.
+
+    Serving masks as in `decode_attention` (`docs/serving.md`): `tree_mask` bool (B, max_seqlen_q,
+    max_seqlen_q), or (max_seqlen_q, max_seqlen_q) for every sequence, padded: sequence b's new
+    tokens i, j at [b, i, j], i, j < q_len (the rest is not read); FlashInfer's flat packed
+    layout (sum of q_len^2) is refused, since its length depends on the offsets' values.
+    `bidirectional` (B, R, 2) or (B, 2) [start, end) ranges of sequence b's positions, the new
+    tokens at L - q_len... (L its keys, k_new's included).
 
     `check=True` reads cu_seqlens_q, cache_seqlens and block_table on the host once (see
     `check_paged_inputs`): a sync per call. `check=False` skips that read (shapes, dtypes and
@@ -176,16 +188,17 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_
     check_num_splits(num_splits)
     B = cu_seqlens_q.shape[0] - 1
     softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=B)
+    tree_mask, bidirectional = check_serving_masks(tree_mask, bidirectional, B, max_seqlen_q, q.device, "max_seqlen_q")
     variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=slopes)
     refuse_gradients("paged_attention", q, k_cache, v_cache, k_new, v_new, sinks)
     q = q if q.stride(-1) == 1 else q.contiguous()
     o, lse = _run_paged(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, max_seqlen_q, k_new, v_new,
-                        scale, num_splits, variant)
+                        scale, num_splits, variant, tree_mask, bidirectional)
     return (o, lse) if return_lse else o
 
 
 def _run_paged(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, max_seqlen_q, k_new, v_new, scale,
-               num_splits, variant):
+               num_splits, variant, tree_mask=None, bidirectional=None):
     """The append (with k_new) and the split and merge kernels on checked inputs, through the torch
     ops `attention_kernels::paged_append` (which writes the pool in place) and `attention_kernels::paged`;
     returns (out, lse)."""
@@ -198,7 +211,8 @@ def _run_paged(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, ma
     return torch.ops.attention_kernels.paged(q, k_cache, v_cache, block_table, seqlens, cu_seqlens_q, max_seqlen_q,
                                              scale=scale, num_splits=num_splits, left=variant.left,
                                              right=variant.right, softcap=variant.softcap, sinks=variant.sinks,
-                                             alibi_slopes=variant.alibi_slopes)
+                                             alibi_slopes=variant.alibi_slopes, tree_mask=tree_mask,
+                                             bidirectional=bidirectional)
 
 
 @kernel_op("paged_append", fake=lambda **_: None, mutates=("k_cache", "v_cache"))
@@ -226,7 +240,8 @@ def _paged_outputs(q, **unused):
 @kernel_op("paged", fake=_paged_outputs)
 def _paged_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seqlens: Tensor,
               cu_seqlens_q: Tensor, max_seqlen_q: int, scale: float, num_splits: Optional[int], left: int, right: int,
-              softcap: float, sinks: Optional[Tensor], alibi_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+              softcap: float, sinks: Optional[Tensor], alibi_slopes: Optional[Tensor],
+              tree_mask: Optional[Tensor] = None, bidirectional: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """The split and merge kernels over each sequence's seqlens[b] keys in its pages (checked,
     contiguous index tensors): (out, lse)."""
     B = cu_seqlens_q.shape[0] - 1
@@ -237,7 +252,7 @@ def _paged_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, 
     split_kv(q, k_cache, v_cache, seqlens, scale, num_splits, variant, o, lse, B=B, Tq=max_seqlen_q, Hkv=Hkv,
              Tmax=block_table.shape[1] * page_size, q_strides=packed(q), k_strides=_cache_strides(k_cache),
              v_strides=_cache_strides(v_cache), o_strides=packed(o), cu_q=cu_seqlens_q, pages=block_table,
-             page_size=page_size)
+             page_size=page_size, tree_mask=tree_mask, bidirectional=bidirectional)
     return o, lse
 
 

@@ -248,15 +248,43 @@ def varlen_logsumexp(q, k, cu_seqlens_q, cu_seqlens_k, causal=True, scale=None, 
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, window=(-1, -1), softcap=None, sinks=None,
-                     alibi_slopes=None, causal=True):
+                     alibi_slopes=None, causal=True, upcast=True, tree_mask=None, bidirectional=None, return_lse=False):
     """Tq new tokens per sequence attending to a KV cache: q (B, Hq, Tq, D); k_cache, v_cache
-    (B, Hkv, Tmax, D), of which sequence b's first cache_seqlens[b] positions are valid, the new
-    tokens' own keys included (they are the last Tq). Causal: each new token sees the cache
-    before it and itself; not causal: the whole valid cache (within the window)."""
-    out = [attention(q[b:b + 1], k_cache[b:b + 1, :, :L], v_cache[b:b + 1, :, :L], causal, scale, window=window,
-                     softcap=softcap, sinks=sinks, alibi_slopes=_per_sequence(alibi_slopes, b))
-           for b, L in enumerate(cache_seqlens.tolist())]  # B x (1, Hq, Tq, D)
-    return torch.cat(out)                                  # (B, Hq, Tq, D)
+    (B, Hkv, Tmax, D), of which sequence b's first cache_seqlens[b] = L positions are valid, the
+    new tokens' own keys included (they are the last Tq: new token i sits at position L - Tq + i).
+    Causal: each new token sees the cache before it and itself; not causal: the whole valid cache
+    (within the window).
+
+    Serving masks: `tree_mask` (B, Tq, Tq) or (Tq, Tq) bool says which new token sees which: among
+    the new tokens' keys it replaces causal and the window's right side (the window's left bound
+    still holds). `bidirectional` (B, R, 2) or (B, 2): [start, end) position ranges; a query inside
+    one also sees every key inside it, whatever the rest says. With `return_lse`, also the
+    log-sum-exp (B, Hq, Tq)."""
+    B, Hq, Tq, D = q.shape
+    left, right = window
+    out, lse = [], []
+    for b, L in enumerate(cache_seqlens.tolist()):
+        pos = torch.arange(L - Tq, L, device=q.device)[:, None]   # (Tq, 1) each new token's position
+        j = torch.arange(L, device=q.device)[None, :]             # (1, L) each key's position
+        visible = window_mask(Tq, L, left, 0 if causal else right, q.device)  # (Tq, L) as causal and window say
+        if tree_mask is not None:
+            tree = tree_mask if tree_mask.dim() == 2 else tree_mask[b]        # (Tq, Tq)
+            n = min(Tq, L)                                        # the new tokens with a key in the cache: the last n
+            seen = torch.zeros_like(visible)
+            seen[:, L - n:] = tree[:, Tq - n:]                    # (Tq, L) the tree over the new tokens' keys
+            in_window = j >= pos - left if left >= 0 else torch.ones_like(visible)
+            visible = torch.where(j >= L - Tq, seen & in_window, visible)  # (Tq, L)
+        if bidirectional is not None:
+            ranges = bidirectional[b].view(-1, 2)                 # (R, 2)
+            start, end = ranges[:, 0, None, None], ranges[:, 1, None, None]  # (R, 1, 1)
+            together = (start <= pos) & (pos < end) & (start <= j) & (j < end)  # (R, Tq, L)
+            visible = visible | together.any(0)                   # (Tq, L)
+        args = (q[b:b + 1], k_cache[b:b + 1, :, :L])              # (1, Hq, Tq, D), (1, Hkv, L, D)
+        mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=_per_sequence(alibi_slopes, b), attn_mask=visible)
+        out.append(attention(*args, v_cache[b:b + 1, :, :L], False, scale, upcast, **mods))  # (1, Hq, Tq, D)
+        if return_lse:
+            lse.append(logsumexp(*args, False, scale, **mods))   # (1, Hq, Tq)
+    return (torch.cat(out), torch.cat(lse)) if return_lse else torch.cat(out)  # (B, Hq, Tq, D), (B, Hq, Tq)
 
 
 def gather_pages(cache, block_table, cache_seqlens):
@@ -270,15 +298,32 @@ def gather_pages(cache, block_table, cache_seqlens):
 
 
 def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, scale=None, upcast=True,
-                    window=(-1, -1), softcap=None, sinks=None, alibi_slopes=None, causal=True):
+                    window=(-1, -1), softcap=None, sinks=None, alibi_slopes=None, causal=True, tree_mask=None,
+                    bidirectional=None, return_lse=False):
     """New tokens attending to a paged KV cache: q (total_q, Hq, D) holds each sequence's new
     tokens one after another (sequence b's are rows cu_seqlens_q[b]:cu_seqlens_q[b + 1]: one
     while decoding, many for a chunk of a prompt); k_cache, v_cache (num_pages, page_size, Hkv, D)
     hold sequence b's first cache_seqlens[b] keys in the pages its block_table row names, the new
-    tokens' own among them (the last). Each sequence is `attention` of its new tokens to its keys,
-    causal bottom-right: each new token sees the cache before it and itself (`causal=False`: all of them)."""
-    cu_seqlens_k = torch.cat([cache_seqlens.new_zeros(1), cache_seqlens.cumsum(0)]).to(torch.int32)  # (B + 1,)
+    tokens' own among them (the last). Each sequence is `decode_attention` of its new tokens to
+    its keys, causal bottom-right: each new token sees the cache before it and itself
+    (`causal=False`: all of them). `tree_mask` (B, max_seqlen_q, max_seqlen_q) or (max_seqlen_q,
+    max_seqlen_q) bool, sequence b's tree in the top-left corner [b, :q_len, :q_len], and
+    `bidirectional` (B, R, 2) or (B, 2) as there. With `return_lse`, also the log-sum-exp
+    (Hq, total_q)."""
     k = gather_pages(k_cache, block_table, cache_seqlens)                     # (sum L, Hkv, D)
     v = gather_pages(v_cache, block_table, cache_seqlens)
-    return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, upcast, window, softcap, sinks,
-                            alibi_slopes)                                     # (total_q, Hq, D)
+    cu_seqlens_k = torch.cat([cache_seqlens.new_zeros(1), cache_seqlens.cumsum(0)]).tolist()  # (B + 1,)
+    as_batch = lambda x: x.transpose(0, 1)[None]                              # (T, H, D) -> (1, H, T, D)
+    out, lse = [], []
+    for b, (q0, q1, k0, k1) in enumerate(zip(cu_seqlens_q.tolist(), cu_seqlens_q[1:].tolist(), cu_seqlens_k,
+                                             cu_seqlens_k[1:])):
+        n = q1 - q0                                                           # sequence b's new tokens
+        tree = None if tree_mask is None else tree_mask[..., :n, :n] if tree_mask.dim() == 2 else tree_mask[b, :n, :n]
+        o, l = decode_attention(as_batch(q[q0:q1]), as_batch(k[k0:k1]), as_batch(v[k0:k1]),
+                                cache_seqlens[b:b + 1], scale, window, softcap, sinks, _per_sequence(alibi_slopes, b),
+                                causal, upcast, tree, None if bidirectional is None else bidirectional[b:b + 1],
+                                return_lse=True)                              # (1, Hq, n, D), (1, Hq, n)
+        out.append(o[0].transpose(0, 1))                                      # (n, Hq, D)
+        lse.append(l[0])                                                      # (Hq, n)
+    out = torch.cat(out)                                                      # (total_q, Hq, D)
+    return (out, torch.cat(lse, dim=1)) if return_lse else out               # (Hq, total_q)

@@ -40,10 +40,13 @@ def decode_inputs(B, Hq, Hkv, Tq, Tmax, D, lengths, dtype, seed):
     return q.detach(), k_cache.detach(), v_cache.detach(), lengths
 
 
-def decode_logsumexp(q, k_cache, cache_seqlens, window):
-    """Each new token's log-sum-exp over the keys it sees, per sequence, as the reference has it."""
-    return torch.cat([reference.logsumexp(q[b:b + 1], k_cache[b:b + 1, :, :L], True, window=window)
-                      for b, L in enumerate(cache_seqlens.tolist())])  # (B, Hq, Tq)
+def hold_decode(o, lse, q, k_cache, v_cache, seqlens, window=None, **kw):
+    """decode_attention's output and log-sum-exp held to the rule against `reference.decode_attention`
+    with the same keywords (causal, the serving masks, softcap, ...)."""
+    kw["window"] = window or (-1, -1)
+    spec = lambda q, k, v, upcast=True: reference.decode_attention(q, k, v, seqlens, upcast=upcast, **kw)
+    spec_lse = lambda q, k: reference.decode_attention(q, k, k, seqlens, return_lse=True, **kw)[1]
+    hold_to_rule(o, lse, (q, k_cache, v_cache), None, spec, spec_lse)
 
 
 def check_decode(case, dtype):
@@ -51,11 +54,42 @@ def check_decode(case, dtype):
     *sizes, lengths, num_splits, window = case
     q, k_cache, v_cache, seqlens = decode_inputs(*sizes, lengths, dtype, seed_of("decode", case, dtype))
     o, lse = decode_attention(q, k_cache, v_cache, seqlens, num_splits=num_splits, window=window, return_lse=True)
-    w = window or (-1, -1)
-    spec = lambda q, k, v, upcast=True: reference.decode_attention(q, k, v, seqlens, window=w) if upcast else \
-        torch.cat([reference.attention(q[b:b + 1], k[b:b + 1, :, :L], v[b:b + 1, :, :L], True, upcast=False, window=w)
-                   for b, L in enumerate(seqlens.tolist())])
-    hold_to_rule(o, lse, (q, k_cache, v_cache), None, spec, lambda q, k: decode_logsumexp(q, k, seqlens, w))
+    hold_decode(o, lse, q, k_cache, v_cache, seqlens, window)
+
+
+# ----------------------------------------------------------------------------- serving masks
+
+
+def draft_tree(n, generator, roots=0.2):
+    """A speculative decoding draft tree of n new tokens as its mask (n, n) bool: token i's parent
+    is a random earlier token, or with probability `roots` none (it hangs from the cache alone),
+    and token i sees itself and its ancestors, never a later token or a sibling's branch."""
+    parents = [-1 if i == 0 or torch.rand((), generator=generator, device=DEVICE) < roots else
+               int(torch.randint(0, i, (), generator=generator, device=DEVICE)) for i in range(n)]
+    tree = torch.eye(n, dtype=torch.bool, device=DEVICE)
+    for i, parent in enumerate(parents):
+        if parent >= 0:
+            tree[i] |= tree[parent]                                        # the parent's ancestors, and the parent
+    return tree                                                            # (n, n)
+
+
+def draft_trees(new, generator):
+    """One draft tree per sequence, padded to (B, T, T), T = max(new): sequence b's in the top-left
+    (new[b], new[b]) corner, random bits around it (the kernels must not read them)."""
+    T = max(new)
+    trees = torch.rand(len(new), T, T, generator=generator, device=DEVICE) < 0.5  # (B, T, T) the padding
+    for b, n in enumerate(new):
+        trees[b, :n, :n] = draft_tree(n, generator)
+    return trees
+
+
+def random_ranges(lengths, R, generator):
+    """(B, R, 2) int32 [start, end) ranges inside each sequence's positions (some empty), for
+    `bidirectional`: random starts and widths, so they overlap, cross key blocks and pages, and
+    reach past the new tokens' block or into it."""
+    starts = torch.stack([torch.randint(0, max(L, 1), (R,), generator=generator, device=DEVICE) for L in lengths])
+    widths = torch.randint(0, 24, (len(lengths), R), generator=generator, device=DEVICE)
+    return torch.stack([starts, starts + widths], dim=-1).to(torch.int32)   # (B, R, 2)
 
 
 # ----------------------------------------------------------------------------- a paged cache
@@ -86,11 +120,13 @@ def paged_inputs(new, lengths, Hq, Hkv, D, page_size, dtype, seed, share=True, s
 
 
 def hold_paged(o, lse, q, k_cache, v_cache, table, lengths, cu_q, window=None, causal=True, **mods):
+    """paged_attention's output and log-sum-exp held to the rule against `reference.paged_attention`
+    with the same keywords (the serving masks, softcap, ...); lengths: the keys after any append."""
     w = window or (-1, -1)
     spec = lambda q, k, v, upcast=True: reference.paged_attention(q, k, v, table, lengths, cu_q, upcast=upcast,
                                                                   window=w, causal=causal, **mods)
-    spec_lse = lambda q, k: reference.varlen_logsumexp(q, reference.gather_pages(k, table, lengths), cu_q,
-                                                       offsets(lengths.tolist()), causal, window=w, **mods)
+    spec_lse = lambda q, k: reference.paged_attention(q, k, k, table, lengths, cu_q, window=w, causal=causal,
+                                                      return_lse=True, **mods)[1]
     hold_to_rule(o, lse, (q, k_cache, v_cache), None, spec, spec_lse)
 
 
