@@ -1,5 +1,7 @@
 """kernels.attention runs the implementation asked for, and "auto" follows its documented rule."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -64,3 +66,51 @@ def test_unknown_impl_is_refused():
     q, k, v, _ = make_qkv(Shape(1, 1, 1, 4, 4, 16), torch.float32)
     with pytest.raises(ValueError, match="impl must be one of 'auto', 'reference', 'fused', 'flash'; got 'triton'"):
         attention(q, k, v, impl="triton")
+
+
+def test_attention_takes_every_flash_keyword():
+    flash = inspect.signature(kernels.flash_attention).parameters
+    ours = inspect.signature(attention).parameters
+    assert [name for name in flash if name not in ours] == []
+    assert all(ours[name].default == flash[name].default for name in flash)
+
+
+def test_every_keyword_reaches_the_kernel(monkeypatch):
+    """Each of flash_attention's keywords, given to attention(), reaches the kernel it runs, unchanged."""
+    seen = {}
+    for attr in ("fused_attention", "flash_attention"):
+        real = getattr(kernels.dispatch, attr)
+        monkeypatch.setattr(kernels.dispatch, attr,
+                            lambda *a, _real=real, _attr=attr, **kw: seen.update({_attr: kw}) or _real(*a, **kw))
+    q, k, v, _ = make_qkv(Shape(1, 2, 2, 9, 9, 16), torch.float32, seed=seed_of("keywords"))
+    mods = dict(causal=False, scale=0.3, return_lse=True, softcap=2.0, sinks=torch.zeros(2),
+                alibi_slopes=reference.alibi_slopes(2), dropout_p=0.25, dropout_seed=7, attn_mask=torch.randn(9, 9))
+    attention(q, k, v, impl="fused", **mods)
+    assert {name: seen["fused_attention"][name] for name in mods} == mods
+    attention(q, k, v, impl="flash", window=(2, 1), **mods)
+    assert {name: seen["flash_attention"][name] for name in mods} == mods
+    assert seen["flash_attention"]["window"] == (2, 1)
+
+
+@pytest.mark.parametrize("impl", ["auto", "flash", "reference"])
+def test_a_window_runs_on_flash_or_the_reference(calls, impl):
+    q, k, v, do = make_qkv(Shape(1, 4, 2, 17, 17, 32), torch.float16, seed=seed_of("window", impl))
+    out, lse = attention(q, k, v, impl=impl, window=(4, 0), return_lse=True)
+    assert calls == ["reference" if impl == "reference" else "flash"]  # auto: fused has no window
+    want = reference.attention(q, k, v, window=(4, 0))
+    torch.testing.assert_close(out, want, atol=2e-3, rtol=0)
+    torch.testing.assert_close(lse, reference.logsumexp(q, k, window=(4, 0)), atol=1e-4, rtol=0)
+
+
+def test_a_window_that_hides_nothing_leaves_auto_on_fused(calls):
+    q, k, v, _ = make_qkv(Shape(1, 2, 2, 9, 9, 16), torch.float16, seed=seed_of("no window"))
+    attention(q, k, v, window=(-1, 0))
+    attention(q, k, v, causal=False, window=(-1, -1))
+    assert calls == ["fused", "fused"]
+
+
+def test_fused_refuses_a_window():
+    q, k, v, _ = make_qkv(Shape(1, 1, 1, 4, 4, 16), torch.float32)
+    with pytest.raises(ValueError, match=r"attention\(impl='fused'\): fused_attention takes no window, got "
+                                         r"window=\(2, 0\); use impl='flash' or 'auto'"):
+        attention(q, k, v, impl="fused", window=(2, 0))
