@@ -19,7 +19,9 @@ pytest.importorskip("transformers")
 from transformers import (AttentionInterface, AutoModelForCausalLM, DynamicCache, GPT2Config,  # noqa: E402
                           LlamaConfig, MistralConfig, StaticCache)
 from transformers.masking_utils import (AttentionMaskInterface, and_masks, bidirectional_mask_function,  # noqa: E402
-                                        causal_mask_function, chunked_overlay, eager_mask, sdpa_mask,
+                                        causal_mask_function, chunked_overlay, eager_mask,
+                                        find_packed_sequence_indices, packed_sequence_mask_function,
+                                        remap_positions_for_packed_sequence, sdpa_mask,
                                         sliding_window_causal_mask_function)
 
 from attention_kernels import kernels  # noqa: E402  (its submodules below, by attribute)
@@ -84,8 +86,9 @@ def names():
 
 @pytest.fixture
 def packed(monkeypatch):
-    """Counts, in kernels.hf, of flash_attention_varlen calls ("varlen") and of padding masks
-    packed ("packings", one host sync each)."""
+    """Counts, in kernels.hf, of flash_attention_varlen calls ("varlen"), of padding masks packed
+    ("packings", one host sync each) and of packed documents' masks packed ("documents", one host
+    sync each)."""
     counts = Counter()
 
     def counting(key, fn):
@@ -96,6 +99,7 @@ def packed(monkeypatch):
 
     monkeypatch.setattr(kernels.hf, "flash_attention_varlen", counting("varlen", kernels.hf.flash_attention_varlen))
     monkeypatch.setattr(kernels.hf, "_pack", counting("packings", kernels.hf._pack))
+    monkeypatch.setattr(kernels.hf, "_pack_documents", counting("documents", kernels.hf._pack_documents))
     return counts
 
 
@@ -277,6 +281,75 @@ def test_padded_batch_rows(poison, packed, causal, impl):
         assert_close(name, x.grad, x64.grad, x32.grad, GRAD_FACTOR, FLOOR[torch.float32])
 
 
+# ----------------------------------------------------------------------------- packed documents
+
+
+def packed_documents(lengths):
+    """Documents of these lengths packed into rows of T tokens, one row per list, as
+    DataCollatorWithFlattening packs them: position_ids restarting at 0 in each document, and (for
+    one row) FlashAttention-2's cu_seq_lens_q, cu_seq_lens_k (int32) and max_length_q, max_length_k."""
+    assert all(sum(row) == T for row in lengths)
+    position_ids = torch.tensor([[i for n in row for i in range(n)] for row in lengths], device=DEVICE)  # (B, T)
+    cu = torch.tensor([0, *torch.tensor(lengths[0]).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    fa_kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu.clone(), max_length_q=max(lengths[0]),
+                     max_length_k=max(lengths[0]))
+    return position_ids, fa_kwargs
+
+
+PACKED_CASES = [  # (model, documents per row, how transformers is told)
+    ("llama", [[5, 1, 6]], "position_ids"),
+    ("llama", [[5, 1, 6]], "cu_seq_lens"),            # FlashAttention-2's keywords, no position_ids
+    ("mistral", [[3, 9], [7, 5]], "position_ids"),    # a window of 4 in each document; documents in every row
+]
+
+
+@pytest.mark.parametrize("model_name, lengths, how", PACKED_CASES)
+def test_packed_documents_match_eager(poison, names, packed, model_name, lengths, how):
+    """Padding-free training: documents packed into a row, each seeing only itself, run as one
+    flash_attention_varlen call per layer, logits and every gradient. position_ids that restart
+    are found by transformers' own mask code (no cache, no padding mask), which builds eager's
+    block-diagonal mask; the documents cost one host read per forward. cu_seq_lens_* name the
+    documents themselves (eager, which ignores them, gets position_ids: the truth is the same)."""
+    model = build(llama() if model_name == "llama" else mistral(4), names["flash"],
+                  seed=seed_of("packed", model_name, len(lengths)))
+    g = torch.Generator().manual_seed(seed_of("packed inputs", model_name, len(lengths)))
+    ids, labels = (torch.randint(VOCAB, (len(lengths), T), generator=g).to(DEVICE) for _ in range(2))
+    position_ids, fa_kwargs = packed_documents(lengths)
+    kwargs = dict(position_ids=position_ids) if how == "position_ids" else fa_kwargs
+    truth, low = eager_copies(model)
+    (got, grads), calls = counted(loss_and_grads, model, ids, None, labels, **kwargs)
+    want, want_grads = loss_and_grads(truth, ids, None, labels, position_ids=position_ids)
+    base, base_grads = loss_and_grads(low, ids, None, labels, position_ids=position_ids)
+    assert calls == {"kernels": LAYERS}
+    assert packed == ({"varlen": LAYERS, "documents": 1} if how == "position_ids" else {"varlen": LAYERS})
+    floor = FLOOR[torch.float32]
+    assert_close("logits", got, want, base, FACTOR, floor)
+    assert grads.keys() == want_grads.keys()
+    for name, grad in grads.items():
+        assert grad is not None, f"no gradient reached {name}"
+        assert_close(f"grad of {name}", grad, want_grads[name], base_grads[name], GRAD_FACTOR, floor)
+    if how == "position_ids" and len(lengths) == 1:  # the last document alone gives the same logits
+        start = T - lengths[0][-1]
+        alone = truth(input_ids=ids[:, start:], use_cache=False).logits[0]                   # (T - start, VOCAB)
+        assert_close("logits of the last document alone", got[start:], alone, base[start:], FACTOR, floor)
+
+
+@pytest.mark.parametrize("how", ["position_ids", "both"])
+def test_packed_documents_reach_sdpa_spelled_out(names, how):
+    """A packed row the kernels cannot take (float64) goes to SDPA with its documents in the 4D
+    mask, whichever way they were given (with both, as DataCollatorWithFlattening(
+    return_flash_attn_kwargs=True) gives them, from cu_seq_lens_*)."""
+    model = build(llama(), names["auto"], seed=seed_of("packed f64")).double()
+    truth = eager_copies(model)[0]
+    ids = torch.randint(VOCAB, (1, T), generator=torch.Generator().manual_seed(seed_of("packed f64 inputs")))
+    position_ids, fa_kwargs = packed_documents([[4, 8]])
+    kwargs = dict(position_ids=position_ids, **(fa_kwargs if how == "both" else {}))
+    got, calls = counted(lambda: model(input_ids=ids.to(DEVICE), use_cache=False, **kwargs).logits)
+    assert calls == {F64: LAYERS}
+    want = truth(input_ids=ids.to(DEVICE), position_ids=position_ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- falling back
 
 
@@ -384,6 +457,8 @@ def test_mask_rules():
     B, Tq, Tk = 2, 3, 8
     pad = torch.ones(B, Tk, dtype=torch.bool)
     pad[0, :2] = False
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0], [0, 1, 0, 1, 2, 3, 4, 5]])   # documents restart at 0
+    docs = find_packed_sequence_indices(positions)                                  # transformers' own finding
 
     def mask(**kw):
         args = dict(batch_size=B, q_length=Tq, kv_length=Tk, q_offset=Tk - Tq, kv_offset=0,
@@ -394,7 +469,7 @@ def test_mask_rules():
     def meaning(got, q_length=Tq):
         """The (B, 1, Tq, Tk) mask the kernels compute for kernel_mask's 2D result."""
         spec = kernels.hf._recall(got)[1]
-        dense = kernels.hf._dense_mask(got[:, :spec.end], q_length, spec.end, spec.causal, spec.left, "cpu")
+        dense = kernels.hf._dense_mask(got[:, :spec.end], q_length, spec.end, spec.causal, spec.left, "cpu", spec.docs)
         return F.pad(dense.expand(B, 1, q_length, spec.end), (0, Tk - spec.end))
 
     got, want = mask()
@@ -412,6 +487,11 @@ def test_mask_rules():
         "a longer padding mask": dict(attention_mask=torch.ones(B, Tk + 1, dtype=torch.bool).index_fill(1,
                                       torch.tensor([0]), False)),
         "one query, static decoding": dict(q_length=1, q_offset=torch.tensor(5), allow_is_causal_skip=False),
+        **{f"packed sequences, {name}": dict(q_length=Tk, q_offset=0, attention_mask=None, allow_is_causal_skip=False,
+                                             mask_function=and_masks(remap_positions_for_packed_sequence(f, positions),
+                                                                     packed_sequence_mask_function(docs)))
+           for name, f in (("causal", causal_mask_function), ("sliding", sliding_window_causal_mask_function(2)),
+                           ("bidirectional", bidirectional_mask_function))},
     }
     for case, kw in on_kernels.items():
         got, want = mask(**kw)
@@ -437,6 +517,10 @@ def test_clear_errors():
     q = torch.randn(1, 2, 4, 8, device=DEVICE)
     with pytest.raises(ValueError, match=r"a 2D attention mask must be the \(B, Tk\) = \(1, 4\) bool mask"):
         kernel_attention_forward(SimpleNamespace(is_causal=True), q, q, q, torch.ones(1, 4))
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32, device=DEVICE)                  # ends at 5, not at T = 4
+    with pytest.raises(ValueError, match=r"cu_seq_lens_q and cu_seq_lens_k must be the same offsets .* got \[0, 3, 5\]"):
+        kernel_attention_forward(SimpleNamespace(is_causal=True), q, q, q, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                                 max_length_q=3, max_length_k=3)
 
 
 def test_without_transformers_registering_says_how_to_install_it(monkeypatch):

@@ -170,6 +170,97 @@ def test_family_generates_as_eager(families, family, cache):
     assert set(calls) == {"kernels"}, calls
 
 
+def qwen3():
+    return transformers.Qwen3Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                    num_hidden_layers=2, intermediate_size=128, vocab_size=VOCAB)
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen3"])
+def test_family_packed_documents_match_eager(families, name, family):
+    """Padding-free training: documents of 5, 1 and 6 tokens packed into one row as
+    DataCollatorWithFlattening(return_flash_attn_kwargs=True) gives them (position_ids restarting
+    at 0 and FlashAttention-2's cu_seq_lens_*), no mask, no cache: one flash_attention_varlen call
+    per layer (window, soft-cap and sinks within each document) against eager on each document
+    alone. Logits and every gradient. (GPT-OSS's mask code is not handed position_ids: there the
+    keywords make the documents.)"""
+    eager, ours = families[family] if family in FAMILIES else pair(qwen3(), name)
+    ids, _ = inputs("none", seed=len(family) + 2, B=1)
+    lengths = [5, 1, 6]
+    cu = torch.tensor([0, 5, 6, T], dtype=torch.int32, device=DEVICE)
+    position_ids = torch.tensor([[i for n in lengths for i in range(n)]], device=DEVICE)          # (1, T)
+    packed = dict(position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=6, max_length_k=6)
+    results = []
+    for model, run in ((eager, lambda: torch.cat([eager(input_ids=ids[:, a:b], use_cache=False).logits
+                                                  for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], dim=1)),
+                       (ours, lambda: ours(input_ids=ids, use_cache=False, **packed).logits)):
+        model.zero_grad(set_to_none=True)
+        out, calls = counted(run)                                                               # (1, T, VOCAB)
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, calls))
+    (want, want_grads, _), (got, got_grads, calls) = results
+    assert calls == {"kernels": 2}
+    assert_same("logits", got, want)
+    assert got_grads.keys() == want_grads.keys()
+    for n in want_grads:
+        assert_same(f"grad of {n}", got_grads[n], want_grads[n], tol=1e-3)
+
+
+def llama4_chunked():
+    """Llama 4's chunked layers, in chunks of 4 tokens (the default, 8192, would not bind at T = 12)."""
+    config = tiny_config("llama4_text")
+    config.attention_chunk_size = 4
+    return config
+
+
+def gemma3_with_images():
+    """Gemma 3 with a 1-layer SigLIP tower: an image's 4 tokens see one another (an overlay on the
+    causal and sliding masks)."""
+    return transformers.Gemma3Config(
+        text_config=dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2,
+                         intermediate_size=128, vocab_size=VOCAB, sliding_window=5,
+                         layer_types=["sliding_attention", "full_attention"]),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2)
+
+
+SPELLED_OUT = {  # model: (config, its mask's reason in CALLS, what differs from causal)
+    "llama4_chunked": (llama4_chunked, "a mask pattern the kernels lack (chunked or an overlay)"),
+    "doge": (lambda: tiny_config("doge"), "a 4D mask from the caller"),  # adds its dynamic mask onto the causal one
+    "gemma3_images": (gemma3_with_images, "a mask pattern the kernels lack (chunked or an overlay)"),
+}
+
+
+@pytest.mark.parametrize("model", SPELLED_OUT)
+def test_masks_the_kernels_take_in_4d_match_eager(name, model):
+    """Masks with no pattern of the kernels' own run on them as their 4D attn_mask, every text
+    layer (the vision tower's calls run on the kernels too): logits and every gradient."""
+    make, reason = SPELLED_OUT[model]
+    eager, ours = pair(make(), name)
+    ids, _ = inputs("none", seed=11, B=1)
+    kw = {}
+    if model == "gemma3_images":
+        ids[0, 3:7] = VOCAB - 1                                          # an image's 4 tokens
+        kw = dict(pixel_values=torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(11)).to(DEVICE),
+                  token_type_ids=(ids == VOCAB - 1).long())
+    results = []
+    for m in (eager, ours):
+        m.zero_grad(set_to_none=True)
+        out, calls = counted(lambda: m(input_ids=ids, **kw).logits)
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}, calls))
+    (want, want_grads, _), (got, got_grads, calls) = results
+    assert {k for k in calls if k != "kernels"} == {f"kernels, the mask in 4D: {reason}"}, calls
+    assert calls[f"kernels, the mask in 4D: {reason}"] == 2
+    assert_same("logits", got, want)
+    assert got_grads.keys() == want_grads.keys()
+    for n in want_grads:
+        assert_same(f"grad of {n}", got_grads[n], want_grads[n], tol=1e-3)
+    if model == "gemma3_images":  # the overlay binds: without it the image tokens' logits move
+        plain = logits(eager, ids, None)
+        assert (plain[0, 3:7] - want[0, 3:7]).abs().max() > 100 * TOL
+
+
 def test_future_tokens_never_leak(families):
     """Change the last token: every earlier position's logits stay what they were, in every family."""
     for family, (_, ours) in families.items():
@@ -272,6 +363,41 @@ COMPARED = sorted(set(WALK) - set(NO_TINY_CONFIG) - REFUSED)
 COMPARED_FLOOR = 132
 
 
+# Why a call may still leave the kernels for transformers' own attention (words of kernels.hf's
+# reasons): the walk fails on any other, so that a new fallback gets a name here and in
+# docs/models.md. A "kernels, the mask in 4D: ..." call runs on the kernels: not a fallback.
+NAMED_FALLBACKS = {
+    "head dim over 256 (Gemma 4's global layers)": "is not supported; accepted: 1 to 256",
+    "a position bias (Inkling)": "a position bias",
+    "a float mask with a row that sees only finfo.min (Doge's padded rows)": "a row hidden by finite values",
+    "float64": "q has dtype float64",
+}
+
+
+def unnamed_fallbacks(calls):
+    """The fallbacks in `calls` (CALLS' keys "sdpa: ..." and "eager: ...") that NAMED_FALLBACKS does not name."""
+    return [k for k in calls if k.split(":")[0] in ("sdpa", "eager") and not any(w in k for w in NAMED_FALLBACKS.values())]
+
+
+@pytest.fixture(scope="module")
+def walk_calls(request):
+    """What each walked model's calls ran on, by model type. At the end of the walk, the types
+    with a call that did not run on the kernels' own patterns are printed with the reasons (a 4D
+    mask on the kernels, or a named fallback), so a reader sees every one left."""
+    table = {}
+    yield table
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+    rows = {t: c for t, c in sorted(table.items()) if set(c) != {"kernels"}}
+    if reporter is None or capture is None or not rows:
+        return  # no terminal (a pytest-xdist worker): each test has asserted its own reasons
+    with capture.global_and_fixture_disabled():  # what capsys.disabled() does
+        reporter.write_line(f"\nthe walk: {len(table)} model types compared, {len(table) - len(rows)} with every call on "
+                            f"the kernels' own patterns; the others, with what their calls ran on:")
+        for model_type, calls in rows.items():
+            reporter.write_line(f"  {model_type}: " + "; ".join(f"{n} x {k}" for k, n in sorted(calls.items())))
+
+
 def eager_model(model_type):
     """(config, the model in eager attention, eval, seeded weights, vocab for inputs)."""
     warnings.filterwarnings("ignore")
@@ -283,10 +409,11 @@ def eager_model(model_type):
 
 
 @pytest.mark.parametrize("model_type", COMPARED)
-def test_every_decoder_runs_as_eager(reference_name, model_type):
+def test_every_decoder_runs_as_eager(reference_name, walk_calls, model_type):
     """Built from a tiny config: the same logits as eager, unpadded, left-padded and with the last
-    token changed (a lost causal mask shows there). Any error fails: a model type whose tiny config
-    no longer runs in eager goes to NO_TINY_CONFIG, with the error, by hand."""
+    token changed (a lost causal mask shows there), and every call that leaves the kernels has a
+    reason NAMED_FALLBACKS names. Any error fails: a model type whose tiny config no longer runs in
+    eager goes to NO_TINY_CONFIG, with the error, by hand."""
     config, eager, vocab = eager_model(model_type)
     assert model_problem(type(eager)) is None, f"{type(eager).__name__} is refused now: move {model_type} to REFUSED"
     ours = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=reference_name).eval()
@@ -294,10 +421,13 @@ def test_every_decoder_runs_as_eager(reference_name, model_type):
     ids, mask = inputs("left", seed=7, vocab=vocab)
     changed = ids.clone()
     changed[:, -1] = 3 + (changed[:, -1] - 2) % (vocab - 3)  # another token, still in [3, vocab)
+    before = CALLS.copy()
     assert_same("logits", logits(ours, ids), logits(eager, ids))
     assert_same("logits, last token changed", logits(ours, changed), logits(eager, changed))
     keep = mask.bool()
     assert_same("logits, left-padded", logits(ours, ids, mask)[keep], logits(eager, ids, mask)[keep])
+    walk_calls[model_type] = calls = CALLS - before
+    assert not unnamed_fallbacks(calls), f"{model_type}: fallbacks without a name in NAMED_FALLBACKS: {dict(calls)}"
 
 
 @pytest.mark.parametrize("model_type", REFUSED_WALK)

@@ -32,6 +32,21 @@ sinks `s_aux`, attention dropout while training):
       gives. The fused kernel has no packed form, so impl="fused" runs flash here too;
       impl="reference" runs `reference.varlen_attention`. The packing (holes check, gather
       indices, cu_seqlens) costs one host sync, once per forward: the layers of a mask share it;
+    - packed documents (padding-free training: documents one after another in a row, each seeing
+      only itself): transformers' own mask for position_ids that restart, which it makes where
+      there is no padding mask and no cache and the model hands it position_ids
+      (`find_packed_sequence_indices`, its host read), or FlashAttention-2's keywords
+      `cu_seq_lens_q`, `cu_seq_lens_k`, `max_length_q`, `max_length_k`
+      (`DataCollatorWithFlattening(return_flash_attn_kwargs=True)`), read as FlashAttention-2
+      reads them: without a padding mask, and before position_ids. Every token goes to
+      `flash_attention_varlen` in one call, without a gather; one host read per forward (how many
+      documents and the longest, or the keywords' offsets, checked). This module reads no
+      position_ids itself: where transformers makes no packed mask (with a cache, as in
+      generate, or in a model whose mask code is not handed position_ids, as GPT-OSS's) eager
+      attention lets the documents see one another, and so do the kernels, unless the keywords
+      are given;
+    - multi-head latent attention (v's head dim not q's and k's: DeepSeek V2/V3, ...): zeros
+      make the head dims equal, as in transformers' FlashAttention path;
     - no mask and is_causal=False (e.g. an encoder without padding).
 The mask function hands the attention function a (B, Tk) bool tensor of the valid keys and
 remembers, by identity, what it stands for (causal or not, the window, where the keys end, whether
@@ -41,15 +56,17 @@ under a causal mask); None reaches the attention function only from models that 
 then the layer's is_causal decides, as in SDPA.
 
 On the kernels with the mask spelled out in 4D as their attn_mask (counted in `CALLS` as
-"kernels, the mask in 4D: <reason>" too): a chunked or overlaid mask, packed sequences, a mask the
-model materialises (allow_is_causal_skip=False), a static cache's sliding layer, a user's 4D mask,
-a padding mask with holes (`_mask_for_kernels`), with the kernel `impl` names.
+"kernels, the mask in 4D: <reason>" too): a chunked or overlaid mask (Llama 4's chunks, Gemma 3's
+images), a mask the model materialises (allow_is_causal_skip=False), a static cache's sliding
+layer, a user's 4D mask (Doge adds onto its own), a padding mask with holes (`_mask_for_kernels`),
+with the kernel `impl` names.
 
-Elsewhere, counted in `CALLS` under the reason and logged once per reason (logger
-"attention_kernels.kernels.hf"): a float 4D mask with a row that sees only finite entries at or
-below -2.4e38 (finfo.min: SDPA averages that row, the kernels would give zeros), dropout under
-impl="reference", a position bias, inputs the kernels do not take (a dtype other
-than fp16, bf16 and fp32, head dim > 256, CPU tensors without Triton's interpreter). SDPA always
+Elsewhere, counted in `CALLS` under the reason (a mask's reason first, then the inputs' in
+brackets) and logged once per reason (logger "attention_kernels.kernels.hf"): a float 4D mask with
+a row that sees only finite entries at or below -2.4e38 (finfo.min: SDPA averages that row, the
+kernels would give zeros), dropout under impl="reference", a position bias, inputs the kernels do
+not take (a dtype other than fp16, bf16 and fp32, head dim > 256, CPU tensors without Triton's
+interpreter). SDPA always
 gets the mask spelled out in 4D: it reads no mask as top-left causal, where the kernels and
 transformers' masks align bottom-right. Importing this module does not import transformers;
 `register_transformers` does.
@@ -166,11 +183,13 @@ def _guard(PreTrainedModel):
 class Spec(NamedTuple):
     """What a (B, Tk) bool mask from `kernel_mask` stands for: attention, causal or not, over the
     keys [0, end) of the layer's Tk, those the mask marks valid, with a sliding window of `left`
-    keys before the diagonal one (None: unbounded)."""
+    keys before the diagonal one (None: unbounded); with `docs`, a (B, Tk) document index of each
+    token (packed sequences), only within each document."""
     causal: bool
     left: int | None
     end: int
     padded: bool
+    docs: Tensor | None = None
 
 
 # The masks `kernel_mask` made lately, by identity: (mask, Spec or a fallback reason, packing). A
@@ -191,10 +210,17 @@ def _recall(mask):
     return entry if entry is not None and entry[0] is mask else None
 
 
+def _and_parts(mask_function):
+    """The mask functions that transformers' `and_masks` combined into `mask_function`, or None."""
+    if getattr(mask_function, "__name__", "") != "and_mask":
+        return None
+    return inspect.getclosurevars(mask_function).nonlocals.get("mask_functions")
+
+
 def _pattern(mask_function):
     """("causal", None), ("sliding", W) or ("bidirectional", None) when `mask_function` is
     transformers' causal, sliding-window causal or bidirectional mask function, else None
-    (chunked, overlays, packed sequences, ...).
+    (chunked, overlays, ...).
     Recognised by the functions themselves, not by their output: and_masks(sliding_window_overlay(W),
     causal_mask_function) is what transformers builds for a sliding layer."""
     from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sliding_window_overlay
@@ -203,14 +229,32 @@ def _pattern(mask_function):
         return "causal", None
     if mask_function is bidirectional_mask_function:
         return "bidirectional", None
-    parts = inspect.getclosurevars(mask_function).nonlocals.get("mask_functions") \
-        if getattr(mask_function, "__name__", "") == "and_mask" else None
+    parts = _and_parts(mask_function)
     if parts is not None and len(parts) == 2 and parts[1] is causal_mask_function \
             and getattr(parts[0], "__code__", None) is sliding_window_overlay(1).__code__:
         window = inspect.getclosurevars(parts[0]).nonlocals.get("sliding_window")
         if isinstance(window, int) and window > 0:
             return "sliding", window
     return None
+
+
+def _unpacked(mask_function):
+    """(the mask function within each document, the (B, T) document index) when `mask_function`
+    is transformers' mask for packed sequences, else (mask_function, None). transformers builds it
+    from position_ids that restart, with no padding mask and no cache (`find_packed_sequence_indices`,
+    its own host read): and_masks(remap_positions_for_packed_sequence(f, position_ids),
+    packed_sequence_mask_function(docs)). A new document starts wherever the position does not
+    rise by one, so within a document f on positions is f on token indices."""
+    from transformers.masking_utils import packed_sequence_mask_function, remap_positions_for_packed_sequence
+
+    parts = _and_parts(mask_function)
+    if parts is not None and len(parts) == 2 \
+            and getattr(parts[0], "__code__", None) is remap_positions_for_packed_sequence(None, None).__code__ \
+            and getattr(parts[1], "__code__", None) is packed_sequence_mask_function(None).__code__:
+        docs = inspect.getclosurevars(parts[1]).nonlocals.get("packed_sequence_mask")
+        if isinstance(docs, Tensor) and docs.ndim == 2:
+            return inspect.getclosurevars(parts[0]).nonlocals.get("mask_function"), docs
+    return mask_function, None
 
 
 def kernel_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
@@ -227,12 +271,17 @@ def kernel_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_f
     if entry is not None and isinstance(entry[1], Spec) and attention_mask.shape == (batch_size, kv_length):
         return attention_mask  # ours already: generate makes the masks first and hands them to the model as its own
     mask_function = mask_function or causal_mask_function
-    pattern = _pattern(mask_function)
     static = isinstance(q_offset, Tensor)  # a StaticCache: the keys run past the queries
+    inner, docs = _unpacked(mask_function)
+    if docs is not None and not (attention_mask is None and not static and q_offset == kv_offset == 0
+                                 and q_length == kv_length and docs.shape == (batch_size, kv_length)):
+        inner, docs = mask_function, None  # not as transformers makes packed sequences: spelled out
+    pattern = _pattern(inner)
     reason = None
     if pattern is None:
-        reason = "a mask pattern the kernels lack (chunked, packed sequences or an overlay)"
-    elif (not kwargs.get("allow_is_bidirectional_skip", True) if pattern[0] == "bidirectional" else
+        reason = "a mask pattern the kernels lack (chunked or an overlay)"
+    elif (id(kwargs.get("config")) in _MATERIALISING if docs is not None else  # packing turns the skips off itself
+          not kwargs.get("allow_is_bidirectional_skip", True) if pattern[0] == "bidirectional" else
           not allow_is_causal_skip and (q_length != 1 or id(kwargs.get("config")) in _MATERIALISING)):
         reason = "the model materialises its mask (allow_is_causal_skip=False)"
     elif isinstance(kv_offset, Tensor):
@@ -260,7 +309,7 @@ def kernel_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_f
                                 if padding is None else padding.device)
             valid[:, :end] = True if padding is None else padding[:, kv_offset:kv_offset + end]
             left = pattern[1] - 1 if pattern[0] == "sliding" else None  # keys j > i - W: W - 1 before i
-            return _remember(valid, Spec(pattern[0] != "bidirectional", left, end, padded))
+            return _remember(valid, Spec(pattern[0] != "bidirectional", left, end, padded, docs))
 
     # sdpa_mask returns None to mean "SDPA's is_causal", which aligns top-left; the kernels would
     # read None as bottom-right. The two agree only for one query or as many queries as keys.
@@ -280,7 +329,20 @@ def kernel_attention_forward(module, query, key, value, attention_mask, scaling=
     """transformers' attention-function signature: query (B, Hq, Tq, D), key and value (B, Hkv, Tk, D)
     (not repeated for grouped-query attention), attention_mask None, a (B, Tk) bool mask from
     `kernel_mask` or a 4D mask; returns ((B, Tq, Hq, D) contiguous, None). Takes Gemma 2's
-    `softcap` and GPT-OSS's `s_aux` (or `sinks`) as the kernels' softcap and sinks."""
+    `softcap` and GPT-OSS's `s_aux` (or `sinks`) as the kernels' softcap and sinks, and
+    FlashAttention-2's `cu_seq_lens_q`, `cu_seq_lens_k`, `max_length_q`, `max_length_k` (documents
+    packed into one row, `DataCollatorWithFlattening(return_flash_attn_kwargs=True)`) where the
+    mask has no padding, as FlashAttention-2 reads them."""
+    Dqk, Dv = query.shape[-1], value.shape[-1]
+    if Dv != Dqk and key.shape[-1] == Dqk:
+        # multi-head latent attention (DeepSeek V2/V3, MiniCPM3, ...): v's head dim is not q's and
+        # k's, the kernels take one. Zeros on the narrower side change no score and add output
+        # columns of zeros, cut off here: transformers' FlashAttention path does the same.
+        D = max(Dqk, Dv)
+        query, key, value = (F.pad(x, (0, D - x.shape[-1])) for x in (query, key, value))  # (B, H, T, D)
+        out, weights = kernel_attention_forward(module, query, key, value, attention_mask,
+                                                Dqk ** -0.5 if scaling is None else scaling, dropout, impl, **kwargs)
+        return out[..., :Dv].contiguous(), weights                                    # (B, Tq, Hq, Dv)
     is_causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
     B, Tq, Tk = query.shape[0], query.shape[-2], key.shape[-2]
@@ -291,7 +353,7 @@ def kernel_attention_forward(module, query, key, value, attention_mask, scaling=
         mods["dropout_p"] = dropout
 
     entry = None if attention_mask is None else _recall(attention_mask)
-    spec, valid, reason = Spec(causal, None, Tk, False), None, None
+    spec, valid, reason, packing = Spec(causal, None, Tk, False), None, None, None
     if attention_mask is not None and attention_mask.ndim == 2:
         if attention_mask.dtype != torch.bool or attention_mask.shape != (B, Tk):
             raise ValueError(f"a 2D attention mask must be the (B, Tk) = {(B, Tk)} bool mask that kernel_mask "
@@ -307,6 +369,14 @@ def kernel_attention_forward(module, query, key, value, attention_mask, scaling=
     mask_reason = reason  # the mask's pattern, not the inputs: flash may still run it as a 4D attn_mask
     reason = reason or _why_not_kernels(query, key, value, dropout, scaling, impl, kwargs)
     causal = spec.causal  # the mask's own word, where kernel_mask made it
+    given = [kwargs.get(name) for name in _SEQ_LENS]
+    if all(x is not None for x in given) and mask_reason is None and not spec.padded and spec.end == Tk:
+        # documents as FlashAttention-2 reads its keywords: where there is no padding, before position_ids
+        packing = _given_packing(entry, given, B, Tq, Tk, query.device)
+        if reason is not None:  # the fallback spells the documents out
+            spec = spec._replace(docs=_documents(packing.cu_seqlens_q, Tq))
+    elif reason is None and spec.docs is not None:
+        packing = _document_packing(entry, spec.docs)
 
     if reason is None and spec.end < Tk:  # a static cache: the keys past the last query are unused
         key, value, valid = key[:, :, :spec.end], value[:, :, :spec.end], valid[:, :spec.end]
@@ -321,18 +391,19 @@ def kernel_attention_forward(module, query, key, value, attention_mask, scaling=
         dense = attention_mask if attention_mask is not None and attention_mask.ndim == 4 else \
             _dense_mask(valid, Tq, Tk, causal, spec.left, query.device)
         dense, why = _mask_for_kernels(dense, query, key)
-        if why is None and _why_not_kernels(query, key, value, dropout, scaling, impl, kwargs) is None:
+        why = why or _why_not_kernels(query, key, value, dropout, scaling, impl, kwargs)
+        if why is None:
             CALLS["kernels"] += 1
             CALLS[f"kernels, the mask in 4D: {reason}"] += 1
             out = attention(query, key, value, causal=False, scale=scaling, impl=impl, attn_mask=dense, **mods)
             return out.transpose(1, 2).contiguous(), None                             # (B, Tq, Hq, D)
-        reason = f"{reason} ({why})" if why is not None else reason
+        reason = f"{reason} ({why})"
 
     if reason is not None:
         return _fallback(module, query, key, value, attention_mask, valid, spec, causal, reason, dropout, scaling,
                          kwargs)
     CALLS["kernels"] += 1
-    if spec.padded:
+    if packing is not None:
         return _attention_packed(query, key, value, packing, causal, scaling, impl, window, mods), None
     if window is not None:
         if impl == "reference":
@@ -382,7 +453,7 @@ def _fallback(module, query, key, value, attention_mask, valid, spec, causal, re
                     "per reason; kernels.hf.CALLS counts every call)", type(module).__name__, path.upper(), reason)
     Tq, Tk = query.shape[-2], key.shape[-2]
     if attention_mask is None or attention_mask.ndim == 2:
-        attention_mask = _dense_mask(valid, Tq, Tk, causal, spec.left, query.device)
+        attention_mask = _dense_mask(valid, Tq, Tk, causal, spec.left, query.device, spec.docs)
     if eager:
         model_module = sys.modules.get(type(module).__module__)
         eager_forward = getattr(model_module, "eager_attention_forward", None)
@@ -400,29 +471,34 @@ def _fallback(module, query, key, value, attention_mask, valid, spec, causal, re
                                   **kwargs)
 
 
-def _dense_mask(valid, Tq, Tk, causal, left, device):
+def _dense_mask(valid, Tq, Tk, causal, left, device, docs=None):
     """The (B or 1, 1, Tq, Tk) bool mask, True where query i may see key j, in transformers'
     semantics: query i sits at key position i + Tk - Tq (bottom-right); a window keeps the `left`
-    keys before it (and, not causal, the `left` after)."""
+    keys before it (and, not causal, the `left` after); with docs ((B or 1, Tk), Tq = Tk), only
+    keys of the query's own document."""
     keys = torch.arange(Tk, device=device)                          # (Tk,)
     rows = torch.arange(Tq, device=device)[:, None] + (Tk - Tq)     # (Tq, 1)
     allowed = keys <= rows if causal else torch.ones(Tq, Tk, dtype=torch.bool, device=device)
     if left is not None:
         allowed = allowed & ((keys >= rows - left) if causal else ((keys - rows).abs() <= left))
     allowed = allowed[None, None]                                   # (1, 1, Tq, Tk)
+    if docs is not None:
+        allowed = allowed & (docs[:, None, :, None] == docs[:, None, None, :])  # (B, 1, Tq, Tk)
     return allowed if valid is None else allowed & valid[:, None, None, :Tk]  # (B, 1, Tq, Tk)
 
 
-# ----------------------------------------------------------------------------- padded batches
+# ----------------------------------------------------------------------------- padded batches and packed documents
 
 
 class Packing(NamedTuple):
     """A padded batch as packed sequences (FlashAttention-2's unpad): sequence b is row b's valid
-    keys, and its query rows that sit on them (query i sits at key position i + Tk - Tq)."""
+    keys, and its query rows that sit on them (query i sits at key position i + Tk - Tq). Or
+    documents packed into the rows (padding-free training): every token, in order, the documents
+    one after another (q_rows and k_rows None)."""
     Tq: int
     holes: bool              # some row's valid keys are not one run: bottom-right alignment breaks
-    q_rows: tuple            # (b, i) of each valid query row, two (total_q,) int64 tensors
-    k_rows: tuple            # (b, j) of each valid key, two (total_k,) int64 tensors
+    q_rows: tuple | None     # (b, i) of each valid query row, two (total_q,) int64 tensors
+    k_rows: tuple | None     # (b, j) of each valid key, two (total_k,) int64 tensors
     cu_seqlens_q: Tensor     # (B + 1,) int32
     cu_seqlens_k: Tensor     # (B + 1,) int32
     max_seqlen_q: int
@@ -462,13 +538,18 @@ def _attention_packed(q, k, v, packing, causal, scale, impl, window, mods):
     the varlen kernel, scatter back. Each sequence's queries end where its keys end, so the
     kernel's bottom-right alignment (and a window's, counted from it) is exact; the padded query
     rows are zeros, as FlashAttention-2's unpad/pad gives. Indexing and index_put out of place keep
-    autograd flowing to q, k and v (and the sinks)."""
+    autograd flowing to q, k and v (and the sinks). Packed documents take every token: the rows
+    one after another, no gather and no scatter."""
     B, Hq, Tq, D = q.shape
-    out = q.new_zeros(B, Tq, Hq, D)                                  # (B, Tq, Hq, D)
-    if packing.q_rows[0].numel() == 0:  # every query row is padding (the kernels take no empty tensor)
-        return out
-    q = q.transpose(1, 2)[packing.q_rows]                            # (total_q, Hq, D)
-    k, v = (x.transpose(1, 2)[packing.k_rows] for x in (k, v))       # (total_k, Hkv, D)
+    if packing.q_rows is None:
+        q = q.transpose(1, 2).reshape(B * Tq, Hq, D)                 # (total_q, Hq, D)
+        k, v = (x.transpose(1, 2).reshape(-1, x.shape[1], D) for x in (k, v))  # (total_k, Hkv, D)
+    else:
+        out = q.new_zeros(B, Tq, Hq, D)                              # (B, Tq, Hq, D)
+        if packing.q_rows[0].numel() == 0:  # every query row is padding (the kernels take no empty tensor)
+            return out
+        q = q.transpose(1, 2)[packing.q_rows]                        # (total_q, Hq, D)
+        k, v = (x.transpose(1, 2)[packing.k_rows] for x in (k, v))   # (total_k, Hkv, D)
     cu_q, cu_k = packing.cu_seqlens_q, packing.cu_seqlens_k
     if impl == "reference":
         o = reference.varlen_attention(q, k, v, cu_q, cu_k, causal=causal, scale=scale,
@@ -477,4 +558,65 @@ def _attention_packed(q, k, v, packing, causal, scale, impl, window, mods):
         o = flash_attention_varlen(q, k, v, cu_q, cu_k, packing.max_seqlen_q, packing.max_seqlen_k,
                                    causal=causal, scale=scale, window=window, check_seqlens=False,  # built right
                                    **mods)
+    if packing.q_rows is None:
+        return o.to(q.dtype).reshape(B, Tq, Hq, D)                   # (B, Tq, Hq, D)
     return out.index_put(packing.q_rows, o.to(out.dtype))            # (B, Tq, Hq, D)
+
+
+# FlashAttention-2's keywords for packed documents (transformers' FlashAttentionKwargs)
+_SEQ_LENS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def _pack_documents(docs):
+    """The packing of a (B, T) document index (transformers' packed_sequence_mask: a document
+    ends where the index changes, and at the end of a row), with one host read."""
+    B, T = docs.shape
+    flat = docs.reshape(-1)                                          # (B T,)
+    tokens = torch.arange(B * T, device=docs.device)                 # (B T,)
+    starts = tokens % T == 0                                         # (B T,) a document's first token
+    starts[1:] |= flat[1:] != flat[:-1]
+    first = torch.cummax(torch.where(starts, tokens, 0), 0).values   # (B T,) its document's first token
+    # -- the one host read: how many documents (the offsets' size) and the longest (the grid's)
+    n, longest = torch.stack([starts.sum(), (tokens - first).max() + 1]).tolist()
+    cu = torch.cat([torch.nonzero_static(starts, size=n).flatten(), tokens.new_full((1,), B * T)]).int()  # (n + 1,)
+    return Packing(T, False, None, None, cu, cu, longest, longest)
+
+
+def _document_packing(entry, docs):
+    """`_pack_documents(docs)`, made once per mask (every layer gets the same) and kept beside it."""
+    if entry[2] is None:
+        entry[2] = _pack_documents(docs)
+    return entry[2]
+
+
+def _given_packing(entry, given, B, Tq, Tk, device):
+    """FlashAttention-2's cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k as a Packing,
+    checked once per mask (one host read; every layer gets the same tensors). The longest
+    document comes from that read: max_length_q and max_length_k are not read."""
+    cu_q, cu_k = given[:2]
+    if entry is not None and entry[2] is not None and entry[2].cu_seqlens_q is cu_q and entry[2].cu_seqlens_k is cu_k:
+        return entry[2]
+    if B != 1 or Tq != Tk:
+        raise ValueError(f"{', '.join(_SEQ_LENS)} describe documents packed into one row, with no cache (B = 1, as "
+                         f"many queries as keys); got B = {B}, {Tq} queries, {Tk} keys")
+    for name, cu in zip(_SEQ_LENS, (cu_q, cu_k)):
+        if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.device != device:
+            raise ValueError(f"{name} must be a 1-D int32 tensor on {device}, got "
+                             f"{cu.dtype if isinstance(cu, Tensor) else type(cu).__name__} "
+                             f"{tuple(cu.shape) if isinstance(cu, Tensor) else cu!r}")
+    offsets = torch.cat([cu_q, cu_k]).tolist()                       # the one host read
+    q_offsets, k_offsets = offsets[:cu_q.numel()], offsets[cu_q.numel():]
+    lengths = [b - a for a, b in zip(q_offsets, q_offsets[1:])]
+    if q_offsets != k_offsets or q_offsets[0] != 0 or q_offsets[-1] != Tq or not lengths or min(lengths) < 0:
+        raise ValueError(f"cu_seq_lens_q and cu_seq_lens_k must be the same offsets of the documents in the row of "
+                         f"{Tq} tokens: 0 first, never decreasing, {Tq} last; got {q_offsets[:8]} and {k_offsets[:8]}")
+    packing = Packing(Tq, False, None, None, cu_q, cu_k, max(lengths), max(lengths))
+    if entry is not None:
+        entry[2] = packing
+    return packing
+
+
+def _documents(cu_seqlens, T):
+    """The (1, T) document index of each token of a row that `cu_seqlens` splits (no host read)."""
+    tokens = torch.arange(T, dtype=cu_seqlens.dtype, device=cu_seqlens.device)  # (T,)
+    return (torch.searchsorted(cu_seqlens, tokens, right=True) - 1)[None]       # (1, T)
