@@ -142,11 +142,69 @@ def dense_configs(draw, kernel):
     if kernel == "fused":
         cfg["Tk"] = min(cfg["Tk"], max_seqlen(cfg["D"], cfg["dtype"]))
     cfg["variants"] = draw(variants(cfg["Hq"], cfg["B"]))
+    if kernel in ("flash", "fused") and draw(st.booleans()):
+        cfg["masking"] = draw(maskings(kernel, cfg["B"], cfg["Hq"], cfg["Tq"], cfg["Tk"]))
     if kernel == "attention":
         cfg["impl"] = draw(st.sampled_from(["auto", "fused", "flash"]))
         if cfg["impl"] == "fused":
             cfg["Tk"] = min(cfg["Tk"], max_seqlen(cfg["D"], cfg["dtype"]))
     return cfg
+
+
+@st.composite
+def maskings(draw, kernel, B, Hq, Tq, Tk):
+    """A mask: an attn_mask (bool or float with -inf, any density, a broadcast shape) or, on flash,
+    a ready-made mask function and a score function; on flash with or without a block map of a
+    drawn block size (built from the mask, the call's causal and window)."""
+    m = dict(seed=draw(st.integers(0, 2**32 - 1)))
+    what = draw(st.sampled_from(["attn_mask"] * 2 + (["mask_mod", "score_mod"] if kernel == "flash" else [])))
+    if what == "attn_mask":
+        m["attn_mask"] = dict(kind=draw(st.sampled_from(["bool", "float"])),
+                              density=draw(st.sampled_from([0.05, 0.5, 0.95, 1.0])),
+                              shape=draw(st.sampled_from([(Tq, Tk), (B, 1, Tq, Tk), (1, Hq, Tq, Tk), (B, Hq, 1, Tk),
+                                                          (Hq, 1, 1)])))
+    elif what == "mask_mod":
+        m["mask_mod"] = draw(st.sampled_from(["documents", "prefix_lm", "chunked", "sliding_window"]))
+        m["param"] = draw(st.sampled_from([1, 3, 16, 33]))
+        if draw(st.booleans()):
+            m["score_mod"] = draw(st.sampled_from(["softcap", "alibi"]))
+    else:
+        m["score_mod"] = draw(st.sampled_from(["softcap", "alibi"]))
+    if kernel == "flash" and ("attn_mask" in m or "mask_mod" in m):
+        m["block_size"] = draw(st.sampled_from([None, 16, 32, 64]))
+    return m
+
+
+def masking_kwargs(m, B, Hq, Tq, Tk, causal, window):
+    """(the kernel's keyword arguments, the reference's) for a drawn masking."""
+    from attention_kernels.kernels import block_map, mods
+    g = torch.Generator(DEVICE).manual_seed(m["seed"])
+    kw, ref = {}, {}
+    if "attn_mask" in m:
+        a = m["attn_mask"]
+        keep = torch.rand(a["shape"], generator=g, device=DEVICE) < a["density"]
+        mask = keep if a["kind"] == "bool" else torch.randn(a["shape"], generator=g, device=DEVICE).masked_fill(
+            ~keep, -math.inf)
+        kw["attn_mask"] = ref["attn_mask"] = mask
+    if "mask_mod" in m:
+        p = m["param"]
+        if m["mask_mod"] == "documents":
+            ids = torch.randint(0, p + 1, (max(Tq, Tk),), generator=g, device=DEVICE).sort().values
+            f = mods.documents(ids)
+        elif m["mask_mod"] == "prefix_lm":
+            f = mods.prefix_lm(torch.randint(0, p + 1, (B,), generator=g, device=DEVICE))
+        else:
+            f = getattr(mods, m["mask_mod"])(p, device=DEVICE)
+        kw["mask_mod"], ref["mask_mod"] = f, f.torch_fn
+    if "score_mod" in m:
+        f = (mods.softcap(2.0, device=DEVICE) if m["score_mod"] == "softcap"
+             else mods.alibi(torch.rand(Hq, generator=g, device=DEVICE)))
+        kw["score_mod"], ref["score_mod"] = f, f.torch_fn
+    if m.get("block_size"):
+        source = kw.get("mask_mod", kw.get("attn_mask"))
+        kw["block_map"] = block_map(source, Tq, Tk, causal=causal, window=window, block_size=m["block_size"],
+                                    B=B if "mask_mod" in kw else None, H=Hq if "mask_mod" in kw else None)
+    return kw, ref
 
 
 def check_dense(cfg):
@@ -161,6 +219,10 @@ def check_dense(cfg):
     if "sinks" in kw and cfg["backward"] and torch.isfinite(kw["sinks"]).all():
         kw["sinks"].requires_grad_()
     window = cfg.get("window")
+    masked, masked_ref = {}, {}
+    if "masking" in cfg:
+        masked, masked_ref = masking_kwargs(cfg["masking"], B, Hq, Tq, Tk, cfg["causal"], window)
+        kw.update(masked)
     with poisoned():
         if cfg["kernel"] == "attention":
             o = attention(q, k, v, cfg["causal"], cfg["scale"], impl=cfg["impl"], **kw)
@@ -171,7 +233,7 @@ def check_dense(cfg):
             o, lse = fn(q, k, v, cfg["causal"], cfg["scale"], return_lse=True, **extra, **kw)
     keep = keep_mask(kw, B, Hq, Tq, Tk)
     w = tuple(window) if window is not None else (-1, -1)
-    ref = reference_variants(kw)
+    ref = {**reference_variants(kw), **masked_ref}
     drop = dict(dropout_p=kw["dropout_p"], dropout_mask=keep) if keep is not None else {}
     # finite sinks are a leaf too: their gradient is held to the rule with q's, k's and v's
     sinks = kw.get("sinks")

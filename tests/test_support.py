@@ -24,7 +24,8 @@ from attention_kernels import reference
 from attention_kernels.kernels import (CausalSelfAttention, attention, decode_attention, dropout_mask,
                                        flash_attention, flash_attention_varlen, fused_attention, paged_attention,
                                        scaled_dot_product_attention, support)
-from attention_kernels.kernels import dropout as dropout_module, sdpa as sdpa_module
+from attention_kernels.kernels import dropout as dropout_module, mods, sdpa as sdpa_module
+from attention_kernels.kernels.blockmap import block_map
 from attention_kernels.kernels.distributed import gather_sequence, ring_attention, shard_sequence
 from attention_kernels.kernels.support import ENTRY_POINTS, FEATURES, SUPPORT
 from attention_kernels.testing import FACTOR, FLOOR, assert_close, hold_to_rule, seed_of
@@ -38,7 +39,9 @@ SEED = 1234       # every dropout cell's seed, passed or (where no argument take
 SAMPLE_DIMS = 59  # head dims run: the smallest, this odd one and the largest of a cell's list
 # the argument an unsupported cell's error must name (gradients: "backward"; the ring's torch.compile: dynamo's)
 ARGUMENT = {"full": "causal", "window": "window", "softcap": "softcap", "sinks": "sinks", "ALiBi": "alibi_slopes",
-            "dropout": "dropout_p", "attn_mask": "attn_mask", "return_lse": "return_lse", "gradients": "backward"}
+            "dropout": "dropout_p", "attn_mask": "attn_mask", "return_lse": "return_lse", "gradients": "backward",
+            "mask_mod": "mask_mod", "score_mod": "score_mod", "block_map": "block_map", "tree_mask": "tree_mask",
+            "bidirectional": "bidirectional"}
 # the other names a feature goes by (the module's, torch's, transformers'): a module that lacks it takes none
 OTHER_SPELLINGS = {"full": ("is_causal",), "window": ("sliding_window",), "sinks": ("s_aux",),
                    "dropout": ("dropout", "attn_pdrop")}
@@ -65,19 +68,45 @@ def setting(feature, entry, dtype=torch.float32, D=16):
         "ALiBi": {"alibi_slopes": reference.alibi_slopes(s.Hq).to(DEVICE)},
         "dropout": {"dropout_p": 0.3, "dropout_seed": SEED},
         "attn_mask": {"attn_mask": torch.randn(1, 1, Tq, Tk, generator=g, device=DEVICE).to(dtype)},
+        "mask_mod": {"mask_mod": mods.chunked(4, device=DEVICE)},
+        "score_mod": {"score_mod": mods.softcap(1.5, device=DEVICE)},
     }.get(feature, {})
+    s.spec_causal, s.spec_mods = s.causal, dict(s.mods)
+    if feature == "block_map":  # the map first: an entry point without it names it in its TypeError
+        visible = torch.rand(Tq, Tk, generator=g, device=DEVICE) < 0.7
+        s.mods = {"block_map": block_map(visible, Tq, Tk, causal=s.causal, block_size=16), "attn_mask": visible}
+        s.spec_mods = {"attn_mask": visible}
+    if feature in ("tree_mask", "bidirectional"):  # over the new tokens: the last Tq keys
+        new = torch.arange(Tq, device=DEVICE)
+        seen = torch.ones(Tq, Tk, dtype=torch.bool, device=DEVICE)                  # (Tq, Tk) within causal
+        if feature == "tree_mask":
+            tree = (new[:, None] == new[None, :]) | (torch.rand(Tq, Tq, generator=g, device=DEVICE) < 0.5)
+            tree &= new[:, None] >= new[None, :]                                    # a draft tree: parents first
+            seen[:, Tk - Tq:] = tree
+            s.mods = {"tree_mask": tree}
+        else:  # positions 2 to Tk - 2 see each other, the first new tokens ahead of themselves too
+            ranges = torch.tensor([[2, Tk - 1]] * s.B, dtype=torch.int32, device=DEVICE)  # (B, 2)
+            pos = torch.arange(Tk, device=DEVICE)
+            inside = (pos >= 2) & (pos < Tk - 1)
+            seen = (pos[None, :] <= pos[Tk - Tq:, None]) | (inside[Tk - Tq:, None] & inside[None, :])
+            s.mods, s.spec_causal = {"bidirectional": ranges}, False
+        s.spec_mods = {"attn_mask": seen}
     return s
 
 
 def spec_of(s):
-    """The reference for setting s: spec(q, k, v, upcast=) and spec_lse(q, k)."""
-    mods = {name: value for name, value in s.mods.items() if not name.startswith("dropout")}
+    """The reference for setting s: spec(q, k, v, upcast=) and spec_lse(q, k). Mask and score
+    functions by their PyTorch twins; a tree or ranges as the attn_mask they mean."""
+    mods = {name: value for name, value in s.spec_mods.items() if not name.startswith("dropout")}
+    for name in ("mask_mod", "score_mod"):
+        if name in mods:
+            mods[name] = mods[name].torch_fn
     if "dropout_p" in s.mods:
         mods["dropout_p"] = s.mods["dropout_p"]
         mods["dropout_mask"] = dropout_mask(s.B, s.Hq, s.Tq, s.Tk, s.mods["dropout_p"], SEED, DEVICE)
-    spec = lambda q, k, v, upcast=True: reference.attention(q, k, v, s.causal, None, upcast, **mods)
+    spec = lambda q, k, v, upcast=True: reference.attention(q, k, v, s.spec_causal, None, upcast, **mods)
     lse_mods = {name: value for name, value in mods.items() if not name.startswith("dropout")}
-    spec_lse = lambda q, k: reference.logsumexp(q, k, s.causal, None, **lse_mods)
+    spec_lse = lambda q, k: reference.logsumexp(q, k, s.spec_causal, None, **lse_mods)
     return spec, spec_lse
 
 
@@ -275,7 +304,28 @@ def check_no_lse(s):
     assert len(got) == 2 and got[1] is None
 
 
-SPECIAL = {("ALiBi", "transformers"): check_no_alibi_model, ("return_lse", "transformers"): check_no_lse}
+def check_models_pass_no_such_argument(s):
+    """A tiny Llama's forward, through the kernels' registered attention function: what a model
+    hands it has none of the table's Triton-side arguments (functions, maps, trees, ranges)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from attention_kernels.kernels import register_transformers
+    name, seen = register_transformers("attention_kernels_support"), []
+    attend = ALL_ATTENTION_FUNCTIONS[name]
+    ALL_ATTENTION_FUNCTIONS[name] = lambda *args, **kwargs: seen.append(set(kwargs)) or attend(*args, **kwargs)
+    try:
+        config = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1)
+        model = LlamaForCausalLM._from_config(config, attn_implementation=name).to(DEVICE)
+        model(torch.randint(0, 16, (2, 6), device=DEVICE), attention_mask=torch.ones(2, 6, device=DEVICE, dtype=torch.long))
+    finally:
+        ALL_ATTENTION_FUNCTIONS[name] = attend
+    assert seen and not set().union(*seen) & {"mask_mod", "score_mod", "block_map", "tree_mask", "bidirectional"}
+
+
+SPECIAL = {("ALiBi", "transformers"): check_no_alibi_model, ("return_lse", "transformers"): check_no_lse,
+           **{(feature, "transformers"): check_models_pass_no_such_argument
+              for feature in ("mask_mod", "score_mod", "block_map", "tree_mask", "bidirectional")}}
 
 
 # ----------------------------------------------------------------------------- every cell but the ring's

@@ -55,6 +55,11 @@ FEATURES = {
     "ALiBi": "ALiBi's linear bias by distance, alibi_slopes",
     "dropout": "dropout of the attention weights, dropout_p",
     "attn_mask": "a bool or float mask, torch SDPA's attn_mask",
+    "mask_mod": "a mask function in Triton (kernels.mods), evaluated inside the tiles",
+    "score_mod": "a score function in Triton, with its derivative for the backward",
+    "block_map": "a block map (block_map()): the key blocks a mask hides are skipped",
+    "tree_mask": "a draft tree over each sequence's new tokens (speculative decoding)",
+    "bidirectional": "position ranges that see each other in full (image tokens, prefix-LM prompts)",
     "return_lse": "each row's log-sum-exp returned beside the output",
     "gradients": "a backward pass: dq, dk, dv (and the mods' own)",
     "torch.compile": "torch.compile(fullgraph=True) compiles through it (with the host checks off, where named)",
@@ -70,6 +75,13 @@ NO_SDPA_ARG = no("torch's SDPA signature, which the drop-in keeps, has no such a
                  "an ALiBi bias can be spelled as a float attn_mask")
 NO_MODULE_ARG = no("nanoGPT's causal self-attention, (B, T, C) in and out, takes no such argument (a TypeError)")
 NO_DROPOUT = no("for inference only: no dropout_p argument (a TypeError)")
+NO_FUNCTION = no("no such argument (a TypeError): only flash's kernels call mask and score functions")
+NO_MAP = no("no such argument (a TypeError): only the dense flash kernels read a block map (an attn_mask gets one "
+            "made by flash itself)")
+NOT_FROM_MODELS = no("not a choice there: models hand their attention function tensors (any mask pattern as a "
+                     "4D mask), never a Triton function, block map, tree or ranges")
+NO_SERVING_MASK = no("no such argument (a TypeError): a mask over decoding's new tokens is decode's and paged's; "
+                     "elsewhere an attn_mask or a mask function says the same")
 NO_BACKWARD = no("for inference only: no backward, and inputs that require grad are refused (a RuntimeError)")
 
 
@@ -107,6 +119,26 @@ SUPPORT = {
                               "across the ranks"),
                       module=NO_MODULE_ARG,
                       transformers=yes("4D masks")),
+    "mask_mod": _row("mask_mod=", fused=NO_FUNCTION, decode=NO_FUNCTION, paged=NO_FUNCTION, ring=NO_FUNCTION,
+                     attention=yes("mask_mod= (runs flash)"), sdpa=NO_SDPA_ARG, module=NO_MODULE_ARG,
+                     transformers=NOT_FROM_MODELS),
+    "score_mod": _row("score_mod=", fused=NO_FUNCTION, decode=NO_FUNCTION, paged=NO_FUNCTION, ring=NO_FUNCTION,
+                      attention=yes("score_mod= (runs flash)"), sdpa=NO_SDPA_ARG, module=NO_MODULE_ARG,
+                      transformers=NOT_FROM_MODELS),
+    "block_map": _row("block_map=", varlen=NO_MAP, fused=NO_MAP, decode=NO_MAP, paged=NO_MAP, ring=NO_MAP,
+                      attention=yes("block_map= (runs flash)"),
+                      sdpa=no("torch's SDPA signature has no such argument (a TypeError); flash makes a map for "
+                              "every attn_mask it runs, kept by the mask's identity"),
+                      module=NO_MODULE_ARG,
+                      transformers=no("not a choice there: models pass no block map; flash makes one for every 4D "
+                                      "mask it runs, once a forward")),
+    "tree_mask": _row("tree_mask=", flash=NO_SERVING_MASK, varlen=NO_SERVING_MASK, fused=NO_SERVING_MASK,
+                      ring=NO_SERVING_MASK, attention=NO_SERVING_MASK, sdpa=NO_SDPA_ARG, module=NO_MODULE_ARG,
+                      transformers=NOT_FROM_MODELS),
+    "bidirectional": _row("bidirectional=", flash=NO_SERVING_MASK, varlen=NO_SERVING_MASK, fused=NO_SERVING_MASK,
+                          ring=NO_SERVING_MASK, attention=NO_SERVING_MASK, sdpa=NO_SDPA_ARG, module=NO_MODULE_ARG,
+                          transformers=no("not a choice there: models pass no ranges; Gemma 3's bidirectional "
+                                          "image tokens arrive as a 4D mask, which runs on the kernels")),
     "return_lse": _row("return_lse=True", sdpa=NO_SDPA_ARG, module=NO_MODULE_ARG,
                        transformers=no("not a choice there: an attention function returns (output, attention "
                                        "weights), and the weights are None")),
