@@ -48,7 +48,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import create_function_from_signature
 
-from attention_kernels.kernels import common, decode, flash, fused, paged, tuning
+from attention_kernels.kernels import blockmap, common, decode, flash, fused, mods, paged, tuning
 
 SM90 = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on an H100 / H200
@@ -119,6 +119,8 @@ class Call:
     varlen: bool = False
     mods: bool = False  # with a soft-cap, sinks and ALiBi slopes (what models add)
     dropout: bool = False  # with attention dropout (flash and fused)
+    mask: str = None  # flash, dense: "bool" or "float" (its gradient too) attn_mask, or "function" (a mask and
+                      # a score function), each with the block map of 8 documents
 
 
 def launches_of(call):
@@ -144,11 +146,16 @@ def launches_of(call):
         variant = variant._replace(softcap=30.0, sinks=torch.zeros(call.Hq), alibi_slopes=torch.ones(call.Hq))
     if call.dropout:
         variant = variant._replace(dropout_p=0.1, seed=1)
+    if call.mask:
+        variant = _masked(variant, call)
     scale = D ** -0.5
     with recording() as launches:
         residual = call.dtype != torch.float32  # a training call: the forward keeps O's rounding residual
         o, _, res = flash._run_forward(q, k, v, batch, scale, variant, residual)
-        flash._run_backward(q, k, v, o, res, lse, torch.empty_like(q), None, batch, scale, variant)
+        flash._run_backward(q, k, v, o, res, lse, torch.empty_like(q), None, batch, scale, variant,
+                            mask_grad=call.mask == "float")
+        if call.mask:  # the flash kernels only
+            return launches
         if not call.varlen and call.window is None:
             row = common.pow2(min(T, fused.max_seqlen(D, call.dtype)))
             fq, fk = q[:, :, :row], k[:, :, :row]
@@ -167,6 +174,22 @@ def launches_of(call):
                 paged._run_paged(q, pool, pool, table, cu[1:], cu, B * T * 3 // 4, k, k, scale, 4,
                                  variant._replace(right=0))
     return launches
+
+
+def _masked(variant, call):
+    """The variant of a masked call (`Call.mask`): 8 documents of T / 8, as a bool or float
+    attn_mask or as mask and score functions (`kernels.mods`), with their block map."""
+    T = call.T
+    ids = torch.arange(T) // max(1, T // 8)
+    visible = ids[:, None] == ids[None, :]                                   # (T, T)
+    bm = blockmap.block_map(visible, T, T, causal=call.causal, window=call.window).kernel_tensors()
+    if call.mask == "bool":
+        return variant._replace(attn_mask=visible, block_map=bm)
+    if call.mask == "float":
+        return variant._replace(attn_mask=torch.zeros(T, T).masked_fill(~visible, float("-inf")), block_map=bm)
+    mask_mod, score_mod = mods.documents(ids), mods.softcap(30.0, device="cpu")
+    return variant._replace(mods=common.function_key(mask_mod, score_mod), mask_mod_args=mask_mod.args,
+                            score_mod_args=score_mod.args, block_map=bm)
 
 
 # ----------------------------------------------------------------------------- compile
@@ -301,7 +324,7 @@ def describe(call, launch, config, overrides):
         tile = f"{kw.get('BLOCK_M')}x{kw.get('ROW', kw.get('BLOCK_N', '-'))} w{kw.get('num_warps', 4)}"
     mask = "window" if call.window else "causal" if call.causal else "full"
     variant = ("varlen " if call.varlen else "") + ("mods " if call.mods else "") + (
-        "dropout " if call.dropout else "") + ("tma" if kw.get("TMA") else "")
+        "dropout " if call.dropout else "") + (f"{call.mask} " if call.mask else "") + ("tma" if kw.get("TMA") else "")
     return dict(kernel=launch.name, dtype=str(call.dtype).replace("torch.", ""), D=call.D, T=call.T,
                 group=call.Hq // call.Hkv, mask=mask, tile=tile, variant=variant.strip())
 
@@ -343,6 +366,9 @@ def main(argv=None):
     p.add_argument("--tma", action="store_true", help="flash-fwd: also compile each tile with TMA loads")
     p.add_argument("--mods", action="store_true", help="with a soft-cap, attention sinks and ALiBi slopes")
     p.add_argument("--dropout", action="store_true", help="flash and fused: with attention dropout")
+    p.add_argument("--mask", choices=["bool", "float", "function"], default=None,
+                   help="flash: a bool or float attn_mask (and its gradient), or mask and score functions, "
+                        "each with a block map")
     p.add_argument("--search", action="store_true", help="every tile (flash) or ROW_CANDIDATES (fused)")
     p.add_argument("--limit", type=int, default=None, help="flash: only the first N candidates")
     p.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
@@ -353,7 +379,7 @@ def main(argv=None):
 
     calls = [Call(getattr(torch, d), D, args.seq, Hq=16, Hkv=16 // args.gqa, causal=not args.full,
                   window=(args.window, 0) if args.window else None, varlen=args.varlen, mods=args.mods,
-                  dropout=args.dropout)
+                  dropout=args.dropout, mask=args.mask)
              for d in args.dtype for D in args.head_dims]
     over = False
     if not args.json:

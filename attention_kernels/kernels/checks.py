@@ -86,12 +86,14 @@ def as_device(device, name):
     return d
 
 
-def check_inputs(q, k, v, scale, kernels=True, names=("q", "k", "v")):
+def check_inputs(q, k, v, scale, kernels=True, names=("q", "k", "v"), value_dim=False):
     """Validate q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D) and the scale; return them ready for a
     kernel: last dimension contiguous (other strides are passed to the kernel, so a (B, T, H, D)
     tensor transposed to (B, H, T, D) is not copied) and the scale as a float. `kernels=False`
     checks for the reference instead, which also takes float64 and runs on any device. `names`:
-    what the caller calls q, k and v, for the messages."""
+    what the caller calls q, k and v, for the messages. `value_dim`: v's head dim may differ from
+    q's and k's (Dv, up to 256: DeepSeek's latent attention has 192 and 128); the caller's kernels
+    take it (flash's do)."""
     nq, nk, nv = names
     dtypes = SUPPORTED_DTYPES if kernels else SUPPORTED_DTYPES + (torch.float64,)
     for name, t in ((nq, q), (nk, k), (nv, v)):
@@ -114,9 +116,12 @@ def check_inputs(q, k, v, scale, kernels=True, names=("q", "k", "v")):
         check_device(q, nq)
 
     (B, Hq, Tq, D), (Bk, Hkv, Tk, Dk) = q.shape, k.shape
-    if k.shape != v.shape:
-        raise ValueError(f"{nk} and {nv} must have the same shape (B, Hkv, Tk, D), got {nk} {tuple(k.shape)}, "
+    if k.shape[:-1] != v.shape[:-1] or (k.shape[-1] != v.shape[-1] and not value_dim):
+        same = "(B, Hkv, Tk), their head dims may differ" if value_dim else "(B, Hkv, Tk, D)"
+        raise ValueError(f"{nk} and {nv} must have the same shape {same}, got {nk} {tuple(k.shape)}, "
                          f"{nv} {tuple(v.shape)}")
+    if kernels and v.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"{nv}'s head dim Dv={v.shape[-1]} is not supported; accepted: 1 to {MAX_HEAD_DIM}")
     if Bk != B:
         raise ValueError(f"{nq} and {nk} must have the same batch size, got {nq} B={B}, {nk} B={Bk}")
     if Dk != D:
@@ -139,7 +144,8 @@ def check_inputs(q, k, v, scale, kernels=True, names=("q", "k", "v")):
     return last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v), float(scale)
 
 
-def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, read_values=True):
+def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, read_values=True,
+                        value_dim=False):
     """Validate a packed batch: q (total_q, Hq, D), k and v (total_k, Hkv, D) as `check_inputs`
     does, and cu_seqlens_q, cu_seqlens_k (int32 (B + 1,) offsets: 0 first, non-decreasing, ending
     at total_q, total_k) with max_seqlen_q, max_seqlen_k (at least the longest length). The
@@ -149,14 +155,16 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
         if isinstance(t, torch.Tensor) and t.dim() != 3:
             raise ValueError(f"{name} must have 3 dimensions (total_tokens, H, D), the packed layout, "
                              f"got shape {tuple(t.shape)}")
-    if isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape (total_k, Hkv, D), got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and (
+            k.shape[:-1] != v.shape[:-1] or (k.shape[-1] != v.shape[-1] and not value_dim)):
+        same = "(total_k, Hkv), their head dims may differ" if value_dim else "(total_k, Hkv, D)"
+        raise ValueError(f"k and v must have the same shape {same}, got k {tuple(k.shape)}, v {tuple(v.shape)}")
     for name, t in (("q", q), ("k", k)):
         if isinstance(t, torch.Tensor) and t.shape[0] == 0:
             raise ValueError(f"{name} holds no tokens, shape {tuple(t.shape)}: a packed batch needs total_{name} >= 1 "
                              "(sequences of length 0 are fine, but not all of them)")
     as_batch = lambda t: t.transpose(0, 1)[None] if isinstance(t, torch.Tensor) else t  # (1, H, total, D)
-    q, k, v, scale = check_inputs(as_batch(q), as_batch(k), as_batch(v), scale)
+    q, k, v, scale = check_inputs(as_batch(q), as_batch(k), as_batch(v), scale, value_dim=value_dim)
     q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))                           # (total, H, D)
 
     pairs = (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q), ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k))

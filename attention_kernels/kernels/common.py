@@ -177,6 +177,13 @@ def meta(q):
     return dict(HEAD_DIM=D, BLOCK_D=pow2(D), PRECISION=dot_precision, UPCAST=upcast)
 
 
+def value_meta(v):
+    """The constexprs of v's head dim, which may differ from q's and k's (flash's kernels): Dv and
+    its padded block."""
+    Dv = int(v.shape[-1])
+    return dict(HEAD_DIM_V=Dv, BLOCK_DV=pow2(Dv))
+
+
 def window_args(left, right, Tq, Tk):
     """A window (left, right), -1 for an unbounded side, as the kernels take it: each side at most
     Tq + Tk, wider than any query-key distance, so an unbounded side is one comparison like any

@@ -52,21 +52,23 @@ def attention(q, k, v, causal=True, scale=None, impl="auto", return_lse=False, w
     check_flag(return_lse, "return_lse")
     left, right = window_bounds(window, causal)  # checks causal too
     windowed = (left, right) != (-1, 0 if causal else -1)  # some key hidden beyond what causal hides
-    flash_only = mask_mod is not None or score_mod is not None or block_map is not None
+    value_dim = isinstance(q, torch.Tensor) and isinstance(v, torch.Tensor) and v.shape[-1:] != q.shape[-1:]
+    flash_only = mask_mod is not None or score_mod is not None or block_map is not None or value_dim
     dropout_p, seed = check_dropout(dropout_p, dropout_seed)
     q, k, v, attn_mask = autocast_inputs(q, k, v, attn_mask)
     if impl == "auto":
-        q, k, v, scale = check_inputs(q, k, v, scale)  # the shapes must be sound before choosing by them
+        q, k, v, scale = check_inputs(q, k, v, scale, value_dim=True)  # the shapes must be sound before choosing
         impl = "flash" if windowed or flash_only else choose_impl(q.shape[-1], k.shape[-2], q.dtype)
     if impl == "fused" and windowed:
         raise ValueError(f"attention(impl='fused'): fused_attention takes no window, got window={window!r}; "
                          "use impl='flash' or 'auto'")
     if impl == "fused" and flash_only:
-        named = [n for n, x in (("mask_mod", mask_mod), ("score_mod", score_mod), ("block_map", block_map)) if x is not None]
+        named = [n for n, x in (("mask_mod", mask_mod), ("score_mod", score_mod), ("block_map", block_map),
+                                ("v of another head dim than q's", value_dim or None)) if x is not None]
         raise ValueError(f"attention(impl='fused'): fused_attention takes no {', '.join(named)}; use impl='flash' or "
                          "'auto'")
     if impl == "reference":  # the same check, but float64 and any device are the reference's to take
-        q, k, v, scale = check_inputs(q, k, v, scale, kernels=False)
+        q, k, v, scale = check_inputs(q, k, v, scale, kernels=False, value_dim=True)
         softcap, sinks, alibi_slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=q.shape[0], kernels=False)
         attn_mask = check_attn_mask(attn_mask, q, k, kernels=False)
         keep = None

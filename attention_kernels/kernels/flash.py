@@ -50,7 +50,7 @@ from .checks import (INTERPRET, autocast_inputs, check_attn_mask, check_flag, ch
                      check_varlen_inputs, last_dim_contiguous, window_bounds)
 from .dropout import check_dropout
 from .common import (LOG2E, Variant, gradient_outputs, kernel_op, meta, on_device, register_autograd, stride_args,
-                     window_args, wrap_triton)
+                     value_meta, window_args, wrap_triton)
 from .flash_bwd import _flash_bwd_delta, _flash_bwd_dkdv, _flash_bwd_dq
 from .flash_fwd import _flash_fwd
 from . import blockmap, mods
@@ -85,7 +85,7 @@ def _prune(kernel):
 def _tuned(kernel, fn):
     every = sorted({c for table in tuning.CANDIDATES[kernel].values() for c in table})
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in every]
-    key = ["HEAD_DIM", "GROUP", "q_bucket", "k_bucket", "window_key", "VARLEN", "LEFT_BOUNDED", "TMA",
+    key = ["HEAD_DIM", "HEAD_DIM_V", "GROUP", "q_bucket", "k_bucket", "window_key", "VARLEN", "LEFT_BOUNDED", "TMA",
            "HAS_ATTN_MASK", "HAS_MASK_MOD", "HAS_SCORE_MOD", "HAS_BLOCK_MAP", "MAP_M", "MAP_N"]  # + dtypes
     return triton.autotune(configs, key=[name for name in key if name in fn.arg_names],
                            prune_configs_by={"early_config_prune": _prune(kernel)})(fn)
@@ -198,12 +198,14 @@ def _packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     return Batch(cu_seqlens_q.shape[0] - 1, q.shape[1], k.shape[1], max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k)
 
 
-def _outputs(q, residual, packed):
-    """The forward's (out, base-2 lse, residual): out like q; lse (B, Hq, Tq), or (Hq, total_q)
-    packed, fp32; the residual like q when asked for, else empty. Also the ops' fake outputs."""
+def _outputs(q, v, residual, packed):
+    """The forward's (out, base-2 lse, residual): out like q with v's head dim; lse (B, Hq, Tq),
+    or (Hq, total_q) packed, fp32; the residual like out when asked for, else empty. Also the
+    ops' fake outputs."""
     lse_shape = (q.shape[1], q.shape[0]) if packed else q.shape[:3]
-    return (torch.empty_like(q), torch.empty(lse_shape, device=q.device, dtype=torch.float32),
-            torch.empty_like(q) if residual else q.new_empty(0))
+    o = q.new_empty(*q.shape[:-1], v.shape[-1])
+    return (o, torch.empty(lse_shape, device=q.device, dtype=torch.float32),
+            torch.empty_like(o) if residual else q.new_empty(0))
 
 
 def needs_residual(q, k, v, attn_mask=None):
@@ -214,7 +216,7 @@ def needs_residual(q, k, v, attn_mask=None):
 
 
 def _run_forward(q, k, v, batch, scale, variant, residual):
-    o, lse, res = _outputs(q, residual, batch.packed)
+    o, lse, res = _outputs(q, v, residual, batch.packed)
     tma = use_tma(q, k, v, o)
     if tma and not INTERPRET:
         triton.set_allocator(_tma_scratch)
@@ -225,7 +227,7 @@ def _run_forward(q, k, v, batch, scale, variant, residual):
             **batch.strides(q=q, k=k, v=v, o=o), **batch.row_strides(lse), Hq=batch.Hq, **batch.sizes(variant),
             qk_scale=scale * LOG2E, **variant.score_args(lse), **variant.sink_args(lse), **variant.dropout_args(),
             **batch.mask_args(variant, lse), **batch.keys(variant), TMA=tma, RESIDUAL=residual, VARLEN=batch.packed,
-            LEFT_BOUNDED=variant.left >= 0, **meta(q), **_blocks("fwd", variant),
+            LEFT_BOUNDED=variant.left >= 0, **meta(q), **value_meta(v), **_blocks("fwd", variant),
         )
     return o, lse, res
 
@@ -238,7 +240,7 @@ def _delta(q, o, res, do, lse, dlse, batch):
     wrap_triton(_flash_bwd_delta)[(rows.B * rows.Hq * triton.cdiv(rows.Tq, DELTA_BLOCK_M),)](
         O=o, RES=o if res is None else res, DO=do, DLSE=delta if dlse is None else dlse.contiguous(), DELTA=delta,
         **rows.strides(o=o, do=do), Hq=rows.Hq, Tq=rows.Tq, HAS_RES=res is not None, HAS_DLSE=dlse is not None,
-        BLOCK_M=DELTA_BLOCK_M, **meta(q),
+        BLOCK_M=DELTA_BLOCK_M, **meta(o),  # O and dO: v's head dim
     )
     return delta
 
@@ -253,7 +255,7 @@ def dkdv(q, k, v, do, lse, delta, scale, variant, batch=None):
         **batch.strides(q=q, k=k, v=v, do=do, dk=dk, dv=dv), **batch.row_strides(lse), Hq=batch.Hq, Hkv=batch.Hkv,
         **batch.sizes(variant), scale=scale, qk_scale=scale * LOG2E, **variant.score_args(lse),
         **variant.dropout_args(), **batch.mask_args(variant, lse, "dkdv"), **batch.keys(variant), VARLEN=batch.packed,
-        **meta(q), **_blocks("dkdv", variant),
+        **meta(q), **value_meta(v), **_blocks("dkdv", variant),
     )
     return dk, dv
 
@@ -269,7 +271,7 @@ def _dq(q, k, v, do, lse, delta, scale, variant, batch, dmask=None):
         **batch.strides(q=q, k=k, v=v, do=do, dq=dq), **batch.row_strides(lse), Hq=batch.Hq, **batch.sizes(variant),
         scale=scale, qk_scale=scale * LOG2E, **variant.score_args(lse), **variant.dropout_args(),
         **batch.mask_args(variant, lse, "dq"), **batch.keys(variant), VARLEN=batch.packed,
-        LEFT_BOUNDED=variant.left >= 0, **meta(q), **_blocks("dq", variant),
+        LEFT_BOUNDED=variant.left >= 0, **meta(q), **value_meta(v), **_blocks("dq", variant),
     )
     return dq
 
@@ -371,7 +373,7 @@ def user_op_args(variant, block_map=True):
     return out
 
 
-@kernel_op("flash_forward", fake=lambda q, residual, **_: _outputs(q, residual, packed=False))
+@kernel_op("flash_forward", fake=lambda q, v, residual, **_: _outputs(q, v, residual, packed=False))
 @takes_user_args()
 def _forward(q: Tensor, k: Tensor, v: Tensor, left: int, right: int, scale: float, softcap: float,
              sinks: Optional[Tensor], alibi_slopes: Optional[Tensor], dropout_p: float, seed: int,
@@ -392,7 +394,7 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, res: Optional[Tensor],
     return list(_run_backward(q, k, v, o, res, lse, do, dlse, _dense(q, k), scale, variant, mask_grad))
 
 
-@kernel_op("flash_varlen_forward", fake=lambda q, residual, **_: _outputs(q, residual, packed=True))
+@kernel_op("flash_varlen_forward", fake=lambda q, v, residual, **_: _outputs(q, v, residual, packed=True))
 @takes_user_args(block_map=False)
 def _varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                     max_seqlen_q: int, max_seqlen_k: int, left: int, right: int, scale: float, softcap: float,
@@ -457,7 +459,7 @@ def flash_attention(q, k, v, causal=True, scale=None, return_lse=False, window=N
     every block causal and the window visit evaluates it.
     """
     q, k, v, attn_mask = autocast_inputs(q, k, v, attn_mask)
-    q, k, v, scale = check_inputs(q, k, v, scale)
+    q, k, v, scale = check_inputs(q, k, v, scale, value_dim=True)
     check_flag(return_lse, "return_lse")
     left, right = window_bounds(window, causal)
     softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=q.shape[0])
@@ -505,7 +507,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """
     q, k, v = autocast_inputs(q, k, v)
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale = check_varlen_inputs(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, check_flag(check_seqlens, "check_seqlens"))
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, check_flag(check_seqlens, "check_seqlens"),
+        value_dim=True)
     check_flag(return_lse, "return_lse")
     left, right = window_bounds(window, causal)
     softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=cu_seqlens_q.shape[0] - 1)

@@ -91,17 +91,18 @@ def _dq_inner(
     dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn, dmask_base,
     offs_m, Tq, Tk, left, right, lo, hi, qk_scale, softcap, slope, seed, bh, p_drop, keep_scale,
     b, h, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, score_mod_args, MASK_MOD: tl.constexpr, mask_mod_args,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_ATTN_MASK: tl.constexpr,
     BOOL_MASK: tl.constexpr, MASK_GRAD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     k_ptrs = tile_pointers(k_base, lo, stride_kt, BLOCK_N, BLOCK_D)
-    v_ptrs = tile_pointers(v_base, lo, stride_vt, BLOCK_N, BLOCK_D)
+    v_ptrs = tile_pointers(v_base, lo, stride_vt, BLOCK_N, BLOCK_DV)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         k = load_tile(k_ptrs, offs_n, Tk, MASK, HEAD_DIM, BLOCK_D)              # [BLOCK_N, BLOCK_D]
-        v = load_tile(v_ptrs, offs_n, Tk, MASK, HEAD_DIM, BLOCK_D)
+        v = load_tile(v_ptrs, offs_n, Tk, MASK, HEAD_DIM_V, BLOCK_DV)
         s = dot(q, tl.trans(k), PRECISION, UPCAST)                              # [BLOCK_M, BLOCK_N] fp32, raw
         if HAS_SOFTCAP or HAS_ALIBI or HAS_ATTN_MASK or HAS_SCORE_MOD or HAS_MASK_MOD:
             s, t = score_mods(s * qk_scale, offs_m + (Tk - Tq), offs_n, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
@@ -161,6 +162,7 @@ def _flash_bwd_dq(
     q_bucket, k_bucket, window_key,  # read only by the autotuner's key
     score_mod_args, mask_mod_args,   # as in the forward
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,  # v's, o's and do's head dim, and its power of two
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, MASK_GRAD: tl.constexpr,
     SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, MASK_MOD: tl.constexpr,  # the user's functions, or None
@@ -179,7 +181,7 @@ def _flash_bwd_dq(
     q = load_tile(tile_pointers(Q + b * stride_qb + h * stride_qh + q0 * stride_qt, m0, stride_qt, BLOCK_M, BLOCK_D),
                   offs_m, Tq, True, HEAD_DIM, BLOCK_D)                          # [BLOCK_M, BLOCK_D], resident
     do = load_tile(tile_pointers(DO + b * stride_dob + h * stride_doh + q0 * stride_dot, m0, stride_dot, BLOCK_M,
-                                 BLOCK_D), offs_m, Tq, True, HEAD_DIM, BLOCK_D)  # [BLOCK_M, BLOCK_D], resident
+                                 BLOCK_DV), offs_m, Tq, True, HEAD_DIM_V, BLOCK_DV)  # [BLOCK_M, BLOCK_DV], resident
     row = b * stride_lb + h * stride_lh + q0 + offs_m
     lse = tl.load(LSE + row, mask=row_ok, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse)                              # empty rows: every p is masked
@@ -205,14 +207,14 @@ def _flash_bwd_dq(
             dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn, dmask_base,
                            offs_m, Tq, Tk, left, right, lo, tl.minimum(lo + MAP_N, Tk),
                            qk_scale, softcap, slope, seed, bh, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD, score_mod_args,
-                           MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                           MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
                            HAS_ATTN_MASK, BOOL_MASK, MASK_GRAD, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
         for i in range(n_partial, n_listed):
             lo = tl.load(index + i) * MAP_N
             dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn, dmask_base,
                            offs_m, Tq, Tk, left, right, lo, lo + MAP_N,
                            qk_scale, softcap, slope, seed, bh, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD, score_mod_args,
-                           MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                           MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, False, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
                            False, BOOL_MASK, MASK_GRAD, HAS_SCORE_MOD, False, PRECISION, UPCAST)
     else:
         lo, a, z, hi = key_blocks(m0, Tq, Tk, left, right, BLOCK_M, BLOCK_N)
@@ -220,19 +222,19 @@ def _flash_bwd_dq(
             dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn, dmask_base,
                            offs_m, Tq, Tk, left, right, lo, a,
                            qk_scale, softcap, slope, seed, bh, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD, score_mod_args,
-                           MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                           MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
                            HAS_ATTN_MASK, BOOL_MASK, MASK_GRAD, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
         else:
             a = 0
         dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn, dmask_base,
                            offs_m, Tq, Tk, left, right, a, z,
                        qk_scale, softcap, slope, seed, bh, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD, score_mod_args,
-                           MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                           MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, False, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
                        HAS_ATTN_MASK, BOOL_MASK, MASK_GRAD, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
         dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn, dmask_base,
                            offs_m, Tq, Tk, left, right, z, hi,
                        qk_scale, softcap, slope, seed, bh, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD, score_mod_args,
-                           MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                           MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
                        HAS_ATTN_MASK, BOOL_MASK, MASK_GRAD, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
     store_tile(tile_pointers(DQ + b * stride_dqb + h * stride_dqh + q0 * stride_dqt, m0, stride_dqt, BLOCK_M, BLOCK_D),
                (dq * scale).to(DQ.dtype.element_ty), offs_m, Tq, HEAD_DIM, BLOCK_D)
@@ -246,7 +248,8 @@ def _dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, mask_base, stride_maskm, stride_maskn,
     offs_n, Tq, Tk, left, right, lo, hi, qk_scale, softcap, slope, seed, bh, p_drop, keep_scale,
     b, h, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, score_mod_args, MASK_MOD: tl.constexpr, mask_mod_args,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, MASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_ATTN_MASK: tl.constexpr,
     BOOL_MASK: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -254,11 +257,11 @@ def _dkdv_inner(
     # Masked blocks load query rows past Tq as q = dO = 0 with lse = delta = 0, so they add
     # exactly 0 to dK and dV; keys past Tk only touch rows of dK, dV that are never stored.
     q_ptrs = tile_pointers(q_base, lo, stride_qt, BLOCK_M, BLOCK_D)
-    do_ptrs = tile_pointers(do_base, lo, stride_dot, BLOCK_M, BLOCK_D)
+    do_ptrs = tile_pointers(do_base, lo, stride_dot, BLOCK_M, BLOCK_DV)
     for start in range(lo, hi, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         q = load_tile(q_ptrs, offs_m, Tq, MASK, HEAD_DIM, BLOCK_D)              # [BLOCK_M, BLOCK_D]
-        do = load_tile(do_ptrs, offs_m, Tq, MASK, HEAD_DIM, BLOCK_D)
+        do = load_tile(do_ptrs, offs_m, Tq, MASK, HEAD_DIM_V, BLOCK_DV)
         if MASK:  # rows past Tq, and rows that see no key (lse = -inf), are masked below
             lse = tl.load(lse_base + offs_m, mask=offs_m < Tq, other=0.0)
             lse = tl.where(lse == float("-inf"), 0.0, lse)
@@ -330,6 +333,7 @@ def _flash_bwd_dkdv(
     q_bucket, k_bucket, window_key,  # read only by the autotuner's key
     score_mod_args, mask_mod_args,   # as in the forward
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,  # v's, do's and dv's
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
     SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, MASK_MOD: tl.constexpr,  # the user's functions, or None
@@ -351,9 +355,9 @@ def _flash_bwd_dkdv(
     k_base = K + b * stride_kb + h_kv * stride_kh + k0 * stride_kt
     v_base = V + b * stride_vb + h_kv * stride_vh + k0 * stride_vt
     k = load_tile(tile_pointers(k_base, n0, stride_kt, BLOCK_N, BLOCK_D), offs_n, Tk, True, HEAD_DIM, BLOCK_D)
-    v = load_tile(tile_pointers(v_base, n0, stride_vt, BLOCK_N, BLOCK_D), offs_n, Tk, True, HEAD_DIM, BLOCK_D)
+    v = load_tile(tile_pointers(v_base, n0, stride_vt, BLOCK_N, BLOCK_DV), offs_n, Tk, True, HEAD_DIM_V, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)                        # resident with K, V
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
     # -- query blocks: those before lo and from hi on see none of our keys; [a, z) see all of them
     lo, a, z, hi = query_blocks(n0, Tq, Tk, left, right, BLOCK_M, BLOCK_N)
@@ -377,33 +381,33 @@ def _flash_bwd_dkdv(
                 dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                      mask_base, stride_maskm, stride_maskn, offs_n, Tq, Tk, left, right, m_lo, tl.minimum(m_lo + MAP_M, Tq),
                                      qk_scale, softcap, slope, seed, b * Hq + h, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD,
-                                     score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI,
+                                     score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI,
                                      HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
             for i in range(n_partial, n_listed):
                 m_lo = tl.load(index + i) * MAP_M
                 dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                      mask_base, stride_maskm, stride_maskn, offs_n, Tq, Tk, left, right, m_lo, m_lo + MAP_M,
                                      qk_scale, softcap, slope, seed, b * Hq + h, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD,
-                                     score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_SOFTCAP, HAS_ALIBI,
+                                     score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M, False, HAS_SOFTCAP, HAS_ALIBI,
                                      HAS_DROPOUT, False, BOOL_MASK, HAS_SCORE_MOD, False, PRECISION, UPCAST)
         else:
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                      mask_base, stride_maskm, stride_maskn, offs_n, Tq, Tk, left, right, lo, a,
                                  qk_scale, softcap, slope, seed, b * Hq + h, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD,
-                                     score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI,
+                                     score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI,
                                  HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                      mask_base, stride_maskm, stride_maskn, offs_n, Tq, Tk, left, right, a, z,
                                  qk_scale, softcap, slope, seed, b * Hq + h, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD,
-                                     score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_SOFTCAP, HAS_ALIBI,
+                                     score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M, False, HAS_SOFTCAP, HAS_ALIBI,
                                  HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                      mask_base, stride_maskm, stride_maskn, offs_n, Tq, Tk, left, right, z, hi,
                                  qk_scale, softcap, slope, seed, b * Hq + h, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD,
-                                     score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI,
+                                     score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI,
                                  HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
 
     store_tile(tile_pointers(DK + b * stride_dkb + h_kv * stride_dkh + k0 * stride_dkt, n0, stride_dkt, BLOCK_N, BLOCK_D),
                (dk * scale).to(DK.dtype.element_ty), offs_n, Tk, HEAD_DIM, BLOCK_D)
-    store_tile(tile_pointers(DV + b * stride_dvb + h_kv * stride_dvh + k0 * stride_dvt, n0, stride_dvt, BLOCK_N, BLOCK_D),
-               dv.to(DV.dtype.element_ty), offs_n, Tk, HEAD_DIM, BLOCK_D)
+    store_tile(tile_pointers(DV + b * stride_dvb + h_kv * stride_dvh + k0 * stride_dvt, n0, stride_dvt, BLOCK_N,
+                             BLOCK_DV), dv.to(DV.dtype.element_ty), offs_n, Tk, HEAD_DIM_V, BLOCK_DV)

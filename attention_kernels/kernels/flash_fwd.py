@@ -123,15 +123,15 @@ def _fwd_inner(
     acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn,
     offs_m, Tq, Tk, left, right, lo, hi, qk_scale, softcap, slope, seed, bh, p_drop, keep_scale,
     b, h, SCORE_MOD: tl.constexpr, score_mod_args, MASK_MOD: tl.constexpr, mask_mod_args,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-    TMA: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_ATTN_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # Key blocks [lo, hi): k_src, v_src are TMA descriptors or the head's base pointers.
     if not TMA:
         k_ptrs = tile_pointers(k_src, lo, stride_kt, BLOCK_N, BLOCK_D)
-        v_ptrs = tile_pointers(v_src, lo, stride_vt, BLOCK_N, BLOCK_D)
+        v_ptrs = tile_pointers(v_src, lo, stride_vt, BLOCK_N, BLOCK_DV)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         if TMA:
@@ -139,7 +139,7 @@ def _fwd_inner(
             v = v_src.load([start, 0])
         else:
             k = load_tile(k_ptrs, offs_n, Tk, MASK, HEAD_DIM, BLOCK_D)
-            v = load_tile(v_ptrs, offs_n, Tk, MASK, HEAD_DIM, BLOCK_D)
+            v = load_tile(v_ptrs, offs_n, Tk, MASK, HEAD_DIM_V, BLOCK_DV)
             k_ptrs += BLOCK_N * stride_kt
             v_ptrs += BLOCK_N * stride_vt
 
@@ -201,7 +201,8 @@ def _flash_fwd(
     q_bucket, k_bucket, window_key,  # read only by the autotuner's key
     score_mod_args, mask_mod_args,   # tuples of the tensors the user's functions captured (`kernels/mods.py`)
     GROUP: tl.constexpr,   # query heads per k/v head
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,  # q's and k's head dim, and its power of two
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,  # v's and o's (DeepSeek's MLA: 128 beside 192)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, RESIDUAL: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_ATTN_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
@@ -225,7 +226,7 @@ def _flash_fwd(
     if TMA:  # one descriptor per head and sequence: the copy engine zero-fills past Tq, Tk and D
         q_src = tl.make_tensor_descriptor(q_base, [Tq, HEAD_DIM], [stride_qt, 1], [BLOCK_M, BLOCK_D])
         k_src = tl.make_tensor_descriptor(k_base, [Tk, HEAD_DIM], [stride_kt, 1], [BLOCK_N, BLOCK_D])
-        v_src = tl.make_tensor_descriptor(v_base, [Tk, HEAD_DIM], [stride_vt, 1], [BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_base, [Tk, HEAD_DIM_V], [stride_vt, 1], [BLOCK_N, BLOCK_DV])
         q = q_src.load([m0, 0])                                               # [BLOCK_M, BLOCK_D]
     else:
         k_src, v_src = k_base, v_base
@@ -236,7 +237,7 @@ def _flash_fwd(
         slope = tl.load(SLOPES + b * stride_sb + h) * 1.4426950408889634     # base 2
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)              # running max, base 2
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                            # running sum
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)                   # running weights @ V
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)                   # running weights @ V
     bh = b * Hq + h
     if HAS_BLOCK_MAP:  # -- the key blocks the map lists: partial ones with every mask, full ones with none
         row = m0 // MAP_M
@@ -250,7 +251,7 @@ def _flash_fwd(
                                        mask_base, stride_maskm, stride_maskn,
                                        offs_m, Tq, Tk, left, right, lo, tl.minimum(lo + MAP_N, Tk), qk_scale, softcap,
                                        slope, seed, bh, p_drop, keep_scale, b, h, SCORE_MOD, score_mod_args, MASK_MOD,
-                                       mask_mod_args, HEAD_DIM, BLOCK_D, BLOCK_N, True, TMA, HAS_SOFTCAP, HAS_ALIBI,
+                                       mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True, TMA, HAS_SOFTCAP, HAS_ALIBI,
                                        HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD,
                                        PRECISION, UPCAST)
         for i in range(n_partial, n_listed):
@@ -259,7 +260,7 @@ def _flash_fwd(
                                        mask_base, stride_maskm, stride_maskn,
                                        offs_m, Tq, Tk, left, right, lo, lo + MAP_N, qk_scale, softcap,
                                        slope, seed, bh, p_drop, keep_scale, b, h, SCORE_MOD, score_mod_args, MASK_MOD,
-                                       mask_mod_args, HEAD_DIM, BLOCK_D, BLOCK_N, False, TMA, HAS_SOFTCAP, HAS_ALIBI,
+                                       mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, False, TMA, HAS_SOFTCAP, HAS_ALIBI,
                                        HAS_DROPOUT, False, BOOL_MASK, HAS_SCORE_MOD, False, PRECISION, UPCAST)
     else:
         # -- key blocks: masked before the window's full part, unmasked inside it, masked after
@@ -269,7 +270,7 @@ def _flash_fwd(
                                        mask_base, stride_maskm, stride_maskn,
                                        offs_m, Tq, Tk, left, right, lo, a, qk_scale, softcap, slope, seed, bh, p_drop,
                                        keep_scale, b, h, SCORE_MOD, score_mod_args, MASK_MOD, mask_mod_args,
-                                       HEAD_DIM, BLOCK_D, BLOCK_N, True, TMA, HAS_SOFTCAP, HAS_ALIBI,
+                                       HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True, TMA, HAS_SOFTCAP, HAS_ALIBI,
                                        HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD,
                                        PRECISION, UPCAST)
         else:  # causal or full: every row sees key 0 on, and a loop from a literal 0 spills fewer registers
@@ -278,13 +279,13 @@ def _flash_fwd(
                                    mask_base, stride_maskm, stride_maskn,
                                    offs_m, Tq, Tk, left, right, a, z, qk_scale, softcap, slope, seed, bh, p_drop,
                                    keep_scale, b, h, SCORE_MOD, score_mod_args, MASK_MOD, mask_mod_args,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, False, TMA, HAS_SOFTCAP, HAS_ALIBI,
+                                   HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, False, TMA, HAS_SOFTCAP, HAS_ALIBI,
                                    HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
                                    mask_base, stride_maskm, stride_maskn,
                                    offs_m, Tq, Tk, left, right, z, hi, qk_scale, softcap, slope, seed, bh, p_drop,
                                    keep_scale, b, h, SCORE_MOD, score_mod_args, MASK_MOD, mask_mod_args,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, True, TMA, HAS_SOFTCAP, HAS_ALIBI,
+                                   HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True, TMA, HAS_SOFTCAP, HAS_ALIBI,
                                    HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
 
     if HAS_SINKS:  # the head's sink logit joins the denominator (weight, no value): GPT-OSS
@@ -300,17 +301,17 @@ def _flash_fwd(
     o32 = acc / l_safe[:, None]                                            # [BLOCK_M, BLOCK_D] fp32
     o = o32.to(O.dtype.element_ty)
     if TMA:
-        o_dst = tl.make_tensor_descriptor(o_base, [Tq, HEAD_DIM], [stride_ot, 1], [BLOCK_M, BLOCK_D])
+        o_dst = tl.make_tensor_descriptor(o_base, [Tq, HEAD_DIM_V], [stride_ot, 1], [BLOCK_M, BLOCK_DV])
         o_dst.store([m0, 0], o)
     else:
-        store_tile(tile_pointers(o_base, m0, stride_ot, BLOCK_M, BLOCK_D), o, offs_m, Tq, HEAD_DIM, BLOCK_D)
+        store_tile(tile_pointers(o_base, m0, stride_ot, BLOCK_M, BLOCK_DV), o, offs_m, Tq, HEAD_DIM_V, BLOCK_DV)
     if RESIDUAL:  # what the rounding dropped, in the same dtype: O + R holds O to about 2^-16
         r = (o32 - o.to(tl.float32)).to(O.dtype.element_ty)
         r_base = RES + b * stride_ob + h * stride_oh + q0 * stride_ot
         if TMA:
-            r_dst = tl.make_tensor_descriptor(r_base, [Tq, HEAD_DIM], [stride_ot, 1], [BLOCK_M, BLOCK_D])
+            r_dst = tl.make_tensor_descriptor(r_base, [Tq, HEAD_DIM_V], [stride_ot, 1], [BLOCK_M, BLOCK_DV])
             r_dst.store([m0, 0], r)
         else:
-            store_tile(tile_pointers(r_base, m0, stride_ot, BLOCK_M, BLOCK_D), r, offs_m, Tq, HEAD_DIM, BLOCK_D)
+            store_tile(tile_pointers(r_base, m0, stride_ot, BLOCK_M, BLOCK_DV), r, offs_m, Tq, HEAD_DIM_V, BLOCK_DV)
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))  # base 2
     tl.store(LSE + b * stride_lb + h * stride_lh + q0 + offs_m, lse, mask=offs_m < Tq)

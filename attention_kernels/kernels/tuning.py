@@ -205,10 +205,12 @@ def lookup(kernel, args):
 def choose(kernel, args):
     """The tiles the autotuner may time for one launch: the measured one if there is one, else
     the class's candidates (only the first with ATTENTION_KERNELS_AUTOTUNE=0)."""
-    best = lookup(kernel, args)
+    # a v head dim other than q's (MLA) is not in the measured table, and its wider side sizes the tiles
+    wide = max(args["BLOCK_D"], args.get("BLOCK_DV", 0))
+    best = lookup(kernel, args) if wide == args["BLOCK_D"] == args.get("BLOCK_DV", wide) else None
     if best is not None:
         return [best]
-    kept = candidates(kernel, args["Q"].element_size(), args["BLOCK_D"], args["q_bucket"], args["k_bucket"])
+    kept = candidates(kernel, args["Q"].element_size(), wide, args["q_bucket"], args["k_bucket"])
     return kept[:1] if os.environ.get(AUTOTUNE_ENV) == "0" else kept
 
 
