@@ -1,5 +1,9 @@
 """reference.explain: the trace is the reference's computation, the backward trace is autograd's,
-the tiled traces follow the flash kernel, and the picture is drawn."""
+the tiled traces follow the flash kernel, the picture is drawn and the page (--html) is written."""
+
+import json
+import os
+import re
 
 import pytest
 import torch
@@ -8,7 +12,7 @@ import torch.nn.functional as F
 from attention_kernels import reference
 from attention_kernels.testing.cases import DEVICE
 from attention_kernels.kernels import flash, flash_attention
-from attention_kernels.reference import explain
+from attention_kernels.reference import explain, explain_html
 from attention_kernels.reference.tiled import flash_backward, flash_forward
 from attention_kernels.testing.rule import seed_of
 
@@ -199,3 +203,70 @@ def test_heads_must_divide_the_width(capsys):
     with pytest.raises(SystemExit):
         explain.main(["-C", "3", "--heads", "2"])
     assert "--heads 2 does not divide C=3" in capsys.readouterr().err
+
+
+def embedded(path):
+    """The data a page written by --html carries, as its script reads it."""
+    with open(path, encoding="utf-8") as f:
+        html = f.read()
+    found = re.findall(r'<script id="data" type="application/json">(.*?)</script>', html, flags=re.DOTALL)
+    assert len(found) == 1, "the page holds its data once, inline"
+    return html, json.loads(found[0])
+
+
+def test_html_is_one_self_contained_page_of_the_trace(tmp_path):
+    path = tmp_path / "pages" / "attention.html"  # a folder that does not exist yet
+    explain.main(["-T", "5", "-C", "6", "--heads", "2", "-B", "2", "--block-size", "2", "--html", str(path)])
+    html, data = embedded(path)
+    # nothing to fetch: no address, no file beside it, no script or style from elsewhere
+    assert not re.search(r"https?:|<link|<img|<iframe|\bsrc=|@import|url\(", html), "the page reaches outside itself"
+    # the numbers are the trace's own, exactly: every matrix, in order, -inf as null
+    x, w = explain.make_inputs(2, 5, 6, seed=0)
+    forward, *_ = explain.trace(x, *w, 2)
+    steps = forward + explain.trace_backward(forward, explain.make_upstream(2, 5, 6, seed=0))
+    matrices = {m["key"]: m for m in data["matrices"]}
+    assert [s["title"] for s in data["steps"]] == [s.title for s in steps]
+    for n, step in enumerate(steps, 1):
+        for name, t in step.tensors.items():
+            m = matrices[f"{n}:{name}"]
+            assert m["shape"] == list(t.shape) and m["values"] == explain_html.flat(t), f"{n}:{name}"
+    # the arithmetic embedded for each sum: each product is its two cells' (to the 4 decimals shown)
+    values = [v for m in data["matrices"] for v in m["values"]]
+    for m in data["matrices"]:
+        if m["how"]["kind"] != "sum":
+            continue
+        for cell, own in zip(m["cells"], m["values"]):
+            total = 0.0
+            for a0, a_step, b0, b_step, products in cell["terms"]:
+                for k, p in enumerate(products):
+                    a, b = values[a0 + k * a_step], values[b0 + k * b_step]
+                    assert abs(p - a * b) <= 0.5e-4 + 1e-12, (m["key"], p, a * b)
+                    total += a * b
+            assert abs(cell["sum"] - total) <= 0.5e-4 + 1e-12 and abs(own - total * m["how"].get("factor", 1)) < 1e-12
+    # seeded: the same command writes the same bytes
+    again = tmp_path / "again.html"
+    explain.main(["-T", "5", "-C", "6", "--heads", "2", "-B", "2", "--block-size", "2", "--html", str(again)])
+    assert again.read_bytes() == path.read_bytes()
+
+
+def test_the_docs_example_page_is_what_the_command_writes(tmp_path):
+    """docs/explain-T8-C16.html, committed, is the page its command writes today (numbers to
+    1e-12: another CPU's BLAS may round a last bit differently)."""
+    docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "explain-T8-C16.html")
+    fresh = tmp_path / "fresh.html"
+    explain_html.write_page(str(fresh), T=8, C=16, n_head=4, block_size=2)
+    (html, data), (fresh_html, fresh_data) = embedded(docs), embedded(fresh)
+    strip = lambda h: re.sub(r'(<script id="data" type="application/json">).*?(</script>)', r"\1\2", h, flags=re.DOTALL)
+    assert strip(html) == strip(fresh_html), ("docs/explain-T8-C16.html is out of date: python -m "
+                                              f"attention_kernels.reference.explain {data['command'].split('explain ')[1]}")
+
+    def same(a, b, where):
+        if isinstance(a, float) or isinstance(b, float):
+            assert abs(a - b) <= 1e-12 * max(1, abs(b)), f"{where}: {a} != {b}"
+        elif isinstance(a, (list, dict)):
+            assert type(a) is type(b) and len(a) == len(b), where
+            for k in (a if isinstance(a, dict) else range(len(a))):
+                same(a[k], b[k], f"{where}/{k}")
+        else:
+            assert a == b, f"{where}: {a!r} != {b!r}"
+    same(data, fresh_data, "data")
