@@ -115,6 +115,8 @@ def test_gpu_ops_name_their_kernels():
         "attention_kernels::decode": ["_decode_merge", "_decode_split"],
         "attention_kernels::paged": ["_decode_merge", "_decode_split"],
         "attention_kernels::paged_append": ["_append_kv"],
+        "attention_kernels::mla": ["_decode_merge", "_mla_split"],
+        "attention_kernels::mla_append": ["_mla_append"],
     }
 
 

@@ -248,7 +248,8 @@ def varlen_logsumexp(q, k, cu_seqlens_q, cu_seqlens_k, causal=True, scale=None, 
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, window=(-1, -1), softcap=None, sinks=None,
-                     alibi_slopes=None, causal=True, upcast=True, tree_mask=None, bidirectional=None, return_lse=False):
+                     alibi_slopes=None, causal=True, upcast=True, tree_mask=None, bidirectional=None, return_lse=False,
+                     k_scale=None, v_scale=None):
     """Tq new tokens per sequence attending to a KV cache: q (B, Hq, Tq, D); k_cache, v_cache
     (B, Hkv, Tmax, D), of which sequence b's first cache_seqlens[b] = L positions are valid, the
     new tokens' own keys included (they are the last Tq: new token i sits at position L - Tq + i).
@@ -259,7 +260,10 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, window=(-1,
     the new tokens' keys it replaces causal and the window's right side (the window's left bound
     still holds). `bidirectional` (B, R, 2) or (B, 2): [start, end) position ranges; a query inside
     one also sees every key inside it, whatever the rest says. With `return_lse`, also the
-    log-sum-exp (B, Hq, Tq)."""
+    log-sum-exp (B, Hq, Tq).
+
+    An fp8 cache (or any cache given `k_scale`, `v_scale`) is attended as its values, stored *
+    scale in float64 (`dequantize`), then rounded as any key is to the precision computed in."""
     B, Hq, Tq, D = q.shape
     left, right = window
     out, lse = [], []
@@ -279,9 +283,10 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, window=(-1,
             start, end = ranges[:, 0, None, None], ranges[:, 1, None, None]  # (R, 1, 1)
             together = (start <= pos) & (pos < end) & (start <= j) & (j < end)  # (R, Tq, L)
             visible = visible | together.any(0)                   # (Tq, L)
-        args = (q[b:b + 1], k_cache[b:b + 1, :, :L])              # (1, Hq, Tq, D), (1, Hkv, L, D)
+        args = (q[b:b + 1], dequantize(k_cache[b:b + 1, :, :L], k_scale, 1))  # (1, Hq, Tq, D), (1, Hkv, L, D)
         mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=_per_sequence(alibi_slopes, b), attn_mask=visible)
-        out.append(attention(*args, v_cache[b:b + 1, :, :L], False, scale, upcast, **mods))  # (1, Hq, Tq, D)
+        v = dequantize(v_cache[b:b + 1, :, :L], v_scale, 1)         # (1, Hkv, L, D)
+        out.append(attention(*args, v, False, scale, upcast, **mods))  # (1, Hq, Tq, D)
         if return_lse:
             lse.append(logsumexp(*args, False, scale, **mods))   # (1, Hq, Tq)
     return (torch.cat(out), torch.cat(lse)) if return_lse else torch.cat(out)  # (B, Hq, Tq, D), (B, Hq, Tq)
@@ -299,7 +304,7 @@ def gather_pages(cache, block_table, cache_seqlens):
 
 def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, scale=None, upcast=True,
                     window=(-1, -1), softcap=None, sinks=None, alibi_slopes=None, causal=True, tree_mask=None,
-                    bidirectional=None, return_lse=False):
+                    bidirectional=None, return_lse=False, k_scale=None, v_scale=None):
     """New tokens attending to a paged KV cache: q (total_q, Hq, D) holds each sequence's new
     tokens one after another (sequence b's are rows cu_seqlens_q[b]:cu_seqlens_q[b + 1]: one
     while decoding, many for a chunk of a prompt); k_cache, v_cache (num_pages, page_size, Hkv, D)
@@ -309,7 +314,7 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_
     (`causal=False`: all of them). `tree_mask` (B, max_seqlen_q, max_seqlen_q) or (max_seqlen_q,
     max_seqlen_q) bool, sequence b's tree in the top-left corner [b, :q_len, :q_len], and
     `bidirectional` (B, R, 2) or (B, 2) as there. With `return_lse`, also the log-sum-exp
-    (Hq, total_q)."""
+    (Hq, total_q). An fp8 pool with `k_scale`, `v_scale` as in `decode_attention`."""
     k = gather_pages(k_cache, block_table, cache_seqlens)                     # (sum L, Hkv, D)
     v = gather_pages(v_cache, block_table, cache_seqlens)
     cu_seqlens_k = torch.cat([cache_seqlens.new_zeros(1), cache_seqlens.cumsum(0)]).tolist()  # (B + 1,)
@@ -322,8 +327,66 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_
         o, l = decode_attention(as_batch(q[q0:q1]), as_batch(k[k0:k1]), as_batch(v[k0:k1]),
                                 cache_seqlens[b:b + 1], scale, window, softcap, sinks, _per_sequence(alibi_slopes, b),
                                 causal, upcast, tree, None if bidirectional is None else bidirectional[b:b + 1],
-                                return_lse=True)                              # (1, Hq, n, D), (1, Hq, n)
+                                return_lse=True, k_scale=k_scale, v_scale=v_scale)  # (1, Hq, n, D), (1, Hq, n)
         out.append(o[0].transpose(0, 1))                                      # (n, Hq, D)
         lse.append(l[0])                                                      # (Hq, n)
     out = torch.cat(out)                                                      # (total_q, Hq, D)
     return (out, torch.cat(lse, dim=1)) if return_lse else out               # (Hq, total_q)
+
+
+def mla_decode(q, kv_cache, block_table, cache_seqlens, cu_seqlens_q, head_dim_v=512, scale=None, upcast=True,
+               return_lse=False):
+    """Multi-head latent attention (DeepSeek V2/V3, Kimi K2) as serving engines decode it: every
+    query head attends to ONE latent head per position, whose first head_dim_v columns are also the
+    value. q (total_q, Hq, D) packed as in `paged_attention` (D = 576 = 512 latent + 64 rotary in
+    DeepSeek); kv_cache (num_pages, page_size, D) the paged latent cache, sequence b's first
+    cache_seqlens[b] positions valid, its new tokens' own the last. Causal among the new tokens.
+    The scale defaults to 1/sqrt(D); DeepSeek passes its own (that of its 192-wide q.k head).
+    Returns out (total_q, Hq, head_dim_v), with `return_lse` also the log-sum-exp (Hq, total_q)."""
+    kv = kv_cache[:, :, None]                              # (num_pages, page_size, 1, D) one head: keys and values
+    out, lse = paged_attention(q, kv, kv, block_table, cache_seqlens, cu_seqlens_q, scale=scale, upcast=upcast,
+                               return_lse=True)            # (total_q, Hq, D), (Hq, total_q)
+    out = out[..., :head_dim_v]                            # (total_q, Hq, head_dim_v) a value is its key's first columns
+    return (out, lse) if return_lse else out
+
+
+# ----------------------------------------------------------------------------- fp8 caches
+
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}  # each format's largest finite value
+
+
+def _along(scale, x, dim):
+    """A scale (a float, or a tensor of one value or one per head) shaped to broadcast along x's `dim`, float64."""
+    s = torch.as_tensor(scale, dtype=torch.float64, device=x.device).reshape(-1)   # (1,) or (H,)
+    shape = [1] * x.dim()
+    shape[dim] = s.numel()
+    return s.view(shape)
+
+
+def quantize(x, scale, dtype, heads_dim):
+    """x as an fp8 cache stores it (vLLM's convention): x / scale in fp32, saturated at the format's
+    largest finite value, rounded to nearest even. `scale` a float or a tensor of one value or one
+    per head along x's `heads_dim`."""
+    s = _along(scale, x, heads_dim).float()
+    return (x.float() / s).clamp(-FP8_MAX[dtype], FP8_MAX[dtype]).to(dtype)
+
+
+def dequantize(cache, scale, heads_dim):
+    """A cache's values: stored * scale, float64 (exact); scale None is 1. A cache of another dtype
+    without a scale is returned as it is."""
+    if scale is None and cache.dtype not in FP8_MAX:
+        return cache
+    return cache.double() if scale is None else cache.double() * _along(scale, cache, heads_dim)
+
+
+# ----------------------------------------------------------------------------- merging attention states
+
+
+def merge_states(o_a, lse_a, o_b, lse_b):
+    """Attention over two sets of keys from attention over each: o_a (..., D) with its natural-log
+    log-sum-exp lse_a (...), o_b with lse_b. Each side weighs by its share of the whole softmax sum,
+    exp(lse_side - lse); a side that saw no key (-inf) weighs 0, and a row that saw none on either
+    side is 0 with lse -inf."""
+    lse = torch.logaddexp(lse_a, lse_b)                    # (...)
+    weight = lambda side: torch.exp(side - lse).nan_to_num(0.0)[..., None]  # (..., 1) -inf - -inf: no key at all
+    return weight(lse_a) * o_a + weight(lse_b) * o_b, lse  # (..., D), (...)
