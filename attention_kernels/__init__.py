@@ -21,7 +21,8 @@ package first.
 # attention_kernels.kernels.__all__, written out so that it needs no import (tests/test_package.py
 # holds the two equal)
 __all__ = ["attention", "choose_impl", "flash_attention", "flash_attention_varlen", "decode_attention", "dropout_mask",
-           "block_map", "BlockMap", "MaskMod", "ScoreMod", "paged_attention", "PagedKVCache", "fused_attention", "scaled_dot_product_attention", "patch_sdpa",
+           "block_map", "BlockMap", "MaskMod", "ScoreMod", "paged_attention", "PagedKVCache", "mla_decode",
+           "cascade_attention", "merge_attention_states", "fused_attention", "scaled_dot_product_attention", "patch_sdpa",
            "CausalSelfAttention", "swap_attention", "register_transformers", "ring_attention", "ring_attention_varlen",
            "shard_sequence", "gather_sequence", "shard_positions"]
 

@@ -24,7 +24,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # (the interpreter, the compiler) shows there, and the whole suite's 15 minutes on 2 cores hold it.
 KERNEL_TESTS = {"test_kernels.py", "test_flash.py", "test_fused.py", "test_varlen.py", "test_window.py",
                 "test_decode.py", "test_paged.py", "test_tiles.py", "test_compiles.py", "test_gpu_check.py",
-                "test_variants.py", "test_dropout.py", "test_masks.py", "test_mods.py"}
+                "test_variants.py", "test_dropout.py", "test_masks.py", "test_mods.py", "test_value_dims.py",
+                "test_mla.py", "test_cascade.py"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from attention_kernels import reference
-from attention_kernels.testing.checks import (check_decode, decode_inputs, draft_tree, draft_trees, hold_decode,
-                                              random_ranges)
+from attention_kernels.testing.checks import (check_decode, check_decode_fp8, decode_inputs, draft_tree, draft_trees,
+                                              hold_decode, random_ranges)
 from attention_kernels.testing.cases import DECODE_CASES, DEVICE
 from attention_kernels.kernels import decode, decode_attention
 from attention_kernels.testing.rule import seed_of
@@ -80,6 +80,10 @@ def test_num_splits_rule():
     assert decode.default_num_splits(1, 1, 1, 10, cpu) == 1
 
 
+FP8_K = torch.zeros(2, 1, 8, 16).to(torch.float8_e4m3fn)  # bad_input's cache, in fp8
+FP8_Q = torch.zeros(2, 2, 1, 16).to(torch.float8_e4m3fn)
+
+
 def bad_input(**change):
     q, k_cache, v_cache, seqlens = decode_inputs(2, 2, 1, 1, 8, 16, (3, 8), torch.float32, 0)
     args = {**dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=seqlens), **change}
@@ -111,12 +115,50 @@ def bad_input(**change):
     (dict(bidirectional=torch.zeros(2, 1, 3, dtype=torch.int32)), ValueError,
      "bidirectional must .*shape \\(2, 1, 3\\)"),
     (dict(bidirectional=(0, 4)), TypeError, "bidirectional must be an int32 .*got tuple"),
+    (dict(k_scale=0.5), ValueError, "k_scale and v_scale are for fp8 caches .*got a float32 cache"),
+    (dict(k_cache=FP8_K), TypeError, "k_cache and v_cache must share one dtype .*got k_cache float8_e4m3fn, "
+     "v_cache float32"),
+    (dict(k_cache=FP8_K, v_cache=FP8_K.to(torch.float8_e5m2)), TypeError, "k_cache and v_cache must share one dtype"),
+    (dict(q=FP8_Q, k_cache=FP8_K, v_cache=FP8_K), TypeError, "q has dtype float8_e4m3fn"),
+    (dict(k_cache=FP8_K, v_cache=FP8_K, k_scale=torch.ones(3)), ValueError,
+     "k_scale must be a float, or a float32 tensor of shape \\(\\), \\(1,\\) or \\(Hkv,\\) = \\(1,\\) .*got float32 "
+     "of shape \\(3,\\)"),
+    (dict(k_cache=FP8_K, v_cache=FP8_K, v_scale=torch.ones(1, dtype=torch.float16)), ValueError,
+     "v_scale must be .*got float16 of shape \\(1,\\)"),
+    (dict(k_cache=FP8_K, v_cache=FP8_K, v_scale=-1.0), ValueError, "v_scale must be finite and > 0, got -1.0"),
+    (dict(k_cache=FP8_K, v_cache=FP8_K, k_scale=[0.5]), TypeError, "k_scale must be .*or None; got list"),
 ])
 def test_bad_decode_inputs_are_refused(change, error, message):
     change = {name: x.to(DEVICE) if isinstance(x, torch.Tensor) and x.device.type != "meta" else x
               for name, x in change.items()}
     with pytest.raises(error, match=message):
         bad_input(**change)()
+
+
+# fp8 caches: (case, q's dtype, the format, per-k/v-head scales): an empty sequence, GQA with a
+# window at D = 80, 16 new tokens against one k/v head at D = 96; both formats, all three q dtypes
+FP8_DECODE_CASES = [
+    (DECODE_CASES[0], torch.bfloat16, torch.float8_e4m3fn, True),
+    (DECODE_CASES[1], torch.float16, torch.float8_e4m3fn, False),
+    (DECODE_CASES[4], torch.bfloat16, torch.float8_e5m2, True),
+    (DECODE_CASES[2], torch.float32, torch.float8_e5m2, False),
+]
+
+
+@pytest.mark.parametrize("case, dtype, fmt, per_head", FP8_DECODE_CASES, ids=str)
+def test_decode_with_an_fp8_cache(poison, case, dtype, fmt, per_head):
+    check_decode_fp8(case, dtype, fmt, per_head)
+
+
+def test_an_fp8_cache_without_scales_is_read_at_scale_one(poison):
+    # and its scales fold into the score's scale and the output: scaling the cache by 2 (exact in
+    # fp8) while halving the scales changes nothing
+    q, k_cache, v_cache, seqlens = decode_inputs(2, 4, 2, 2, 40, 32, (40, 17), torch.bfloat16, seed_of("fp8 1.0"))
+    k8, v8 = (x.float().to(torch.float8_e4m3fn) for x in (k_cache, v_cache))
+    o, lse = decode_attention(q, k8, v8, seqlens, return_lse=True)
+    hold_decode(o, lse, q, k8, v8, seqlens)
+    double = lambda x: (x.float() * 2).to(torch.float8_e4m3fn)
+    assert torch.equal(decode_attention(q, double(k8), double(v8), seqlens, k_scale=0.5, v_scale=0.5), o)
 
 
 def test_more_splits_than_key_blocks_are_clamped(poison, monkeypatch):

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 from attention_kernels import reference
 from attention_kernels.kernels import PagedKVCache, decode_attention, paged_attention
-from attention_kernels.testing.checks import (I32, UNUSED, check_paged, draft_trees, hold_paged, offsets,
-                                              paged_inputs, random_ranges)
+from attention_kernels.testing.checks import (I32, UNUSED, check_paged, check_paged_fp8, draft_trees, fp8_scales,
+                                              hold_paged, offsets, paged_inputs, random_ranges, torch_fp8_casts)
+from attention_kernels.reference.naive import FP8_MAX, quantize
 from attention_kernels.testing.cases import DEVICE, PAGED_CASES
 from attention_kernels.testing.rule import hold_to_rule, seed_of
 
@@ -98,6 +99,59 @@ def test_append_writes_the_pages_then_attends(poison, dtype):
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v), "the pages differ from the scatter"
     assert seqlens.tolist() == list(before), "cache_seqlens was changed"
     hold_paged(o, lse, q, k_cache, v_cache, table, torch.tensor(after, **I32), cu)
+
+
+@pytest.mark.parametrize("case, dtype, fmt, per_head", [
+    (PAGED_CASES[0], torch.bfloat16, torch.float8_e4m3fn, True),    # decoding and prefill chunks, a shared page
+    (PAGED_CASES[2], torch.float16, torch.float8_e5m2, False),      # pages of one key, a window
+    (PAGED_CASES[5], torch.bfloat16, torch.float8_e4m3fn, False),   # tiles within a page
+], ids=str)
+def test_paged_with_an_fp8_pool(poison, case, dtype, fmt, per_head):
+    check_paged_fp8(case, dtype, fmt, per_head)
+
+
+@pytest.mark.parametrize("fmt", list(FP8_MAX), ids=str)
+def test_append_quantizes_into_an_fp8_pool(poison, fmt):
+    # k_new, v_new (bf16) land as round(x / scale), saturated at the format's largest finite value
+    # (the scales leave 1/4 of the values' range past it), bit for bit as torch quantizes them
+    new, before, page_size, Hkv = (1, 6, 0, 9), (7, 0, 5, 8), 4, 2
+    after = tuple(L + n for L, n in zip(before, new))
+    q, k_cache, v_cache, table, _, cu = paged_inputs(new, after, 4, Hkv, 16, page_size, torch.bfloat16,
+                                                     seed_of("append fp8", fmt), share=False)
+    g = torch.Generator(DEVICE).manual_seed(5)
+    k_new, v_new = (torch.randn(sum(new), Hkv, 16, generator=g, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    k_scale, v_scale = fp8_scales(k_new, fmt, True, 1, headroom=0.75), fp8_scales(v_new, fmt, False, 1, headroom=0.75)
+    k8, v8 = quantize(k_cache, k_scale, fmt, 2), quantize(v_cache, v_scale, fmt, 2)
+    want_k, want_v = k8.clone(), v8.clone()
+    stored_k, stored_v = quantize(k_new, k_scale, fmt, 1), quantize(v_new, v_scale, fmt, 1)  # (total_q, Hkv, D)
+    assert (stored_k.float().abs() == FP8_MAX[fmt]).any(), "no value saturates: the scales test nothing"
+    for b, (L, n) in enumerate(zip(before, new)):  # the scatter the call replaces
+        for t in range(n):
+            page, slot = table[b, (L + t) // page_size], (L + t) % page_size
+            want_k[page, slot], want_v[page, slot] = stored_k[cu[b] + t], stored_v[cu[b] + t]
+    seqlens = torch.tensor(before, **I32)
+    with torch_fp8_casts():
+        o, lse = paged_attention(q, k8, v8, table, seqlens, cu, max(new), k_new, v_new, return_lse=True,
+                                 k_scale=k_scale, v_scale=v_scale)
+    bits = lambda x: x.view(torch.uint8)
+    assert torch.equal(bits(k8), bits(want_k)) and torch.equal(bits(v8), bits(want_v)), "the pages differ"
+    hold_paged(o, lse, q, k8, v8, table, torch.tensor(after, **I32), cu, k_scale=k_scale, v_scale=v_scale)
+
+
+def test_the_pool_generates_in_fp8(poison):
+    # PagedKVCache with fp8 pools: a prompt appended and attended, then one decoding step
+    cache = PagedKVCache(1, 6, 4, 2, 16, max_seqs=1, max_pages=4, dtype=torch.float8_e4m3fn, device=DEVICE,
+                         k_scale=torch.tensor([0.01, 0.02], device=DEVICE), v_scale=0.01)
+    g = torch.Generator(DEVICE).manual_seed(7)
+    randn = lambda *shape: torch.randn(shape, generator=g, device=DEVICE, dtype=torch.bfloat16)
+    for n in (6, 1):
+        cache.reserve(0, n)
+        q, k_new, v_new = randn(n, 4, 16), randn(n, 2, 16), randn(n, 2, 16)
+        with torch_fp8_casts():
+            o = cache.attend(0, q, k_new, v_new, seqs=[0], cu_seqlens_q=offsets([n]), max_seqlen_q=n)
+        cache.advance([0], [n])
+        hold_paged(o, None, q, cache.k[0], cache.v[0], cache.block_table[:1], cache.seqlens[:1], offsets([n]),
+                   k_scale=cache.k_scale, v_scale=cache.v_scale)
 
 
 def test_one_page_per_sequence_is_decode_attention(poison):
@@ -281,6 +335,15 @@ def base_call(**change):
      "tree_mask must .*got int32 of shape \\(2, 3, 3\\)"),
     (dict(bidirectional=torch.zeros(1, 2, dtype=torch.int32, device=DEVICE)), ValueError,
      "bidirectional must be .* B = 2.*got int32 of shape \\(1, 2\\)"),
+    (dict(v_scale=2.0), ValueError, "k_scale and v_scale are for fp8 caches .*got a float32 cache"),
+    (dict(k_cache=lambda a: a["k_cache"].to(torch.float8_e4m3fn), v_cache=lambda a: a["v_cache"].to(
+        torch.float8_e4m3fn), k_scale=torch.ones(3, device=DEVICE)), ValueError,
+     "k_scale must be .*\\(Hkv,\\) = \\(2,\\).*got float32 of shape \\(3,\\)"),
+    (dict(k_cache=lambda a: a["k_cache"].to(torch.float8_e4m3fn)), TypeError, "k_cache and v_cache must share one dtype"),
+    (dict(k_cache=lambda a: a["k_cache"].to(torch.float8_e4m3fn), v_cache=lambda a: a["v_cache"].to(
+        torch.float8_e4m3fn), k_new=lambda a: torch.zeros(4, 2, 16, device=DEVICE, dtype=torch.float8_e4m3fn),
+          v_new=lambda a: torch.zeros(4, 2, 16, device=DEVICE, dtype=torch.float8_e4m3fn)), ValueError,
+     "k_new must have q's dtype float32 \\(the append quantizes it into the fp8 pool\\)"),
 ])
 def test_bad_paged_inputs_are_refused(change, error, message):
     with pytest.raises(error, match=message):

@@ -46,9 +46,20 @@ up), and at most MAX_SPLITS. Decoding reads the
 whole cache once and does little arithmetic per byte: it is memory-bound, so its measure is GB/s
 against the device's copy bandwidth (`python -m attention_kernels.benchmarks.inference`).
 
+fp8 caches (`k_scale`, `v_scale`; vLLM's convention): k_cache and v_cache may be float8_e4m3fn or
+float8_e5m2, holding stored = round(x / scale) with one fp32 scale per tensor or per k/v head, so
+x = stored * scale. A tile widens to q's dtype exactly (every fp8 value is a bf16 and an fp16 value)
+and the dot runs as for a 16-bit cache; the scales never touch the tiles: a program serves one k/v
+head, so k_scale joins the score's scale (scale * k_scale * log2(e)) and v_scale multiplies the
+partial output once, in fp32. Without scales (HAS_KV_SCALE) the kernels are what they were.
+`kernels.paged`'s append quantizes new tokens: x / scale in fp32, saturated to the format's largest
+finite value (448, 57344), rounded to nearest even.
+
 Inference only: no backward (use `flash_attention` to train). Precision as in `kernels/flash.py`.
 """
 
+import math
+import numbers
 from typing import Optional
 
 import torch
@@ -56,8 +67,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .checks import (INTERPRET, _dtype_name, _is_int, autocast_inputs, check_causal, check_flag, check_inputs,
-                     check_int32, check_mods, window_bounds)
+from .checks import (INTERPRET, SUPPORTED_DTYPES, _dtype_name, _is_int, autocast_inputs, check_causal, check_flag,
+                     check_inputs, check_int32, check_mods, last_dim_contiguous, window_bounds)
 from .common import LOG2E, Variant, dot, kernel_op, meta, on_device, pow2, score_mods, stride_args, wrap_triton
 
 # ----------------------------------------------------------------------------- kernels
@@ -97,13 +108,14 @@ def _cache_slots(PAGES, b, pos, ok, stride_pb, num_pages, PAGE_SIZE: tl.constexp
 
 @triton.jit
 def _decode_split(
-    Q, K, V, SEQLENS, CU_Q, PAGES, O_PART, LSE_PART, SLOPES, TREE, RANGES,
+    Q, K, V, SEQLENS, CU_Q, PAGES, O_PART, LSE_PART, SLOPES, TREE, RANGES, K_SCALE, V_SCALE,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_pb,  # the block table's row stride (paged)
     stride_tb, stride_ti, stride_tj,  # the tree mask (B or 1, tree_len, tree_len), bytes: b 0 when shared
     stride_rb, stride_rr, stride_rx,  # the ranges (B, R, 2)
+    stride_ksh, stride_vsh,  # an fp8 cache's scales along k/v heads: 0 for one per tensor
     B, Hkv, Tq, Tmax, num_pages, GROUP,
     tree_len,    # the tree's side: Tq, or max_seqlen_q (an unchecked call's longer sequence reads no further)
     num_ranges,  # R
@@ -116,13 +128,15 @@ def _decode_split(
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TREE: tl.constexpr, HAS_RANGES: tl.constexpr, BLOCK_R: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_KV_SCALE: tl.constexpr,
 ):
     # -- which query block, k/v head and split; the splits of one head are adjacent (L2)
     pid = tl.program_id(0)
     split = pid % NUM_SPLITS
     h_kv = (pid // NUM_SPLITS % Hkv).to(tl.int64)
     block = pid // NUM_SPLITS // Hkv
+    if HAS_KV_SCALE:  # an fp8 cache's keys are stored / k_scale: this head's scale joins the score's
+        qk_scale = qk_scale * tl.load(K_SCALE + h_kv * stride_ksh)
     if VARLEN:  # packed new tokens (total_q, Hq, D): sequence b's are rows cu_q[b]:cu_q[b + 1]
         b = _sequence_of(CU_Q, block, B, BLOCK_Q)
         # the sequence's rows among all new tokens; unchecked offsets are clamped into q's rows
@@ -194,10 +208,11 @@ def _decode_split(
             slot = slot + tl.arange(0, BLOCK_N)                                   # [BLOCK_N], one table read
         else:
             first_dim, slot = _cache_slots(PAGES, b, offs_n, n_ok, stride_pb, num_pages, PAGE_SIZE, PAGED)  # [BLOCK_N]
+        # [BLOCK_N, BLOCK_D] in q's dtype: an fp8 cache's values widen exactly (a no-op for any other)
         k = tl.load(K + (first_dim * stride_kb + slot * stride_kt + h_kv * stride_kh)[:, None]
-                    + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)                     # [BLOCK_N, BLOCK_D]
+                    + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0).to(Q.dtype.element_ty)
         v = tl.load(V + (first_dim * stride_vb + slot * stride_vt + h_kv * stride_vh)[:, None]
-                    + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+                    + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0).to(Q.dtype.element_ty)
 
         # -- scores, masked: past this split, after the row's own position, before its window
         s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale                   # [BLOCK_M, BLOCK_N] fp32
@@ -227,6 +242,8 @@ def _decode_split(
         m_i = m_new
 
     # -- the split's partial result: O_s = acc / l (0 when it saw no key), L_s base 2 (-inf then)
+    if HAS_KV_SCALE:  # an fp8 cache's values are stored / v_scale: once here, not per tile
+        acc = acc * tl.load(V_SCALE + h_kv * stride_vsh)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     row = (first + t).to(tl.int64) * (GROUP * Hkv) + h                            # [BLOCK_M] (new token, head)
     part = row * NUM_SPLITS + split
@@ -275,16 +292,19 @@ def _decode_merge(
 
 @triton.jit
 def _append_kv(
-    K_NEW, V_NEW, K, V, SEQLENS, CU_Q, PAGES,
+    K_NEW, V_NEW, K, V, SEQLENS, CU_Q, PAGES, K_SCALE, V_SCALE,
     stride_nt, stride_nh, stride_nd, stride_wt, stride_wh, stride_wd,  # k_new, v_new (total_q, Hkv, D)
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_pb, Tmax, num_pages, total_q,
+    stride_pb, stride_ksh, stride_vsh, Tmax, num_pages, total_q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    FP8_MAX: tl.constexpr, HAS_KV_SCALE: tl.constexpr,
 ):
     # Sequence b's new keys and values, rows cu_q[b]:cu_q[b + 1] of k_new and v_new, written at
     # positions cache_seqlens[b]... of its pages; one program per (sequence, BLOCK_T tokens, k/v head).
-    # Positions past the table's capacity are not written (an unchecked call's lengths).
+    # Positions past the table's capacity are not written (an unchecked call's lengths). Into an
+    # fp8 pool (FP8_MAX > 0, its largest finite value) as round(x / scale), saturated: the
+    # conversion alone would make a value past FP8_MAX NaN (e4m3fn) or inf (e5m2).
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
     first = tl.minimum(tl.maximum(tl.load(CU_Q + b), 0), total_q)   # unchecked offsets: inside k_new's rows
@@ -297,6 +317,16 @@ def _append_kv(
     src = (first + t).to(tl.int64)
     k = tl.load(K_NEW + src[:, None] * stride_nt + h * stride_nh + offs_d[None, :] * stride_nd, mask=mask)
     v = tl.load(V_NEW + src[:, None] * stride_wt + h * stride_wh + offs_d[None, :] * stride_wd, mask=mask)
+    if FP8_MAX > 0:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+        if HAS_KV_SCALE:  # round(x / scale) as vLLM's cache write: IEEE division (`/` is approximate on a GPU)
+            k = tl.div_rn(k, tl.load(K_SCALE + h * stride_ksh))
+            v = tl.div_rn(v, tl.load(V_SCALE + h * stride_vsh))
+        k = tl.minimum(tl.maximum(k, -FP8_MAX), FP8_MAX)
+        v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
+    k = k.to(K.dtype.element_ty)  # round to nearest even; a no-op into a pool of k_new's dtype
+    v = v.to(V.dtype.element_ty)
     page, slot = _cache_slots(PAGES, b, pos, ok, stride_pb, num_pages, PAGE_SIZE, True)
     tl.store(K + (page * stride_kb + slot * stride_kt + h * stride_kh)[:, None] + offs_d[None, :] * stride_kd, k,
              mask=mask)
@@ -309,6 +339,7 @@ def _append_kv(
 MIN_SPLIT_KEYS = 256  # a split shorter than this spends more on its launch share and merge than it saves
 MAX_SPLITS = 64
 INTERPRETER_SMS = 4   # the interpreter has no SMs; pretend a few, so that num_splits=None splits there too
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}  # the fp8 caches, their largest finite values
 
 
 def sm_count(device):
@@ -372,6 +403,60 @@ def _check_seqlens(cache_seqlens, B, Tmax, device, read_values):
                          + ", ".join(f"{L} for sequence {b}" for b, L in bad[:4]))
 
 
+def check_cache_inputs(q, k_cache, v_cache, scale, names=("q", "k_cache", "v_cache")):
+    """`check_inputs` for q and a KV cache, which may be fp8 (k_cache and v_cache of one FP8_MAX
+    format) beside a 16- or 32-bit q. The shared check takes one dtype for all three, so it is shown
+    stand-ins in an fp8 cache's place: q's dtype, the cache's shape and device, nothing allocated
+    (a broadcast scalar). Returns q, k_cache, v_cache and the scale as `check_inputs` does."""
+    fp8 = [isinstance(t, torch.Tensor) and t.dtype in FP8_MAX for t in (k_cache, v_cache)]
+    if not any(fp8) or not isinstance(q, torch.Tensor):
+        return check_inputs(q, k_cache, v_cache, scale, names=names)
+    _, nk, nv = names
+    if not all(fp8) or k_cache.dtype != v_cache.dtype:
+        dtype = lambda t: _dtype_name(t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"{nk} and {nv} must share one dtype (an fp8 cache is float8_e4m3fn or float8_e5m2 for "
+                        f"both), got {nk} {dtype(k_cache)}, {nv} {dtype(v_cache)}")
+    stand_in = lambda t: torch.empty((), dtype=q.dtype, device=t.device).expand(t.shape)
+    q, _, _, scale = check_inputs(q, stand_in(k_cache), stand_in(v_cache), scale, names=names)
+    return q, last_dim_contiguous(k_cache), last_dim_contiguous(v_cache), scale
+
+
+def check_kv_scales(k_scale, v_scale, cache, Hkv):
+    """An fp8 cache's scales as the kernels take them (vLLM's k_scale and v_scale: the cache holds
+    round(x / scale), x = stored * scale): fp32 tensors on the cache's device of one value (per
+    tensor) or Hkv (per k/v head), a Python float made one (a copy from the host), one left out
+    1.0. (None, None) when neither is given: the kernels then read no scale (as 1.0). Tensor
+    values are not read (no host sync): they must be finite and > 0."""
+    if k_scale is None and v_scale is None:
+        return None, None
+    if cache.dtype not in FP8_MAX:
+        raise ValueError(f"k_scale and v_scale are for fp8 caches (float8_e4m3fn, float8_e5m2), got a "
+                         f"{_dtype_name(cache.dtype)} cache")
+    accepted = f"a float, or a float32 tensor of shape (), (1,) or (Hkv,) = ({Hkv},) on the cache's device"
+    scales = []
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        s = 1.0 if s is None else s
+        if isinstance(s, numbers.Real) and not isinstance(s, bool):
+            if not (math.isfinite(s) and s > 0):
+                raise ValueError(f"{name} must be finite and > 0, got {s}")
+            s = torch.full((1,), float(s), dtype=torch.float32, device=cache.device)
+        elif not isinstance(s, torch.Tensor):
+            raise TypeError(f"{name} must be {accepted}, or None; got {type(s).__name__}")
+        elif s.dtype != torch.float32 or s.dim() > 1 or s.numel() not in (1, Hkv) or s.device != cache.device:
+            raise ValueError(f"{name} must be {accepted}; got {_dtype_name(s.dtype)} of shape {tuple(s.shape)} on "
+                             f"{s.device}")
+        scales.append(s.reshape(-1))                                          # (1,) or (Hkv,)
+    return tuple(scales)
+
+
+def kv_scale_args(placeholder, k_scale, v_scale):
+    """The kernels' fp8 scale arguments: the scales and their strides along k/v heads (0 for one
+    per tensor); without them an unread placeholder and HAS_KV_SCALE False."""
+    stride = lambda s: 0 if s is None or s.numel() == 1 else s.stride(0)
+    return dict(K_SCALE=placeholder if k_scale is None else k_scale, V_SCALE=placeholder if v_scale is None else v_scale,
+                stride_ksh=stride(k_scale), stride_vsh=stride(v_scale), HAS_KV_SCALE=k_scale is not None)
+
+
 def refuse_gradients(name, *tensors):
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
         raise RuntimeError(f"{name} has no backward (it is for inference); call it under "
@@ -423,7 +508,7 @@ def check_serving_masks(tree_mask, bidirectional, B, Tq, device, tokens="Tq"):
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=None, window=None,
                      return_lse=False, check_seqlens=True, softcap=None, sinks=None, alibi_slopes=None, causal=True,
-                     tree_mask=None, bidirectional=None):
+                     tree_mask=None, bidirectional=None, k_scale=None, v_scale=None):
     """Attention of Tq new tokens per sequence to a KV cache, the cache split across programs.
 
     q (B, Hq, Tq, D), Tq the new tokens (1 to 16 is the usual; any works); k_cache, v_cache
@@ -449,14 +534,23 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=
     of that range below the sequence's length, whatever causal, the window or the tree say
     (Gemma 3's images, a prefix-LM's prefix); a range with start >= end is empty (padding).
 
+    fp8 caches: k_cache and v_cache float8_e4m3fn (or float8_e5m2) beside q in fp16, bf16 or fp32,
+    holding round(x / scale) (vLLM's convention): `k_scale`, `v_scale` a float or an fp32 tensor
+    of one value or (Hkv,), one per k/v head (None: 1.0). Equal to attention over the dequantized
+    cache, stored * scale (`reference.decode_attention` with the same scales). A tensor's values
+    are not read on the host (finite and > 0 is the caller's to keep).
+
     Checking that every length lies in [0, Tmax] reads cache_seqlens on the host: a sync per
     call, which also rules out capturing the call in a CUDA graph. `check_seqlens=False` skips
     that read (its shape, dtype and device are still checked); the kernel then clamps each
     length into [0, Tmax], so it never reads outside the cache, but an out-of-range length is
     the caller's bug, not an error.
     """
-    q, k_cache, v_cache, scale = check_inputs(*autocast_inputs(q, k_cache, v_cache), scale,
-                                              names=("q", "k_cache", "v_cache"))
+    if isinstance(k_cache, torch.Tensor) and k_cache.dtype in FP8_MAX:
+        q, = autocast_inputs(q)  # an fp8 cache is not autocast: its values are stored / scale
+    else:
+        q, k_cache, v_cache = autocast_inputs(q, k_cache, v_cache)
+    q, k_cache, v_cache, scale = check_cache_inputs(q, k_cache, v_cache, scale)
     B, Hq, Tq, D = q.shape
     Tmax = k_cache.shape[2]
     check_flag(return_lse, "return_lse")
@@ -469,30 +563,35 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, num_splits=
     check_num_splits(num_splits)
     softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=B)
     tree_mask, bidirectional = check_serving_masks(tree_mask, bidirectional, B, Tq, q.device)
+    k_scale, v_scale = check_kv_scales(k_scale, v_scale, k_cache, k_cache.shape[1])
     variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=slopes)
-    o, lse = _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, variant, tree_mask, bidirectional)
+    o, lse = _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, variant, tree_mask, bidirectional,
+                         k_scale, v_scale)
     return (o, lse) if return_lse else o
 
 
-def _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, variant, tree_mask=None, bidirectional=None):
+def _run_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits, variant, tree_mask=None, bidirectional=None,
+                k_scale=None, v_scale=None):
     """The split and merge kernels on checked dense inputs, through the op `attention_kernels::decode`;
     returns (out, lse)."""
     return torch.ops.attention_kernels.decode(q, k_cache, v_cache, cache_seqlens, scale=scale, num_splits=num_splits,
                                               left=variant.left, right=variant.right, softcap=variant.softcap,
                                               sinks=variant.sinks, alibi_slopes=variant.alibi_slopes,
-                                              tree_mask=tree_mask, bidirectional=bidirectional)
+                                              tree_mask=tree_mask, bidirectional=bidirectional, k_scale=k_scale,
+                                              v_scale=v_scale)
 
 
 def split_kv(q, k_cache, v_cache, seqlens, scale, num_splits, variant, o, lse, *, B, Tq, Hkv, Tmax,
              q_strides, k_strides, v_strides, o_strides, cu_q=None, pages=None, page_size=1, tree_mask=None,
-             bidirectional=None):
+             bidirectional=None, k_scale=None, v_scale=None):
     """The split launch and the merge (`merge_splits`), for a dense cache and q (decode_attention)
     or a paged cache and packed q (`kernels.paged`). Strides as the kernels take them, (b, h, t, d)
     for q and o (b = 0 when packed: every row is "sequence 0" with Tq = total_q) and (b or page, h,
     t or slot, d) for the cache; Tq is the longest sequence's new tokens (packed: max_seqlen_q),
     Tmax each sequence's capacity. The variant's window is (left, right), right 0 when causal; it
     has no dropout. tree_mask (B, Tq, Tq) or (Tq, Tq) bool and bidirectional (B, R, 2) or (B, 2)
-    int32, checked (`check_serving_masks`), or None. Fills o and lse."""
+    int32, checked (`check_serving_masks`), or None; k_scale, v_scale an fp8 cache's (`check_kv_scales`),
+    or None. Fills o and lse."""
     Hq, D = q.shape[-2] if cu_q is not None else q.shape[1], q.shape[-1]
     group = Hq // Hkv
     block_m, block_n, num_warps = blocks(group * max(Tq, 1), pow2(D), q.element_size())
@@ -518,7 +617,7 @@ def split_kv(q, k_cache, v_cache, seqlens, scale, num_splits, variant, o, lse, *
             Q=q, K=k_cache, V=v_cache, SEQLENS=seqlens, CU_Q=seqlens if cu_q is None else cu_q,
             PAGES=seqlens if pages is None else pages, O_PART=o_part, LSE_PART=lse_part,
             **stride_args("bhtd", q=q_strides, k=k_strides, v=v_strides),
-            **serving_mask_args(seqlens, tree_mask, bidirectional),
+            **serving_mask_args(seqlens, tree_mask, bidirectional), **kv_scale_args(seqlens, k_scale, v_scale),
             stride_pb=0 if pages is None else pages.stride(0), B=B, Hkv=Hkv, Tq=Tq, Tmax=Tmax,
             num_pages=1 if pages is None else k_cache.shape[0], GROUP=group, q_blocks=q_blocks,
             left=left if left >= 0 else Tmax + Tq, right=variant.right if variant.right >= 0 else Tmax + Tq,
@@ -569,7 +668,8 @@ def _decode_outputs(q, **unused):
 def _decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float,
                num_splits: Optional[int], left: int, right: int, softcap: float, sinks: Optional[Tensor],
                alibi_slopes: Optional[Tensor], tree_mask: Optional[Tensor] = None,
-               bidirectional: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+               bidirectional: Optional[Tensor] = None, k_scale: Optional[Tensor] = None,
+               v_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """decode_attention's launch as the torch op `attention_kernels::decode` (checked inputs): torch.compile
     sees one op, with no graph break, and check_seqlens=False leaves nothing read on the host. It calls
     split_kv itself: torch finds an op's kernels by reading its source and the functions it calls."""
@@ -578,5 +678,6 @@ def _decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tenso
     o, lse = _decode_outputs(q)
     split_kv(q, k_cache, v_cache, cache_seqlens, scale, num_splits, variant, o, lse, B=B, Tq=Tq,
              Hkv=k_cache.shape[1], Tmax=k_cache.shape[2], q_strides=q.stride(), k_strides=k_cache.stride(),
-             v_strides=v_cache.stride(), o_strides=o.stride(), tree_mask=tree_mask, bidirectional=bidirectional)
+             v_strides=v_cache.stride(), o_strides=o.stride(), tree_mask=tree_mask, bidirectional=bidirectional,
+             k_scale=k_scale, v_scale=v_scale)
     return o, lse

@@ -10,7 +10,8 @@ blocks travel around a ring of ranks (Liu et al., "Ring Attention with Blockwise
         post: send the K/V block held to rank r+1, receive the next from rank r-1
         for each piece of (local q, block of rank r-s) some query sees:
             o_s, lse_s = flash forward, the mask placed by the global positions of both
-            merge into (O, LSE), fp32: LSE' = log2(2^LSE + 2^lse_s), O' = (2^LSE O + 2^lse_s o_s) / 2^LSE'
+            merge into (O, LSE), fp32 (`merge_attention_states`): LSE' = log(e^LSE + e^lse_s),
+            O' = (e^LSE O + e^lse_s o_s) / e^LSE'
         wait for the block
     backward, the same ring again, with the global O and LSE (the flash backward takes them, so
     each piece's P = exp2(S c - LSE) is already the global softmax's):
@@ -63,6 +64,7 @@ import torch
 import torch.distributed as dist
 
 from .checks import _dtype_name, autocast_inputs, check_causal, check_inputs, check_mods, window_bounds
+from .cascade import merge_attention_states
 from .common import LOG2E, Variant
 from .dropout import check_dropout
 from .flash import LN2, sink_gradient
@@ -333,19 +335,6 @@ def _wait(works):
 # ----------------------------------------------------------------------------- forward and backward
 
 
-def merge(out, lse, o, lse_step):
-    """Fold one step's (o, lse_step) into the running (out, lse), in place: out (.., T, D) fp32,
-    lse (.., T) base 2 fp32. Relative to the larger log-sum-exp, so no exp2 overflows; a side
-    that saw no key (-inf) weighs 0, and rows with none on either side stay 0 and -inf."""
-    m = torch.maximum(lse, lse_step)
-    m = torch.where(torch.isinf(m), 0.0, m)                                # (.., T) both -inf: anything finite
-    a, b = torch.exp2(lse - m), torch.exp2(lse_step - m)                   # (.., T) each side's weight
-    total = a + b
-    lse.copy_(m + torch.log2(total))                                       # log2(0) = -inf: still nothing seen
-    total = torch.where(total == 0, 1.0, total)
-    out.copy_((out * a[..., None] + o.float() * b[..., None]) / total[..., None])
-
-
 def _piece_variant(ring, step, piece):
     """What one piece's flash call adds to attention, as a Variant (its window, the soft-cap, ALiBi),
     and what the kernel's logits of each row lack, base 2, to add to its log-sum-exp: None, or
@@ -404,7 +393,7 @@ def ring_forward(q, k, v, ring, scale, on_step=None, sinks=None):
     after the last step: a log-sum-exp term with no value."""
     B, Hq, T, D = q.shape
     acc = q.new_zeros(B, Hq, T, D, dtype=torch.float32)                   # (B, Hq, T, D) the merged output
-    lse = q.new_full((B, Hq, T), -math.inf, dtype=torch.float32)          # (B, Hq, T) base 2
+    lse = q.new_full((B, Hq, T), -math.inf, dtype=torch.float32)          # (B, Hq, T) natural log, base 2 at the end
     sixteen = q.dtype != torch.float32  # 16-bit steps hand over their fp32 output as o + residual
     kv = torch.stack([k, v])                                               # (2, B, Hkv, T, D): one message a step
     for s in range(ring.steps):
@@ -418,14 +407,16 @@ def ring_forward(q, k, v, ring, scale, on_step=None, sinks=None):
             variant, shift = _piece_variant(ring, s, piece)
             o, lse2, res = _flash_forward(q[:, :, q0:q1], kv[0, :, :, k0:k1], kv[1, :, :, k0:k1], variant, scale,
                                           sixteen)
-            merge(acc[:, :, q0:q1], lse[:, :, q0:q1], o.float() + res.float() if sixteen else o,
-                  lse2 if shift is None else lse2 + shift)
+            acc[:, :, q0:q1], lse[:, :, q0:q1] = merge_attention_states(
+                acc[:, :, q0:q1], lse[:, :, q0:q1], o.float() + res.float() if sixteen else o,
+                (lse2 if shift is None else lse2 + shift) * LN2)  # the kernels' base 2, in natural log
         clock.computed()
         _wait(pending)
         clock.waited(s)
         kv = arriving
-    if sinks is not None:
-        merge(acc, lse, acc.new_zeros(()), sinks[:, None] * LOG2E)        # (Hq, 1) base 2, every row
+    if sinks is not None:  # a term of value 0 and log-sum-exp sinks[h] in every row of head h
+        acc, lse = merge_attention_states(acc, lse, torch.zeros_like(acc), sinks[:, None].expand(lse.shape))
+    lse = lse * LOG2E                                                      # (B, Hq, T) base 2, as the kernels'
     out = acc.to(q.dtype)
     res = (acc - out.float()).to(q.dtype) if sixteen else None             # what rounding out dropped
     return out, lse, res

@@ -293,16 +293,28 @@ def _dkdv_inner(
             past = offs_n[:, None] - (offs_m[None, :] + (Tk - Tq))  # as in `mask_scores`, transposed
             pt = tl.where((offs_n < Tk)[:, None] & (past >= -left) & (past <= right), pt, 0.0)
         # -- dV += P^T dO;  dS^T = P^T * (V dO^T - delta);  dK += dS^T Q
-        dpt = dot(v, tl.trans(do), PRECISION, UPCAST)                           # [BLOCK_N, BLOCK_M] fp32
-        if HAS_DROPOUT:  # dV from the kept weights, scaled; dP only through them
-            keep = dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], p_drop)
-            dv = dot_acc(dv, tl.where(keep, pt * keep_scale, 0.0).to(do.dtype), do, PRECISION, UPCAST)
-            dpt = tl.where(keep, dpt * keep_scale, 0.0)
-        else:
-            dv = dot_acc(dv, pt.to(do.dtype), do, PRECISION, UPCAST)              # [BLOCK_N, BLOCK_D] fp32
-        dst = pt * (dpt - delta[None, :])
         if HAS_SCORE_MOD:
-            dst = tl.where(pt > 0.0, dst * gt, 0.0)
+            # dV first, then P^T folds in the score function's derivative: one [BLOCK_N, BLOCK_M]
+            # tile fewer live across the dP dot (the dk/dv kernel is the one that spills)
+            if HAS_DROPOUT:  # the same draws as below
+                keep = dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None],
+                                    p_drop)
+                dv = dot_acc(dv, tl.where(keep, pt * keep_scale, 0.0).to(do.dtype), do, PRECISION, UPCAST)
+            else:
+                dv = dot_acc(dv, pt.to(do.dtype), do, PRECISION, UPCAST)
+            pt = tl.where(pt > 0.0, pt * gt, 0.0)
+            dpt = dot(v, tl.trans(do), PRECISION, UPCAST)
+            if HAS_DROPOUT:
+                dpt = tl.where(keep, dpt * keep_scale, 0.0)
+        else:
+            dpt = dot(v, tl.trans(do), PRECISION, UPCAST)                       # [BLOCK_N, BLOCK_M] fp32
+            if HAS_DROPOUT:  # dV from the kept weights, scaled; dP only through them
+                keep = dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], p_drop)
+                dv = dot_acc(dv, tl.where(keep, pt * keep_scale, 0.0).to(do.dtype), do, PRECISION, UPCAST)
+                dpt = tl.where(keep, dpt * keep_scale, 0.0)
+            else:
+                dv = dot_acc(dv, pt.to(do.dtype), do, PRECISION, UPCAST)          # [BLOCK_N, BLOCK_DV] fp32
+        dst = pt * (dpt - delta[None, :])
         if HAS_SOFTCAP:
             dst = dst * (1.0 - tt * tt)
         dk = dot_acc(dk, dst.to(q.dtype), q, PRECISION, UPCAST)                  # [BLOCK_N, BLOCK_D] fp32

@@ -37,6 +37,10 @@ decode's serving masks: the tree padded per sequence, (B, max_seqlen_q, max_seql
 shape is known without reading cu_seqlens_q and a graph replays it; ranges in each sequence's
 positions.
 
+fp8 pools (float8_e4m3fn or float8_e5m2, with vLLM's `k_scale`, `v_scale`: per tensor or per k/v
+head, the pool holding round(x / scale)) are read as in `kernels.decode`; the append quantizes
+k_new and v_new (q's dtype) on the way in, saturating at the format's largest finite value.
+
 `PagedKVCache` is a page pool with a free list and block tables in plain Python, for the demo
 (`python -m attention_kernels.benchmarks.tinygpt --paged`) and the tests: not a serving engine.
 """
@@ -47,9 +51,10 @@ import torch
 import triton
 from torch import Tensor
 
-from .checks import (SUPPORTED_DTYPES, _dtype_name, _is_int, as_int, check_causal, check_flag, check_inputs,
-                     check_int32, check_mods, window_bounds)
-from .decode import _append_kv, check_num_splits, check_serving_masks, refuse_gradients, split_kv
+from .checks import (SUPPORTED_DTYPES, _dtype_name, _is_int, as_int, check_causal, check_flag, check_int32,
+                     check_mods, window_bounds)
+from .decode import (FP8_MAX, _append_kv, check_cache_inputs, check_kv_scales, check_num_splits, check_serving_masks,
+                     kv_scale_args, refuse_gradients, split_kv)
 from .common import Variant, kernel_op, on_device, pow2, stride_args, wrap_triton
 
 APPEND_BLOCK = 16  # new tokens per program of the append kernel
@@ -75,8 +80,7 @@ def check_paged_inputs(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqle
     # dtypes, devices, heads, head dim and scale: the shared check, on (1, H, T, D) views
     view = lambda t: t.transpose(0, 1)[None] if isinstance(t, torch.Tensor) and t.dim() == 3 else t
     first_page = lambda t: t[:1].transpose(1, 2) if isinstance(t, torch.Tensor) else t
-    _, _, _, scale = check_inputs(view(q), first_page(k_cache), first_page(v_cache), scale,
-                                  names=("q", "k_cache", "v_cache"))
+    _, _, _, scale = check_cache_inputs(view(q), first_page(k_cache), first_page(v_cache), scale)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:  # the pool is written in place: a contiguous copy would take the appends
             raise ValueError(f"{name} must have unit stride along D (the cache is read and written in place), "
@@ -87,15 +91,18 @@ def check_paged_inputs(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqle
         raise ValueError("k_new and v_new come together (the new tokens' keys and values), got only "
                          + ("k_new" if v_new is None else "v_new"))
     if k_new is not None:
+        fp8 = k_cache.dtype in FP8_MAX  # the append quantizes q's dtype into the pool's
+        dtype, what = (q.dtype, f"q's dtype {_dtype_name(q.dtype)} (the append quantizes it into the fp8 pool)") \
+            if fp8 else (k_cache.dtype, f"the cache's dtype {_dtype_name(k_cache.dtype)}")
         for name, t in (("k_new", k_new), ("v_new", v_new)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
             if tuple(t.shape) != (total_q, Hkv, D):
                 raise ValueError(f"{name} must have shape (total_q, Hkv, D) = {(total_q, Hkv, D)}, one row per new "
                                  f"token of q, got {tuple(t.shape)}")
-            if t.dtype != k_cache.dtype or t.device != k_cache.device:
-                raise ValueError(f"{name} must have the cache's dtype {_dtype_name(k_cache.dtype)} and device "
-                                 f"{k_cache.device}, got {_dtype_name(t.dtype)} on {t.device}")
+            if t.dtype != dtype or t.device != k_cache.device:
+                raise ValueError(f"{name} must have {what} and the cache's device {k_cache.device}, got "
+                                 f"{_dtype_name(t.dtype)} on {t.device}")
     check_int32("cu_seqlens_q", cu_seqlens_q, (None,), q.device, "B + 1 offsets of the new tokens")
     B = cu_seqlens_q.shape[0] - 1
     if B < 1:
@@ -146,7 +153,8 @@ def check_paged_inputs(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqle
 
 def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, max_seqlen_q, k_new=None,
                     v_new=None, scale=None, window=None, num_splits=None, softcap=None, sinks=None,
-                    alibi_slopes=None, return_lse=False, check=True, causal=True, tree_mask=None, bidirectional=None):
+                    alibi_slopes=None, return_lse=False, check=True, causal=True, tree_mask=None, bidirectional=None,
+                    k_scale=None, v_scale=None):
     """New tokens of B sequences (prefill chunks and decoding mixed) against a paged KV cache.
 
     q (total_q, Hq, D): each sequence's new tokens packed, sequence b's rows
@@ -162,7 +170,12 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_
     the log-sum-exp (Hq, total_q) fp32, natural log (-inf for a row that saw no key, whose out
     is 0). causal, window ((left, 0) when causal), softcap, sinks and alibi_slopes ((Hq,) or
     (B, Hq)) as in `decode_attention`; num_splits as there (None: by the grid's size). fp16, bf16, fp32 (q and
-    the cache in one dtype). No backward.
+    the cache in one dtype), or an fp8 pool beside any of them. No backward.
+
+    fp8 pools as in `decode_attention`: k_cache, v_cache float8_e4m3fn (or float8_e5m2) holding
+    round(x / scale), `k_scale`, `v_scale` a float or an fp32 tensor of one value or (Hkv,) (None:
+    1.0). k_new, v_new then come in q's dtype and are written as round(x / scale) to nearest even,
+    saturated to the format's largest finite value (448, 57344), as vLLM's cache write does.
 
     Serving masks as in `decode_attention` (`docs/serving.md`): `tree_mask` bool (B, max_seqlen_q,
     max_seqlen_q), or (max_seqlen_q, max_seqlen_q) for every sequence, padded: sequence b's new
@@ -189,16 +202,17 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_
     B = cu_seqlens_q.shape[0] - 1
     softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=B)
     tree_mask, bidirectional = check_serving_masks(tree_mask, bidirectional, B, max_seqlen_q, q.device, "max_seqlen_q")
+    k_scale, v_scale = check_kv_scales(k_scale, v_scale, k_cache, k_cache.shape[2])
     variant = Variant(left=left, right=right, softcap=softcap, sinks=sinks, alibi_slopes=slopes)
     refuse_gradients("paged_attention", q, k_cache, v_cache, k_new, v_new, sinks)
     q = q if q.stride(-1) == 1 else q.contiguous()
     o, lse = _run_paged(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, max_seqlen_q, k_new, v_new,
-                        scale, num_splits, variant, tree_mask, bidirectional)
+                        scale, num_splits, variant, tree_mask, bidirectional, k_scale, v_scale)
     return (o, lse) if return_lse else o
 
 
 def _run_paged(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, max_seqlen_q, k_new, v_new, scale,
-               num_splits, variant, tree_mask=None, bidirectional=None):
+               num_splits, variant, tree_mask=None, bidirectional=None, k_scale=None, v_scale=None):
     """The append (with k_new) and the split and merge kernels on checked inputs, through the torch
     ops `attention_kernels::paged_append` (which writes the pool in place) and `attention_kernels::paged`;
     returns (out, lse)."""
@@ -206,29 +220,32 @@ def _run_paged(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, ma
     seqlens = cache_seqlens
     if k_new is not None:
         torch.ops.attention_kernels.paged_append(k_new, v_new, k_cache, v_cache, block_table, cache_seqlens,
-                                                 cu_seqlens_q, max_seqlen_q)
+                                                 cu_seqlens_q, max_seqlen_q, k_scale=k_scale, v_scale=v_scale)
         seqlens = cache_seqlens + (cu_seqlens_q[1:] - cu_seqlens_q[:-1])  # on the device: no host read
     return torch.ops.attention_kernels.paged(q, k_cache, v_cache, block_table, seqlens, cu_seqlens_q, max_seqlen_q,
                                              scale=scale, num_splits=num_splits, left=variant.left,
                                              right=variant.right, softcap=variant.softcap, sinks=variant.sinks,
                                              alibi_slopes=variant.alibi_slopes, tree_mask=tree_mask,
-                                             bidirectional=bidirectional)
+                                             bidirectional=bidirectional, k_scale=k_scale, v_scale=v_scale)
 
 
 @kernel_op("paged_append", fake=lambda **_: None, mutates=("k_cache", "v_cache"))
 def _append_op(k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
-               cache_seqlens: Tensor, cu_seqlens_q: Tensor, max_seqlen_q: int) -> None:
+               cache_seqlens: Tensor, cu_seqlens_q: Tensor, max_seqlen_q: int, k_scale: Optional[Tensor] = None,
+               v_scale: Optional[Tensor] = None) -> None:
     """Write each sequence's new keys and values into its pages after its cache_seqlens[b] (contiguous
-    index tensors, checked)."""
+    index tensors, checked), into an fp8 pool quantized."""
     B = cu_seqlens_q.shape[0] - 1
     num_pages, page_size, Hkv, D = k_cache.shape
     with on_device(k_new):
         wrap_triton(_append_kv)[(B, triton.cdiv(max_seqlen_q, APPEND_BLOCK), Hkv)](
             K_NEW=k_new, V_NEW=v_new, K=k_cache, V=v_cache, SEQLENS=cache_seqlens, CU_Q=cu_seqlens_q,
-            PAGES=block_table, **stride_args("thd", n=k_new.stride(), w=v_new.stride()),
+            PAGES=block_table, **kv_scale_args(cache_seqlens, k_scale, v_scale),
+            **stride_args("thd", n=k_new.stride(), w=v_new.stride()),
             **stride_args("bhtd", k=_cache_strides(k_cache), v=_cache_strides(v_cache)),
             stride_pb=block_table.stride(0), Tmax=block_table.shape[1] * page_size, num_pages=num_pages,
             total_q=k_new.shape[0], HEAD_DIM=D, BLOCK_D=pow2(D), BLOCK_T=APPEND_BLOCK, PAGE_SIZE=page_size,
+            FP8_MAX=FP8_MAX.get(k_cache.dtype, 0.0),
         )
 
 
@@ -241,7 +258,8 @@ def _paged_outputs(q, **unused):
 def _paged_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seqlens: Tensor,
               cu_seqlens_q: Tensor, max_seqlen_q: int, scale: float, num_splits: Optional[int], left: int, right: int,
               softcap: float, sinks: Optional[Tensor], alibi_slopes: Optional[Tensor],
-              tree_mask: Optional[Tensor] = None, bidirectional: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+              tree_mask: Optional[Tensor] = None, bidirectional: Optional[Tensor] = None,
+              k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """The split and merge kernels over each sequence's seqlens[b] keys in its pages (checked,
     contiguous index tensors): (out, lse)."""
     B = cu_seqlens_q.shape[0] - 1
@@ -252,7 +270,7 @@ def _paged_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, 
     split_kv(q, k_cache, v_cache, seqlens, scale, num_splits, variant, o, lse, B=B, Tq=max_seqlen_q, Hkv=Hkv,
              Tmax=block_table.shape[1] * page_size, q_strides=packed(q), k_strides=_cache_strides(k_cache),
              v_strides=_cache_strides(v_cache), o_strides=packed(o), cu_q=cu_seqlens_q, pages=block_table,
-             page_size=page_size, tree_mask=tree_mask, bidirectional=bidirectional)
+             page_size=page_size, tree_mask=tree_mask, bidirectional=bidirectional, k_scale=k_scale, v_scale=v_scale)
     return o, lse
 
 
@@ -279,12 +297,15 @@ class PagedKVCache:
 
     The pages of all layers share one numbering (a sequence's page i is page block_table[seq, i]
     in every layer's pool), as in vLLM. Lengths are kept on the host too (`lengths`), so that
-    nothing is read back from the GPU to schedule.
+    nothing is read back from the GPU to schedule. An fp8 dtype makes fp8 pools, read and written
+    with `k_scale`, `v_scale` (as `paged_attention` takes them; one for every layer).
     """
 
-    def __init__(self, layers, num_pages, page_size, Hkv, D, max_seqs, max_pages, dtype=torch.float32, device="cpu"):
-        if dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"dtype must be one of {', '.join(map(_dtype_name, SUPPORTED_DTYPES))}, got {dtype}")
+    def __init__(self, layers, num_pages, page_size, Hkv, D, max_seqs, max_pages, dtype=torch.float32, device="cpu",
+                 k_scale=None, v_scale=None):
+        if dtype not in SUPPORTED_DTYPES + tuple(FP8_MAX):
+            raise TypeError(f"dtype must be one of {', '.join(map(_dtype_name, SUPPORTED_DTYPES + tuple(FP8_MAX)))}, "
+                            f"got {dtype}")
         for name, value in (("layers", layers), ("num_pages", num_pages), ("page_size", page_size), ("Hkv", Hkv),
                             ("D", D), ("max_seqs", max_seqs), ("max_pages", max_pages)):
             if not _is_int(value) or value < 1:
@@ -293,6 +314,7 @@ class PagedKVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.page_size, self.max_pages = page_size, max_pages
+        self.k_scale, self.v_scale = check_kv_scales(k_scale, v_scale, self.k[0], Hkv)
         self.free_pages = list(range(num_pages - 1, -1, -1))  # pop() hands out page 0 first
         self.refs = [0] * num_pages
         self.pages = [[] for _ in range(max_seqs)]             # sequence slot -> its pages, in order
@@ -369,7 +391,8 @@ class PagedKVCache:
         in layer `layer`, appending k_new and v_new; reserve() first."""
         index = torch.tensor(seqs, device=self.seqlens.device)
         return paged_attention(q, self.k[layer], self.v[layer], self.block_table[index], self.seqlens[index],
-                               cu_seqlens_q, max_seqlen_q, k_new, v_new, **kwargs)
+                               cu_seqlens_q, max_seqlen_q, k_new, v_new, k_scale=self.k_scale, v_scale=self.v_scale,
+                               **kwargs)
 
     def advance(self, seqs, counts):
         """Sequences `seqs` hold counts[i] more positions (every layer has appended them), within

@@ -3,10 +3,14 @@ more than a shape to make: a packed batch, a KV cache, a paged pool. Each makes 
 one case of `cases`, runs the kernel and holds it to the rule (`rule.hold_to_rule`); a failure
 raises AssertionError naming the tensor and the worst element."""
 
+import contextlib
+
 import torch
 
 from attention_kernels import reference
 from attention_kernels.kernels import decode_attention, flash_attention_varlen, paged_attention
+from attention_kernels.kernels.checks import INTERPRET
+from attention_kernels.reference.naive import FP8_MAX, quantize
 from attention_kernels.testing.cases import DEVICE, Shape
 from attention_kernels.testing.rule import hold_to_rule, make_packed, make_qkv, seed_of
 
@@ -138,3 +142,81 @@ def check_paged(case, dtype):
     o, lse = paged_attention(q, k_cache, v_cache, table, seqlens, cu, max(new), num_splits=num_splits, window=window,
                              return_lse=True)
     hold_paged(o, lse, q, k_cache, v_cache, table, seqlens, cu, window)
+
+
+# ----------------------------------------------------------------------------- fp8 caches
+
+
+@contextlib.contextmanager
+def torch_fp8_casts():
+    """Within, under Triton's interpreter: its conversions to and from fp8 (float8e4nv, float8e5)
+    go through torch's, which round to nearest even, as a GPU's cvt.rn does. The interpreter's own
+    (triton-lang/triton#8322, open) rounds ties up, drops the carry when rounding overflows the
+    mantissa (1.97 into e4m3 gives 1.0, about a third of all values come out wrong), wraps past
+    the largest finite value, and flushes e5m2's three smallest subnormals read into fp16. Only the
+    conversions are replaced: the kernels' loads, stores, scaling and saturation run as they are.
+    Nothing changes without the interpreter."""
+    if not INTERPRET:
+        yield
+        return
+    from triton.runtime import interpreter
+
+    convert = interpreter._convert_float
+    dtypes = dict(fp8e4nv=torch.float8_e4m3fn, fp8e5=torch.float8_e5m2, fp32=torch.float32, fp16=torch.float16,
+                  bf16=torch.bfloat16)
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32}  # how the interpreter holds each width
+
+    def through_torch(data, from_dtype, to_dtype, rounding_mode):
+        a, b = dtypes.get(from_dtype.name), dtypes.get(to_dtype.name)
+        if a is None or b is None or not {a, b} & set(FP8_MAX) or rounding_mode not in (
+                None, interpreter._ir.ROUNDING_MODE.RTNE):
+            return convert(data, from_dtype, to_dtype, rounding_mode)
+        x = torch.frombuffer(bytearray(data.tobytes()), dtype=torch.uint8).view(a)
+        out = x.to(b).view(bits[b.itemsize]).numpy()
+        return out.view(f"uint{8 * b.itemsize}").reshape(data.shape)
+
+    interpreter._convert_float = through_torch
+    try:
+        yield
+    finally:
+        interpreter._convert_float = convert
+
+
+def fp8_scales(x, fmt, per_head, heads_dim, headroom=1.0):
+    """Scales that map x's largest magnitude (per k/v head along `heads_dim`, or over the tensor)
+    to the format's largest finite value divided by `headroom` (below 1: the largest values
+    saturate), as a calibration would: an fp32 tensor (Hkv,) or (1,)."""
+    dims = [d for d in range(x.dim()) if d != heads_dim % x.dim()]
+    amax = x.float().abs().amax(dim=dims) if per_head else x.float().abs().max().reshape(1)
+    return (amax * headroom / FP8_MAX[fmt]).clamp(min=1e-12).contiguous()   # (Hkv,) or (1,)
+
+
+def fp8_cache(k_cache, v_cache, fmt, per_head, heads_dim):
+    """A cache quantized as vLLM stores it: (k_fp8, v_fp8, k_scale, v_scale)."""
+    k_scale, v_scale = (fp8_scales(x, fmt, per_head, heads_dim) for x in (k_cache, v_cache))
+    return quantize(k_cache, k_scale, fmt, heads_dim), quantize(v_cache, v_scale, fmt, heads_dim), k_scale, v_scale
+
+
+def check_decode_fp8(case, dtype, fmt, per_head):
+    """decode_attention on a DECODE_CASES case with its cache quantized to `fmt`, held to the rule
+    against the reference over the dequantized cache."""
+    *sizes, lengths, num_splits, window = case
+    q, k_cache, v_cache, seqlens = decode_inputs(*sizes, lengths, dtype, seed_of("decode fp8", case, dtype, fmt))
+    k8, v8, k_scale, v_scale = fp8_cache(k_cache, v_cache, fmt, per_head, heads_dim=1)
+    with torch_fp8_casts():
+        o, lse = decode_attention(q, k8, v8, seqlens, num_splits=num_splits, window=window, return_lse=True,
+                                  k_scale=k_scale, v_scale=v_scale)
+    hold_decode(o, lse, q, k8, v8, seqlens, window, k_scale=k_scale, v_scale=v_scale)
+
+
+def check_paged_fp8(case, dtype, fmt, per_head):
+    """paged_attention on a PAGED_CASES case with its pool quantized to `fmt`, held to the rule
+    against the reference over the dequantized pool."""
+    new, lengths, Hq, Hkv, D, page_size, num_splits, window = case
+    q, k_cache, v_cache, table, seqlens, cu = paged_inputs(new, lengths, Hq, Hkv, D, page_size, dtype,
+                                                           seed_of("paged fp8", case, dtype, fmt))
+    k8, v8, k_scale, v_scale = fp8_cache(k_cache, v_cache, fmt, per_head, heads_dim=2)
+    with torch_fp8_casts():
+        o, lse = paged_attention(q, k8, v8, table, seqlens, cu, max(new), num_splits=num_splits, window=window,
+                                 return_lse=True, k_scale=k_scale, v_scale=v_scale)
+    hold_paged(o, lse, q, k8, v8, table, seqlens, cu, window, k_scale=k_scale, v_scale=v_scale)

@@ -138,8 +138,8 @@ MUTANTS = [
     mutant("flash-dv-times-1.1",
            "flash's dV is 10% too large (the tiny GPT's loss curve, and the kernels' rule, should see it)",
            [(K + "flash_bwd.py",
-             "               dv.to(DV.dtype.element_ty), offs_n, Tk, HEAD_DIM, BLOCK_D)",
-             "               (dv * 1.1).to(DV.dtype.element_ty), offs_n, Tk, HEAD_DIM, BLOCK_D)")],
+             "BLOCK_DV), dv.to(DV.dtype.element_ty), offs_n, Tk, HEAD_DIM_V, BLOCK_DV)",
+             "BLOCK_DV), (dv * 1.1).to(DV.dtype.element_ty), offs_n, Tk, HEAD_DIM_V, BLOCK_DV)")],
            ["tests/test_tinygpt.py::test_loss_curve_agrees_with_the_reference", "tests/test_kernels.py::test_custom_scale"]),
     # ------------------------------------------------------------------ grouped-query heads
     mutant("gqa-interleaved",
@@ -167,7 +167,10 @@ MUTANTS = [
            "flash's dK/dV kernel draws weight (i, j)'s dropout decision at (j, i)",
            [(K + "flash_bwd.py",
              "keep = dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], p_drop)",
-             "keep = dropout_keep(seed, bh, offs_n[:, None], offs_m[None, :], p_drop)")],
+             "keep = dropout_keep(seed, bh, offs_n[:, None], offs_m[None, :], p_drop)"),
+            (K + "flash_bwd.py",  # the same in the path with a score function
+             "keep = dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None],\n",
+             "keep = dropout_keep(seed, bh, offs_n[:, None], offs_m[None, :],\n")],
            ["tests/test_dropout.py::test_dropout_is_the_reference_with_its_mask"], "flash_attention and torch.float32"),
     mutant("module-dropout-dropped",
            "the nanoGPT / lecture modules never pass their attention dropout to the kernels",
