@@ -167,7 +167,7 @@ def test_family_generates_as_eager(families, family, cache):
     want = eager.generate(ids, **kw)
     got, calls = counted(lambda: ours.generate(ids, **kw))
     assert torch.equal(got, want), f"tokens differ:\n{got}\n{want}"
-    assert set(calls) == {"kernels"}, calls
+    assert set(calls) <= {"kernels", hf.DECODE}, calls
 
 
 def qwen3():

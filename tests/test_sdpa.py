@@ -295,3 +295,42 @@ def test_a_float_mask_under_autocast_is_cast_with_the_inputs():
     assert calls.kernel == 1 and not calls.fallback, calls
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2e-2)
+
+
+# One new token against two key blocks, a draft of 5 against 300 keys (num_splits=None: two splits
+# of 256), 16 queries against 17 keys; grouped heads
+DECODE_SHAPES = [Shape(2, 4, 2, 1, 40, 16), Shape(1, 4, 1, 5, 300, 32), Shape(1, 2, 1, 16, 17, 24)]
+
+
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=str)
+def test_decode_steps_run_on_the_decode_kernel(poison, shape):
+    """A few queries against more keys, is_causal=False, no mask, no gradient: the split-KV decode
+    kernel, each query seeing every key, as torch computes it."""
+    q, k, v, _ = make_qkv(shape, torch.float32, seed=seed_of("decode", shape))
+    q, k, v = (x.detach() for x in (q, k, v))
+    gqa = shape.Hq != shape.Hkv
+    with patch_sdpa() as calls:
+        got = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    assert calls.kernel == 1 and calls.decode == 1 and not calls.fallback, calls
+    assert "(1 on the decode kernel)" in repr(calls)
+    truth = TORCH_SDPA(q.double(), k.double(), v.double(), enable_gqa=gqa)
+    assert_close("out", got, truth, TORCH_SDPA(q, k, v, enable_gqa=gqa), FACTOR, FLOOR[torch.float32])
+
+
+def test_what_is_not_a_decode_step_stays_off_the_decode_kernel():
+    """torch's is_causal (top-left: one query would see key 0 alone), a mask, a gradient wanted,
+    more than 16 queries, as many queries as keys, and a kernel named by impl: not the decode kernel."""
+    q, k, v, _ = make_qkv(Shape(1, 2, 2, 17, 40, 16), torch.float32, seed=seed_of("not decode"))
+    q, k, v = (x.detach() for x in (q, k, v))
+    one = q[:, :, :1]
+    mask = torch.ones(1, 40, dtype=torch.bool, device=DEVICE)
+    with patch_sdpa() as calls:
+        F.scaled_dot_product_attention(one, k, v, is_causal=True)
+        F.scaled_dot_product_attention(one, k, v, attn_mask=mask)
+        F.scaled_dot_product_attention(one.clone().requires_grad_(), k, v)
+        F.scaled_dot_product_attention(q, k, v)                              # 17 queries
+        F.scaled_dot_product_attention(one, k[:, :, :1], v[:, :, :1])        # Tq = Tk = 1
+    assert calls.kernel == 5 and calls.decode == 0, calls
+    with patch_sdpa(impl="flash") as calls:
+        F.scaled_dot_product_attention(one, k, v)
+    assert calls.kernel == 1 and calls.decode == 0, calls

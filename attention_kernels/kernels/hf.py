@@ -48,6 +48,18 @@ sinks `s_aux`, attention dropout while training):
     - multi-head latent attention (v's head dim not q's and k's: DeepSeek V2/V3, ...): zeros
       make the head dims equal, as in transformers' FlashAttention path;
     - no mask and is_causal=False (e.g. an encoder without padding).
+Under impl="auto" (the default), a decode step runs the split-KV decode kernel (`decode_attention`;
+counted in `CALLS` as DECODE beside "kernels"): a few new tokens after a cache (`sdpa.decodes`:
+Tq <= 16 < Tk), unpadded, without dropout or a gradient wanted:
+    - a DynamicCache: the cache is the layer's keys, every sequence Tk long (an int);
+    - a StaticCache: its keys run to max_cache_len, past the tokens written so far. transformers
+      hands the mask function the query offset as a tensor (the cache's own length counter, on
+      the device); with no padding mask, the mask function returns each sequence's length,
+      offset + Tq, as a (B,) int32 tensor on the device in place of a mask (a 1D "mask" is ours:
+      no model makes one), and the layers pass it to the decode kernel with check_seqlens=False.
+      Nothing is read on the host, so the step compiles whole (torch.compile(fullgraph=True))
+      and replays in a CUDA graph. With a 2D padding mask the path below reads the offset and
+      whether the mask pads, once per forward, as before; unpadded, it too decodes.
 The mask function hands the attention function a (B, Tk) bool tensor of the valid keys and
 remembers, by identity, what it stands for (causal or not, the window, where the keys end, whether
 it pads): the model's layers pass it through untouched. It never hands over None for a mask the
@@ -85,20 +97,35 @@ from torch import Tensor
 
 from .. import reference
 from .checks import check_attn_mask, hides_a_row_with_finite_values, input_problem
+from .decode import decode_attention
 from .dispatch import IMPLS, attention
 from .flash import flash_attention, flash_attention_varlen
+from .sdpa import decodes, wants_grad
 
 log = logging.getLogger(__name__)
 
 # How many attention calls ran on the kernels ("kernels") and how many went elsewhere and why
-# ("sdpa: <reason>", "eager: <reason>"), in this process. Tests read it to prove which path ran.
+# ("sdpa: <reason>", "eager: <reason>"), in this process; of those on the kernels, how many ran
+# the decode kernel (DECODE) or the mask in 4D. Tests read it to prove which path ran. Calls traced
+# by torch.compile are not counted (`_count`).
 CALLS = Counter()
+DECODE = "kernels, decode_attention"
+
+
+def _count(*keys):
+    """CALLS[key] += 1 for each key, except while torch.compile traces: a count there would be a
+    guard on the counter's value, and the graph would recompile at every call."""
+    if not torch.compiler.is_compiling():
+        for key in keys:
+            CALLS[key] += 1
+
+
 _said = set()  # the fallback reasons already logged
 
 # transformers switches on these substrings of an implementation's name (flash-attention code
 # paths, the SDPA dispatch check, flex, paged attention, a kernel repo on the Hub).
 _RESERVED_IN_NAMES = ("flash", "sdpa", "flex_attention", "paged", "/", ":")
-_NAMES = set()  # the names registered in this process
+_NAMES = {}  # the names registered in this process: their impl
 
 
 def register_transformers(name="attention_kernels", impl="auto"):
@@ -120,7 +147,7 @@ def register_transformers(name="attention_kernels", impl="auto"):
 
     AttentionInterface.register(name, functools.partial(kernel_attention_forward, impl=impl))
     AttentionMaskInterface.register(name, kernel_mask)
-    _NAMES.add(name)
+    _NAMES[name] = impl
     _guard(PreTrainedModel)
     return name
 
@@ -267,11 +294,20 @@ def kernel_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_f
     False while their mask is causal (BigBird-Pegasus's decoder)."""
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
+    if attention_mask is not None and attention_mask.ndim == 1:
+        return attention_mask  # a static decode step's lengths (ours): generate makes the masks before the model
     entry = None if attention_mask is None else _recall(attention_mask)
     if entry is not None and isinstance(entry[1], Spec) and attention_mask.shape == (batch_size, kv_length):
         return attention_mask  # ours already: generate makes the masks first and hands them to the model as its own
     mask_function = mask_function or causal_mask_function
     static = isinstance(q_offset, Tensor)  # a StaticCache: the keys run past the queries
+    config = kwargs.get("config")
+    if static and attention_mask is None and mask_function is causal_mask_function and kv_offset == 0 \
+            and _NAMES.get(getattr(config, "_attn_implementation", None)) == "auto" and decodes(q_length, kv_length) \
+            and (allow_is_causal_skip or q_length == 1) and id(config) not in _MATERIALISING:
+        # a static cache's decode step: each sequence's length, on the device. q_offset is the
+        # cache's own counter, which the first layer's update advances in place: the sum is taken now.
+        return (q_offset.reshape(1) + q_length).to(torch.int32).expand(batch_size).contiguous()  # (B,)
     inner, docs = _unpacked(mask_function)
     if docs is not None and not (attention_mask is None and not static and q_offset == kv_offset == 0
                                  and q_length == kv_length and docs.shape == (batch_size, kv_length)):
@@ -349,6 +385,8 @@ def kernel_attention_forward(module, query, key, value, attention_mask, scaling=
     softcap = kwargs.get("softcap")
     sinks = kwargs.get("s_aux") if kwargs.get("s_aux") is not None else kwargs.get("sinks")
     mods = dict(softcap=softcap, sinks=None if sinks is None else sinks.float())
+    if attention_mask is not None and attention_mask.ndim == 1:
+        return _static_decode_step(module, query, key, value, attention_mask, scaling, dropout, impl, mods, kwargs)
     if dropout > 0:  # training with attention dropout: the kernels drop the weights themselves
         mods["dropout_p"] = dropout
 
@@ -393,8 +431,7 @@ def kernel_attention_forward(module, query, key, value, attention_mask, scaling=
         dense, why = _mask_for_kernels(dense, query, key)
         why = why or _why_not_kernels(query, key, value, dropout, scaling, impl, kwargs)
         if why is None:
-            CALLS["kernels"] += 1
-            CALLS[f"kernels, the mask in 4D: {reason}"] += 1
+            _count("kernels", f"kernels, the mask in 4D: {reason}")
             out = attention(query, key, value, causal=False, scale=scaling, impl=impl, attn_mask=dense, **mods)
             return out.transpose(1, 2).contiguous(), None                             # (B, Tq, Hq, D)
         reason = f"{reason} ({why})"
@@ -402,10 +439,14 @@ def kernel_attention_forward(module, query, key, value, attention_mask, scaling=
     if reason is not None:
         return _fallback(module, query, key, value, attention_mask, valid, spec, causal, reason, dropout, scaling,
                          kwargs)
-    CALLS["kernels"] += 1
+    _count("kernels")
     if packing is not None:
         return _attention_packed(query, key, value, packing, causal, scaling, impl, window, mods), None
-    if window is not None:
+    if impl == "auto" and decodes(Tq, Tk) and dropout == 0 and not wants_grad(query, key, value, mods["sinks"]):
+        _count(DECODE)  # a DynamicCache's decode step (or a static one's, its keys cut): keys [0, Tk) each
+        out = decode_attention(query, key, value, Tk, scale=scaling, window=window, causal=causal,
+                               check_seqlens=False, **mods)                            # (B, Hq, Tq, D)
+    elif window is not None:
         if impl == "reference":
             out = reference.attention(query, key, value, causal, scaling, window=window, **mods)
         else:  # only flash has windows
@@ -413,6 +454,35 @@ def kernel_attention_forward(module, query, key, value, attention_mask, scaling=
     else:
         out = attention(query, key, value, causal=causal, scale=scaling, impl=impl, **mods)  # (B, Hq, Tq, D)
     return out.transpose(1, 2).contiguous(), None                                        # (B, Tq, Hq, D)
+
+
+def _static_decode_step(module, query, key, value, lengths, scaling, dropout, impl, mods, kwargs):
+    """A StaticCache's decode step, `lengths` (B,) int32 on the device from `kernel_mask`: the
+    decode kernel on the whole cache (B, Hkv, max_cache_len, D), each sequence's first lengths[b]
+    keys valid, the new tokens the last Tq of them; nothing read on the host. Where it cannot run
+    (a gradient wanted, dropout) flash takes the causal mask spelled out in 4D from the lengths, on
+    the device too; where the kernels cannot (their input check, a position bias), the model's own
+    attention takes that mask."""
+    B, Tq, Tk = query.shape[0], query.shape[-2], key.shape[-2]
+    if lengths.shape != (B,) or lengths.dtype != torch.int32:
+        raise ValueError(f"a 1D attention mask must be the (B,) = ({B},) int32 lengths that kernel_mask gives for a "
+                         f"static cache's decode step, got {tuple(lengths.shape)} {lengths.dtype}")
+    reason = _why_not_kernels(query, key, value, dropout, scaling, impl, kwargs)
+    if reason is None and dropout == 0 and not wants_grad(query, key, value, mods["sinks"]):
+        _count("kernels", DECODE)
+        out = decode_attention(query, key, value, lengths, scale=scaling, check_seqlens=False, **mods)
+        return out.transpose(1, 2).contiguous(), None                                    # (B, Tq, Hq, D)
+    keys = torch.arange(Tk, device=query.device)                                          # (Tk,)
+    rows = lengths[:, None].long() - Tq + torch.arange(Tq, device=query.device)           # (B, Tq) positions
+    dense = (keys <= rows[..., None])[:, None]                                            # (B, 1, Tq, Tk)
+    if reason is None:
+        why = "a static cache's decode step with dropout or a gradient"
+        _count("kernels", f"kernels, the mask in 4D: {why}")
+        out = attention(query, key, value, causal=False, scale=scaling, impl=impl, attn_mask=dense,
+                        dropout_p=dropout, **mods)
+        return out.transpose(1, 2).contiguous(), None                                    # (B, Tq, Hq, D)
+    return _fallback(module, query, key, value, dense, None, Spec(True, None, Tk, False), True, reason, dropout,
+                     scaling, kwargs)
 
 
 def _mask_for_kernels(mask, query, key):
@@ -446,14 +516,15 @@ def _fallback(module, query, key, value, attention_mask, valid, spec, causal, re
     masks nor windows."""
     eager = kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None
     path = "eager" if eager else "sdpa"
-    CALLS[f"{path}: {reason}"] += 1
+    _count(f"{path}: {reason}")
     if (path, reason) not in _said:
         _said.add((path, reason))
         log.warning("attention_kernels: %s runs transformers' %s attention instead of the kernels: %s (logged once "
                     "per reason; kernels.hf.CALLS counts every call)", type(module).__name__, path.upper(), reason)
     Tq, Tk = query.shape[-2], key.shape[-2]
-    if attention_mask is None or attention_mask.ndim == 2:
-        attention_mask = _dense_mask(valid, Tq, Tk, causal, spec.left, query.device, spec.docs)
+    if attention_mask is None or attention_mask.ndim == 2:  # queries end at spec.end (a static cache: before Tk)
+        attention_mask = F.pad(_dense_mask(None if valid is None else valid[:, :spec.end], Tq, spec.end, causal, spec.left,
+                                           query.device, spec.docs), (0, Tk - spec.end))  # (B or 1, 1, Tq, Tk)
     if eager:
         model_module = sys.modules.get(type(module).__module__)
         eager_forward = getattr(model_module, "eager_attention_forward", None)

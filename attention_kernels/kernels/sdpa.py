@@ -25,6 +25,22 @@ a row that sees only finite entries at or below -2.4e38 (finfo.min, which torch 
 kernels read as -inf) goes to torch. A mask with `is_causal=True` (which some torch versions
 refuse and others combine with a top-left causal mask) and a float mask of another dtype than
 the query's (which torch refuses) go to torch.
+
+A decode step goes to the split-KV decode kernel (`kernels.decode`, flash-decoding) under
+impl="auto": a few queries (Tq <= DECODE_MAX_QUERIES = 16) against more keys (Tk > Tq), with
+is_causal=False, no attn_mask, no dropout and no gradient wanted (`decodes`). That is what
+transformers' "sdpa" path sends for a decode step against a DynamicCache: Tq = 1 new token,
+is_causal=False (torch's is_causal aligns top-left, so one query with is_causal=True would see key
+0 alone) and no mask. For one query, is_causal=False and bottom-right causal are the same thing,
+since it sits at the last key; for several it means what it says, each query sees every key, which
+is the decode kernel's causal=False. The dense k, v (B, Hkv, Tk, D) are the cache, every sequence's
+length Tk (an int: nothing read on the host). Why there: the decode kernel packs a k/v head's
+query heads x the new tokens into one tile's rows (so each K/V tile is read once per k/v head,
+not once per query head), and splits the keys across programs past 256 keys, where flash would
+give a GPU only B x Hq programs of one row each. 16 tokens x 4 query heads fill its 64 rows; more
+queries are a prefill, which flash's row blocks serve. A mask is not expressible as lengths
+without reading it, and the decode kernel has no backward and no dropout: those stay on flash or
+fused. `SdpaCalls.decode` counts these calls (they are among `kernel`'s).
 """
 
 import collections
@@ -35,10 +51,24 @@ import torch
 import torch.nn.functional as F
 
 from .checks import autocast_inputs, check_attn_mask, hides_a_row_with_finite_values, input_problem
+from .decode import decode_attention
 from .dispatch import IMPLS, attention
 from .fused import max_seqlen
 
 _torch_sdpa = F.scaled_dot_product_attention  # taken at import, before any patch
+
+DECODE_MAX_QUERIES = 16  # a decode step's new tokens (or a draft's): a k/v head's group x these fill one tile
+
+
+def decodes(Tq, Tk):
+    """Whether Tq queries against Tk keys are a decode step, which the split-KV decode kernel
+    serves: a few queries with more keys behind them (a cache)."""
+    return Tq <= DECODE_MAX_QUERIES and Tk > Tq
+
+
+def wants_grad(*tensors):
+    """Whether autograd will want a gradient of any of these (the decode kernel has no backward)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class SdpaCalls:
@@ -46,12 +76,14 @@ class SdpaCalls:
 
     def __init__(self):
         self.kernel = 0
+        self.decode = 0  # of `kernel`, those on the decode kernel
         self.fallback = collections.Counter()
 
     def __repr__(self):
         total = self.kernel + sum(self.fallback.values())
         why = ", ".join(f"{n} {reason}" for reason, n in self.fallback.most_common())
-        return (f"{total} calls: {self.kernel} on the kernels, {sum(self.fallback.values())} fell back to "
+        decoding = f" ({self.decode} on the decode kernel)" if self.decode else ""
+        return (f"{total} calls: {self.kernel} on the kernels{decoding}, {sum(self.fallback.values())} fell back to "
                 f"torch" + (f" ({why})" if why else ""))
 
 
@@ -111,8 +143,13 @@ def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
             calls.fallback[why] += 1
         return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                            scale=scale, enable_gqa=enable_gqa)
+    decode = (impl == "auto" and not is_causal and attn_mask is None and dropout_p == 0
+              and decodes(query.shape[-2], key.shape[-2]) and not wants_grad(query, key, value))
     if calls is not None:
         calls.kernel += 1
+        calls.decode += decode
+    if decode:  # the cache is the dense keys, every sequence Tk long; each query sees all of them
+        return decode_attention(query, key, value, key.shape[-2], scale=scale, causal=False, check_seqlens=False)
     return _on_kernels(query, key, value, is_causal, scale, impl, dropout_p, attn_mask)
 
 
