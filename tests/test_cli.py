@@ -10,8 +10,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = ["attention_kernels.benchmarks." + name for name in ("demo", "sweep", "plots", "tinygpt", "inference",
-                                                                  "profile", "onchip", "ring", "gpu_check")] + [
-    "attention_kernels.reference.explain", "attention_kernels.kernels.tuning"]
+                                                                  "profile", "onchip", "ring", "gpu_check",
+                                                                  "generate")] + [
+    "attention_kernels.reference.explain", "attention_kernels.kernels.tuning", "attention_kernels.kernels.support"]
 MARGIN_S = 5  # what --help may take beyond importing the module (a run of the demo takes a minute)
 
 
