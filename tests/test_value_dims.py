@@ -72,3 +72,16 @@ def test_the_others_refuse_them_by_name():
         flash_attention(q, k, torch.randn(1, 2, 20, 300, device=DEVICE))
     with pytest.raises(ValueError, match=r"k and v must have the same shape \(B, Hkv, Tk\)"):
         flash_attention(q, k, v[:, :, :10])
+
+
+@pytest.mark.parametrize("is_causal, Tq", [(True, 24), (False, 24), (False, 3)], ids=["causal", "full", "decoding"])
+def test_the_sdpa_drop_in_runs_them_on_the_kernels(is_causal, Tq):
+    import torch.nn.functional as F
+    from attention_kernels.kernels.sdpa import SdpaCalls, _sdpa
+    q, k, v, do = qkv(2, 4, 2, Tq, 24, 48, 32, torch.float32, seed_of("sdpa value dims", is_causal, Tq))
+    calls = SdpaCalls()
+    with torch.no_grad():
+        got = _sdpa(q, k, v, None, 0.0, is_causal, None, True, "auto", calls)
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=True)
+    assert calls.kernel == 1 and not calls.fallback and calls.decode == 0, calls
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=0)

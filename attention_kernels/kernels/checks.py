@@ -369,11 +369,11 @@ def autocast_inputs(*tensors):
                  else t for t in tensors)
 
 
-def input_problem(q, k, v, scale=None):
+def input_problem(q, k, v, scale=None, value_dim=False):
     """What `check_inputs` refuses in these inputs, as its message, or None: for callers that fall
     back to another implementation instead of raising (the SDPA drop-in, transformers)."""
     try:
-        check_inputs(q, k, v, scale)
+        check_inputs(q, k, v, scale, value_dim=value_dim)
     except (TypeError, ValueError) as e:
         return str(e)
     return None

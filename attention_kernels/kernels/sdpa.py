@@ -97,7 +97,8 @@ def _refusal(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
             return "attn_mask neither bool nor the query's dtype"  # torch's own error
     if not 0 <= dropout_p < 1:  # torch's own error
         return "dropout_p outside [0, 1)"
-    problem = input_problem(query, key, value, scale)  # the kernels' own input check
+    # the kernels' own input check; v's head dim may differ from q's (as torch allows) where flash runs
+    problem = input_problem(query, key, value, scale, value_dim=impl in ("auto", "flash"))
     if problem is not None:
         return problem
     Hq, Hkv, Tk, D = query.shape[1], key.shape[1], key.shape[2], query.shape[3]
@@ -144,7 +145,8 @@ def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
         return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                            scale=scale, enable_gqa=enable_gqa)
     decode = (impl == "auto" and not is_causal and attn_mask is None and dropout_p == 0
-              and decodes(query.shape[-2], key.shape[-2]) and not wants_grad(query, key, value))
+              and decodes(query.shape[-2], key.shape[-2]) and not wants_grad(query, key, value)
+              and value.shape[-1] == query.shape[-1])  # the decode kernel takes one head dim
     if calls is not None:
         calls.kernel += 1
         calls.decode += decode
