@@ -62,6 +62,12 @@ def test_each_snippet_runs(page, line, code, tmp_path):
         env["OMP_NUM_THREADS"] = "1"  # `-n 2` on 2 cores: one thread per worker, as conftest does
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=600)
+    if run.returncode < 0 and "dist.destroy_process_group()" in code:
+        # a gloo process group's teardown was seen, once under a loaded CPU, to abort at exit after
+        # the snippet had finished ("terminate called without an active exception"): run it again
+        # once, so that only a snippet that fails twice fails the test
+        run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=600)
     assert run.returncode == 0, f"the snippet at {page}:{line} failed:\n{code}\n{run.stderr[-3000:]}"
     for (where, marker), (pattern, bound) in PRINTS.items():
         if where == page and marker in code:

@@ -120,8 +120,6 @@ def check_inputs(q, k, v, scale, kernels=True, names=("q", "k", "v"), value_dim=
         same = "(B, Hkv, Tk), their head dims may differ" if value_dim else "(B, Hkv, Tk, D)"
         raise ValueError(f"{nk} and {nv} must have the same shape {same}, got {nk} {tuple(k.shape)}, "
                          f"{nv} {tuple(v.shape)}")
-    if kernels and v.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"{nv}'s head dim Dv={v.shape[-1]} is not supported; accepted: 1 to {MAX_HEAD_DIM}")
     if Bk != B:
         raise ValueError(f"{nq} and {nk} must have the same batch size, got {nq} B={B}, {nk} B={Bk}")
     if Dk != D:
@@ -131,6 +129,8 @@ def check_inputs(q, k, v, scale, kernels=True, names=("q", "k", "v"), value_dim=
                          f"got Hq={Hq}, Hkv={Hkv}")
     if kernels and D > MAX_HEAD_DIM:
         raise ValueError(f"head dim D={D} is not supported; accepted: 1 to {MAX_HEAD_DIM}")
+    if kernels and v.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"{nv}'s head dim Dv={v.shape[-1]} is not supported; accepted: 1 to {MAX_HEAD_DIM}")
 
     if scale is None:
         scale = 1.0 / math.sqrt(D)
