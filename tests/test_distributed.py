@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from attention_kernels import reference
-from attention_kernels.kernels import flash_attention, flash_attention_varlen
+from attention_kernels.kernels import dropout_mask, flash_attention, flash_attention_varlen
 from attention_kernels.kernels.common import Variant
 from attention_kernels.kernels.distributed import (Ring, _pieces, _segments, gather_sequence, ring_attention,
                                                    ring_attention_varlen, shard_positions, shard_segments,
@@ -45,6 +45,11 @@ RING_MOD_CASES = [
      dict(softcap=2.0, sinks=True, alibi="rows")),
     (4, Shape(1, 2, 2, 29, 29, 16), False, (3, 5), "zigzag", torch.float32, None,
      dict(softcap=1.5, sinks=True, alibi="heads")),
+    # dropout: every weight's draw keyed by its global positions, so the ranks drop what one process drops
+    (2, Shape(2, 4, 2, 25, 25, 16), True, None, "zigzag", torch.float32, None, dict(dropout=0.3)),
+    (2, Shape(1, 2, 1, 22, 22, 16), False, None, "contiguous", torch.bfloat16, None,
+     dict(dropout=0.5, softcap=2.0, sinks=True)),
+    (2, Shape(1, 4, 2, 27, 27, 16), True, None, "zigzag", torch.float32, (9, 1, 14, 3), dict(dropout=0.2)),
 ]
 
 
@@ -149,9 +154,12 @@ class Case:
     "rows": (B, Hq) drawn, per batch row or per packed sequence)."""
 
     def __init__(self, world, shape, causal, window, layout, dtype, lengths=None, ranks=None, softcap=None,
-                 sinks=False, alibi=None):
+                 sinks=False, alibi=None, dropout=None):
         g = torch.Generator().manual_seed(seed_of("ring", world, shape, causal, window, layout, dtype, lengths, ranks,
-                                                  *([softcap, sinks, alibi] if softcap or sinks or alibi else [])))
+                                                  *([softcap, sinks, alibi] if softcap or sinks or alibi else []),
+                                                  *([dropout] if dropout else [])))
+        self.dropout = dropout  # a probability (dense batches: the reference takes the kernels' draws)
+        self.dropout_seed = int(torch.randint(0, 2 ** 62, (), generator=g)) if dropout else None
         self.ranks = ranks  # the global ranks of its group, in order; None: every process
         B, Hq, Hkv, T, D = shape.B, shape.Hq, shape.Hkv, shape.Tq, shape.D
         if lengths is None:
@@ -174,7 +182,8 @@ class Case:
                      f"{shape if lengths is None else f'sequences {lengths}'}, "
                      f"{'causal' if causal else 'full'}, window {window}, {layout}, {dtype}"
                      + "".join(f", {name} {value}" for name, value in (("softcap", softcap), ("sinks", sinks or None),
-                                                                       ("alibi", alibi)) if value is not None))
+                                                                       ("alibi", alibi), ("dropout", dropout))
+                               if value is not None))
         # where each result's rows are: out, lse, dq, dk, dv
         self.row_dims = (2, 2, 2, 2, 2) if lengths is None else (0, 1, 0, 0, 0)
 
@@ -185,7 +194,8 @@ class Case:
 
     def mods(self, sinks=None):
         """The call's keyword arguments for what models add; `sinks` the leaf to pass, if any."""
-        return dict(softcap=self.softcap, sinks=sinks, alibi_slopes=self.slopes)
+        drop = dict(dropout_p=self.dropout, dropout_seed=self.dropout_seed) if self.dropout else {}
+        return dict(softcap=self.softcap, sinks=sinks, alibi_slopes=self.slopes, **drop)
 
     def run_ring(self, group=None):
         """This rank's (out, lse, dq, dk, dv), and dsinks with sinks, through ring_attention or
@@ -220,9 +230,17 @@ class Case:
             mod_dt = torch.float64 if upcast else torch.float32
             sinks = None if self.sinks is None else self.sinks.to(mod_dt).clone().requires_grad_()
             mods = dict(self.mods(sinks), alibi_slopes=None if self.slopes is None else self.slopes.to(mod_dt))
-            out = attend(*leaves, upcast, **mods)
+            drop = {}
+            if mods.pop("dropout_p", 0):  # the weights the kernels keep for this seed, written out
+                if self.cu is None:
+                    B, Hq, T = self.q.shape[:3]
+                else:  # packed: sequence b is head block b, its positions from 0
+                    B, Hq, T = len(self.cu) - 1, self.q.shape[1], int((self.cu[1:] - self.cu[:-1]).max())
+                drop = dict(dropout_p=self.dropout, dropout_mask=dropout_mask(B, Hq, T, T, self.dropout,
+                                                                              mods.pop("dropout_seed"), "cpu").bool())
+            out = attend(*leaves, upcast, **mods, **drop)
             if not upcast and not torch.isfinite(out).all():
-                out = attend(*leaves, True, **mods)
+                out = attend(*leaves, True, **mods, **drop)
             lse = lse_of(*leaves[:2], **mods)
             torch.autograd.backward([out, lse], [self.do.to(dt), self.dlse.to(lse.dtype)])
             results.append([out, lse, *(x.grad for x in leaves)] + ([] if sinks is None else [sinks.grad]))
@@ -275,7 +293,7 @@ def _errors(rank, world):
         "layout": (x, x, x, dict(layout="zigzag" if rank == 0 else "contiguous")),
         "gradients": (x.clone().requires_grad_(rank == 1), x, x, {}),    # a backward on one rank only would hang
         "sinks": (x, x, x, dict(sinks=torch.tensor([0.5, 1.0 + rank]))),
-        "dropout": (x, x, x, dict(dropout_p=0.1)),
+        "dropout": (x, x, x, dict(dropout_p=0.1, dropout_seed=1 + rank)),  # each rank its own seed
         "dropout_seed": (x, x, x, dict(dropout_seed=-1)),
     }
     packed = torch.randn(5, 2, 16)                                         # 5 rows of sequences of 6 and 4 each
@@ -284,14 +302,13 @@ def _errors(rank, world):
         "cu_seqlens dtype": (cu.long() if rank == 1 else cu),
         "sequences": (torch.tensor([0, 5, 10], dtype=torch.int32) if rank == 1 else cu),
         "no rows": torch.tensor([0, 1, 2], dtype=torch.int32),            # sequences of 1: rank 1 holds nothing
-        "varlen dropout": cu,
     }
     said = {}
     calls = [(case, lambda q=q, k=k, v=v, kw=kwargs: ring_attention(q, k, v, **kw))
              for case, (q, k, v, kwargs) in bad.items()]
     rows = lambda c: packed[:sum(z - a for a, z in shard_segments(int(c[-1]), world, rank, cu_seqlens=c))]  # its share
     calls += [(case, lambda c=c, case=case: ring_attention_varlen(*(rows(c),) * 3, c) if case == "no rows" else
-               ring_attention_varlen(packed, packed, packed, c, dropout_p=0.5 if case == "varlen dropout" else 0.0))
+               ring_attention_varlen(packed, packed, packed, c))
               for case, c in bad_packed.items()]
     for case, call in calls:
         try:
@@ -400,11 +417,9 @@ def test_ring_attention_on_2_ranks():
                            "sequence (lengths [1, 1]) over 2 ranks",
                 "sinks": "ValueError: ring_attention: every rank must pass the same sinks, got rank 0: ((2,), (0.5, "
                          "1.0)), rank 1: ((2,), (0.5, 2.0))",
-                "dropout": "ValueError: ring_attention: rank 0 of 2: dropout_p=0.1 is not supported by ring_attention "
-                           "yet",
-                "dropout_seed": "ValueError: ring_attention: rank 0 of 2: dropout_seed must be an int in [0, 2**63)",
-                "varlen dropout": "ValueError: ring_attention: rank 0 of 2: dropout_p=0.5 is not supported by "
-                                  "ring_attention_varlen yet"}
+                "dropout": "ValueError: ring_attention: every rank must pass the same dropout, got rank 0: (0.1, 1), "
+                           "rank 1: (0.1, 2)",
+                "dropout_seed": "ValueError: ring_attention: rank 0 of 2: dropout_seed must be an int in [0, 2**63)"}
     for case, start in expected.items():
         said = [r["errors"][case] for r in results]
         assert said[0] == said[1], f"{case}: the ranks raised different errors: {said}"

@@ -254,6 +254,9 @@ class Variant(NamedTuple):
         mask_mod_args
         block_map       (kv_counts, kv_index, q_counts, q_index, block_m, block_n) of a
                         `blockmap.BlockMap`, or None; the dense flash kernels (`map_args`)
+        dropout_offsets (query, key, head) added to the positions and head that key dropout's
+                        draws, so that a piece of a longer call (a ring's) drops what the whole
+                        call drops; the flash kernels (`dropout_position_args`)
 
     The field names are the torch ops' argument names (`op_args`; attn_mask is the dense flash
     ops' alone, passed beside it). A NamedTuple, not a dataclass: torch.compile traces the public
@@ -270,6 +273,7 @@ class Variant(NamedTuple):
     score_mod_args: tuple = ()
     mask_mod_args: tuple = ()
     block_map: Optional[tuple] = None
+    dropout_offsets: tuple = (0, 0, 0)
 
     @property
     def causal(self):
@@ -338,6 +342,11 @@ class Variant(NamedTuple):
         return {names[0]: counts, names[1]: index, **stride_args("bh" + names[4], **{
             names[2]: counts.stride()[:3], names[3]: index.stride()[:3]}), "HAS_BLOCK_MAP": True, "MAP_M": bm,
             "MAP_N": bn}
+
+    def dropout_position_args(self):
+        """The flash kernels' dropout offsets (`dropout_offsets`)."""
+        q0, k0, h0 = self.dropout_offsets
+        return dict(drop_q0=q0, drop_k0=k0, drop_h0=h0)
 
     def dropout_args(self):
         """The Philox seed, the probability and the kept weights' scale, 1 / (1 - p)."""

@@ -66,8 +66,8 @@ import torch.distributed as dist
 from .checks import _dtype_name, autocast_inputs, check_causal, check_inputs, check_mods, window_bounds
 from .cascade import merge_attention_states
 from .common import LOG2E, Variant
-from .dropout import check_dropout
-from .flash import LN2, sink_gradient
+from .dropout import check_dropout, draw_seed
+from .flash import LN2, sink_gradient, user_op_args
 
 LAYOUTS = ("zigzag", "contiguous")
 
@@ -294,7 +294,9 @@ class Ring:
         """lengths: the sequences' lengths, [T] for one (B, H, T, D) batch, more for a packed one."""
         self.group, self.rank, self.world = group, rank, world
         self.variant, self.packed = variant, packed
-        merge = variant.alibi_slopes is None  # ALiBi needs each piece's positions: no joined pieces
+        # ALiBi and dropout need each piece's positions: no joined pieces
+        merge = variant.alibi_slopes is None and variant.dropout_p == 0
+        self.Hq = 0  # query heads, for dropout's head numbering of a packed batch's sequences (set by _agree)
         self.segments, self.lengths, self.steps, plans = _plan(tuple(lengths), world, layout, left, right, merge)
         self.plan = plans[rank][:self.steps]
         self.starts = [sum(lengths[:b]) for b in range(len(lengths))]  # each sequence's first packed row
@@ -349,7 +351,11 @@ def _piece_variant(ring, step, piece):
     shifts the whole piece's logits of that row alike and so only its log-sum-exp (the forward adds
     it, the backward subtracts it from the LSE it passes, so P = exp2(S - LSE) comes out right)."""
     q0, q1, k0, k1, left, right = piece
-    variant = Variant(left=left, right=right, softcap=ring.variant.softcap)
+    variant = Variant(left=left, right=right, softcap=ring.variant.softcap, dropout_p=ring.variant.dropout_p,
+                      seed=ring.variant.seed)
+    if variant.dropout_p > 0:  # each weight's draw keyed by its sequence, positions and head, as in one process
+        b, P0, K0 = ring.where(step, q0, k0)
+        variant = variant._replace(dropout_offsets=(P0, K0, b * ring.Hq if ring.packed else 0))
     slopes = ring.variant.alibi_slopes
     if slopes is None:
         return variant, None
@@ -369,13 +375,15 @@ def _piece_variant(ring, step, piece):
 def _flash_forward(q, k, v, variant, scale, residual):
     """One piece's flash forward: (o, base-2 lse, o's rounding residual)."""
     return torch.ops.attention_kernels.flash_forward(q, k, v, scale=scale, residual=residual,
-                                                     attn_mask=variant.attn_mask, **variant.op_args())
+                                                     attn_mask=variant.attn_mask, **variant.op_args(),
+                                                     **user_op_args(variant, block_map=False))
 
 
 def _flash_backward(q, k, v, o, res, lse, do, dlse, variant, scale):
     """One piece's flash backward: (dq, dk, dv)."""
     dq, dk, dv, *_ = torch.ops.attention_kernels.flash_backward(q, k, v, o, res, lse, do, dlse, scale=scale,
-                                                                attn_mask=variant.attn_mask, **variant.op_args())
+                                                                attn_mask=variant.attn_mask, **variant.op_args(),
+                                                                **user_op_args(variant, block_map=False))
     return dq, dk, dv
 
 
@@ -597,16 +605,14 @@ def _agree(q, k, v, scale, causal, window, layout, group, cu_seqlens=None, softc
         B, Hq, T, D = q.shape
         sequences = B if lengths is None else len(lengths)  # (B, Hq) slopes: per batch row, or per packed sequence
         softcap, sinks, slopes = check_mods(q, softcap, sinks, alibi_slopes, batch=sequences)
-        dropout_p, _ = check_dropout(dropout_p, 0 if dropout_seed is None else dropout_seed)  # draws no seed
-        if dropout_p > 0:
-            raise ValueError(f"dropout_p={dropout_p} is not supported by {entry} yet: the flash kernels key each "
-                             "weight's dropout draw by its query and key position within the call, and a ring "
-                             "piece's are not the sequence's (docs/distributed.md)")
-        meta = dict(T_local=T, B=B, Hq=Hq, Hkv=k.shape[1], D=D, dtype=_dtype_name(q.dtype),
+        dropout_p, seed = check_dropout(dropout_p, 0 if dropout_seed is None else dropout_seed)  # draws no seed
+        drawn = draw_seed() if dropout_p > 0 and dropout_seed is None else seed  # rank 0's is the call's
+        meta = dict(dropout=(dropout_p, None if dropout_seed is None else seed),  # a seed given: the same everywhere
+                    T_local=T, B=B, Hq=Hq, Hkv=k.shape[1], D=D, dtype=_dtype_name(q.dtype),
                     device=q.device.type, scale=scale, causal=causal, window=(left, right), layout=layout,
                     sequences=lengths, softcap=softcap, sinks=_values(sinks), alibi_slopes=_values(slopes),
                     gradients=torch.is_grad_enabled()  # a backward runs the ring again: all ranks or none
-                    and any(t is not None and t.requires_grad for t in (q, k, v, sinks)))
+                    and any(t is not None and t.requires_grad for t in (q, k, v, sinks)), drawn_seed=drawn)
     except (TypeError, ValueError) as e:
         problem = (type(e).__name__, str(e))
     gathered = [None] * world
@@ -616,7 +622,7 @@ def _agree(q, k, v, scale, causal, window, layout, group, cu_seqlens=None, softc
             raise (TypeError if p[0] == "TypeError" else ValueError)(f"ring_attention: rank {r} of {world}: {p[1]}")
     metas = [m for _, m in gathered]
     for name in metas[0]:
-        if name != "T_local" and any(m[name] != metas[0][name] for m in metas):
+        if name not in ("T_local", "drawn_seed") and any(m[name] != metas[0][name] for m in metas):
             values = ", ".join(f"rank {r}: {m[name]!r}" for r, m in enumerate(metas))
             raise ValueError(f"ring_attention: every rank must pass the same {name}, got {values}")
     held = [m["T_local"] for m in metas]
@@ -630,8 +636,11 @@ def _agree(q, k, v, scale, causal, window, layout, group, cu_seqlens=None, softc
             raise ValueError(f"ring_attention: rank {r} of {world} holds {held[r]} rows, but the {layout!r} layout "
                              f"splits sequences of {lengths} into {', '.join(map(str, expected))} rows per rank (as "
                              f"shard_sequence does; the ranks hold {', '.join(map(str, held))})")
-    variant = Variant(softcap=softcap, sinks=sinks, alibi_slopes=slopes)
-    return q, k, v, scale, Ring(group, rank, world, lengths, layout, left, right, variant, cu_seqlens is not None)
+    variant = Variant(softcap=softcap, sinks=sinks, alibi_slopes=slopes, dropout_p=dropout_p,
+                      seed=metas[0]["drawn_seed"])  # every rank drops with rank 0's seed
+    ring = Ring(group, rank, world, lengths, layout, left, right, variant, cu_seqlens is not None)
+    ring.Hq = q.shape[1]
+    return q, k, v, scale, ring
 
 
 # ----------------------------------------------------------------------------- public
@@ -649,9 +658,10 @@ def ring_attention(q, k, v, group=None, causal=True, scale=None, window=None, la
     causal, scale, window: as in `flash_attention`, over global positions (Tq = Tk, so causal is
     query i seeing keys j <= i). softcap, sinks (Hq,) and alibi_slopes (Hq,) or (B, Hq): as in
     `flash_attention`, ALiBi's distances between global positions; the sinks' gradient is the
-    whole sequence's, the same on every rank, and the log-sum-exp includes the sink. dropout_p
-    and dropout_seed are checked as `flash_attention` checks them, but dropout_p > 0 is refused
-    (the kernels cannot yet key a piece's dropout draws by global positions). layout: "zigzag"
+    whole sequence's, the same on every rank, and the log-sum-exp includes the sink. dropout_p,
+    dropout_seed: as in `flash_attention`, the same weights dropped as one process drops for the
+    seed (each piece's draws keyed by global positions); without a seed, rank 0's draw from
+    torch's generator serves every rank. layout: "zigzag"
     (rank r holds chunks r and 2W-1-r of 2W: causal work is balanced) or "contiguous" (rank r
     the r-th of W slices: for full attention, or a window). Every rank must call it with the
     same arguments (sinks and slopes of the same values); a mismatch or a bad input on one rank

@@ -226,6 +226,7 @@ def _run_forward(q, k, v, batch, scale, variant, residual):
             Q=q, K=k, V=v, O=o, RES=res if residual else o, LSE=lse, **batch.sequences(q),
             **batch.strides(q=q, k=k, v=v, o=o), **batch.row_strides(lse), Hq=batch.Hq, **batch.sizes(variant),
             qk_scale=scale * LOG2E, **variant.score_args(lse), **variant.sink_args(lse), **variant.dropout_args(),
+            **variant.dropout_position_args(),
             **batch.mask_args(variant, lse), **batch.keys(variant), TMA=tma, RESIDUAL=residual, VARLEN=batch.packed,
             LEFT_BOUNDED=variant.left >= 0, **meta(q), **value_meta(v), **_blocks("fwd", variant),
         )
@@ -254,7 +255,8 @@ def dkdv(q, k, v, do, lse, delta, scale, variant, batch=None):
         Q=q, K=k, V=v, DO=do, DK=dk, DV=dv, LSE=lse, DELTA=delta, **batch.sequences(q),
         **batch.strides(q=q, k=k, v=v, do=do, dk=dk, dv=dv), **batch.row_strides(lse), Hq=batch.Hq, Hkv=batch.Hkv,
         **batch.sizes(variant), scale=scale, qk_scale=scale * LOG2E, **variant.score_args(lse),
-        **variant.dropout_args(), **batch.mask_args(variant, lse, "dkdv"), **batch.keys(variant), VARLEN=batch.packed,
+        **variant.dropout_args(), **variant.dropout_position_args(), **batch.mask_args(variant, lse, "dkdv"),
+        **batch.keys(variant), VARLEN=batch.packed,
         **meta(q), **value_meta(v), **_blocks("dkdv", variant),
     )
     return dk, dv
@@ -270,7 +272,7 @@ def _dq(q, k, v, do, lse, delta, scale, variant, batch, dmask=None):
         DMASK=lse if dmask is None else dmask, MASK_GRAD=dmask is not None,
         **batch.strides(q=q, k=k, v=v, do=do, dq=dq), **batch.row_strides(lse), Hq=batch.Hq, **batch.sizes(variant),
         scale=scale, qk_scale=scale * LOG2E, **variant.score_args(lse), **variant.dropout_args(),
-        **batch.mask_args(variant, lse, "dq"), **batch.keys(variant), VARLEN=batch.packed,
+        **variant.dropout_position_args(), **batch.mask_args(variant, lse, "dq"), **batch.keys(variant), VARLEN=batch.packed,
         LEFT_BOUNDED=variant.left >= 0, **meta(q), **value_meta(v), **_blocks("dq", variant),
     )
     return dq
@@ -327,6 +329,7 @@ def _user_params(block_map):
     opt = lambda name: P(name, P.POSITIONAL_OR_KEYWORD, default=None, annotation=Optional[Tensor])
     num = lambda name: P(name, P.POSITIONAL_OR_KEYWORD, default=0, annotation=int)
     params = [num("mods")] + [opt(f"{kind}_arg{i}") for kind in ("score", "mask") for i in range(CAPTURED)]
+    params += [num("dropout_q0"), num("dropout_k0"), num("dropout_h0")]  # a ring piece's dropout positions
     if block_map:
         params += [opt("kv_counts"), opt("kv_index"), opt("q_counts"), opt("q_index"), num("map_block_m"),
                    num("map_block_n")]
@@ -359,12 +362,13 @@ def _user(user):
     block_map = None if kv_counts is None else (kv_counts, user["kv_index"], user["q_counts"], user["q_index"],
                                                 user["map_block_m"], user["map_block_n"])
     return dict(mods=user.get("mods", 0), score_mod_args=captured("score"), mask_mod_args=captured("mask"),
-                block_map=block_map)
+                block_map=block_map,
+                dropout_offsets=tuple(user.get(f"dropout_{x}0", 0) for x in "qkh"))
 
 
 def user_op_args(variant, block_map=True):
     """The inverse of `_user`: a variant's functions, captured tensors and map as the ops take them."""
-    out = dict(mods=variant.mods)
+    out = dict(mods=variant.mods, **dict(zip(("dropout_q0", "dropout_k0", "dropout_h0"), variant.dropout_offsets)))
     for kind, args in (("score", variant.score_mod_args), ("mask", variant.mask_mod_args)):
         out.update({f"{kind}_arg{i}": t for i, t in enumerate(args)})
     if block_map and variant.block_map is not None:

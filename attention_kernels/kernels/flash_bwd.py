@@ -89,7 +89,7 @@ def _flash_bwd_delta(
 @triton.jit
 def _dq_inner(
     dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn, dmask_base,
-    offs_m, Tq, Tk, left, right, lo, hi, qk_scale, softcap, slope, seed, bh, p_drop, keep_scale,
+    offs_m, Tq, Tk, left, right, lo, hi, qk_scale, softcap, slope, seed, bh, q_off, k_off, p_drop, keep_scale,
     b, h, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, score_mod_args, MASK_MOD: tl.constexpr, mask_mod_args,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr,
@@ -125,7 +125,7 @@ def _dq_inner(
         # -- dS = P * (dP - delta) with dP = dO V^T;  dQ += dS K
         dp = dot(do, tl.trans(v), PRECISION, UPCAST)                            # [BLOCK_M, BLOCK_N] fp32
         if HAS_DROPOUT:  # the gradient reaches only the weights the forward kept, scaled as they were
-            dp = tl.where(dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], p_drop), dp * keep_scale, 0.0)
+            dp = tl.where(dropout_keep(seed, bh, offs_m[:, None] + q_off, offs_n[None, :] + k_off, p_drop), dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if MASK_GRAD:  # d loss / d mask = dS, natural units: the mask is added after the cap
             inside = (offs_m < Tq)[:, None] & (offs_n < Tk)[None, :]
@@ -159,6 +159,7 @@ def _flash_bwd_dq(
     scale, qk_scale,
     softcap, SLOPES, stride_sb,      # as in the forward (`kernels/flash_fwd.py`)
     seed, p_drop, keep_scale,        # dropout, as in the forward
+    drop_q0, drop_k0, drop_h0,       # its position offsets, as in the forward
     q_bucket, k_bucket, window_key,  # read only by the autotuner's key
     score_mod_args, mask_mod_args,   # as in the forward
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -195,7 +196,7 @@ def _flash_bwd_dq(
     v_base = V + b * stride_vb + h_kv * stride_vh + k0 * stride_vt
     mask_base = ATTN_MASK + b * stride_maskb + h * stride_maskh
     dmask_base = DMASK + (b * Hq + h) * Tq * Tk
-    bh = b * Hq + h
+    bh = b * Hq + h + drop_h0  # dropout's head, as in the forward
     if HAS_BLOCK_MAP:  # the key blocks the map lists (`kernels/flash_fwd.py`)
         row = m0 // MAP_M
         counts = KV_COUNTS + b * stride_kcb + h * stride_kch + row * stride_kcm
@@ -206,14 +207,14 @@ def _flash_bwd_dq(
             lo = tl.load(index + i) * MAP_N
             dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn, dmask_base,
                            offs_m, Tq, Tk, left, right, lo, tl.minimum(lo + MAP_N, Tk),
-                           qk_scale, softcap, slope, seed, bh, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD, score_mod_args,
+                           qk_scale, softcap, slope, seed, bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD, score_mod_args,
                            MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
                            HAS_ATTN_MASK, BOOL_MASK, MASK_GRAD, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
         for i in range(n_partial, n_listed):
             lo = tl.load(index + i) * MAP_N
             dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn, dmask_base,
                            offs_m, Tq, Tk, left, right, lo, lo + MAP_N,
-                           qk_scale, softcap, slope, seed, bh, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD, score_mod_args,
+                           qk_scale, softcap, slope, seed, bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD, score_mod_args,
                            MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, False, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
                            False, BOOL_MASK, MASK_GRAD, HAS_SCORE_MOD, False, PRECISION, UPCAST)
     else:
@@ -221,19 +222,19 @@ def _flash_bwd_dq(
         if LEFT_BOUNDED:
             dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn, dmask_base,
                            offs_m, Tq, Tk, left, right, lo, a,
-                           qk_scale, softcap, slope, seed, bh, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD, score_mod_args,
+                           qk_scale, softcap, slope, seed, bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD, score_mod_args,
                            MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
                            HAS_ATTN_MASK, BOOL_MASK, MASK_GRAD, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
         else:
             a = 0
         dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn, dmask_base,
                            offs_m, Tq, Tk, left, right, a, z,
-                       qk_scale, softcap, slope, seed, bh, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD, score_mod_args,
+                       qk_scale, softcap, slope, seed, bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD, score_mod_args,
                            MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, False, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
                        HAS_ATTN_MASK, BOOL_MASK, MASK_GRAD, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
         dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn, dmask_base,
                            offs_m, Tq, Tk, left, right, z, hi,
-                       qk_scale, softcap, slope, seed, bh, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD, score_mod_args,
+                       qk_scale, softcap, slope, seed, bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD, score_mod_args,
                            MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
                        HAS_ATTN_MASK, BOOL_MASK, MASK_GRAD, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
     store_tile(tile_pointers(DQ + b * stride_dqb + h * stride_dqh + q0 * stride_dqt, m0, stride_dqt, BLOCK_M, BLOCK_D),
@@ -246,7 +247,7 @@ def _flash_bwd_dq(
 @triton.jit
 def _dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, mask_base, stride_maskm, stride_maskn,
-    offs_n, Tq, Tk, left, right, lo, hi, qk_scale, softcap, slope, seed, bh, p_drop, keep_scale,
+    offs_n, Tq, Tk, left, right, lo, hi, qk_scale, softcap, slope, seed, bh, q_off, k_off, p_drop, keep_scale,
     b, h, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, score_mod_args, MASK_MOD: tl.constexpr, mask_mod_args,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, MASK: tl.constexpr,
@@ -297,7 +298,7 @@ def _dkdv_inner(
             # dV first, then P^T folds in the score function's derivative: one [BLOCK_N, BLOCK_M]
             # tile fewer live across the dP dot (the dk/dv kernel is the one that spills)
             if HAS_DROPOUT:  # the same draws as below
-                keep = dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None],
+                keep = dropout_keep(seed, bh, offs_m[None, :] + q_off, offs_n[:, None] + k_off,
                                     p_drop)
                 dv = dot_acc(dv, tl.where(keep, pt * keep_scale, 0.0).to(do.dtype), do, PRECISION, UPCAST)
             else:
@@ -309,7 +310,7 @@ def _dkdv_inner(
         else:
             dpt = dot(v, tl.trans(do), PRECISION, UPCAST)                       # [BLOCK_N, BLOCK_M] fp32
             if HAS_DROPOUT:  # dV from the kept weights, scaled; dP only through them
-                keep = dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], p_drop)
+                keep = dropout_keep(seed, bh, offs_m[None, :] + q_off, offs_n[:, None] + k_off, p_drop)
                 dv = dot_acc(dv, tl.where(keep, pt * keep_scale, 0.0).to(do.dtype), do, PRECISION, UPCAST)
                 dpt = tl.where(keep, dpt * keep_scale, 0.0)
             else:
@@ -342,6 +343,7 @@ def _flash_bwd_dkdv(
     scale, qk_scale,
     softcap, SLOPES, stride_sb,      # as in the forward (`kernels/flash_fwd.py`)
     seed, p_drop, keep_scale,        # dropout, as in the forward
+    drop_q0, drop_k0, drop_h0,       # its position offsets, as in the forward
     q_bucket, k_bucket, window_key,  # read only by the autotuner's key
     score_mod_args, mask_mod_args,   # as in the forward
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -375,6 +377,7 @@ def _flash_bwd_dkdv(
     lo, a, z, hi = query_blocks(n0, Tq, Tk, left, right, BLOCK_M, BLOCK_N)
     for g in range(GROUP):  # every query head served by this k/v head: the GQA sum stays on chip
         h = h_kv * GROUP + g
+        drop_bh = b * Hq + h + drop_h0  # dropout's head, as in the forward
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(SLOPES + b * stride_sb + h) * 1.4426950408889634
@@ -392,30 +395,30 @@ def _flash_bwd_dkdv(
                 m_lo = tl.load(index + i) * MAP_M
                 dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                      mask_base, stride_maskm, stride_maskn, offs_n, Tq, Tk, left, right, m_lo, tl.minimum(m_lo + MAP_M, Tq),
-                                     qk_scale, softcap, slope, seed, b * Hq + h, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD,
+                                     qk_scale, softcap, slope, seed, drop_bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD,
                                      score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI,
                                      HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
             for i in range(n_partial, n_listed):
                 m_lo = tl.load(index + i) * MAP_M
                 dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                      mask_base, stride_maskm, stride_maskn, offs_n, Tq, Tk, left, right, m_lo, m_lo + MAP_M,
-                                     qk_scale, softcap, slope, seed, b * Hq + h, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD,
+                                     qk_scale, softcap, slope, seed, drop_bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD,
                                      score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M, False, HAS_SOFTCAP, HAS_ALIBI,
                                      HAS_DROPOUT, False, BOOL_MASK, HAS_SCORE_MOD, False, PRECISION, UPCAST)
         else:
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                      mask_base, stride_maskm, stride_maskn, offs_n, Tq, Tk, left, right, lo, a,
-                                 qk_scale, softcap, slope, seed, b * Hq + h, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD,
+                                 qk_scale, softcap, slope, seed, drop_bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD,
                                      score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI,
                                  HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                      mask_base, stride_maskm, stride_maskn, offs_n, Tq, Tk, left, right, a, z,
-                                 qk_scale, softcap, slope, seed, b * Hq + h, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD,
+                                 qk_scale, softcap, slope, seed, drop_bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD,
                                      score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M, False, HAS_SOFTCAP, HAS_ALIBI,
                                  HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                      mask_base, stride_maskm, stride_maskn, offs_n, Tq, Tk, left, right, z, hi,
-                                 qk_scale, softcap, slope, seed, b * Hq + h, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD,
+                                 qk_scale, softcap, slope, seed, drop_bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD,
                                      score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI,
                                  HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
 

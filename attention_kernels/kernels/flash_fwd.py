@@ -121,7 +121,7 @@ def store_tile(ptrs, x, offs_rows, n, HEAD_DIM: tl.constexpr, BLOCK_D: tl.conste
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn,
-    offs_m, Tq, Tk, left, right, lo, hi, qk_scale, softcap, slope, seed, bh, p_drop, keep_scale,
+    offs_m, Tq, Tk, left, right, lo, hi, qk_scale, softcap, slope, seed, bh, q_off, k_off, p_drop, keep_scale,
     b, h, SCORE_MOD: tl.constexpr, score_mod_args, MASK_MOD: tl.constexpr, mask_mod_args,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -171,7 +171,7 @@ def _fwd_inner(
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:  # the weights are dropped after the softmax: the row sum keeps them all
-            p = tl.where(dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], p_drop), p * keep_scale, 0.0)
+            p = tl.where(dropout_keep(seed, bh, offs_m[:, None] + q_off, offs_n[None, :] + k_off, p_drop), p * keep_scale, 0.0)
         acc = dot_acc(acc * alpha[:, None], p.to(v.dtype), v, PRECISION, UPCAST)  # [BLOCK_M, BLOCK_D] fp32, registers
         m_i = m_new
     return acc, l_i, m_i
@@ -198,6 +198,7 @@ def _flash_fwd(
     softcap,               # the soft-cap * log2(e), base 2 (read only with HAS_SOFTCAP)
     stride_sb,             # SLOPES' batch stride: 0 when one slope serves every sequence of a head
     seed, p_drop, keep_scale,  # dropout: the Philox seed, the probability, 1 / (1 - p) (HAS_DROPOUT)
+    drop_q0, drop_k0, drop_h0,  # added to dropout's query and key positions and head: a piece of a longer call
     q_bucket, k_bucket, window_key,  # read only by the autotuner's key
     score_mod_args, mask_mod_args,   # tuples of the tensors the user's functions captured (`kernels/mods.py`)
     GROUP: tl.constexpr,   # query heads per k/v head
@@ -238,7 +239,7 @@ def _flash_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)              # running max, base 2
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                            # running sum
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)                   # running weights @ V
-    bh = b * Hq + h
+    bh = b * Hq + h + drop_h0  # dropout's head: a ring piece's packed sequence b is head b * Hq + h
     if HAS_BLOCK_MAP:  # -- the key blocks the map lists: partial ones with every mask, full ones with none
         row = m0 // MAP_M
         counts = KV_COUNTS + b * stride_kcb + h * stride_kch + row * stride_kcm
@@ -250,7 +251,7 @@ def _flash_fwd(
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
                                        mask_base, stride_maskm, stride_maskn,
                                        offs_m, Tq, Tk, left, right, lo, tl.minimum(lo + MAP_N, Tk), qk_scale, softcap,
-                                       slope, seed, bh, p_drop, keep_scale, b, h, SCORE_MOD, score_mod_args, MASK_MOD,
+                                       slope, seed, bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD, score_mod_args, MASK_MOD,
                                        mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True, TMA, HAS_SOFTCAP, HAS_ALIBI,
                                        HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD,
                                        PRECISION, UPCAST)
@@ -259,7 +260,7 @@ def _flash_fwd(
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
                                        mask_base, stride_maskm, stride_maskn,
                                        offs_m, Tq, Tk, left, right, lo, lo + MAP_N, qk_scale, softcap,
-                                       slope, seed, bh, p_drop, keep_scale, b, h, SCORE_MOD, score_mod_args, MASK_MOD,
+                                       slope, seed, bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD, score_mod_args, MASK_MOD,
                                        mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, False, TMA, HAS_SOFTCAP, HAS_ALIBI,
                                        HAS_DROPOUT, False, BOOL_MASK, HAS_SCORE_MOD, False, PRECISION, UPCAST)
     else:
@@ -268,7 +269,7 @@ def _flash_fwd(
         if LEFT_BOUNDED:
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
                                        mask_base, stride_maskm, stride_maskn,
-                                       offs_m, Tq, Tk, left, right, lo, a, qk_scale, softcap, slope, seed, bh, p_drop,
+                                       offs_m, Tq, Tk, left, right, lo, a, qk_scale, softcap, slope, seed, bh, drop_q0, drop_k0, p_drop,
                                        keep_scale, b, h, SCORE_MOD, score_mod_args, MASK_MOD, mask_mod_args,
                                        HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True, TMA, HAS_SOFTCAP, HAS_ALIBI,
                                        HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD,
@@ -277,13 +278,13 @@ def _flash_fwd(
             a = 0
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
                                    mask_base, stride_maskm, stride_maskn,
-                                   offs_m, Tq, Tk, left, right, a, z, qk_scale, softcap, slope, seed, bh, p_drop,
+                                   offs_m, Tq, Tk, left, right, a, z, qk_scale, softcap, slope, seed, bh, drop_q0, drop_k0, p_drop,
                                    keep_scale, b, h, SCORE_MOD, score_mod_args, MASK_MOD, mask_mod_args,
                                    HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, False, TMA, HAS_SOFTCAP, HAS_ALIBI,
                                    HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
                                    mask_base, stride_maskm, stride_maskn,
-                                   offs_m, Tq, Tk, left, right, z, hi, qk_scale, softcap, slope, seed, bh, p_drop,
+                                   offs_m, Tq, Tk, left, right, z, hi, qk_scale, softcap, slope, seed, bh, drop_q0, drop_k0, p_drop,
                                    keep_scale, b, h, SCORE_MOD, score_mod_args, MASK_MOD, mask_mod_args,
                                    HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True, TMA, HAS_SOFTCAP, HAS_ALIBI,
                                    HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)

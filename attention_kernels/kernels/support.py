@@ -107,8 +107,6 @@ SUPPORT = {
                   transformers=no("not a choice there: the ALiBi models (BLOOM, MPT) compute attention themselves, "
                                   "and setting the kernels on them is refused (a ValueError naming the model)")),
     "dropout": _row("dropout_p=", decode=NO_DROPOUT, paged=NO_DROPOUT,
-                    ring=no("not yet: the kernels draw each weight's dropout by its positions within a call, which a "
-                            "ring piece's are not (a ValueError naming dropout_p)"),
                     module=yes("attn_pdrop= (training)"),
                     transformers=yes("attention_dropout (training)")),
     "attn_mask": _row("attn_mask=",

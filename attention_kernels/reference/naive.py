@@ -226,12 +226,16 @@ def _sequences(cu_seqlens_q, cu_seqlens_k):
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, scale=None, upcast=True, window=(-1, -1),
-                     softcap=None, sinks=None, alibi_slopes=None):
+                     softcap=None, sinks=None, alibi_slopes=None, dropout_p=0.0, dropout_mask=None):
     """Attention over a packed batch of sequences of different lengths, none seeing another:
     q (total_q, Hq, D) and k, v (total_k, Hkv, D) hold the sequences one after another, and
-    sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q (of k and v: cu_seqlens_k)."""
+    sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q (of k and v: cu_seqlens_k).
+    Dropout keeps the weights where `dropout_mask` (B, Hq, max Tq, max Tk) is True, sequence b's
+    in its top-left (Tq_b, Tk_b) corner, as the kernels number them."""
+    keep = lambda b, tq, tk: None if dropout_mask is None else dropout_mask[b:b + 1, :, :tq, :tk]  # (1, Hq, Tq_b, Tk_b)
     out = [_one_sequence(lambda q, k, v: attention(q, k, v, causal, scale, upcast, window, softcap, sinks,
-                                                   _per_sequence(alibi_slopes, b)),
+                                                   _per_sequence(alibi_slopes, b), dropout_p,
+                                                   keep(b, q1 - q0, k1 - k0)),
                          q[q0:q1], k[k0:k1], v[k0:k1])    # (Tq_b, Hq, D)
            for b, (q0, q1, k0, k1) in _sequences(cu_seqlens_q, cu_seqlens_k)]
     return torch.cat(out)                                  # (total_q, Hq, D)
