@@ -50,6 +50,7 @@ RING_MOD_CASES = [
     (2, Shape(1, 2, 1, 22, 22, 16), False, None, "contiguous", torch.bfloat16, None,
      dict(dropout=0.5, softcap=2.0, sinks=True)),
     (2, Shape(1, 4, 2, 27, 27, 16), True, None, "zigzag", torch.float32, (9, 1, 14, 3), dict(dropout=0.2)),
+    (4, Shape(1, 2, 1, 31, 31, 16), True, (6, 0), "zigzag", torch.float32, None, dict(dropout=0.4, alibi="heads")),
 ]
 
 
