@@ -9,6 +9,7 @@ from attention_kernels.testing.cases import DEVICE, FACTOR, FLOOR, GRAD_FACTOR, 
 from attention_kernels.kernels import (attention, dropout_mask, flash_attention, flash_attention_varlen, fused_attention,
                                        patch_sdpa, scaled_dot_product_attention)
 import attention_kernels.kernels.dropout as dropout_module  # its draw_seed, which the tests record
+from attention_kernels.kernels.sdpa import SdpaCalls, _sdpa
 from attention_kernels.testing.rule import assert_close, make_qkv, seed_of
 
 TORCH_SDPA = F.scaled_dot_product_attention
@@ -334,3 +335,22 @@ def test_what_is_not_a_decode_step_stays_off_the_decode_kernel():
     with patch_sdpa(impl="flash") as calls:
         F.scaled_dot_product_attention(one, k, v)
     assert calls.kernel == 1 and calls.decode == 0, calls
+
+
+@pytest.mark.parametrize("shape, mask_shape", [
+    ((3, 20, 16), None),                  # (N, L, E): one head a batch
+    ((3, 20, 16), (3, 20, 20)),           # with a per-batch mask
+    ((2, 3, 2, 20, 16), (20, 20)),        # (B1, B2, H, L, E): the batch dimensions flattened
+    ((2, 3, 2, 20, 16), (3, 1, 20, 20)),  # a mask broadcast over some of them
+], ids=str)
+def test_inputs_of_3_and_5_dimensions_run_on_the_kernels(shape, mask_shape):
+    g = torch.Generator(DEVICE).manual_seed(seed_of("sdpa dims", shape, mask_shape))
+    q, k, v = (torch.randn(shape, generator=g, device=DEVICE) for _ in range(3))
+    mask = None if mask_shape is None else torch.rand(mask_shape, generator=g, device=DEVICE) < 0.7
+    calls = SdpaCalls()
+    with torch.no_grad():
+        got = _sdpa(q, k, v, mask, 0.0, mask is None, None, False, "auto", calls)
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    assert calls.kernel == 1 and not calls.fallback, calls
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=0)

@@ -132,12 +132,46 @@ def _on_kernels(query, key, value, is_causal, scale, impl, dropout_p=0.0, attn_m
     return torch.cat([head, tail], dim=2)                                              # (B, H, Tq, D)
 
 
+def _as_4d(query, key, value, attn_mask):
+    """torch's SDPA takes (..., L, E) inputs with any number of leading dimensions; the kernels
+    take (B, H, T, D). 3-D inputs (N, L, E) become one head each, (N, 1, L, E); more than 4
+    dimensions, (*batch, H, L, E), have their batch dimensions flattened, (prod(batch), H, L, E)
+    (views, no copy), the mask broadcast over them the same way. Returns the 4-D inputs and the
+    function that gives the output back its shape, or None where the leading dimensions of q, k
+    and v differ (torch's to answer)."""
+    dims = query.dim()
+    if not all(isinstance(t, torch.Tensor) for t in (query, key, value)) or dims < 3 or dims == 4 or \
+            key.dim() != dims or value.dim() != dims or not query.shape[:-3] == key.shape[:-3] == value.shape[:-3]:
+        return None
+    if dims == 3:
+        lead, heads = query.shape[:1], (1, 1)
+        as4 = lambda t: t.unsqueeze(1)                                            # (N, 1, T, E)
+    else:
+        lead, heads = query.shape[:-3], (query.shape[-3], key.shape[-3])
+        as4 = lambda t: t.reshape(-1, *t.shape[-3:])                              # (prod(batch), H, T, E)
+    if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() > 2:
+        if attn_mask.dim() > dims:
+            return None
+        full = (*lead, *((heads[0],) if dims > 3 else ()), query.shape[-2], key.shape[-2])
+        attn_mask = attn_mask.expand(full) if dims > 3 else attn_mask.expand(full).unsqueeze(1)
+        attn_mask = attn_mask if dims == 3 else attn_mask.reshape(-1, *attn_mask.shape[-3:])
+    restore = lambda out: out.squeeze(1) if dims == 3 else out.reshape(*lead, *out.shape[1:])
+    return as4(query), as4(key), as4(value), attn_mask, restore
+
+
 def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, impl, calls):
     if not isinstance(is_causal, bool):  # as torch's own function refuses it
         raise TypeError(f"scaled_dot_product_attention(): argument 'is_causal' must be bool, not "
                         f"{type(is_causal).__name__}")
     # torch's SDPA is an autocast op: the same dtypes out, a float mask cast with the inputs
     query, key, value, attn_mask = autocast_inputs(query, key, value, attn_mask)
+    try:
+        flat = _as_4d(query, key, value, attn_mask)
+    except RuntimeError:  # a mask that does not broadcast: torch's own error, below
+        flat = None
+    if flat is not None:
+        *inputs, restore = flat
+        return restore(_sdpa(*inputs, dropout_p, is_causal, scale, enable_gqa, impl, calls))
     why = _refusal(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, impl)
     if why is not None:
         if calls is not None:
