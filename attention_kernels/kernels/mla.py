@@ -51,6 +51,7 @@ from torch import Tensor
 from .checks import (MAX_SCALE, SUPPORTED_DTYPES, _dtype_name, as_int, check_device, check_flag,
                      check_int32)
 from .common import LOG2E, Variant, dot, kernel_op, on_device, pow2, precision, wrap_triton
+from .paged import check_table_values
 from .decode import (_cache_slots, _sequence_of, check_num_splits, default_num_splits, merge_splits,
                      refuse_gradients)
 
@@ -273,35 +274,8 @@ def check_mla_inputs(q, kv_cache, block_table, cache_seqlens, cu_seqlens_q, max_
     if not check_flag(read_values, "check"):
         return q, kv_cache, kv_new, max_seqlen_q, head_dim_v, scale
 
-    cu, lengths, table = cu_seqlens_q.tolist(), cache_seqlens.tolist(), block_table.tolist()  # the one host read
-    if cu[0] != 0 or cu[-1] != total_q or any(b < a for a, b in zip(cu, cu[1:])):
-        raise ValueError(f"cu_seqlens_q must start at 0, never decrease and end at total_q = {total_q}, got "
-                         f"{cu[:8]}{' ...' if len(cu) > 8 else ''}")
-    new = [b - a for a, b in zip(cu, cu[1:])]
-    if max(new) > max_seqlen_q:
-        raise ValueError(f"max_seqlen_q must be >= the most new tokens of one sequence, {max(new)}, got {max_seqlen_q}")
-    capacity = block_table.shape[1] * page_size
-    after = [L + n for L, n in zip(lengths, new)] if kv_new is not None else lengths
-    bad = [(b, L) for b, L in enumerate(after) if not 0 <= L <= capacity or lengths[b] < 0]
-    if bad:
-        what = "cache_seqlens + the new tokens (kv_new is appended)" if kv_new is not None else "cache_seqlens"
-        raise ValueError(f"{what} must lie in [0, {capacity}] (block_table's {block_table.shape[1]} pages of "
-                         f"{page_size}), got " + ", ".join(f"{L} for sequence {b}" for b, L in bad[:4]))
-    owners = {}  # page -> the sequences whose positions it holds, once per table entry
-    for b, L in enumerate(after):
-        for i, page in enumerate(table[b][:triton.cdiv(L, page_size)]):
-            if not 0 <= page < num_pages:
-                raise ValueError(f"block_table[{b}, {i}] = {page} names no page: the pool holds {num_pages} "
-                                 f"(kv_cache.shape[0]), and sequence {b}'s {L} positions use its first "
-                                 f"{triton.cdiv(L, page_size)} entries")
-            owners.setdefault(page, []).append(b)
-    if kv_new is not None:
-        for b, (L, n) in enumerate(zip(lengths, new)):
-            for i in range(L // page_size, triton.cdiv(L + n, page_size)) if n else ():
-                if len(owners[table[b][i]]) > 1:
-                    raise ValueError(f"kv_new would be written into page {table[b][i]} (block_table[{b}, {i}]), "
-                                     f"which the table names {len(owners[table[b][i]])} times: copy a shared page "
-                                     "before appending to it, and name a page once per sequence")
+    check_table_values(cu_seqlens_q, cache_seqlens, block_table, total_q, max_seqlen_q, page_size, num_pages,
+                       appends=kv_new is not None, new="kv_new", pool="kv_cache")
     return q, kv_cache, kv_new, max_seqlen_q, head_dim_v, scale
 
 

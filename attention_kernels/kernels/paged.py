@@ -60,6 +60,44 @@ from .common import Variant, kernel_op, on_device, pow2, stride_args, wrap_trito
 APPEND_BLOCK = 16  # new tokens per program of the append kernel
 
 
+def check_table_values(cu_seqlens_q, cache_seqlens, block_table, total_q, max_seqlen_q, page_size, num_pages, appends,
+                       new="k_new", pool="k_cache"):
+    """The one host read of a paged call (`paged_attention`, `mla_decode`): the offsets, that every
+    length (with the new tokens appended, when `appends`) fits the table, that every page a
+    sequence reads or writes is in the pool, and that no page written is another sequence's too.
+    `new` and `pool` name the appended tokens and the pool in the messages."""
+    cu, lengths, table = cu_seqlens_q.tolist(), cache_seqlens.tolist(), block_table.tolist()  # the one host read
+    if cu[0] != 0 or cu[-1] != total_q or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens_q must start at 0, never decrease and end at total_q = {total_q}, got "
+                         f"{cu[:8]}{' ...' if len(cu) > 8 else ''}")
+    counts = [b - a for a, b in zip(cu, cu[1:])]  # each sequence's new tokens
+    if max(counts) > max_seqlen_q:
+        raise ValueError(f"max_seqlen_q must be >= the most new tokens of one sequence, {max(counts)}, got {max_seqlen_q}")
+    capacity = block_table.shape[1] * page_size
+    after = [L + n for L, n in zip(lengths, counts)] if appends else lengths
+    bad = [(b, L) for b, L in enumerate(after) if not 0 <= L <= capacity or lengths[b] < 0]
+    if bad:
+        what = f"cache_seqlens + the new tokens ({new} is appended)" if appends else "cache_seqlens"
+        raise ValueError(f"{what} must lie in [0, {capacity}] (block_table's {block_table.shape[1]} pages of "
+                         f"{page_size}), got " + ", ".join(f"{L} for sequence {b}" for b, L in bad[:4]))
+    owners = {}  # page -> the sequences whose positions it holds, once per table entry
+    for b, L in enumerate(after):
+        for i, page in enumerate(table[b][:triton.cdiv(L, page_size)]):
+            if not 0 <= page < num_pages:
+                raise ValueError(f"block_table[{b}, {i}] = {page} names no page: the pool holds {num_pages} "
+                                 f"({pool}.shape[0]), and sequence {b}'s {L} positions use its first "
+                                 f"{triton.cdiv(L, page_size)} entries")
+            owners.setdefault(page, []).append(b)
+    if appends:
+        for b, (L, n) in enumerate(zip(lengths, counts)):
+            for i in range(L // page_size, triton.cdiv(L + n, page_size)) if n else ():
+                if len(owners[table[b][i]]) > 1:
+                    raise ValueError(f"{new} would be written into page {table[b][i]} (block_table[{b}, {i}]), which "
+                                     f"the table names {len(owners[table[b][i]])} times (sequences "
+                                     f"{sorted(set(owners[table[b][i]]))}): copy a shared page before appending to "
+                                     "it (copy-on-write; PagedKVCache does), and name a page once per sequence")
+
+
 def check_paged_inputs(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, max_seqlen_q, k_new, v_new,
                        scale, read_values):
     """Validate a paged call; return q, max_seqlen_q as an int, scale. With read_values, one host read of cu_seqlens_q,
@@ -118,36 +156,8 @@ def check_paged_inputs(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqle
     if not check_flag(read_values, "check"):
         return q, max_seqlen_q, scale
 
-    cu, lengths, table = cu_seqlens_q.tolist(), cache_seqlens.tolist(), block_table.tolist()  # the one host read
-    if cu[0] != 0 or cu[-1] != total_q or any(b < a for a, b in zip(cu, cu[1:])):
-        raise ValueError(f"cu_seqlens_q must start at 0, never decrease and end at total_q = {total_q}, got "
-                         f"{cu[:8]}{' ...' if len(cu) > 8 else ''}")
-    new = [b - a for a, b in zip(cu, cu[1:])]
-    if max(new) > max_seqlen_q:
-        raise ValueError(f"max_seqlen_q must be >= the most new tokens of one sequence, {max(new)}, got {max_seqlen_q}")
-    capacity = block_table.shape[1] * page_size
-    after = [L + n for L, n in zip(lengths, new)] if k_new is not None else lengths
-    bad = [(b, L) for b, L in enumerate(after) if not 0 <= L <= capacity or lengths[b] < 0]
-    if bad:
-        what = "cache_seqlens + the new tokens (k_new is appended)" if k_new is not None else "cache_seqlens"
-        raise ValueError(f"{what} must lie in [0, {capacity}] (block_table's {block_table.shape[1]} pages of "
-                         f"{page_size}), got " + ", ".join(f"{L} for sequence {b}" for b, L in bad[:4]))
-    owners = {}  # page -> the sequences whose positions it holds, once per table entry
-    for b, L in enumerate(after):
-        for i, page in enumerate(table[b][:triton.cdiv(L, page_size)]):
-            if not 0 <= page < num_pages:
-                raise ValueError(f"block_table[{b}, {i}] = {page} names no page: the pool holds {num_pages} "
-                                 f"(k_cache.shape[0]), and sequence {b}'s {L} positions use its first "
-                                 f"{triton.cdiv(L, page_size)} entries")
-            owners.setdefault(page, []).append(b)
-    if k_new is not None:
-        for b, (L, n) in enumerate(zip(lengths, new)):
-            for i in range(L // page_size, triton.cdiv(L + n, page_size)) if n else ():
-                if len(owners[table[b][i]]) > 1:
-                    raise ValueError(f"k_new would be written into page {table[b][i]} (block_table[{b}, {i}]), which "
-                                     f"the table names {len(owners[table[b][i]])} times (sequences "
-                                     f"{sorted(set(owners[table[b][i]]))}): copy a shared page before appending to "
-                                     "it (copy-on-write; PagedKVCache does), and name a page once per sequence")
+    check_table_values(cu_seqlens_q, cache_seqlens, block_table, total_q, max_seqlen_q, page_size, num_pages,
+                       appends=k_new is not None)
     return q, max_seqlen_q, scale
 
 
