@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .common import (attn_mask_scores, dropout_keep, dot, dot_acc, head_and_query_block, mask_function,
                      score_function, score_function_grad, score_mods)
-from .flash_fwd import key_blocks, load_tile, query_blocks, sequence, store_tile, tile_pointers
+from .flash_fwd import key_blocks, listed_blocks, load_tile, query_blocks, sequence, store_tile, tile_pointers
 
 
 @triton.jit
@@ -125,7 +125,8 @@ def _dq_inner(
         # -- dS = P * (dP - delta) with dP = dO V^T;  dQ += dS K
         dp = dot(do, tl.trans(v), PRECISION, UPCAST)                            # [BLOCK_M, BLOCK_N] fp32
         if HAS_DROPOUT:  # the gradient reaches only the weights the forward kept, scaled as they were
-            dp = tl.where(dropout_keep(seed, bh, offs_m[:, None] + q_off, offs_n[None, :] + k_off, p_drop), dp * keep_scale, 0.0)
+            dp = tl.where(dropout_keep(seed, bh, offs_m[:, None] + q_off, offs_n[None, :] + k_off, p_drop),
+                          dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if MASK_GRAD:  # d loss / d mask = dS, natural units: the mask is added after the cap
             inside = (offs_m < Tq)[:, None] & (offs_n < Tk)[None, :]
@@ -198,44 +199,56 @@ def _flash_bwd_dq(
     dmask_base = DMASK + (b * Hq + h) * Tq * Tk
     bh = b * Hq + h + drop_h0  # dropout's head, as in the forward
     if HAS_BLOCK_MAP:  # the key blocks the map lists (`kernels/flash_fwd.py`)
-        row = m0 // MAP_M
-        counts = KV_COUNTS + b * stride_kcb + h * stride_kch + row * stride_kcm
-        index = KV_INDEX + b * stride_kib + h * stride_kih + row * stride_kim
-        n_partial = tl.load(counts)
-        n_listed = n_partial + tl.load(counts + 1)
+        index, n_partial, n_listed = listed_blocks(KV_COUNTS, KV_INDEX, b, h, m0 // MAP_M, stride_kcb, stride_kch,
+                                                   stride_kcm, stride_kib, stride_kih, stride_kim)
         for i in range(0, n_partial):
             lo = tl.load(index + i) * MAP_N
-            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn, dmask_base,
+            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm,
+                           stride_maskn, dmask_base,
                            offs_m, Tq, Tk, left, right, lo, tl.minimum(lo + MAP_N, Tk),
-                           qk_scale, softcap, slope, seed, bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD, score_mod_args,
-                           MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                           qk_scale, softcap, slope, seed, bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD,
+                           SCORE_GRAD, score_mod_args,
+                           MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True,
+                           HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
                            HAS_ATTN_MASK, BOOL_MASK, MASK_GRAD, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
         for i in range(n_partial, n_listed):
             lo = tl.load(index + i) * MAP_N
-            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn, dmask_base,
+            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm,
+                           stride_maskn, dmask_base,
                            offs_m, Tq, Tk, left, right, lo, lo + MAP_N,
-                           qk_scale, softcap, slope, seed, bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD, score_mod_args,
-                           MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, False, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                           qk_scale, softcap, slope, seed, bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD,
+                           SCORE_GRAD, score_mod_args,
+                           MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, False,
+                           HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
                            False, BOOL_MASK, MASK_GRAD, HAS_SCORE_MOD, False, PRECISION, UPCAST)
     else:
         lo, a, z, hi = key_blocks(m0, Tq, Tk, left, right, BLOCK_M, BLOCK_N)
         if LEFT_BOUNDED:
-            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn, dmask_base,
+            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm,
+                           stride_maskn, dmask_base,
                            offs_m, Tq, Tk, left, right, lo, a,
-                           qk_scale, softcap, slope, seed, bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD, score_mod_args,
-                           MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                           qk_scale, softcap, slope, seed, bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD,
+                           SCORE_GRAD, score_mod_args,
+                           MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True,
+                           HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
                            HAS_ATTN_MASK, BOOL_MASK, MASK_GRAD, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
         else:
             a = 0
-        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn, dmask_base,
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm,
+                       stride_maskn, dmask_base,
                            offs_m, Tq, Tk, left, right, a, z,
-                       qk_scale, softcap, slope, seed, bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD, score_mod_args,
-                           MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, False, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                       qk_scale, softcap, slope, seed, bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD,
+                       SCORE_GRAD, score_mod_args,
+                           MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, False,
+                           HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
                        HAS_ATTN_MASK, BOOL_MASK, MASK_GRAD, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
-        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm, stride_maskn, dmask_base,
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mask_base, stride_maskm,
+                       stride_maskn, dmask_base,
                            offs_m, Tq, Tk, left, right, z, hi,
-                       qk_scale, softcap, slope, seed, bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD, score_mod_args,
-                           MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                       qk_scale, softcap, slope, seed, bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD,
+                       SCORE_GRAD, score_mod_args,
+                           MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True,
+                           HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
                        HAS_ATTN_MASK, BOOL_MASK, MASK_GRAD, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
     store_tile(tile_pointers(DQ + b * stride_dqb + h * stride_dqh + q0 * stride_dqt, m0, stride_dqt, BLOCK_M, BLOCK_D),
                (dq * scale).to(DQ.dtype.element_ty), offs_m, Tq, HEAD_DIM, BLOCK_D)
@@ -387,42 +400,54 @@ def _flash_bwd_dkdv(
         delta_base = DELTA + b * stride_lb + h * stride_lh + q0
         mask_base = ATTN_MASK + b * stride_maskb + h * stride_maskh
         if HAS_BLOCK_MAP:  # the query blocks the map's transpose lists for this key block
-            counts = Q_COUNTS + b * stride_qcb + h * stride_qch + (n0 // MAP_N) * stride_qcn
-            index = Q_INDEX + b * stride_qib + h * stride_qih + (n0 // MAP_N) * stride_qin
-            n_partial = tl.load(counts)
-            n_listed = n_partial + tl.load(counts + 1)
+            index, n_partial, n_listed = listed_blocks(Q_COUNTS, Q_INDEX, b, h, n0 // MAP_N, stride_qcb, stride_qch,
+                                                       stride_qcn, stride_qib, stride_qih, stride_qin)
             for i in range(0, n_partial):
                 m_lo = tl.load(index + i) * MAP_M
                 dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                     mask_base, stride_maskm, stride_maskn, offs_n, Tq, Tk, left, right, m_lo, tl.minimum(m_lo + MAP_M, Tq),
-                                     qk_scale, softcap, slope, seed, drop_bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD,
-                                     score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI,
-                                     HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
+                                     mask_base, stride_maskm, stride_maskn, offs_n, Tq, Tk, left, right, m_lo,
+                                     tl.minimum(m_lo + MAP_M, Tq),
+                                     qk_scale, softcap, slope, seed, drop_bh, drop_q0, drop_k0, p_drop, keep_scale, b,
+                                     h, SCORE_MOD, SCORE_GRAD,
+                                     score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
+                                     BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI,
+                                     HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION,
+                                     UPCAST)
             for i in range(n_partial, n_listed):
                 m_lo = tl.load(index + i) * MAP_M
                 dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                     mask_base, stride_maskm, stride_maskn, offs_n, Tq, Tk, left, right, m_lo, m_lo + MAP_M,
-                                     qk_scale, softcap, slope, seed, drop_bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD,
-                                     score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M, False, HAS_SOFTCAP, HAS_ALIBI,
+                                     mask_base, stride_maskm, stride_maskn, offs_n, Tq, Tk, left, right, m_lo,
+                                     m_lo + MAP_M,
+                                     qk_scale, softcap, slope, seed, drop_bh, drop_q0, drop_k0, p_drop, keep_scale, b,
+                                     h, SCORE_MOD, SCORE_GRAD,
+                                     score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
+                                     BLOCK_M, False, HAS_SOFTCAP, HAS_ALIBI,
                                      HAS_DROPOUT, False, BOOL_MASK, HAS_SCORE_MOD, False, PRECISION, UPCAST)
         else:
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                      mask_base, stride_maskm, stride_maskn, offs_n, Tq, Tk, left, right, lo, a,
-                                 qk_scale, softcap, slope, seed, drop_bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD,
-                                     score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI,
+                                 qk_scale, softcap, slope, seed, drop_bh, drop_q0, drop_k0, p_drop, keep_scale, b, h,
+                                 SCORE_MOD, SCORE_GRAD,
+                                     score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
+                                     BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI,
                                  HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                      mask_base, stride_maskm, stride_maskn, offs_n, Tq, Tk, left, right, a, z,
-                                 qk_scale, softcap, slope, seed, drop_bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD,
-                                     score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M, False, HAS_SOFTCAP, HAS_ALIBI,
+                                 qk_scale, softcap, slope, seed, drop_bh, drop_q0, drop_k0, p_drop, keep_scale, b, h,
+                                 SCORE_MOD, SCORE_GRAD,
+                                     score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
+                                     BLOCK_M, False, HAS_SOFTCAP, HAS_ALIBI,
                                  HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                      mask_base, stride_maskm, stride_maskn, offs_n, Tq, Tk, left, right, z, hi,
-                                 qk_scale, softcap, slope, seed, drop_bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD, SCORE_GRAD,
-                                     score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI,
+                                 qk_scale, softcap, slope, seed, drop_bh, drop_q0, drop_k0, p_drop, keep_scale, b, h,
+                                 SCORE_MOD, SCORE_GRAD,
+                                     score_mod_args, MASK_MOD, mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
+                                     BLOCK_M, True, HAS_SOFTCAP, HAS_ALIBI,
                                  HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
 
-    store_tile(tile_pointers(DK + b * stride_dkb + h_kv * stride_dkh + k0 * stride_dkt, n0, stride_dkt, BLOCK_N, BLOCK_D),
+    store_tile(tile_pointers(DK + b * stride_dkb + h_kv * stride_dkh + k0 * stride_dkt, n0, stride_dkt, BLOCK_N,
+                             BLOCK_D),
                (dk * scale).to(DK.dtype.element_ty), offs_n, Tk, HEAD_DIM, BLOCK_D)
     store_tile(tile_pointers(DV + b * stride_dvb + h_kv * stride_dvh + k0 * stride_dvt, n0, stride_dvt, BLOCK_N,
                              BLOCK_DV), dv.to(DV.dtype.element_ty), offs_n, Tk, HEAD_DIM_V, BLOCK_DV)

@@ -83,6 +83,15 @@ def query_blocks(n0, Tq, Tk, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
 
 
 @triton.jit
+def listed_blocks(COUNTS, INDEX, b, h, row, stride_cb, stride_ch, stride_cr, stride_ib, stride_ih, stride_ir):
+    # A block map's list for one (batch, head, row of blocks) (`kernels/blockmap.py`): where its
+    # block indices start, how many partial blocks lead it, and how many blocks it lists in all
+    counts = COUNTS + b * stride_cb + h * stride_ch + row * stride_cr
+    n_partial = tl.load(counts)
+    return INDEX + b * stride_ib + h * stride_ih + row * stride_ir, n_partial, n_partial + tl.load(counts + 1)
+
+
+@triton.jit
 def tile_pointers(base, first, stride_t, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     # Pointers to rows [first, first + ROWS) of a head whose rows start at `base`, [ROWS, BLOCK_D]:
     # the one 64-bit multiply per tile, outside the loops (the head dim has unit stride).
@@ -124,7 +133,8 @@ def _fwd_inner(
     offs_m, Tq, Tk, left, right, lo, hi, qk_scale, softcap, slope, seed, bh, q_off, k_off, p_drop, keep_scale,
     b, h, SCORE_MOD: tl.constexpr, score_mod_args, MASK_MOD: tl.constexpr, mask_mod_args,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     HAS_ATTN_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -171,7 +181,8 @@ def _fwd_inner(
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:  # the weights are dropped after the softmax: the row sum keeps them all
-            p = tl.where(dropout_keep(seed, bh, offs_m[:, None] + q_off, offs_n[None, :] + k_off, p_drop), p * keep_scale, 0.0)
+            p = tl.where(dropout_keep(seed, bh, offs_m[:, None] + q_off, offs_n[None, :] + k_off, p_drop),
+                         p * keep_scale, 0.0)
         acc = dot_acc(acc * alpha[:, None], p.to(v.dtype), v, PRECISION, UPCAST)  # [BLOCK_M, BLOCK_D] fp32, registers
         m_i = m_new
     return acc, l_i, m_i
@@ -209,7 +220,8 @@ def _flash_fwd(
     HAS_ATTN_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
     SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr,  # the user's @triton.jit functions, or None
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr,
-    HAS_BLOCK_MAP: tl.constexpr, MAP_M: tl.constexpr, MAP_N: tl.constexpr,  # the map's blocks: BLOCK_M | MAP_M, BLOCK_N | MAP_N
+    HAS_BLOCK_MAP: tl.constexpr,  # the block map's blocks, which the tiles divide: BLOCK_M | MAP_M, BLOCK_N | MAP_N
+    MAP_M: tl.constexpr, MAP_N: tl.constexpr,
     VARLEN: tl.constexpr, LEFT_BOUNDED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     b, h, h_kv, m_block = head_and_query_block(tl.cdiv(Tq, BLOCK_M), Hq, GROUP)
@@ -241,18 +253,17 @@ def _flash_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)                   # running weights @ V
     bh = b * Hq + h + drop_h0  # dropout's head: a ring piece's packed sequence b is head b * Hq + h
     if HAS_BLOCK_MAP:  # -- the key blocks the map lists: partial ones with every mask, full ones with none
-        row = m0 // MAP_M
-        counts = KV_COUNTS + b * stride_kcb + h * stride_kch + row * stride_kcm
-        index = KV_INDEX + b * stride_kib + h * stride_kih + row * stride_kim
-        n_partial = tl.load(counts)
-        n_listed = n_partial + tl.load(counts + 1)
+        index, n_partial, n_listed = listed_blocks(KV_COUNTS, KV_INDEX, b, h, m0 // MAP_M, stride_kcb, stride_kch,
+                                                   stride_kcm, stride_kib, stride_kih, stride_kim)
         for i in range(0, n_partial):
             lo = tl.load(index + i) * MAP_N
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
                                        mask_base, stride_maskm, stride_maskn,
                                        offs_m, Tq, Tk, left, right, lo, tl.minimum(lo + MAP_N, Tk), qk_scale, softcap,
-                                       slope, seed, bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD, score_mod_args, MASK_MOD,
-                                       mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True, TMA, HAS_SOFTCAP, HAS_ALIBI,
+                                       slope, seed, bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD,
+                                       score_mod_args, MASK_MOD,
+                                       mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True, TMA,
+                                       HAS_SOFTCAP, HAS_ALIBI,
                                        HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD,
                                        PRECISION, UPCAST)
         for i in range(n_partial, n_listed):
@@ -260,8 +271,10 @@ def _flash_fwd(
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
                                        mask_base, stride_maskm, stride_maskn,
                                        offs_m, Tq, Tk, left, right, lo, lo + MAP_N, qk_scale, softcap,
-                                       slope, seed, bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD, score_mod_args, MASK_MOD,
-                                       mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, False, TMA, HAS_SOFTCAP, HAS_ALIBI,
+                                       slope, seed, bh, drop_q0, drop_k0, p_drop, keep_scale, b, h, SCORE_MOD,
+                                       score_mod_args, MASK_MOD,
+                                       mask_mod_args, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, False, TMA,
+                                       HAS_SOFTCAP, HAS_ALIBI,
                                        HAS_DROPOUT, False, BOOL_MASK, HAS_SCORE_MOD, False, PRECISION, UPCAST)
     else:
         # -- key blocks: masked before the window's full part, unmasked inside it, masked after
@@ -269,25 +282,31 @@ def _flash_fwd(
         if LEFT_BOUNDED:
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
                                        mask_base, stride_maskm, stride_maskn,
-                                       offs_m, Tq, Tk, left, right, lo, a, qk_scale, softcap, slope, seed, bh, drop_q0, drop_k0, p_drop,
+                                       offs_m, Tq, Tk, left, right, lo, a, qk_scale, softcap, slope, seed, bh,
+                                       drop_q0, drop_k0, p_drop,
                                        keep_scale, b, h, SCORE_MOD, score_mod_args, MASK_MOD, mask_mod_args,
-                                       HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True, TMA, HAS_SOFTCAP, HAS_ALIBI,
+                                       HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True, TMA, HAS_SOFTCAP,
+                                       HAS_ALIBI,
                                        HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD,
                                        PRECISION, UPCAST)
         else:  # causal or full: every row sees key 0 on, and a loop from a literal 0 spills fewer registers
             a = 0
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
                                    mask_base, stride_maskm, stride_maskn,
-                                   offs_m, Tq, Tk, left, right, a, z, qk_scale, softcap, slope, seed, bh, drop_q0, drop_k0, p_drop,
+                                   offs_m, Tq, Tk, left, right, a, z, qk_scale, softcap, slope, seed, bh, drop_q0,
+                                   drop_k0, p_drop,
                                    keep_scale, b, h, SCORE_MOD, score_mod_args, MASK_MOD, mask_mod_args,
                                    HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, False, TMA, HAS_SOFTCAP, HAS_ALIBI,
-                                   HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
+                                   HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION,
+                                   UPCAST)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt,
                                    mask_base, stride_maskm, stride_maskn,
-                                   offs_m, Tq, Tk, left, right, z, hi, qk_scale, softcap, slope, seed, bh, drop_q0, drop_k0, p_drop,
+                                   offs_m, Tq, Tk, left, right, z, hi, qk_scale, softcap, slope, seed, bh, drop_q0,
+                                   drop_k0, p_drop,
                                    keep_scale, b, h, SCORE_MOD, score_mod_args, MASK_MOD, mask_mod_args,
                                    HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True, TMA, HAS_SOFTCAP, HAS_ALIBI,
-                                   HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION, UPCAST)
+                                   HAS_DROPOUT, HAS_ATTN_MASK, BOOL_MASK, HAS_SCORE_MOD, HAS_MASK_MOD, PRECISION,
+                                   UPCAST)
 
     if HAS_SINKS:  # the head's sink logit joins the denominator (weight, no value): GPT-OSS
         sink = tl.load(SINKS + h) * 1.4426950408889634                     # base 2
