@@ -76,8 +76,9 @@ def _prune(kernel):
         chosen = tuning.choose(kernel, args)
         if args.get("HAS_BLOCK_MAP"):
             fits = lambda c: c[0] <= args["MAP_M"] and c[1] <= args["MAP_N"]
+            wide = max(args["BLOCK_D"], args.get("BLOCK_DV", 0))  # as `tuning.choose` sizes the class
             chosen = [c for c in chosen if fits(c)] or [c for c in tuning.candidates(
-                kernel, args["Q"].element_size(), args["BLOCK_D"], args["q_bucket"], args["k_bucket"]) if fits(c)]
+                kernel, args["Q"].element_size(), wide, args["q_bucket"], args["k_bucket"]) if fits(c)]
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in chosen]
     return prune
 
